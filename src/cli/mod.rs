@@ -1,0 +1,96 @@
+//! Command line (clap): one file per subcommand.
+
+pub mod apply;
+pub mod facts;
+pub mod validate;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "bootstrap", version, about = "Node bootstrap agent for EC2 fleets: converge this node to its role")]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); BOOTSTRAP_LOG takes tracing directives.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less log output.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub quiet: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Converge this node to its role.
+    Apply(RunArgs),
+    /// Read-only: show per step what apply would change, with unified diffs for files.
+    Plan(RunArgs),
+    /// Offline lint of a roles bundle (a directory holding roles/).
+    Validate {
+        /// Bundle root: the directory that holds roles/.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+    },
+    /// Print the facts templates and `when` see.
+    Facts {
+        #[command(flatten)]
+        naming: NamingArgs,
+        #[arg(long, value_enum, default_value_t = FactsFormat::Json)]
+        format: FactsFormat,
+        /// Treat DIR as the system's root.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FactsFormat {
+    Json,
+    Env,
+    Text,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct NamingArgs {
+    /// The role (service) to apply.
+    #[arg(long, value_name = "ROLE")]
+    pub role: Option<String>,
+    /// The environment (selects env/<ENV>.toml overlays).
+    #[arg(long, value_name = "ENV")]
+    pub env: Option<String>,
+    /// ENV-SERVICE, split at the first '-' (production-haproxy).
+    #[arg(long, value_name = "ENV-SERVICE")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub naming: NamingArgs,
+    /// Where the roles come from: a directory holding roles/, or file:///path/to/dir.
+    #[arg(long, value_name = "DIR|URL")]
+    pub source: Option<String>,
+    /// Treat DIR as the system's root (tests, image builds).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Exit 2 when changes were made, 4 on failure, 6 on both (0: no changes).
+    #[arg(long)]
+    pub detailed_exitcodes: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for another run to finish (apply only).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+}
+
+/// Run a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Apply(a) => apply::run(&a, crate::engine::Mode::Apply),
+        Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
+        Command::Validate { path } => validate::run(&path),
+        Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
+    }
+}

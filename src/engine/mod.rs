@@ -1,0 +1,191 @@
+//! The engine: steps in order, check → plan → apply, first failure stops the run, notify
+//! handlers once at the end, the report.
+
+pub mod report;
+
+use crate::fsutil;
+use crate::role::{Notify, NotifyAction, Prepared};
+use crate::step::Host;
+use crate::systemd::Systemd;
+use anyhow::{Context, Result};
+use report::{notify_report, Report, StepReport, StepStatus};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Instant;
+
+/// Notify targets of changed steps whose handler has not run yet (a failed or killed run
+/// keeps them here, so the next successful run still restarts what it should).
+pub const PENDING_NOTIFY_PATH: &str = "var/lib/bootstrap/pending-notify.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Plan,
+    Apply,
+}
+
+/// Who the run is about, for the report.
+pub struct RunInfo {
+    pub role: String,
+    pub source: String,
+}
+
+pub fn run(steps: &[Prepared], host: &Host, mode: Mode, systemd: &dyn Systemd, info: RunInfo) -> Report {
+    let started = Instant::now();
+    let apply = mode == Mode::Apply;
+    let run_span = tracing::info_span!("run", role = %info.role, mode = ?mode);
+    let _enter = run_span.enter();
+    let mut report = Report {
+        version: report::REPORT_VERSION,
+        command: if apply { "apply" } else { "plan" }.into(),
+        started_at: now_rfc3339(),
+        duration_ms: 0,
+        role: info.role,
+        env: host.facts.env.clone(),
+        name: host.facts.name.clone(),
+        source: info.source,
+        root: host.root.display().to_string(),
+        status: "ok".into(),
+        summary: Default::default(),
+        steps: Vec::new(),
+        notify: Vec::new(),
+        reboot_required: false,
+        reboot_pending: false,
+        error: None,
+    };
+    let mut pending: BTreeSet<Notify> = if apply && host.is_live() { read_pending(&host.root) } else { BTreeSet::new() };
+    let mut failed = false;
+    for p in steps {
+        let t = Instant::now();
+        let mut sr = StepReport {
+            id: p.id.clone(),
+            kind: p.kind.into(),
+            role: p.role.clone(),
+            at: p.pos.to_string(),
+            status: StepStatus::NotRun,
+            changes: vec![],
+            error: None,
+            duration_ms: 0,
+        };
+        if failed {
+            report.steps.push(sr);
+            continue;
+        }
+        let Some(step) = &p.step else {
+            sr.status = StepStatus::Skipped;
+            report.steps.push(sr);
+            continue;
+        };
+        let span = tracing::info_span!("step", id = %p.id);
+        let _e = span.enter();
+        // A notifying step records its handlers before it changes anything.
+        let mut before = |_: &[crate::step::Change]| -> Result<()> {
+            if !p.notify.is_empty() && host.is_live() {
+                pending.extend(p.notify.iter().cloned());
+                write_pending(&host.root, &pending)?;
+            }
+            Ok(())
+        };
+        let result = step.run(host, if apply { Some(&mut before) } else { None });
+        match result {
+            Ok(changes) if changes.is_empty() => {
+                sr.status = StepStatus::InSync;
+                tracing::debug!("in sync");
+            }
+            Ok(changes) => {
+                sr.status = StepStatus::Changed;
+                let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+                tracing::info!(fields = %fields.join(","), "{}", if apply { "changed" } else { "would change" });
+                sr.changes = if p.sensitive { changes.iter().map(|c| c.redacted()).collect() } else { changes };
+                report.reboot_required |= p.reboot_required;
+                if !apply || !host.is_live() {
+                    let (status, why) = if apply { ("skipped", Some("not the live system (--root)".to_string())) } else { ("pending", None) };
+                    for n in &p.notify {
+                        if !report.notify.iter().any(|r| r.target == n.to_string()) {
+                            report.notify.push(notify_report(n, status, why.clone()));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = format!("{}: step `{}` failed: {e:#}", p.pos, p.id);
+                tracing::error!("{msg}");
+                sr.status = StepStatus::Failed;
+                sr.error = Some(msg.clone());
+                report.error = Some(msg);
+                failed = true;
+            }
+        }
+        sr.duration_ms = t.elapsed().as_millis() as u64;
+        report.steps.push(sr);
+    }
+    if apply && host.is_live() {
+        if failed {
+            for n in &pending {
+                report.notify.push(notify_report(n, "pending", Some("kept for the next successful run".into())));
+            }
+        } else {
+            run_handlers(&mut pending, host, systemd, &mut report);
+        }
+    }
+    if failed || report.notify.iter().any(|n| n.status == "failed") {
+        report.status = "failed".into();
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    report.summarize();
+    report
+}
+
+fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, systemd: &dyn Systemd, report: &mut Report) {
+    for n in pending.clone() {
+        let r = match n.action {
+            NotifyAction::Restart => systemd.restart(&n.unit),
+            NotifyAction::Reload => systemd.reload(&n.unit),
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(target_unit = %n.unit, "notify {n} done");
+                pending.remove(&n);
+                report.notify.push(notify_report(&n, "done", None));
+            }
+            Err(e) => {
+                let msg = format!("notify {n} failed: {e:#}");
+                tracing::error!("{msg}");
+                report.error.get_or_insert(msg.clone());
+                report.notify.push(notify_report(&n, "failed", Some(format!("{e:#}"))));
+            }
+        }
+    }
+    if let Err(e) = write_pending(&host.root, pending) {
+        report.error.get_or_insert(format!("{e:#}"));
+        report.status = "failed".into();
+    }
+}
+
+fn read_pending(root: &Path) -> BTreeSet<Notify> {
+    std::fs::read(root.join(PENDING_NOTIFY_PATH)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn write_pending(root: &Path, pending: &BTreeSet<Notify>) -> Result<()> {
+    let path = root.join(PENDING_NOTIFY_PATH);
+    if pending.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", path.display())),
+            _ => Ok(()),
+        };
+    }
+    fsutil::create_parents(&path)?;
+    fsutil::atomic_write(&path, &serde_json::to_vec_pretty(pending)?, 0o644, None)
+}
+
+/// Write the report atomically to `<root>/var/lib/bootstrap/last-run.json`.
+pub fn write_report(root: &Path, report: &Report) -> Result<()> {
+    let path = root.join(report::REPORT_PATH);
+    fsutil::create_parents(&path)?;
+    let mut json = serde_json::to_vec_pretty(report)?;
+    json.push(b'\n');
+    fsutil::atomic_write(&path, &json, 0o644, None)
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}

@@ -1,0 +1,177 @@
+//! The run report: `last-run.json`, `--json` output, and the human summary.
+
+use crate::role::Notify;
+use crate::step::Change;
+use serde::Serialize;
+
+pub const REPORT_PATH: &str = "var/lib/bootstrap/last-run.json";
+pub const REPORT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    InSync,
+    /// apply: the step changed the host. plan: it would.
+    Changed,
+    Failed,
+    /// `when` was false.
+    Skipped,
+    /// An earlier step failed.
+    NotRun,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub id: String,
+    pub kind: String,
+    pub role: String,
+    /// role.toml position of the step.
+    pub at: String,
+    pub status: StepStatus,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NotifyReport {
+    pub target: String,
+    /// done | failed | skipped | pending
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub changed: usize,
+    pub in_sync: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub not_run: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub version: u32,
+    /// apply | plan
+    pub command: String,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub source: String,
+    pub root: String,
+    /// ok | failed
+    pub status: String,
+    pub summary: Summary,
+    pub steps: Vec<StepReport>,
+    pub notify: Vec<NotifyReport>,
+    pub reboot_required: bool,
+    pub reboot_pending: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn failed(&self) -> bool {
+        self.status != "ok"
+    }
+
+    pub fn summarize(&mut self) {
+        let mut s = Summary::default();
+        for st in &self.steps {
+            match st.status {
+                StepStatus::InSync => s.in_sync += 1,
+                StepStatus::Changed => s.changed += 1,
+                StepStatus::Failed => s.failed += 1,
+                StepStatus::Skipped => s.skipped += 1,
+                StepStatus::NotRun => s.not_run += 1,
+            }
+        }
+        s.failed += self.notify.iter().filter(|n| n.status == "failed").count();
+        self.summary = s;
+    }
+
+    /// The exit code of the contract's table.
+    pub fn exit_code(&self, detailed: bool) -> u8 {
+        match (detailed, self.failed(), self.summary.changed > 0) {
+            (false, false, _) => 0,
+            (false, true, _) => 1,
+            (true, false, false) => 0,
+            (true, false, true) => 2,
+            (true, true, false) => 4,
+            (true, true, true) => 6,
+        }
+    }
+
+    /// Text for a person at a terminal. `plan` shows every step and the diffs.
+    pub fn human(&self) -> String {
+        let plan = self.command == "plan";
+        let mut out = String::new();
+        for s in &self.steps {
+            let mark = match (s.status, plan) {
+                (StepStatus::InSync, _) => "in sync",
+                (StepStatus::Changed, true) => "would change",
+                (StepStatus::Changed, false) => "changed",
+                (StepStatus::Failed, _) => "FAILED",
+                (StepStatus::Skipped, _) => "skipped (when)",
+                (StepStatus::NotRun, _) => "not run",
+            };
+            if !plan && matches!(s.status, StepStatus::InSync | StepStatus::Skipped) {
+                continue;
+            }
+            out.push_str(&format!("{mark:>14}  {}\n", s.id));
+            for c in &s.changes {
+                match (&c.diff, plan) {
+                    (Some(d), true) => {
+                        for line in d.lines() {
+                            out.push_str(&format!("                  {line}\n"));
+                        }
+                    }
+                    (Some(_), false) => out.push_str(&format!("                  {}: changed\n", c.field)),
+                    (None, _) => out.push_str(&format!(
+                        "                  {}: {} -> {}\n",
+                        c.field,
+                        c.from.as_deref().unwrap_or("(none)"),
+                        c.to.as_deref().unwrap_or("(none)")
+                    )),
+                }
+            }
+            if let Some(e) = &s.error {
+                for line in e.lines() {
+                    out.push_str(&format!("                  {line}\n"));
+                }
+            }
+        }
+        for n in &self.notify {
+            out.push_str(&format!("{:>14}  {}{}\n", format!("notify {}", n.status), n.target, n.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()));
+        }
+        let s = &self.summary;
+        let verb = if plan { "to change" } else { "changed" };
+        out.push_str(&format!(
+            "{}: {} {verb}, {} in sync, {} failed, {} skipped{} in {:.2}s{}\n",
+            self.role,
+            s.changed,
+            s.in_sync,
+            s.failed,
+            s.skipped,
+            if s.not_run > 0 { format!(", {} not run", s.not_run) } else { String::new() },
+            self.duration_ms as f64 / 1000.0,
+            if self.reboot_required { " (reboot required)" } else { "" }
+        ));
+        if let Some(e) = &self.error {
+            out.push_str(&format!("error: {e}\n"));
+        }
+        out
+    }
+}
+
+pub fn notify_report(n: &Notify, status: &str, error: Option<String>) -> NotifyReport {
+    NotifyReport { target: n.to_string(), status: status.into(), error }
+}

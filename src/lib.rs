@@ -1,0 +1,18 @@
+//! bootstrap: a node bootstrap agent for EC2 fleets.
+//!
+//! `main.rs` parses the command line and maps the result to an exit code; everything else
+//! lives here so integration tests can use the library types.
+
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod facts;
+pub mod fsutil;
+pub mod logging;
+pub mod role;
+pub mod runlock;
+pub mod runner;
+pub mod source;
+pub mod step;
+pub mod systemd;
+pub mod template;

@@ -1,0 +1,316 @@
+//! Roles (schema 1): `roles/<service>/role.toml`, includes, vars, env overlays and steps.
+//!
+//! Loading parses and validates everything that needs no facts (so `validate` can run
+//! offline); `prepare` then evaluates `when` and renders templates with facts and vars.
+//! Any error here is a `ConfigError` (exit 78) naming file, line and column, and happens
+//! before the host is touched.
+
+use crate::error::{ConfigError, Pos};
+use crate::facts::Facts;
+use crate::step::{Common, LoadCtx, PrepCtx, Spec, Step, COMMON_KEYS};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+pub const SCHEMA: u32 = 1;
+
+/// Deserialize a spanned TOML value; errors name the position of the offending key or value.
+pub fn de<T: DeserializeOwned>(v: Spanned<DeValue<'_>>, file: &Path, src: &str) -> Result<T, ConfigError> {
+    T::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|e| toml_err(e, file, src))
+}
+
+pub fn toml_err(e: toml::de::Error, file: &Path, src: &str) -> ConfigError {
+    match e.span() {
+        Some(s) => ConfigError::at(file, src, s.start, e.message().trim_end()),
+        None => ConfigError::file(file, e.message().trim_end()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    schema: Spanned<u32>,
+    description: Option<String>,
+    #[serde(default)]
+    include: Vec<Spanned<String>>,
+    #[serde(default)]
+    vars: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Overlay {
+    #[serde(default)]
+    vars: toml::Table,
+}
+
+/// One role file, parsed and validated.
+#[derive(Debug)]
+pub struct Role {
+    pub name: String,
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    pub src: String,
+    pub description: Option<String>,
+    pub include: Vec<Spanned<String>>,
+    pub vars: toml::Table,
+    pub steps: Vec<RoleStep>,
+}
+
+#[derive(Debug)]
+pub struct RoleStep {
+    pub pos: Pos,
+    pub common: Common,
+    pub spec: Spec,
+}
+
+/// `restart:UNIT` or `reload:UNIT`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Notify {
+    pub action: NotifyAction,
+    pub unit: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyAction {
+    Restart,
+    Reload,
+}
+
+impl Notify {
+    pub fn parse(s: &str) -> Result<Notify, String> {
+        let (action, unit) = match s.split_once(':') {
+            Some(("restart", u)) => (NotifyAction::Restart, u),
+            Some(("reload", u)) => (NotifyAction::Reload, u),
+            _ => return Err(format!("invalid notify target {s:?}: expected \"restart:UNIT\" or \"reload:UNIT\"")),
+        };
+        let ok = unit.contains('.') && !unit.starts_with('.') && unit.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
+        if !ok {
+            return Err(format!("invalid unit name {unit:?} in notify target {s:?} (like haproxy.service)"));
+        }
+        Ok(Notify { action, unit: unit.to_string() })
+    }
+}
+
+impl std::fmt::Display for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = match self.action {
+            NotifyAction::Restart => "restart",
+            NotifyAction::Reload => "reload",
+        };
+        write!(f, "{a}:{}", self.unit)
+    }
+}
+
+/// The roles directory of a bundle root.
+pub fn roles_dir(bundle: &Path) -> PathBuf {
+    bundle.join("roles")
+}
+
+/// Parse and validate `roles/<name>/role.toml`.
+pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static>) -> Result<Role, ConfigError> {
+    let dir = roles_dir(bundle).join(name);
+    let file = dir.join("role.toml");
+    let src = std::fs::read_to_string(&file).map_err(|e| ConfigError::file(&file, format!("cannot read role: {e}")))?;
+    let parsed = DeTable::parse(&src).map_err(|e| toml_err(e, &file, &src))?;
+    let span = parsed.span();
+    let mut table = parsed.into_inner();
+    let steps = table.remove("step");
+    let header: Header = Header::deserialize(toml::de::Deserializer::from(Spanned::new(span, table))).map_err(|e| toml_err(e, &file, &src))?;
+    if *header.schema.get_ref() != SCHEMA {
+        return Err(ConfigError::at(&file, &src, header.schema.span().start, format!("unsupported schema {}; this bootstrap reads schema {SCHEMA}", header.schema.get_ref())));
+    }
+    let cx = LoadCtx { file: &file, src: &src, role_dir: &dir, env };
+    let mut out_steps = Vec::new();
+    if let Some(steps) = steps {
+        let steps_span = steps.span();
+        let DeValue::Array(items) = steps.into_inner() else {
+            return Err(ConfigError::at(&file, &src, steps_span.start, "`step` must be an array of tables ([[step]])"));
+        };
+        for item in items {
+            out_steps.push(parse_step(item, &cx)?);
+        }
+    }
+    Ok(Role { name: name.to_string(), dir, file: file.clone(), src: src.clone(), description: header.description, include: header.include, vars: header.vars, steps: out_steps })
+}
+
+fn parse_step(item: Spanned<DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<RoleStep, ConfigError> {
+    let span = item.span();
+    let pos = Pos::new(cx.file, cx.src, span.start);
+    let DeValue::Table(mut t) = item.into_inner() else {
+        return Err(ConfigError(format!("{pos}: each step must be a table")));
+    };
+    let kind: Spanned<String> = match t.remove("kind") {
+        Some(k) => de(k, cx.file, cx.src)?,
+        None => return Err(ConfigError(format!("{pos}: step has no `kind`"))),
+    };
+    let mut common = DeTable::new();
+    for key in COMMON_KEYS {
+        if let Some((k, v)) = t.remove_entry(*key) {
+            common.insert(k, v);
+        }
+    }
+    let common: Common = de(Spanned::new(span.clone(), DeValue::Table(common)), cx.file, cx.src)?;
+    let spec = Spec::parse(&kind, Spanned::new(span, DeValue::Table(t)), cx)?;
+    spec.validate(cx)?;
+    if let Some(w) = &common.when {
+        crate::template::check_expression(cx.env, &cx.pos(w), w.get_ref())?;
+    }
+    for n in &common.notify {
+        Notify::parse(n.get_ref()).map_err(|e| cx.err(n, e))?;
+    }
+    Ok(RoleStep { pos, common, spec })
+}
+
+/// Load a role and everything it includes, includes first, each role once.
+pub fn resolve(bundle: &Path, top: &str, env: &minijinja::Environment<'static>) -> Result<Vec<Role>, ConfigError> {
+    crate::facts::check_ident("service", top).map_err(|e| ConfigError::msg(format!("role {top:?}: {e}")))?;
+    if !roles_dir(bundle).join(top).join("role.toml").is_file() {
+        return Err(ConfigError::msg(format!("role {top:?} not found: no {}", roles_dir(bundle).join(top).join("role.toml").display())));
+    }
+    let mut order = Vec::new();
+    let mut stack = Vec::new();
+    visit(bundle, top, env, &mut stack, &mut order)?;
+    Ok(order)
+}
+
+fn visit(bundle: &Path, name: &str, env: &minijinja::Environment<'static>, stack: &mut Vec<String>, order: &mut Vec<Role>) -> Result<(), ConfigError> {
+    let role = load_role(bundle, name, env)?;
+    stack.push(name.to_string());
+    for inc in &role.include {
+        let n = inc.get_ref();
+        if stack.contains(n) {
+            let cycle = [stack.as_slice(), std::slice::from_ref(n)].concat().join(" -> ");
+            return Err(ConfigError::at(&role.file, &role.src, inc.span().start, format!("include cycle: {cycle}")));
+        }
+        if order.iter().any(|r| &r.name == n) {
+            continue;
+        }
+        if crate::facts::check_ident("service", n).is_err() || !roles_dir(bundle).join(n).join("role.toml").is_file() {
+            return Err(ConfigError::at(&role.file, &role.src, inc.span().start, format!("included role `{n}` not found (no {})", roles_dir(bundle).join(n).join("role.toml").display())));
+        }
+        visit(bundle, n, env, stack, order)?;
+    }
+    stack.pop();
+    order.push(role);
+    Ok(())
+}
+
+/// `roles/<name>/env/<env>.toml`, when it exists: a `[vars]` table only.
+pub fn load_overlay(role: &Role, env_name: &str) -> Result<Option<toml::Table>, ConfigError> {
+    let file = role.dir.join("env").join(format!("{env_name}.toml"));
+    let src = match std::fs::read_to_string(&file) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ConfigError::file(&file, format!("cannot read: {e}"))),
+    };
+    let o: Overlay = toml::from_str(&src).map_err(|e| toml_err(e, &file, &src))?;
+    Ok(Some(o.vars))
+}
+
+/// Vars every step sees: the roles' `[vars]` in apply order (a role overrides what it
+/// includes), then the env overlays in the same order (an environment overrides defaults).
+pub fn merged_vars(roles: &[Role], env_name: Option<&str>) -> Result<toml::Table, ConfigError> {
+    let mut vars = toml::Table::new();
+    for r in roles {
+        vars.extend(r.vars.clone());
+    }
+    if let Some(e) = env_name {
+        for r in roles {
+            if let Some(o) = load_overlay(r, e)? {
+                vars.extend(o);
+            }
+        }
+    }
+    Ok(vars)
+}
+
+/// A step ready for the engine.
+#[derive(Debug)]
+pub struct Prepared {
+    pub id: String,
+    pub kind: &'static str,
+    pub role: String,
+    pub pos: Pos,
+    pub notify: Vec<Notify>,
+    pub reboot_required: bool,
+    pub sensitive: bool,
+    /// None when `when` was false.
+    pub step: Option<Step>,
+}
+
+/// Evaluate `when`, render templates, map paths under `root`. Duplicate ids are errors.
+pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, env: &minijinja::Environment<'static>) -> Result<Vec<Prepared>, ConfigError> {
+    let ctx = crate::template::context(vars, facts);
+    let mut out: Vec<Prepared> = Vec::new();
+    let mut seen: BTreeMap<String, Pos> = BTreeMap::new();
+    for role in roles {
+        for (i, rs) in role.steps.iter().enumerate() {
+            let load = LoadCtx { file: &role.file, src: &role.src, role_dir: &role.dir, env };
+            let id = match (&rs.common.id, rs.common.sensitive, &rs.spec) {
+                (Some(id), _, _) => id.clone(),
+                (None, true, Spec::Exec(_)) => format!("exec:{}#{}", role.name, i + 1),
+                (None, _, spec) => spec.identity(),
+            };
+            if let Some(first) = seen.get(&id) {
+                return Err(ConfigError(format!("{}: step `{id}` is declared twice (first at {first}); give one an `id` or merge them", rs.pos)));
+            }
+            seen.insert(id.clone(), rs.pos.clone());
+            let active = match &rs.common.when {
+                Some(w) => crate::template::eval_when(env, &load.pos(w), w.get_ref(), &ctx)?,
+                None => true,
+            };
+            let step = if active {
+                let mut s = rs.spec.prepare(&PrepCtx { load, vars: &ctx, root })?;
+                if let Step::Exec(e) = &mut s {
+                    e.sensitive = rs.common.sensitive;
+                }
+                Some(s)
+            } else {
+                None
+            };
+            out.push(Prepared {
+                id,
+                kind: rs.spec.kind(),
+                role: role.name.clone(),
+                pos: rs.pos.clone(),
+                notify: rs.common.notify.iter().map(|n| Notify::parse(n.get_ref()).expect("validated at load")).collect(),
+                reboot_required: rs.common.reboot_required,
+                sensitive: rs.common.sensitive,
+                step,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Lint a whole bundle offline: every role parses, includes resolve, templates compile,
+/// sources exist, every env overlay parses. Returns the role names checked.
+pub fn validate_bundle(bundle: &Path) -> Result<Vec<String>, ConfigError> {
+    let dir = roles_dir(bundle);
+    let entries = std::fs::read_dir(&dir).map_err(|e| ConfigError::file(&dir, format!("cannot read roles directory: {e}")))?;
+    let mut names: Vec<String> = entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(ConfigError::file(&dir, "no roles in bundle"));
+    }
+    let env = crate::template::environment();
+    for n in &names {
+        let roles = resolve(bundle, n, &env)?;
+        let me = roles.last().expect("resolve returns the role itself");
+        if let Ok(envs) = std::fs::read_dir(me.dir.join("env")) {
+            for e in envs.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "toml") {
+                    let stem = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    load_overlay(me, &stem)?;
+                }
+            }
+        }
+    }
+    Ok(names)
+}

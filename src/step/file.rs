@@ -1,0 +1,257 @@
+//! `file`: content, source or template; mode, owner, group; present or absent.
+
+use super::{apply_meta, check_abs_path, meta_changes, parse_mode, wanted_ids, Change, Host, Kind, LoadCtx, Meta, PrepCtx, State};
+use crate::error::ConfigError;
+use crate::fsutil::{self, Mode};
+use crate::template::{self, Origin};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::PathBuf;
+use toml::Spanned;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub path: Spanned<String>,
+    pub content: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
+    #[serde(default)]
+    pub template: bool,
+    pub mode: Option<Spanned<String>>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    #[serde(default)]
+    pub state: State,
+}
+
+/// Mode of a new file when the role names none.
+const DEFAULT_MODE: Mode = Mode(0o644);
+
+impl Spec {
+    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+        check_abs_path(cx, &self.path)?;
+        parse_mode(cx, &self.mode)?;
+        match (&self.content, &self.source, self.state) {
+            (Some(_), Some(s), _) => return Err(cx.err(s, "a file step takes `content` or `source`, not both")),
+            (None, None, State::Present) => return Err(cx.err(&self.path, "a file step with state = \"present\" needs `content` or `source`")),
+            (Some(c), None, State::Absent) => return Err(cx.err(c, "`content` makes no sense with state = \"absent\"")),
+            (None, Some(s), State::Absent) => return Err(cx.err(s, "`source` makes no sense with state = \"absent\"")),
+            _ => {}
+        }
+        if let Some(c) = &self.content {
+            if self.template {
+                template::check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?;
+            }
+        }
+        if let Some(s) = &self.source {
+            let p = cx.source_path(s)?;
+            if self.template {
+                let text = std::fs::read_to_string(&p).map_err(|e| cx.err(s, format!("reading template {}: {e}", p.display())))?;
+                template::check_syntax(cx.env, &Origin::File(p), &text)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<FileStep, ConfigError> {
+        let l = &cx.load;
+        let content = match (&self.content, &self.source) {
+            (Some(c), _) if self.template => Some(template::render(l.env, &Origin::Inline(l.pos(c)), c.get_ref(), cx.vars)?.into_bytes()),
+            (Some(c), _) => Some(c.get_ref().clone().into_bytes()),
+            (None, Some(s)) => {
+                let p = l.source_path(s)?;
+                let bytes = std::fs::read(&p).map_err(|e| l.err(s, format!("reading {}: {e}", p.display())))?;
+                if self.template {
+                    let text = String::from_utf8(bytes).map_err(|_| l.err(s, format!("template {} is not UTF-8", p.display())))?;
+                    Some(template::render(l.env, &Origin::File(p), &text, cx.vars)?.into_bytes())
+                } else {
+                    Some(bytes)
+                }
+            }
+            (None, None) => None,
+        };
+        Ok(FileStep {
+            display: self.path.get_ref().clone(),
+            path: fsutil::host_path(cx.root, self.path.get_ref()).map_err(|e| l.err(&self.path, e))?,
+            content,
+            mode: parse_mode(l, &self.mode)?,
+            owner: self.owner.clone(),
+            group: self.group.clone(),
+            state: self.state,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FileStep {
+    /// The path as the role names it.
+    pub display: String,
+    /// The path on the host (under the root).
+    pub path: PathBuf,
+    pub content: Option<Vec<u8>>,
+    pub mode: Option<Mode>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    pub state: State,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    Missing,
+    File { content: Vec<u8>, meta: Meta },
+}
+
+/// A unified diff of two contents, or a one-line summary when either is not text.
+pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
+    match (std::str::from_utf8(old), std::str::from_utf8(new)) {
+        (Ok(o), Ok(n)) => similar::TextDiff::from_lines(o, n)
+            .unified_diff()
+            .context_radius(3)
+            .header(&format!("{label} (on host)"), &format!("{label} (from role)"))
+            .to_string(),
+        _ => format!("binary content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {})\n", old.len(), sha(old), new.len(), sha(new)),
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))[..12].to_string()
+}
+
+impl Kind for FileStep {
+    type Observed = Observed;
+
+    fn check(&self, host: &Host) -> Result<Observed> {
+        let md = match std::fs::symlink_metadata(&self.path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Observed::Missing),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        if !md.file_type().is_file() {
+            bail!("{} exists and is not a regular file ({}); refusing to replace it", self.display, describe_type(&md));
+        }
+        if self.state == State::Absent {
+            return Ok(Observed::File { content: Vec::new(), meta: Meta::read(&host.root, &md) });
+        }
+        let content = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+        Ok(Observed::File { content, meta: Meta::read(&host.root, &md) })
+    }
+
+    fn plan(&self, observed: &Observed) -> Vec<Change> {
+        match (self.state, observed) {
+            (State::Absent, Observed::Missing) => vec![],
+            (State::Absent, Observed::File { .. }) => vec![Change::new("state", Some("present"), Some("absent"))],
+            (State::Present, Observed::Missing) => {
+                let new = self.content.as_deref().unwrap_or_default();
+                let mut c = vec![Change::new("state", Some("absent"), Some("present"))];
+                c.push(Change { diff: Some(content_diff(&self.display, b"", new)), ..Change::new::<&str, &str>("content", None, None) });
+                c.push(Change::new("mode", None::<&str>, Some(self.mode.unwrap_or(DEFAULT_MODE))));
+                if let Some(o) = &self.owner {
+                    c.push(Change::new("owner", None::<&str>, Some(o)));
+                }
+                if let Some(g) = &self.group {
+                    c.push(Change::new("group", None::<&str>, Some(g)));
+                }
+                c
+            }
+            (State::Present, Observed::File { content, meta }) => {
+                let mut c = Vec::new();
+                let new = self.content.as_deref().unwrap_or_default();
+                if content.as_slice() != new {
+                    c.push(Change { diff: Some(content_diff(&self.display, content, new)), ..Change::new::<&str, &str>("content", None, None) });
+                }
+                c.extend(meta_changes(self.mode, &self.owner, &self.group, meta));
+                c
+            }
+        }
+    }
+
+    fn apply(&self, host: &Host, observed: &Observed, changes: &[Change]) -> Result<()> {
+        if self.state == State::Absent {
+            std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
+            return fsutil::fsync_dir(self.path.parent().unwrap_or(&self.path));
+        }
+        let content_changes = changes.iter().any(|c| c.field == "content");
+        match observed {
+            Observed::File { .. } if !content_changes => apply_meta(host, &self.path, changes, self.mode, &self.owner, &self.group),
+            _ => {
+                // New content: write a fresh file that has its final owner and mode before any byte lands.
+                let (mode, ids) = match observed {
+                    Observed::File { meta, .. } => {
+                        let uid = match &self.owner {
+                            Some(o) => fsutil::require_uid(&host.root, o)?,
+                            None => meta.uid,
+                        };
+                        let gid = match &self.group {
+                            Some(g) => fsutil::require_gid(&host.root, g)?,
+                            None => meta.gid,
+                        };
+                        (self.mode.map(|m| m.0).unwrap_or(meta.mode), Some((uid, gid)))
+                    }
+                    Observed::Missing => (self.mode.unwrap_or(DEFAULT_MODE).0, wanted_ids(&host.root, &self.owner, &self.group)?),
+                };
+                fsutil::create_parents(&self.path)?;
+                fsutil::atomic_write(&self.path, self.content.as_deref().unwrap_or_default(), mode, ids)
+            }
+        }
+    }
+}
+
+pub fn describe_type(md: &std::fs::Metadata) -> &'static str {
+    let t = md.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symlink"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(content: &str, mode: Option<u32>) -> FileStep {
+        FileStep {
+            display: "/etc/x".into(),
+            path: "/nonexistent/etc/x".into(),
+            content: Some(content.as_bytes().to_vec()),
+            mode: mode.map(Mode),
+            owner: Some("root".into()),
+            group: None,
+            state: State::Present,
+        }
+    }
+
+    fn meta(mode: u32) -> Meta {
+        Meta { mode, uid: 0, gid: 0, owner: "root".into(), group: "root".into() }
+    }
+
+    #[test]
+    fn plan_table() {
+        let have = |c: &str, m: u32| Observed::File { content: c.as_bytes().to_vec(), meta: meta(m) };
+        let fields = |s: &FileStep, o: &Observed| s.plan(o).into_iter().map(|c| c.field).collect::<Vec<_>>();
+        assert!(fields(&step("a\n", Some(0o644)), &have("a\n", 0o644)).is_empty());
+        assert_eq!(fields(&step("a\n", Some(0o600)), &have("a\n", 0o644)), ["mode"]);
+        assert_eq!(fields(&step("b\n", None), &have("a\n", 0o644)), ["content"]);
+        assert_eq!(fields(&step("b\n", Some(0o644)), &Observed::Missing), ["state", "content", "mode", "owner"]);
+        let mut absent = step("", None);
+        absent.state = State::Absent;
+        assert!(fields(&absent, &Observed::Missing).is_empty());
+        assert_eq!(fields(&absent, &have("a", 0o644)), ["state"]);
+        // numeric owner matches the same uid
+        let mut numeric = step("a\n", None);
+        numeric.owner = Some("0".into());
+        assert!(fields(&numeric, &have("a\n", 0o644)).is_empty());
+    }
+
+    #[test]
+    fn diff_is_unified() {
+        let d = content_diff("/etc/x", b"a\nb\n", b"a\nc\n");
+        assert!(d.contains("--- /etc/x (on host)") && d.contains("-b\n") && d.contains("+c\n"), "{d}");
+        assert!(content_diff("/x", &[0xff, 0], b"a").starts_with("binary content differs"));
+    }
+}

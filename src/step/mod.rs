@@ -1,0 +1,352 @@
+//! Step kinds. Each kind parses its TOML table (`Spec`), validates it at load time, is
+//! prepared (templates rendered) into a runnable step, and then runs `check` (read-only I/O)
+//! → `plan` (pure: the list of field changes) → `apply` (only when the plan is not empty).
+
+pub mod directory;
+pub mod exec;
+pub mod file;
+pub mod group;
+pub mod link;
+pub mod user;
+
+use crate::error::{ConfigError, Pos};
+use crate::facts::Facts;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The step kinds this version runs.
+pub const KINDS: &[&str] = &["file", "directory", "link", "user", "group", "exec"];
+/// Kinds in the contract that this version does not run yet: a role using one fails to load.
+pub const NOT_YET: &[&str] = &["package", "unit", "container", "kubeadm_join"];
+
+/// What every step kind shares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Common {
+    pub id: Option<String>,
+    pub when: Option<Spanned<String>>,
+    #[serde(default)]
+    pub notify: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub reboot_required: bool,
+    #[serde(default)]
+    pub sensitive: bool,
+}
+
+pub const COMMON_KEYS: &[&str] = &["id", "when", "notify", "reboot_required", "sensitive"];
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    #[default]
+    Present,
+    Absent,
+}
+
+/// The parsed, validated table of one step (before templating).
+#[derive(Debug, Clone)]
+pub enum Spec {
+    File(file::Spec),
+    Directory(directory::Spec),
+    Link(link::Spec),
+    User(user::Spec),
+    Group(group::Spec),
+    Exec(exec::Spec),
+}
+
+/// A step ready to run: templates rendered, paths mapped under the root.
+#[derive(Debug, Clone)]
+pub enum Step {
+    File(file::FileStep),
+    Directory(directory::DirStep),
+    Link(link::LinkStep),
+    User(user::UserStep),
+    Group(group::GroupStep),
+    Exec(exec::ExecStep),
+}
+
+/// One field that differs between the host and the role.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Change {
+    pub field: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Unified diff for file content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+}
+
+impl Change {
+    pub fn new<A: ToString, B: ToString>(field: &str, from: Option<A>, to: Option<B>) -> Change {
+        Change { field: field.into(), from: from.map(|s| s.to_string()), to: to.map(|s| s.to_string()), diff: None }
+    }
+
+    pub const REDACTED: &'static str = "<redacted>";
+
+    /// The same change with every value replaced (for `sensitive` steps).
+    pub fn redacted(&self) -> Change {
+        let r = |o: &Option<String>| o.as_ref().map(|_| Self::REDACTED.to_string());
+        Change { field: self.field.clone(), from: r(&self.from), to: r(&self.to), diff: r(&self.diff) }
+    }
+}
+
+/// What a step needs from the host it runs on.
+pub struct Host {
+    pub root: PathBuf,
+    pub facts: Facts,
+}
+
+impl Host {
+    pub fn path(&self, p: &str) -> Result<PathBuf> {
+        crate::fsutil::host_path(&self.root, p)
+    }
+
+    /// True when changes go to the running system (not an image root).
+    pub fn is_live(&self) -> bool {
+        self.root == Path::new("/")
+    }
+}
+
+/// Context for loading a step: its role file and directory, and the template engine.
+pub struct LoadCtx<'a> {
+    pub file: &'a Path,
+    pub src: &'a str,
+    pub role_dir: &'a Path,
+    pub env: &'a minijinja::Environment<'static>,
+}
+
+impl LoadCtx<'_> {
+    pub fn pos<T>(&self, s: &Spanned<T>) -> Pos {
+        Pos::new(self.file, self.src, s.span().start)
+    }
+
+    pub fn err<T>(&self, s: &Spanned<T>, msg: impl std::fmt::Display) -> ConfigError {
+        ConfigError::at(self.file, self.src, s.span().start, msg)
+    }
+
+    /// Resolve `source` to a file under the role's `files/`, refusing to leave it.
+    pub fn source_path(&self, source: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+        let rel = Path::new(source.get_ref());
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(self.err(source, format!("source {:?} must be a relative path inside the role's files/", source.get_ref())));
+        }
+        let p = self.role_dir.join("files").join(rel);
+        if !p.is_file() {
+            return Err(self.err(source, format!("source file {} does not exist", p.display())));
+        }
+        Ok(p)
+    }
+}
+
+/// Context for preparing a step: the load context plus the template context and the root.
+pub struct PrepCtx<'a> {
+    pub load: LoadCtx<'a>,
+    pub vars: &'a minijinja::Value,
+    pub root: &'a Path,
+}
+
+/// A kind's check → plan → apply.
+pub trait Kind {
+    type Observed;
+    /// Read the host's current state (read-only).
+    fn check(&self, host: &Host) -> Result<Self::Observed>;
+    /// Pure: what differs (empty = in sync).
+    fn plan(&self, observed: &Self::Observed) -> Vec<Change>;
+    /// Make the host match. Called only when `plan` was not empty.
+    fn apply(&self, host: &Host, observed: &Self::Observed, changes: &[Change]) -> Result<()>;
+}
+
+/// Called with the plan just before a step applies it; an error stops the step.
+pub type BeforeApply<'a> = &'a mut dyn FnMut(&[Change]) -> Result<()>;
+
+fn converge<K: Kind>(k: &K, host: &Host, apply: Option<BeforeApply<'_>>) -> Result<Vec<Change>> {
+    let observed = k.check(host)?;
+    let changes = k.plan(&observed);
+    if let (Some(before), false) = (apply, changes.is_empty()) {
+        before(&changes)?;
+        k.apply(host, &observed, &changes)?;
+    }
+    Ok(changes)
+}
+
+impl Spec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Spec::File(_) => "file",
+            Spec::Directory(_) => "directory",
+            Spec::Link(_) => "link",
+            Spec::User(_) => "user",
+            Spec::Group(_) => "group",
+            Spec::Exec(_) => "exec",
+        }
+    }
+
+    /// Parse a step table of the given kind (errors carry the key's position).
+    pub fn parse(kind: &Spanned<String>, table: Spanned<toml::de::DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<Spec, ConfigError> {
+        use crate::role::de;
+        let (f, s) = (cx.file, cx.src);
+        Ok(match kind.get_ref().as_str() {
+            "file" => Spec::File(de(table, f, s)?),
+            "directory" => Spec::Directory(de(table, f, s)?),
+            "link" => Spec::Link(de(table, f, s)?),
+            "user" => Spec::User(de(table, f, s)?),
+            "group" => Spec::Group(de(table, f, s)?),
+            "exec" => Spec::Exec(de(table, f, s)?),
+            k if NOT_YET.contains(&k) => {
+                return Err(cx.err(kind, format!("step kind `{k}` is part of the role format but not supported by this version of bootstrap yet")))
+            }
+            k => return Err(cx.err(kind, format!("unknown step kind `{k}`; expected one of {}", KINDS.join(", ")))),
+        })
+    }
+
+    /// Static checks that need no facts (modes, paths, guards, template syntax, source files).
+    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+        match self {
+            Spec::File(s) => s.validate(cx),
+            Spec::Directory(s) => s.validate(cx),
+            Spec::Link(s) => s.validate(cx),
+            Spec::User(s) => s.validate(cx),
+            Spec::Group(s) => s.validate(cx),
+            Spec::Exec(s) => s.validate(cx),
+        }
+    }
+
+    /// `kind:identity`, the default step id.
+    pub fn identity(&self) -> String {
+        match self {
+            Spec::File(s) => format!("file:{}", s.path.get_ref()),
+            Spec::Directory(s) => format!("directory:{}", s.path.get_ref()),
+            Spec::Link(s) => format!("link:{}", s.path.get_ref()),
+            Spec::User(s) => format!("user:{}", s.name.get_ref()),
+            Spec::Group(s) => format!("group:{}", s.name.get_ref()),
+            Spec::Exec(s) => format!("exec:{}", s.command.get_ref().join(" ")),
+        }
+    }
+
+    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<Step, ConfigError> {
+        Ok(match self {
+            Spec::File(s) => Step::File(s.prepare(cx)?),
+            Spec::Directory(s) => Step::Directory(s.prepare(cx)?),
+            Spec::Link(s) => Step::Link(s.prepare(cx)?),
+            Spec::User(s) => Step::User(s.prepare(cx)?),
+            Spec::Group(s) => Step::Group(s.prepare(cx)?),
+            Spec::Exec(s) => Step::Exec(s.prepare(cx)?),
+        })
+    }
+}
+
+impl Step {
+    /// check → plan, and when `apply` is given and something differs: `apply(plan)`, then
+    /// the step's apply. Returns the plan.
+    pub fn run(&self, host: &Host, apply: Option<BeforeApply<'_>>) -> Result<Vec<Change>> {
+        match self {
+            Step::File(s) => converge(s, host, apply),
+            Step::Directory(s) => converge(s, host, apply),
+            Step::Link(s) => converge(s, host, apply),
+            Step::User(s) => converge(s, host, apply),
+            Step::Group(s) => converge(s, host, apply),
+            Step::Exec(s) => converge(s, host, apply),
+        }
+    }
+}
+
+/// Map a host path error into a config error at the field's position.
+pub fn check_abs_path(cx: &LoadCtx<'_>, p: &Spanned<String>) -> Result<(), ConfigError> {
+    crate::fsutil::host_path(Path::new("/"), p.get_ref()).map(|_| ()).map_err(|e| cx.err(p, e))
+}
+
+pub fn parse_mode(cx: &LoadCtx<'_>, m: &Option<Spanned<String>>) -> Result<Option<crate::fsutil::Mode>, ConfigError> {
+    m.as_ref().map(|m| crate::fsutil::Mode::parse(m.get_ref()).map_err(|e| cx.err(m, e))).transpose()
+}
+
+/// Owner and group of an existing path, as names from the root's account files.
+pub fn owner_names(root: &Path, md: &std::fs::Metadata) -> (String, String) {
+    use std::os::unix::fs::MetadataExt;
+    (crate::fsutil::uid_name(root, md.uid()), crate::fsutil::gid_name(root, md.gid()))
+}
+
+/// Does an actual owner (name, resolved from the uid) match a wanted one (name or number)?
+pub fn same_owner(want: &str, actual_name: &str, actual_id: u32) -> bool {
+    want == actual_name || want.parse::<u32>().ok() == Some(actual_id)
+}
+
+/// Changes of mode/owner/group between an existing path and what the role wants.
+pub fn meta_changes(want_mode: Option<crate::fsutil::Mode>, want_owner: &Option<String>, want_group: &Option<String>, have: &Meta) -> Vec<Change> {
+    let mut out = Vec::new();
+    if let Some(m) = want_mode {
+        if have.mode != m.0 {
+            out.push(Change::new("mode", Some(crate::fsutil::Mode(have.mode)), Some(m)));
+        }
+    }
+    if let Some(o) = want_owner {
+        if !same_owner(o, &have.owner, have.uid) {
+            out.push(Change::new("owner", Some(&have.owner), Some(o)));
+        }
+    }
+    if let Some(g) = want_group {
+        if !same_owner(g, &have.group, have.gid) {
+            out.push(Change::new("group", Some(&have.group), Some(g)));
+        }
+    }
+    out
+}
+
+/// Mode and ownership of an existing path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+impl Meta {
+    pub fn read(root: &Path, md: &std::fs::Metadata) -> Meta {
+        use std::os::unix::fs::MetadataExt;
+        let (owner, group) = owner_names(root, md);
+        Meta { mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), owner, group }
+    }
+}
+
+/// Apply mode/owner/group changes to an existing path in place.
+pub fn apply_meta(host: &Host, path: &Path, changes: &[Change], mode: Option<crate::fsutil::Mode>, owner: &Option<String>, group: &Option<String>) -> Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let has = |f: &str| changes.iter().any(|c| c.field == f);
+    if has("owner") || has("group") {
+        let uid = match owner {
+            Some(o) if has("owner") => Some(crate::fsutil::require_uid(&host.root, o)?),
+            _ => None,
+        };
+        let gid = match group {
+            Some(g) if has("group") => Some(crate::fsutil::require_gid(&host.root, g)?),
+            _ => None,
+        };
+        std::os::unix::fs::lchown(path, uid, gid).with_context(|| format!("chown {}", path.display()))?;
+    }
+    if let (Some(m), true) = (mode, has("mode")) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m.0)).with_context(|| format!("chmod {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The (uid, gid) a new path should get, when the role names an owner or group.
+pub fn wanted_ids(root: &Path, owner: &Option<String>, group: &Option<String>) -> Result<Option<(u32, u32)>> {
+    if owner.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let uid = match owner {
+        Some(o) => crate::fsutil::require_uid(root, o)?,
+        None => nix::unistd::geteuid().as_raw(),
+    };
+    let gid = match group {
+        Some(g) => crate::fsutil::require_gid(root, g)?,
+        None => nix::unistd::getegid().as_raw(),
+    };
+    Ok(Some((uid, gid)))
+}

@@ -1,0 +1,99 @@
+//! Templates (minijinja) over facts and vars, with strict undefined.
+//!
+//! Field values are templated after the TOML is parsed; the TOML text itself never is.
+
+use crate::error::{line_col, ConfigError, Pos};
+use minijinja::{Environment, UndefinedBehavior, Value};
+use std::path::Path;
+
+/// Where a template's text came from, so errors can name it.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// A file of its own (`roles/x/files/y.j2`): errors name its line and column.
+    File(std::path::PathBuf),
+    /// An inline string in role.toml at this position: errors name it and the template line.
+    Inline(Pos),
+}
+
+pub fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_keep_trailing_newline(true);
+    env
+}
+
+/// The context templates and `when` see: vars at top level, facts under `facts`.
+pub fn context(vars: &toml::Table, facts: &crate::facts::Facts) -> Value {
+    let mut map: std::collections::BTreeMap<String, Value> =
+        vars.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
+    map.insert("facts".into(), Value::from_serialize(facts));
+    Value::from(map)
+}
+
+fn describe(origin: &Origin, src: &str, e: &minijinja::Error) -> ConfigError {
+    let what = match e.detail() {
+        Some(d) => format!("template error: {} ({d})", e.kind()),
+        None => format!("template error: {}", e.kind()),
+    };
+    match origin {
+        Origin::File(path) => {
+            let (line, col) = match e.range() {
+                Some(r) => line_col(src, r.start),
+                None => (e.line().unwrap_or(1), 1),
+            };
+            ConfigError(format!("{}:{line}:{col}: {what}", path.display()))
+        }
+        Origin::Inline(pos) => {
+            let tline = e.range().map(|r| line_col(src, r.start).0).or(e.line()).unwrap_or(1);
+            ConfigError(format!("{pos}: {what} at template line {tline}"))
+        }
+    }
+}
+
+/// Check that a template parses (no rendering: `validate` has no facts).
+pub fn check_syntax(env: &Environment<'_>, origin: &Origin, src: &str) -> Result<(), ConfigError> {
+    env.template_from_str(src).map(|_| ()).map_err(|e| describe(origin, src, &e))
+}
+
+pub fn render(env: &Environment<'_>, origin: &Origin, src: &str, ctx: &Value) -> Result<String, ConfigError> {
+    let tmpl = env.template_from_str(src).map_err(|e| describe(origin, src, &e))?;
+    tmpl.render(ctx).map_err(|e| describe(origin, src, &e))
+}
+
+pub fn check_expression(env: &Environment<'_>, pos: &Pos, expr: &str) -> Result<(), ConfigError> {
+    env.compile_expression(expr).map(|_| ()).map_err(|e| ConfigError(format!("{pos}: invalid `when` expression {expr:?}: {e}")))
+}
+
+/// Evaluate a `when` expression; undefined names are errors.
+pub fn eval_when(env: &Environment<'_>, pos: &Pos, expr: &str, ctx: &Value) -> Result<bool, ConfigError> {
+    let compiled = env.compile_expression(expr).map_err(|e| ConfigError(format!("{pos}: invalid `when` expression {expr:?}: {e}")))?;
+    let v = compiled.eval(ctx).map_err(|e| ConfigError(format!("{pos}: `when` expression {expr:?} failed: {e}")))?;
+    if v.is_undefined() {
+        return Err(ConfigError(format!("{pos}: `when` expression {expr:?} is undefined")));
+    }
+    Ok(v.is_true())
+}
+
+/// Display helper for errors about a template file relative to the bundle.
+pub fn file_origin(path: &Path) -> Origin {
+    Origin::File(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_undefined_names_the_line() {
+        let env = environment();
+        let ctx = Value::from_serialize(serde_json::json!({"a": 1}));
+        let origin = Origin::File("t.j2".into());
+        assert_eq!(render(&env, &origin, "x={{ a }}\n", &ctx).unwrap(), "x=1\n");
+        let err = render(&env, &origin, "ok\nx={{ nope }}\n", &ctx).unwrap_err().to_string();
+        assert!(err.starts_with("t.j2:2:"), "{err}");
+        assert!(err.contains("undefined"), "{err}");
+        let pos = Pos { file: "r.toml".into(), line: 3, col: 8 };
+        assert!(eval_when(&env, &pos, "a == 1", &ctx).unwrap());
+        assert!(eval_when(&env, &pos, "nope == 1", &ctx).is_err());
+    }
+}
