@@ -175,7 +175,32 @@ pub fn resolve(bundle: &Path, top: &str, env: &minijinja::Environment<'static>) 
     let mut order = Vec::new();
     let mut stack = Vec::new();
     visit(bundle, top, env, &mut stack, &mut order)?;
+    check_duplicate_ids(&order)?;
     Ok(order)
+}
+
+/// The id of a step: its `id`, else `kind:identity` (sensitive exec steps: role and index).
+fn step_id(role: &Role, index: usize, rs: &RoleStep) -> String {
+    match (&rs.common.id, rs.common.sensitive, &rs.spec) {
+        (Some(id), _, _) => id.clone(),
+        (None, true, Spec::Exec(_)) => format!("exec:{}#{}", role.name, index + 1),
+        (None, _, spec) => spec.identity(),
+    }
+}
+
+/// Two steps managing the same thing in one run fight each other: an error.
+fn check_duplicate_ids(roles: &[Role]) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<String, &Pos> = BTreeMap::new();
+    for role in roles {
+        for (i, rs) in role.steps.iter().enumerate() {
+            let id = step_id(role, i, rs);
+            if let Some(first) = seen.get(&id) {
+                return Err(ConfigError(format!("{}: step `{id}` is declared twice (first at {first}); give one an `id` or merge them", rs.pos)));
+            }
+            seen.insert(id, &rs.pos);
+        }
+    }
+    Ok(())
 }
 
 fn visit(bundle: &Path, name: &str, env: &minijinja::Environment<'static>, stack: &mut Vec<String>, order: &mut Vec<Role>) -> Result<(), ConfigError> {
@@ -243,23 +268,14 @@ pub struct Prepared {
     pub step: Option<Step>,
 }
 
-/// Evaluate `when`, render templates, map paths under `root`. Duplicate ids are errors.
+/// Evaluate `when`, render templates, map paths under `root`.
 pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, env: &minijinja::Environment<'static>) -> Result<Vec<Prepared>, ConfigError> {
     let ctx = crate::template::context(vars, facts);
     let mut out: Vec<Prepared> = Vec::new();
-    let mut seen: BTreeMap<String, Pos> = BTreeMap::new();
     for role in roles {
         for (i, rs) in role.steps.iter().enumerate() {
             let load = LoadCtx { file: &role.file, src: &role.src, role_dir: &role.dir, env };
-            let id = match (&rs.common.id, rs.common.sensitive, &rs.spec) {
-                (Some(id), _, _) => id.clone(),
-                (None, true, Spec::Exec(_)) => format!("exec:{}#{}", role.name, i + 1),
-                (None, _, spec) => spec.identity(),
-            };
-            if let Some(first) = seen.get(&id) {
-                return Err(ConfigError(format!("{}: step `{id}` is declared twice (first at {first}); give one an `id` or merge them", rs.pos)));
-            }
-            seen.insert(id.clone(), rs.pos.clone());
+            let id = step_id(role, i, rs);
             let active = match &rs.common.when {
                 Some(w) => crate::template::eval_when(env, &load.pos(w), w.get_ref(), &ctx)?,
                 None => true,

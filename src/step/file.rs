@@ -101,10 +101,20 @@ pub enum Observed {
     File { content: Vec<u8>, meta: Meta },
 }
 
-/// A unified diff of two contents, or a one-line summary when either is not text.
+/// Files larger than this get a summary instead of a diff.
+const MAX_DIFF_BYTES: usize = 256 * 1024;
+/// Diffing gives up on finding the smallest diff after this long (the diff is still correct).
+const DIFF_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A unified diff of two contents, or a one-line summary when either is binary or large.
 pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
+    if old.len().max(new.len()) > MAX_DIFF_BYTES {
+        return format!("content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {}); too large to diff\n", old.len(), sha(old), new.len(), sha(new));
+    }
     match (std::str::from_utf8(old), std::str::from_utf8(new)) {
-        (Ok(o), Ok(n)) => similar::TextDiff::from_lines(o, n)
+        (Ok(o), Ok(n)) => similar::TextDiff::configure()
+            .timeout(DIFF_DEADLINE)
+            .diff_lines(o, n)
             .unified_diff()
             .context_radius(3)
             .header(&format!("{label} (on host)"), &format!("{label} (from role)"))
@@ -253,5 +263,7 @@ mod tests {
         let d = content_diff("/etc/x", b"a\nb\n", b"a\nc\n");
         assert!(d.contains("--- /etc/x (on host)") && d.contains("-b\n") && d.contains("+c\n"), "{d}");
         assert!(content_diff("/x", &[0xff, 0], b"a").starts_with("binary content differs"));
+        let big = "x\n".repeat(200_000);
+        assert!(content_diff("/x", big.as_bytes(), b"a").contains("too large to diff"));
     }
 }
