@@ -27,8 +27,8 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
         Mode::Apply => Some(crate::runlock::acquire(&root, a.lock_timeout)?),
         Mode::Plan => None,
     };
-    let host = Host { root: root.clone(), facts };
-    let report = engine::run(&steps, &host, mode, &crate::systemd::Systemctl, RunInfo { role, source: source.to_string() });
+    let host = Host { root: root.clone(), facts, systemd: Box::new(crate::systemd::Dbus::default()) };
+    let report = engine::run(&steps, &host, mode, RunInfo { role, source: source.to_string() });
     if mode == Mode::Apply {
         engine::write_report(&root, &report)?;
     }

@@ -6,7 +6,6 @@ pub mod report;
 use crate::fsutil;
 use crate::role::{Notify, NotifyAction, Prepared};
 use crate::step::Host;
-use crate::systemd::Systemd;
 use anyhow::{Context, Result};
 use report::{notify_report, Report, StepReport, StepStatus};
 use std::collections::BTreeSet;
@@ -29,7 +28,7 @@ pub struct RunInfo {
     pub source: String,
 }
 
-pub fn run(steps: &[Prepared], host: &Host, mode: Mode, systemd: &dyn Systemd, info: RunInfo) -> Report {
+pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report {
     let started = Instant::now();
     let apply = mode == Mode::Apply;
     let run_span = tracing::info_span!("run", role = %info.role, mode = ?mode);
@@ -64,6 +63,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, systemd: &dyn Systemd, i
             status: StepStatus::NotRun,
             changes: vec![],
             error: None,
+            note: None,
             duration_ms: 0,
         };
         if failed {
@@ -72,9 +72,16 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, systemd: &dyn Systemd, i
         }
         let Some(step) = &p.step else {
             sr.status = StepStatus::Skipped;
+            sr.note = Some("`when` is false".into());
             report.steps.push(sr);
             continue;
         };
+        if step.needs_live_system() && !host.is_live() {
+            sr.status = StepStatus::Skipped;
+            sr.note = Some("not the live system (--root)".into());
+            report.steps.push(sr);
+            continue;
+        }
         let span = tracing::info_span!("step", id = %p.id);
         let _e = span.enter();
         // A notifying step records its handlers before it changes anything.
@@ -124,7 +131,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, systemd: &dyn Systemd, i
                 report.notify.push(notify_report(n, "pending", Some("kept for the next successful run".into())));
             }
         } else {
-            run_handlers(&mut pending, host, systemd, &mut report);
+            run_handlers(&mut pending, host, &mut report);
         }
     }
     if failed || report.notify.iter().any(|n| n.status == "failed") {
@@ -135,11 +142,11 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, systemd: &dyn Systemd, i
     report
 }
 
-fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, systemd: &dyn Systemd, report: &mut Report) {
+fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, report: &mut Report) {
     for n in pending.clone() {
         let r = match n.action {
-            NotifyAction::Restart => systemd.restart(&n.unit),
-            NotifyAction::Reload => systemd.reload(&n.unit),
+            NotifyAction::Restart => host.systemd.restart(&n.unit),
+            NotifyAction::Reload => host.systemd.reload(&n.unit),
         };
         match r {
             Ok(()) => {

@@ -32,6 +32,9 @@ pub struct StepReport {
     pub changes: Vec<Change>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a step was skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub duration_ms: u64,
 }
 
@@ -120,7 +123,7 @@ impl Report {
                 (StepStatus::Changed, true) => "would change",
                 (StepStatus::Changed, false) => "changed",
                 (StepStatus::Failed, _) => "FAILED",
-                (StepStatus::Skipped, _) => "skipped (when)",
+                (StepStatus::Skipped, _) => "skipped",
                 (StepStatus::NotRun, _) => "not run",
             };
             if !plan && matches!(s.status, StepStatus::InSync | StepStatus::Skipped) {
@@ -142,6 +145,9 @@ impl Report {
                         c.to.as_deref().unwrap_or("(none)")
                     )),
                 }
+            }
+            if let Some(n) = &s.note {
+                out.push_str(&format!("                  ({n})\n"));
             }
             if let Some(e) = &s.error {
                 for line in e.lines() {

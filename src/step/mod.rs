@@ -7,6 +7,8 @@ pub mod exec;
 pub mod file;
 pub mod group;
 pub mod link;
+pub mod package;
+pub mod unit;
 pub mod user;
 
 use crate::error::{ConfigError, Pos};
@@ -17,9 +19,9 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The step kinds this version runs.
-pub const KINDS: &[&str] = &["file", "directory", "link", "user", "group", "exec"];
+pub const KINDS: &[&str] = &["file", "directory", "link", "user", "group", "exec", "package", "unit"];
 /// Kinds in the contract that this version does not run yet: a role using one fails to load.
-pub const NOT_YET: &[&str] = &["package", "unit", "container", "kubeadm_join"];
+pub const NOT_YET: &[&str] = &["container", "kubeadm_join"];
 
 /// What every step kind shares.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +56,8 @@ pub enum Spec {
     User(user::Spec),
     Group(group::Spec),
     Exec(exec::Spec),
+    Package(package::Spec),
+    Unit(unit::Spec),
 }
 
 /// A step ready to run: templates rendered, paths mapped under the root.
@@ -65,6 +69,8 @@ pub enum Step {
     User(user::UserStep),
     Group(group::GroupStep),
     Exec(exec::ExecStep),
+    Package(package::PackageStep),
+    Unit(unit::UnitStep),
 }
 
 /// One field that differs between the host and the role.
@@ -98,6 +104,7 @@ impl Change {
 pub struct Host {
     pub root: PathBuf,
     pub facts: Facts,
+    pub systemd: Box<dyn crate::systemd::Systemd>,
 }
 
 impl Host {
@@ -182,6 +189,8 @@ impl Spec {
             Spec::User(_) => "user",
             Spec::Group(_) => "group",
             Spec::Exec(_) => "exec",
+            Spec::Package(_) => "package",
+            Spec::Unit(_) => "unit",
         }
     }
 
@@ -196,6 +205,8 @@ impl Spec {
             "user" => Spec::User(de(table, f, s)?),
             "group" => Spec::Group(de(table, f, s)?),
             "exec" => Spec::Exec(de(table, f, s)?),
+            "package" => Spec::Package(de(table, f, s)?),
+            "unit" => Spec::Unit(de(table, f, s)?),
             k if NOT_YET.contains(&k) => {
                 return Err(cx.err(kind, format!("step kind `{k}` is part of the role format but not supported by this version of bootstrap yet")))
             }
@@ -212,6 +223,8 @@ impl Spec {
             Spec::User(s) => s.validate(cx),
             Spec::Group(s) => s.validate(cx),
             Spec::Exec(s) => s.validate(cx),
+            Spec::Package(s) => s.validate(cx),
+            Spec::Unit(s) => s.validate(cx),
         }
     }
 
@@ -224,6 +237,8 @@ impl Spec {
             Spec::User(s) => format!("user:{}", s.name.get_ref()),
             Spec::Group(s) => format!("group:{}", s.name.get_ref()),
             Spec::Exec(s) => format!("exec:{}", s.command.get_ref().join(" ")),
+            Spec::Package(s) => format!("package:{}", s.names.iter().map(|n| n.get_ref().as_str()).collect::<Vec<_>>().join(",")),
+            Spec::Unit(s) => format!("unit:{}", s.name.get_ref()),
         }
     }
 
@@ -235,6 +250,8 @@ impl Spec {
             Spec::User(s) => Step::User(s.prepare(cx)?),
             Spec::Group(s) => Step::Group(s.prepare(cx)?),
             Spec::Exec(s) => Step::Exec(s.prepare(cx)?),
+            Spec::Package(s) => Step::Package(s.prepare(cx)?),
+            Spec::Unit(s) => Step::Unit(s.prepare(cx)?),
         })
     }
 }
@@ -250,7 +267,14 @@ impl Step {
             Step::User(s) => converge(s, host, apply),
             Step::Group(s) => converge(s, host, apply),
             Step::Exec(s) => converge(s, host, apply),
+            Step::Package(s) => converge(s, host, apply),
+            Step::Unit(s) => converge(s, host, apply),
         }
+    }
+
+    /// Steps that only make sense on the running system (skipped under `--root`).
+    pub fn needs_live_system(&self) -> bool {
+        matches!(self, Step::Package(_))
     }
 }
 

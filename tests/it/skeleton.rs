@@ -21,13 +21,14 @@ fn apply_haproxy_on_empty_root_golden_and_idempotent() {
     let first = report(root.path());
     assert_eq!(first["status"], "ok");
     assert_eq!(first["summary"]["changed"], 10, "{first:#}");
+    assert_eq!(first["summary"]["skipped"], 1, "the package step needs the live system");
 
     let before = snapshot(root.path());
     let r = run_role("apply", root.path(), &repo(), "haproxy", &["--detailed-exitcodes", "--env", "production"]);
     assert_eq!(r.code, 0, "second apply changes nothing\n{}", r.all());
     let second = report(root.path());
     assert_eq!(second["summary"]["changed"], 0, "{second:#}");
-    assert_eq!(second["summary"]["in_sync"], 10);
+    assert_eq!(second["summary"]["in_sync"], 11);
     let mut after = snapshot(root.path());
     // Only the run's own bookkeeping may differ.
     for k in ["/var/lib/bootstrap/last-run.json", "/run/bootstrap/lock"] {

@@ -1,0 +1,313 @@
+//! `package`: OS packages through apt (Debian family) or dnf (RHEL family), chosen from
+//! os-release. One batched transaction per step; the check reads the package database only,
+//! so a node in sync never touches the network.
+
+use super::{Change, Host, Kind, LoadCtx, PrepCtx};
+use crate::error::ConfigError;
+use crate::runner::{self, Cmd};
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use toml::Spanned;
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PkgState {
+    #[default]
+    Present,
+    Latest,
+    Absent,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// `name` or `name=version`.
+    pub names: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub state: PkgState,
+}
+
+/// How long a package transaction may take, and how long it waits for a dpkg lock held by
+/// another process (unattended-upgrades at first boot).
+pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(1800);
+pub const DPKG_LOCK_WAIT: Duration = Duration::from_secs(300);
+/// Package lists older than this are refreshed before an install.
+const LISTS_MAX_AGE: Duration = Duration::from_secs(3600);
+
+impl Spec {
+    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+        if self.names.is_empty() {
+            return Err(ConfigError(format!("{}: a package step needs at least one name in `names`", cx.file.display())));
+        }
+        for n in &self.names {
+            let (name, version) = split_version(n.get_ref());
+            let ok = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c))
+                && version.is_none_or(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || "+-.~:_".contains(c)));
+            if !ok {
+                return Err(cx.err(n, format!("invalid package {:?}: expected NAME or NAME=VERSION", n.get_ref())));
+            }
+            if version.is_some() && self.state != PkgState::Present {
+                return Err(cx.err(n, "a pinned version only makes sense with state = \"present\""));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<PackageStep, ConfigError> {
+        Ok(PackageStep {
+            packages: self.names.iter().map(|n| split_version(n.get_ref())).map(|(n, v)| (n.to_string(), v.map(str::to_string))).collect(),
+            state: self.state,
+        })
+    }
+}
+
+fn split_version(s: &str) -> (&str, Option<&str>) {
+    match s.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (s, None),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PackageStep {
+    pub packages: Vec<(String, Option<String>)>,
+    pub state: PkgState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manager {
+    Apt,
+    Dnf,
+}
+
+impl Manager {
+    pub fn for_family(family: &str, os_id: &str) -> Result<Manager> {
+        match family {
+            "debian" => Ok(Manager::Apt),
+            "rhel" => Ok(Manager::Dnf),
+            _ => bail!("package steps support the Debian and RHEL families; this OS ({os_id}) is neither"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub manager: Manager,
+    /// Installed version of each package (absent: not installed).
+    pub installed: BTreeMap<String, String>,
+    /// Candidate versions, read only for `state = "latest"`.
+    pub candidates: BTreeMap<String, String>,
+}
+
+fn run(argv: &[&str], env: &[(&str, &str)], timeout: Duration) -> Result<runner::Output> {
+    runner::run(&Cmd {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cwd: None,
+        timeout: Some(timeout),
+    })
+}
+
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn installed_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    match m {
+        Manager::Apt => {
+            let mut argv = vec!["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Status}\t${Version}\n", "--"];
+            argv.extend(names);
+            // Exit 1 just means some names are unknown to dpkg: not installed.
+            let o = run(&argv, &[], QUERY_TIMEOUT)?;
+            for line in o.stdout.lines() {
+                let f: Vec<&str> = line.split('\t').collect();
+                if f.len() == 3 && f[1] == "installed" {
+                    out.insert(f[0].to_string(), f[2].to_string());
+                }
+            }
+        }
+        Manager::Dnf => {
+            let mut argv = vec!["rpm", "-q", "--qf", "%{NAME}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n", "--"];
+            argv.extend(names);
+            let o = run(&argv, &[], QUERY_TIMEOUT)?;
+            for line in o.stdout.lines() {
+                if let Some((n, v)) = line.split_once('\t') {
+                    out.insert(n.to_string(), v.trim_start_matches("0:").to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn candidate_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    match m {
+        Manager::Apt => {
+            let mut argv = vec!["apt-cache", "policy", "--"];
+            argv.extend(names);
+            let o = run(&argv, &[], QUERY_TIMEOUT)?;
+            let mut current = None;
+            for line in o.stdout.lines() {
+                if !line.starts_with(' ') && line.ends_with(':') {
+                    current = Some(line.trim_end_matches(':').to_string());
+                } else if let (Some(n), Some(c)) = (&current, line.trim().strip_prefix("Candidate: ")) {
+                    if c != "(none)" {
+                        out.insert(n.clone(), c.to_string());
+                    }
+                }
+            }
+        }
+        Manager::Dnf => {
+            let mut argv = vec!["dnf", "-q", "--cacheonly", "repoquery", "--latest-limit=1", "--qf", "%{name}\t%{evr}\n", "--"];
+            argv.extend(names);
+            if let Ok(o) = run(&argv, &[], QUERY_TIMEOUT) {
+                for line in o.stdout.lines() {
+                    if let Some((n, v)) = line.split_once('\t') {
+                        out.insert(n.to_string(), v.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Refresh apt's lists when there are none or they are old (never when everything is in sync:
+/// apply only runs when the plan says something must change).
+fn apt_update_if_stale(force: bool) -> Result<()> {
+    let lists = std::path::Path::new("/var/lib/apt/lists");
+    let newest = std::fs::read_dir(lists)
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with("Packages")).filter_map(|e| e.metadata().ok()?.modified().ok()).max())
+        .unwrap_or(None);
+    let stale = newest.is_none_or(|t| t.elapsed().unwrap_or_default() > LISTS_MAX_AGE);
+    if !(stale || force) {
+        return Ok(());
+    }
+    tracing::info!("apt-get update");
+    let o = apt(&["update"])?;
+    if !o.success() {
+        bail!("apt-get update {}:\n{}", o.describe(), o.tail(15));
+    }
+    Ok(())
+}
+
+fn apt(args: &[&str]) -> Result<runner::Output> {
+    let lock_wait = DPKG_LOCK_WAIT.as_secs().to_string();
+    let lock_opt = format!("DPkg::Lock::Timeout={lock_wait}");
+    let mut argv = vec!["apt-get", "-q", "-y", "-o", &lock_opt, "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"];
+    argv.extend(args);
+    run(&argv, &[("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")], TRANSACTION_TIMEOUT)
+}
+
+impl Kind for PackageStep {
+    type Observed = Observed;
+
+    fn check(&self, host: &Host) -> Result<Observed> {
+        let manager = Manager::for_family(&host.facts.os.family, &host.facts.os.id)?;
+        let names: Vec<&str> = self.packages.iter().map(|(n, _)| n.as_str()).collect();
+        let installed = installed_versions(manager, &names)?;
+        let candidates = if self.state == PkgState::Latest { candidate_versions(manager, &names)? } else { BTreeMap::new() };
+        Ok(Observed { manager, installed, candidates })
+    }
+
+    fn plan(&self, o: &Observed) -> Vec<Change> {
+        let mut c = Vec::new();
+        for (name, version) in &self.packages {
+            let have = o.installed.get(name);
+            let field = format!("package:{name}");
+            match self.state {
+                PkgState::Absent => {
+                    if let Some(v) = have {
+                        c.push(Change::new(&field, Some(v), Some("absent")));
+                    }
+                }
+                PkgState::Present => match (have, version) {
+                    (None, v) => c.push(Change::new(&field, Some("absent"), Some(v.as_deref().unwrap_or("present")))),
+                    (Some(h), Some(v)) if h != v => c.push(Change::new(&field, Some(h), Some(v))),
+                    _ => {}
+                },
+                PkgState::Latest => match (have, o.candidates.get(name)) {
+                    (None, cand) => c.push(Change::new(&field, Some("absent"), Some(cand.map(String::as_str).unwrap_or("latest")))),
+                    (Some(h), Some(cand)) if h != cand => c.push(Change::new(&field, Some(h), Some(cand))),
+                    _ => {}
+                },
+            }
+        }
+        c
+    }
+
+    fn apply(&self, _host: &Host, o: &Observed, changes: &[Change]) -> Result<()> {
+        let targets: Vec<String> = self
+            .packages
+            .iter()
+            .filter(|(n, _)| changes.iter().any(|c| c.field == format!("package:{n}")))
+            .map(|(n, v)| match (o.manager, v) {
+                (Manager::Apt, Some(v)) => format!("{n}={v}"),
+                (Manager::Dnf, Some(v)) => format!("{n}-{v}"),
+                (_, None) => n.clone(),
+            })
+            .collect();
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        match o.manager {
+            Manager::Apt => {
+                let verb = if self.state == PkgState::Absent { "remove" } else { "install" };
+                if verb == "install" {
+                    apt_update_if_stale(false)?;
+                }
+                let args = |verb| [&[verb, "--"][..], &targets].concat();
+                let mut out = apt(&args(verb))?;
+                // A package unknown to old lists: refresh once and retry.
+                if !out.success() && verb == "install" && (out.stderr.contains("Unable to locate package") || out.stderr.contains("has no installation candidate")) {
+                    apt_update_if_stale(true)?;
+                    out = apt(&args(verb))?;
+                }
+                if !out.success() {
+                    bail!("apt-get {verb} {} {}:\n{}", targets.join(" "), out.describe(), out.tail(15));
+                }
+            }
+            Manager::Dnf => {
+                let verb = match self.state {
+                    PkgState::Absent => "remove",
+                    PkgState::Latest => "upgrade",
+                    PkgState::Present => "install",
+                };
+                let mut argv = vec!["dnf", "-y", "-q", verb, "--"];
+                argv.extend(&targets);
+                let out = run(&argv, &[], TRANSACTION_TIMEOUT)?;
+                if !out.success() {
+                    bail!("dnf {verb} {} {}:\n{}", targets.join(" "), out.describe(), out.tail(15));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(installed: &[(&str, &str)], cand: &[(&str, &str)]) -> Observed {
+        let m = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        Observed { manager: Manager::Apt, installed: m(installed), candidates: m(cand) }
+    }
+
+    #[test]
+    fn plan_table() {
+        let step = |state, pk: &[(&str, Option<&str>)]| PackageStep { state, packages: pk.iter().map(|(n, v)| (n.to_string(), v.map(str::to_string))).collect() };
+        let fields = |s: &PackageStep, o: &Observed| s.plan(o).into_iter().map(|c| c.field).collect::<Vec<_>>();
+        let present = step(PkgState::Present, &[("a", None), ("b", Some("2"))]);
+        assert!(fields(&present, &obs(&[("a", "1"), ("b", "2")], &[])).is_empty());
+        assert_eq!(fields(&present, &obs(&[("b", "1")], &[])), ["package:a", "package:b"]);
+        let latest = step(PkgState::Latest, &[("a", None)]);
+        assert!(fields(&latest, &obs(&[("a", "2")], &[("a", "2")])).is_empty());
+        assert_eq!(fields(&latest, &obs(&[("a", "1")], &[("a", "2")])), ["package:a"]);
+        let absent = step(PkgState::Absent, &[("a", None)]);
+        assert!(fields(&absent, &obs(&[], &[])).is_empty());
+        assert_eq!(fields(&absent, &obs(&[("a", "1")], &[])), ["package:a"]);
+        assert!(Manager::for_family("arch", "arch").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! `unit`: a systemd unit's file and drop-ins, and its enabled / active / masked state, over
+//! D-Bus. daemon-reload runs only when a unit file or drop-in changed. Under `--root` only the
+//! files are managed (there is no service manager to ask).
+
+use super::file::content_diff;
+use super::{Change, Host, Kind, LoadCtx, PrepCtx};
+use crate::error::ConfigError;
+use crate::fsutil;
+use crate::systemd::UnitState;
+use crate::template::{self, Origin};
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use toml::Spanned;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub name: Spanned<String>,
+    pub content: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
+    #[serde(default)]
+    pub template: bool,
+    /// Drop-in file name (`10-limits.conf`) → content.
+    #[serde(default)]
+    pub dropins: BTreeMap<String, Spanned<String>>,
+    pub enabled: Option<bool>,
+    /// true: running, false: stopped.
+    pub active: Option<bool>,
+    pub masked: Option<bool>,
+}
+
+/// Where unit files written by roles live.
+const UNIT_DIR: &str = "/etc/systemd/system";
+
+pub fn check_unit_name(name: &str) -> std::result::Result<(), String> {
+    const SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".mount", ".path", ".slice", ".automount", ".swap"];
+    let ok = SUFFIXES.iter().any(|s| name.ends_with(s) && name.len() > s.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid unit name {name:?}: expected a name like haproxy.service"))
+    }
+}
+
+impl Spec {
+    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+        check_unit_name(self.name.get_ref()).map_err(|e| cx.err(&self.name, e))?;
+        if let (Some(_), Some(s)) = (&self.content, &self.source) {
+            return Err(cx.err(s, "a unit step takes `content` or `source`, not both"));
+        }
+        if self.masked == Some(true) && (self.enabled == Some(true) || self.active == Some(true)) {
+            return Err(cx.err(&self.name, "a masked unit cannot be enabled or active"));
+        }
+        if self.masked == Some(true) && (self.content.is_some() || self.source.is_some()) {
+            return Err(cx.err(&self.name, "masking replaces the unit file with a link to /dev/null: drop `content`/`source`"));
+        }
+        for (file, body) in &self.dropins {
+            if !file.ends_with(".conf") || file.contains('/') {
+                return Err(cx.err(body, format!("drop-in name {file:?} must be a file name ending in .conf")));
+            }
+        }
+        if self.template {
+            if let Some(c) = &self.content {
+                template::check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?;
+            }
+            for body in self.dropins.values() {
+                template::check_syntax(cx.env, &Origin::Inline(cx.pos(body)), body.get_ref())?;
+            }
+        }
+        if let Some(s) = &self.source {
+            let p = cx.source_path(s)?;
+            if self.template {
+                let text = std::fs::read_to_string(&p).map_err(|e| cx.err(s, format!("reading {}: {e}", p.display())))?;
+                template::check_syntax(cx.env, &Origin::File(p), &text)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<UnitStep, ConfigError> {
+        let l = &cx.load;
+        let render = |body: &Spanned<String>| -> Result<String, ConfigError> {
+            if self.template {
+                template::render(l.env, &Origin::Inline(l.pos(body)), body.get_ref(), cx.vars)
+            } else {
+                Ok(body.get_ref().clone())
+            }
+        };
+        let name = self.name.get_ref().clone();
+        let dir = fsutil::host_path(cx.root, UNIT_DIR).map_err(|e| l.err(&self.name, e))?;
+        let content = match (&self.content, &self.source) {
+            (Some(c), _) => Some(render(c)?),
+            (None, Some(s)) => {
+                let p = l.source_path(s)?;
+                let text = std::fs::read_to_string(&p).map_err(|e| l.err(s, format!("reading {}: {e}", p.display())))?;
+                Some(if self.template { template::render(l.env, &Origin::File(p), &text, cx.vars)? } else { text })
+            }
+            (None, None) => None,
+        };
+        let mut files = Vec::new();
+        if let Some(c) = content {
+            files.push(UnitFile { display: format!("{UNIT_DIR}/{name}"), path: dir.join(&name), content: c.into_bytes(), field: "content".into() });
+        }
+        for (file, body) in &self.dropins {
+            files.push(UnitFile {
+                display: format!("{UNIT_DIR}/{name}.d/{file}"),
+                path: dir.join(format!("{name}.d")).join(file),
+                content: render(body)?.into_bytes(),
+                field: format!("dropin:{file}"),
+            });
+        }
+        Ok(UnitStep { name, files, enabled: self.enabled, active: self.active, masked: self.masked })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UnitFile {
+    pub display: String,
+    pub path: PathBuf,
+    pub content: Vec<u8>,
+    /// The change field: `content` or `dropin:NAME`.
+    pub field: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UnitStep {
+    pub name: String,
+    pub files: Vec<UnitFile>,
+    pub enabled: Option<bool>,
+    pub active: Option<bool>,
+    pub masked: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Current content of each managed file (None: missing), in `files` order.
+    pub files: Vec<Option<Vec<u8>>>,
+    /// None under `--root`.
+    pub state: Option<UnitState>,
+}
+
+impl Kind for UnitStep {
+    type Observed = Observed;
+
+    fn check(&self, host: &Host) -> Result<Observed> {
+        let mut files = Vec::new();
+        for f in &self.files {
+            files.push(match std::fs::read(&f.path) {
+                Ok(b) => Some(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", f.path.display())),
+            });
+        }
+        let wants_state = self.enabled.is_some() || self.active.is_some() || self.masked.is_some();
+        let state = if host.is_live() && wants_state { Some(host.systemd.unit_state(&self.name)?) } else { None };
+        Ok(Observed { files, state })
+    }
+
+    fn plan(&self, o: &Observed) -> Vec<Change> {
+        let mut c = Vec::new();
+        for (f, have) in self.files.iter().zip(&o.files) {
+            if have.as_deref() != Some(f.content.as_slice()) {
+                let old = have.as_deref().unwrap_or_default();
+                c.push(Change { diff: Some(content_diff(&f.display, old, &f.content)), ..Change::new::<&str, &str>(&f.field, None, None) });
+            }
+        }
+        if let Some(s) = &o.state {
+            if let Some(m) = self.masked.filter(|m| *m != s.is_masked()) {
+                c.push(Change::new("masked", Some(!m), Some(m)));
+            }
+            if let Some(e) = self.enabled.filter(|e| *e != s.is_enabled()) {
+                c.push(Change::new("enabled", Some(&s.file_state), Some(if e { "enabled" } else { "disabled" })));
+            }
+            if let Some(a) = self.active.filter(|a| *a != s.is_active()) {
+                c.push(Change::new("active", Some(&s.active_state), Some(if a { "active" } else { "inactive" })));
+            }
+        }
+        c
+    }
+
+    fn apply(&self, host: &Host, _o: &Observed, changes: &[Change]) -> Result<()> {
+        let has = |f: &str| changes.iter().any(|c| c.field == f);
+        let mut files_changed = false;
+        for f in &self.files {
+            if has(&f.field) {
+                fsutil::create_parents(&f.path)?;
+                fsutil::atomic_write(&f.path, &f.content, 0o644, None)?;
+                files_changed = true;
+            }
+        }
+        if !host.is_live() {
+            return Ok(());
+        }
+        let sd = &host.systemd;
+        if files_changed {
+            sd.daemon_reload()?;
+        }
+        if let (Some(m), true) = (self.masked, has("masked")) {
+            if !m {
+                sd.mask(&self.name, false)?;
+            } else {
+                // Stop before masking, as `systemctl mask --now` does.
+                sd.stop(&self.name)?;
+                sd.mask(&self.name, true)?;
+            }
+        }
+        if let (Some(e), true) = (self.enabled, has("enabled")) {
+            sd.enable(&self.name, e)?;
+        }
+        match (self.active, has("active")) {
+            (Some(true), true) => sd.start(&self.name)?,
+            (Some(false), true) => sd.stop(&self.name)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_table() {
+        let s = UnitStep { name: "x.service".into(), files: vec![], enabled: Some(true), active: Some(true), masked: None };
+        let st = |f: &str, a: &str| Observed { files: vec![], state: Some(UnitState { file_state: f.into(), active_state: a.into() }) };
+        assert!(s.plan(&st("enabled", "active")).is_empty());
+        assert!(s.plan(&st("static", "activating")).is_empty());
+        let fields = |o| s.plan(&o).into_iter().map(|c| c.field).collect::<Vec<_>>();
+        assert_eq!(fields(st("disabled", "inactive")), ["enabled", "active"]);
+        assert_eq!(fields(st("enabled", "failed")), ["active"]);
+        // under --root there is no state to compare
+        assert!(s.plan(&Observed { files: vec![], state: None }).is_empty());
+        assert!(check_unit_name("haproxy.service").is_ok() && check_unit_name("getty@tty1.service").is_ok());
+        assert!(check_unit_name("haproxy").is_err() && check_unit_name(".service").is_err() && check_unit_name("a/b.service").is_err());
+    }
+}
