@@ -3,5 +3,11 @@
 #[path = "it/support.rs"]
 mod support;
 
+#[path = "it/node.rs"]
+mod node;
+
 #[path = "it/skeleton.rs"]
 mod skeleton;
+
+#[path = "it/node_e2e.rs"]
+mod node_e2e;

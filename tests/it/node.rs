@@ -1,0 +1,175 @@
+//! A booted systemd node for tests: a Debian bookworm rootfs (scripts/rootfs) on a per-test
+//! overlay, booted with systemd-nspawn in its own network namespace, the agent binary and a
+//! bundle bind-mounted in, commands run inside with nsenter, stopped by PID on drop.
+
+#![allow(dead_code)]
+
+use crate::support::{bin, Run};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn rootfs() -> PathBuf {
+    let p = PathBuf::from(std::env::var("ROOTFS").unwrap_or_else(|_| "/var/tmp/bootstrap-rootfs".into()));
+    assert!(p.join(".complete").exists(), "no node rootfs at {}: run `scripts/rootfs` (scripts/setup does)", p.display());
+    p
+}
+
+pub fn aptrepo() -> PathBuf {
+    let p = PathBuf::from(std::env::var("APTREPO").unwrap_or_else(|_| "/var/tmp/bootstrap-aptrepo".into()));
+    assert!(p.join(".complete").exists(), "no test apt repository at {}: run `scripts/rootfs`", p.display());
+    p
+}
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub merged: PathBuf,
+    nspawn: Option<Child>,
+    /// The node's PID 1, as the host sees it.
+    pub leader: i32,
+    bundle: PathBuf,
+}
+
+impl Node {
+    /// Boot a node with `bundle` (a directory holding roles/) at /srv/bundle.
+    pub fn boot(bundle: &Path) -> Node {
+        let dir = tempfile::Builder::new().prefix("node.").tempdir_in("/var/tmp").unwrap();
+        let merged = dir.path().join("merged");
+        for d in ["upper", "work", "merged", "dbus"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let opts = format!("lowerdir={},upperdir={},workdir={}", rootfs().display(), dir.path().join("upper").display(), dir.path().join("work").display());
+        let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
+        assert!(st.success(), "mounting the node overlay failed");
+        let mut node = Node { dir, merged, nspawn: None, leader: 0, bundle: bundle.to_path_buf() };
+        node.start();
+        node
+    }
+
+    fn start(&mut self) {
+        let d = self.dir.path();
+        let console = std::fs::File::create(d.join("console.log")).unwrap();
+        let child = Command::new("systemd-nspawn")
+            .args(["-b", "--register=no", "--keep-unit", "--console=read-only", "--private-network", "-M", "node"])
+            .arg("-D")
+            .arg(&self.merged)
+            .arg(format!("--bind={}:/run/dbus", d.join("dbus").display()))
+            .arg(format!("--bind-ro={}:/srv/aptrepo", aptrepo().display()))
+            .arg(format!("--bind-ro={}:/srv/bundle", self.bundle.display()))
+            .arg(format!("--bind-ro={}:/usr/local/bin/bootstrap", bin()))
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().unwrap())
+            .stderr(console)
+            .spawn()
+            .expect("systemd-nspawn (apt-get install systemd-container)");
+        let pid = child.id();
+        self.nspawn = Some(child);
+        let start = Instant::now();
+        loop {
+            let out = Command::new("ps").args(["-o", "pid=", "--ppid", &pid.to_string()]).output().unwrap();
+            if let Some(p) = String::from_utf8_lossy(&out.stdout).split_whitespace().next() {
+                self.leader = p.parse().unwrap();
+                let state = self.sh("systemctl is-system-running 2>/dev/null || true").stdout;
+                if state.contains("running") || state.contains("degraded") {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < BOOT_DEADLINE, "node did not boot; console:\n{}", self.console());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    fn nsenter(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.leader.to_string(), "-a", "env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]);
+        c.args(argv);
+        c
+    }
+
+    /// Run a shell script inside the node.
+    pub fn sh(&self, script: &str) -> Run {
+        self.nsenter(&["sh", "-c", script]).output().unwrap().into()
+    }
+
+    /// Run the agent inside the node.
+    pub fn agent(&self, args: &[&str]) -> Run {
+        let mut argv = vec!["/usr/local/bin/bootstrap"];
+        argv.extend_from_slice(args);
+        self.nsenter(&argv).output().unwrap().into()
+    }
+
+    /// `apply`/`plan` of a role from /srv/bundle.
+    pub fn run_role(&self, verb: &str, role: &str, extra: &[&str]) -> Run {
+        let mut args = vec![verb, "--source", "/srv/bundle", "--role", role];
+        args.extend_from_slice(extra);
+        self.agent(&args)
+    }
+
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.merged.join("var/lib/bootstrap/last-run.json")).unwrap()).unwrap()
+    }
+
+    pub fn main_pid(&self, unit: &str) -> String {
+        self.sh(&format!("systemctl show -p MainPID --value {unit}")).stdout.trim().to_string()
+    }
+
+    /// A journal cursor, to read only what comes after it.
+    pub fn journal_cursor(&self) -> String {
+        let out = self.sh("journalctl -n 0 --show-cursor --no-pager").stdout;
+        out.lines().find_map(|l| l.strip_prefix("-- cursor: ")).unwrap_or_default().to_string()
+    }
+
+    pub fn journal_since(&self, cursor: &str, unit: &str) -> String {
+        self.sh(&format!("journalctl --no-pager -o cat --after-cursor='{cursor}' -u {unit}")).stdout
+    }
+
+    /// Wait for nspawn to exit (a poweroff or reboot from inside); returns its exit code
+    /// (133 means the node asked for a reboot).
+    pub fn wait_exit(&mut self, deadline: Duration) -> i32 {
+        let child = self.nspawn.as_mut().expect("node running");
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.nspawn = None;
+                return st.code().unwrap_or(-1);
+            }
+            assert!(start.elapsed() < deadline, "node did not exit");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Boot the same overlay again (after a reboot).
+    pub fn boot_again(&mut self) {
+        assert!(self.nspawn.is_none(), "node still running");
+        self.start();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.nspawn.take() {
+            // SIGTERM to nspawn powers the node off cleanly; SIGKILL if it hangs.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = Command::new("umount").arg(&self.merged).status();
+    }
+}
