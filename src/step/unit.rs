@@ -202,8 +202,13 @@ impl Kind for UnitStep {
             if !m {
                 sd.mask(&self.name, false)?;
             } else {
-                // Stop before masking, as `systemctl mask --now` does.
+                // Stop before masking, as `systemctl mask --now` does. systemd refuses to mask
+                // over a unit file in /etc/systemd/system, so a local file gives way to the mask.
                 sd.stop(&self.name)?;
+                let local = host.path(UNIT_DIR)?.join(&self.name);
+                if std::fs::symlink_metadata(&local).is_ok_and(|m| m.is_file()) {
+                    std::fs::remove_file(&local).with_context(|| format!("removing {} to mask it", local.display()))?;
+                }
                 sd.mask(&self.name, true)?;
             }
         }

@@ -30,11 +30,18 @@ pub struct Node {
     /// The node's PID 1, as the host sees it.
     pub leader: i32,
     bundle: PathBuf,
+    /// Extra read-only binds: host path → path in the node.
+    binds: Vec<(PathBuf, String)>,
 }
 
 impl Node {
     /// Boot a node with `bundle` (a directory holding roles/) at /srv/bundle.
     pub fn boot(bundle: &Path) -> Node {
+        Node::boot_with(bundle, &[])
+    }
+
+    /// Boot with extra read-only bind mounts (host path, path in the node).
+    pub fn boot_with(bundle: &Path, binds: &[(&Path, &str)]) -> Node {
         let dir = tempfile::Builder::new().prefix("node.").tempdir_in("/var/tmp").unwrap();
         let merged = dir.path().join("merged");
         for d in ["upper", "work", "merged", "dbus"] {
@@ -43,7 +50,8 @@ impl Node {
         let opts = format!("lowerdir={},upperdir={},workdir={}", rootfs().display(), dir.path().join("upper").display(), dir.path().join("work").display());
         let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
         assert!(st.success(), "mounting the node overlay failed");
-        let mut node = Node { dir, merged, nspawn: None, leader: 0, bundle: bundle.to_path_buf() };
+        let binds = binds.iter().map(|(h, n)| (h.to_path_buf(), n.to_string())).collect();
+        let mut node = Node { dir, merged, nspawn: None, leader: 0, bundle: bundle.to_path_buf(), binds };
         node.start();
         node
     }
@@ -59,6 +67,7 @@ impl Node {
             .arg(format!("--bind-ro={}:/srv/aptrepo", aptrepo().display()))
             .arg(format!("--bind-ro={}:/srv/bundle", self.bundle.display()))
             .arg(format!("--bind-ro={}:/usr/local/bin/bootstrap", bin()))
+            .args(self.binds.iter().map(|(h, n)| format!("--bind-ro={}:{n}", h.display())))
             .stdin(Stdio::null())
             .stdout(console.try_clone().unwrap())
             .stderr(console)

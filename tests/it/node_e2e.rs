@@ -134,3 +134,81 @@ fn held_dpkg_lock_is_waited_for() {
     // Not a timing goal: proof the run met the lock rather than missing it.
     assert!(waited > Duration::from_secs(1), "the run did not wait for the lock ({waited:?})");
 }
+
+/// Build a tiny .deb with `dpkg-deb --build` into `repo`.
+fn build_deb(repo: &std::path::Path, name: &str, version: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("pkg");
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/bootstrap-test")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        format!("Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: bootstrap tests <tests@localhost>\nDescription: test package\n"),
+    )
+    .unwrap();
+    std::fs::write(root.join(format!("usr/share/bootstrap-test/{name}")), format!("{version}\n")).unwrap();
+    let st = std::process::Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(&root).arg(repo.join(format!("{name}_{version}_all.deb"))).output().unwrap();
+    assert!(st.status.success(), "dpkg-deb: {}", String::from_utf8_lossy(&st.stderr));
+}
+
+fn index_repo(repo: &std::path::Path) {
+    let out = std::process::Command::new("dpkg-scanpackages").args(["--multiversion", ".", "/dev/null"]).current_dir(repo).output().unwrap();
+    assert!(out.status.success());
+    std::fs::write(repo.join("Packages"), out.stdout).unwrap();
+}
+
+#[test]
+fn package_versions_latest_absent_and_unit_states_with_built_debs() {
+    let repo = tempfile::tempdir().unwrap();
+    build_deb(repo.path(), "bootstrap-probe", "1.0");
+    build_deb(repo.path(), "bootstrap-probe", "2.0");
+    index_repo(repo.path());
+    let role = |pkg: &str, unit: &str| {
+        // A masked unit has no file of its own (masking links it to /dev/null).
+        let content = if unit.contains("masked") { "" } else { "content = \"[Service]\\nExecStart=/bin/sleep infinity\\n[Install]\\nWantedBy=multi-user.target\\n\"" };
+        format!(
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/apt/sources.list.d/probe.list\"\ncontent = \"deb [trusted=yes] file:/srv/proberepo ./\\n\"\n[[step]]\nkind = \"package\"\n{pkg}\n[[step]]\nkind = \"unit\"\nname = \"probe.service\"\n{content}\n{unit}\n"
+        )
+    };
+    let b = tempfile::tempdir().unwrap();
+    let write = |r: String| {
+        std::fs::create_dir_all(b.path().join("roles/probe")).unwrap();
+        std::fs::write(b.path().join("roles/probe/role.toml"), r).unwrap();
+    };
+    let node = Node::boot_with(b.path(), &[(repo.path(), "/srv/proberepo")]);
+    let version = || node.sh("dpkg-query -W -f '${Version}' bootstrap-probe 2>/dev/null").stdout;
+    let twice = |what: &str| {
+        let r = node.run_role("apply", "probe", &["--detailed-exitcodes"]);
+        assert_eq!(r.code, 2, "{what}: first run changes\n{}", r.all());
+        let r = node.run_role("apply", "probe", &["--detailed-exitcodes"]);
+        assert_eq!(r.code, 0, "{what}: second run changes nothing\n{}", r.all());
+    };
+
+    write(role("names = [\"bootstrap-probe=1.0\"]", "enabled = true\nactive = true"));
+    twice("pinned 1.0, unit enabled+active");
+    assert_eq!(version(), "1.0");
+    assert_eq!(node.sh("systemctl is-enabled probe; systemctl is-active probe").stdout, "enabled\nactive\n");
+
+    write(role("names = [\"bootstrap-probe\"]\nstate = \"latest\"", "enabled = false\nactive = false"));
+    twice("latest, unit disabled+stopped");
+    assert_eq!(version(), "2.0");
+    assert_eq!(node.sh("systemctl is-enabled probe; systemctl is-active probe").stdout, "disabled\ninactive\n");
+
+    write(role("names = [\"bootstrap-probe\"]\nstate = \"absent\"", "masked = true"));
+    twice("absent, unit masked");
+    assert_eq!(version(), "");
+    assert_eq!(node.sh("systemctl is-enabled probe").stdout.trim(), "masked");
+}
+
+#[test]
+fn harness_sees_a_reboot_and_boots_the_node_again() {
+    let b = bundle(&[("roles/r/role.toml", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/kept\"\ncontent = \"x\"\n")]);
+    let mut node = Node::boot(b.path());
+    assert_eq!(node.run_role("apply", "r", &[]).code, 0);
+    let boot_id = node.sh("cat /proc/sys/kernel/random/boot_id").stdout;
+    node.sh("systemctl reboot");
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "a reboot makes nspawn exit 133");
+    node.boot_again();
+    assert_ne!(node.sh("cat /proc/sys/kernel/random/boot_id").stdout, boot_id);
+    assert_eq!(node.run_role("apply", "r", &["--detailed-exitcodes"]).code, 0, "state survives the reboot");
+}
