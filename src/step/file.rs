@@ -3,7 +3,6 @@
 use super::{apply_meta, check_abs_path, meta_changes, parse_mode, wanted_ids, Change, Host, Kind, LoadCtx, Meta, PrepCtx, State};
 use crate::error::ConfigError;
 use crate::fsutil::{self, Mode};
-use crate::template::{self, Origin};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -38,38 +37,12 @@ impl Spec {
             (None, Some(s), State::Absent) => return Err(cx.err(s, "`source` makes no sense with state = \"absent\"")),
             _ => {}
         }
-        if let Some(c) = &self.content {
-            if self.template {
-                template::check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?;
-            }
-        }
-        if let Some(s) = &self.source {
-            let p = cx.source_path(s)?;
-            if self.template {
-                let text = std::fs::read_to_string(&p).map_err(|e| cx.err(s, format!("reading template {}: {e}", p.display())))?;
-                template::check_syntax(cx.env, &Origin::File(p), &text)?;
-            }
-        }
-        Ok(())
+        super::validate_body(cx, &self.content, &self.source, self.template)
     }
 
     pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<FileStep, ConfigError> {
         let l = &cx.load;
-        let content = match (&self.content, &self.source) {
-            (Some(c), _) if self.template => Some(template::render(l.env, &Origin::Inline(l.pos(c)), c.get_ref(), cx.vars)?.into_bytes()),
-            (Some(c), _) => Some(c.get_ref().clone().into_bytes()),
-            (None, Some(s)) => {
-                let p = l.source_path(s)?;
-                let bytes = std::fs::read(&p).map_err(|e| l.err(s, format!("reading {}: {e}", p.display())))?;
-                if self.template {
-                    let text = String::from_utf8(bytes).map_err(|_| l.err(s, format!("template {} is not UTF-8", p.display())))?;
-                    Some(template::render(l.env, &Origin::File(p), &text, cx.vars)?.into_bytes())
-                } else {
-                    Some(bytes)
-                }
-            }
-            (None, None) => None,
-        };
+        let content = super::render_body(cx, &self.content, &self.source, self.template)?;
         Ok(FileStep {
             display: self.path.get_ref().clone(),
             path: fsutil::host_path(cx.root, self.path.get_ref()).map_err(|e| l.err(&self.path, e))?,

@@ -278,6 +278,44 @@ impl Step {
     }
 }
 
+/// Check a step's `content`/`source` body: the source exists inside the role's files/, and
+/// with `template` both parse as templates.
+pub fn validate_body(cx: &LoadCtx<'_>, content: &Option<Spanned<String>>, source: &Option<Spanned<String>>, template: bool) -> Result<(), ConfigError> {
+    use crate::template::{check_syntax, Origin};
+    if let (Some(c), true) = (content, template) {
+        check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?;
+    }
+    if let Some(s) = source {
+        let p = cx.source_path(s)?;
+        if template {
+            let text = std::fs::read_to_string(&p).map_err(|e| cx.err(s, format!("reading template {}: {e}", p.display())))?;
+            check_syntax(cx.env, &Origin::File(p), &text)?;
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of a step's `content`/`source` body, rendered when `template` is set.
+pub fn render_body(cx: &PrepCtx<'_>, content: &Option<Spanned<String>>, source: &Option<Spanned<String>>, template: bool) -> Result<Option<Vec<u8>>, ConfigError> {
+    use crate::template::{render, Origin};
+    let l = &cx.load;
+    Ok(match (content, source) {
+        (Some(c), _) if template => Some(render(l.env, &Origin::Inline(l.pos(c)), c.get_ref(), cx.vars)?.into_bytes()),
+        (Some(c), _) => Some(c.get_ref().clone().into_bytes()),
+        (None, Some(s)) => {
+            let p = l.source_path(s)?;
+            let bytes = std::fs::read(&p).map_err(|e| l.err(s, format!("reading {}: {e}", p.display())))?;
+            if template {
+                let text = String::from_utf8(bytes).map_err(|_| l.err(s, format!("template {} is not UTF-8", p.display())))?;
+                Some(render(l.env, &Origin::File(p), &text, cx.vars)?.into_bytes())
+            } else {
+                Some(bytes)
+            }
+        }
+        (None, None) => None,
+    })
+}
+
 /// Map a host path error into a config error at the field's position.
 pub fn check_abs_path(cx: &LoadCtx<'_>, p: &Spanned<String>) -> Result<(), ConfigError> {
     crate::fsutil::host_path(Path::new("/"), p.get_ref()).map(|_| ()).map_err(|e| cx.err(p, e))

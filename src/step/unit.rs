@@ -7,7 +7,6 @@ use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
 use crate::fsutil;
 use crate::systemd::UnitState;
-use crate::template::{self, Origin};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -62,53 +61,26 @@ impl Spec {
                 return Err(cx.err(body, format!("drop-in name {file:?} must be a file name ending in .conf")));
             }
         }
-        if self.template {
-            if let Some(c) = &self.content {
-                template::check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?;
-            }
-            for body in self.dropins.values() {
-                template::check_syntax(cx.env, &Origin::Inline(cx.pos(body)), body.get_ref())?;
-            }
+        for body in self.dropins.values() {
+            super::validate_body(cx, &Some(body.clone()), &None, self.template)?;
         }
-        if let Some(s) = &self.source {
-            let p = cx.source_path(s)?;
-            if self.template {
-                let text = std::fs::read_to_string(&p).map_err(|e| cx.err(s, format!("reading {}: {e}", p.display())))?;
-                template::check_syntax(cx.env, &Origin::File(p), &text)?;
-            }
-        }
-        Ok(())
+        super::validate_body(cx, &self.content, &self.source, self.template)
     }
 
     pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<UnitStep, ConfigError> {
         let l = &cx.load;
-        let render = |body: &Spanned<String>| -> Result<String, ConfigError> {
-            if self.template {
-                template::render(l.env, &Origin::Inline(l.pos(body)), body.get_ref(), cx.vars)
-            } else {
-                Ok(body.get_ref().clone())
-            }
-        };
         let name = self.name.get_ref().clone();
         let dir = fsutil::host_path(cx.root, UNIT_DIR).map_err(|e| l.err(&self.name, e))?;
-        let content = match (&self.content, &self.source) {
-            (Some(c), _) => Some(render(c)?),
-            (None, Some(s)) => {
-                let p = l.source_path(s)?;
-                let text = std::fs::read_to_string(&p).map_err(|e| l.err(s, format!("reading {}: {e}", p.display())))?;
-                Some(if self.template { template::render(l.env, &Origin::File(p), &text, cx.vars)? } else { text })
-            }
-            (None, None) => None,
-        };
+        let content = super::render_body(cx, &self.content, &self.source, self.template)?;
         let mut files = Vec::new();
         if let Some(c) = content {
-            files.push(UnitFile { display: format!("{UNIT_DIR}/{name}"), path: dir.join(&name), content: c.into_bytes(), field: "content".into() });
+            files.push(UnitFile { display: format!("{UNIT_DIR}/{name}"), path: dir.join(&name), content: c, field: "content".into() });
         }
         for (file, body) in &self.dropins {
             files.push(UnitFile {
                 display: format!("{UNIT_DIR}/{name}.d/{file}"),
                 path: dir.join(format!("{name}.d")).join(file),
-                content: render(body)?.into_bytes(),
+                content: super::render_body(cx, &Some(body.clone()), &None, self.template)?.unwrap_or_default(),
                 field: format!("dropin:{file}"),
             });
         }
