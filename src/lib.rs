@@ -4,6 +4,7 @@
 //! lives here so integration tests can use the library types.
 
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod facts;

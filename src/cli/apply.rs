@@ -14,8 +14,25 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     }
     let facts = crate::facts::gather_local(&root, &super::facts::naming(&a.naming)).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
     let role = facts.service.clone().ok_or_else(|| ConfigError::msg("no role to apply: pass --role ROLE or --name ENV-SERVICE"))?;
-    let source = a.source.as_deref().ok_or_else(|| ConfigError::msg("no bundle source: pass --source DIR (a directory holding roles/)"))?;
-    let bundle = crate::source::resolve_local(source)?;
+    let config = crate::config::Config::load(&root)?;
+    let subst = [("env", facts.env.as_deref()), ("service", facts.service.as_deref()), ("region", None), ("instance_id", None)];
+    let source = match (&a.source, &config.bundle.source) {
+        (Some(s), _) => s.clone(),
+        (None, Some(s)) => crate::config::substitute(s, &subst)?,
+        (None, None) => return Err(ConfigError::msg("no bundle source: pass --source or set [bundle] source in /etc/bootstrap/config.toml").into()),
+    };
+    let verify = crate::source::Verify {
+        sha256: config.bundle.sha256.clone(),
+        public_key: config.bundle.public_key.clone(),
+        limits: crate::source::bundle::Limits {
+            max_bytes: config.bundle.max_bytes.unwrap_or(crate::source::bundle::Limits::default().max_bytes),
+            max_entries: config.bundle.max_entries.unwrap_or(crate::source::bundle::Limits::default().max_entries),
+        },
+    };
+    let src = crate::source::Source::parse(&source)?;
+    // A tarball is checked and unpacked (into the cache for apply) before roles are read.
+    let fetched = crate::source::fetch(&src, &root, &verify, mode == Mode::Apply)?;
+    let bundle = fetched.root.clone();
 
     let env = crate::template::environment();
     let roles = crate::role::resolve(&bundle, &role, &env)?;
@@ -28,9 +45,13 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
         Mode::Plan => None,
     };
     let host = Host { root: root.clone(), facts, systemd: Box::new(crate::systemd::Dbus::default()) };
-    let report = engine::run(&steps, &host, mode, RunInfo { role, source: source.to_string() });
+    let mut report = engine::run(&steps, &host, mode, RunInfo { role, source: source.to_string() });
+    report.bundle = Some(engine::report::BundleInfo { sha256: fetched.sha256.clone(), origin: fetched.origin.to_string() });
     if mode == Mode::Apply {
         engine::write_report(&root, &report)?;
+        if let (false, Some(sha)) = (report.failed(), &fetched.sha256) {
+            crate::source::mark_good(&root, sha)?;
+        }
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

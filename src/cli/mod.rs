@@ -1,6 +1,7 @@
 //! Command line (clap): one file per subcommand.
 
 pub mod apply;
+pub mod bundle;
 pub mod facts;
 pub mod validate;
 
@@ -26,12 +27,15 @@ pub enum Command {
     Apply(RunArgs),
     /// Read-only: show per step what apply would change, with unified diffs for files.
     Plan(RunArgs),
-    /// Offline lint of a roles bundle (a directory holding roles/).
+    /// Offline lint of a roles bundle (a directory holding roles/, or a bundle tarball).
     Validate {
-        /// Bundle root: the directory that holds roles/.
+        /// Bundle root (the directory that holds roles/) or a .tar.gz bundle.
         #[arg(default_value = ".")]
         path: PathBuf,
     },
+    /// Role bundles.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
     /// Print the facts templates and `when` see.
     Facts {
         #[command(flatten)]
@@ -41,6 +45,21 @@ pub enum Command {
         /// Treat DIR as the system's root.
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCmd {
+    /// Build a reproducible bundle tarball of DIR/roles, with FILE.sha256 (and FILE.minisig).
+    Build {
+        /// Bundle root: the directory that holds roles/.
+        dir: PathBuf,
+        /// The tarball to write (e.g. roles-production.tar.gz).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Sign with this minisign secret key (password, if any, in BOOTSTRAP_SIGN_PASSWORD).
+        #[arg(long, value_name = "SECRET_KEY")]
+        sign: Option<PathBuf>,
     },
 }
 
@@ -91,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Apply(a) => apply::run(&a, crate::engine::Mode::Apply),
         Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
         Command::Validate { path } => validate::run(&path),
+        Command::Bundle(BundleCmd::Build { dir, output, sign }) => bundle::build(&dir, &output, sign.as_deref()),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
     }
 }

@@ -42,6 +42,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         env: host.facts.env.clone(),
         name: host.facts.name.clone(),
         source: info.source,
+        bundle: None,
         root: host.root.display().to_string(),
         status: "ok".into(),
         summary: Default::default(),

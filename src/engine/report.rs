@@ -39,6 +39,14 @@ pub struct StepReport {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct BundleInfo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// directory | source | cache
+    pub origin: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct NotifyReport {
     pub target: String,
     /// done | failed | skipped | pending
@@ -69,6 +77,9 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub source: String,
+    /// The bundle applied: its sha256 (tarballs) and where it came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleInfo>,
     pub root: String,
     /// ok | failed
     pub status: String,

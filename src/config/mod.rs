@@ -1,0 +1,123 @@
+//! Agent config: `/etc/bootstrap/config.toml` then `/etc/bootstrap/config.d/*.toml` in file
+//! name order, later wins field by field. Unknown keys are errors with file:line:column.
+//! Strings may use `${env}`, `${service}`, `${region}`, `${instance_id}` and nothing else.
+
+use crate::error::ConfigError;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "etc/bootstrap/config.toml";
+pub const CONFIG_DIR: &str = "etc/bootstrap/config.d";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub bundle: BundleConfig,
+    #[serde(default)]
+    pub naming: NamingConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleConfig {
+    /// `s3://bucket/roles-${env}.tar.gz`, `https://…`, `file:///…`, or a directory.
+    pub source: Option<String>,
+    /// Pinned sha256 of the bundle tarball.
+    pub sha256: Option<String>,
+    /// minisign public key (base64 line or the whole minisign.pub text): the detached
+    /// `<bundle>.minisig` must verify.
+    pub public_key: Option<String>,
+    /// Unpacked size limit in bytes.
+    pub max_bytes: Option<u64>,
+    /// Entry count limit.
+    pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamingConfig {
+    /// ENV-SERVICE.
+    pub name: Option<String>,
+}
+
+impl Config {
+    /// Later fragments win, field by field.
+    fn merge(&mut self, o: Config) {
+        let b = &mut self.bundle;
+        b.source = o.bundle.source.or(b.source.take());
+        b.sha256 = o.bundle.sha256.or(b.sha256.take());
+        b.public_key = o.bundle.public_key.or(b.public_key.take());
+        b.max_bytes = o.bundle.max_bytes.or(b.max_bytes);
+        b.max_entries = o.bundle.max_entries.or(b.max_entries);
+        self.naming.name = o.naming.name.or(self.naming.name.take());
+    }
+
+    pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
+        toml::from_str(src).map_err(|e| crate::role::toml_err(e, file, src))
+    }
+
+    /// Read the config under `root`; no files at all is an empty config.
+    pub fn load(root: &Path) -> Result<Config, ConfigError> {
+        let mut files: Vec<PathBuf> = Vec::new();
+        if root.join(CONFIG_FILE).is_file() {
+            files.push(root.join(CONFIG_FILE));
+        }
+        if let Ok(rd) = std::fs::read_dir(root.join(CONFIG_DIR)) {
+            let mut frags: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+            frags.sort();
+            files.extend(frags);
+        }
+        let mut cfg = Config::default();
+        for f in files {
+            let src = std::fs::read_to_string(&f).map_err(|e| ConfigError::file(&f, format!("cannot read: {e}")))?;
+            cfg.merge(Config::parse(&f, &src)?);
+        }
+        Ok(cfg)
+    }
+}
+
+/// Substitute `${env}`, `${service}`, `${region}`, `${instance_id}`; any other `${` is an error.
+pub fn substitute(s: &str, vars: &[(&str, Option<&str>)]) -> Result<String, ConfigError> {
+    let mut out = s.to_string();
+    for (k, v) in vars {
+        let pat = format!("${{{k}}}");
+        if out.contains(&pat) {
+            let v = v.ok_or_else(|| ConfigError::msg(format!("{s:?}: ${{{k}}} is not known on this node")))?;
+            out = out.replace(&pat, v);
+        }
+    }
+    if let Some(i) = out.find("${") {
+        let name: String = out[i..].chars().take_while(|c| *c != '}').collect();
+        return Err(ConfigError::msg(format!("{s:?}: unknown substitution {name}}} (only ${{env}}, ${{service}}, ${{region}}, ${{instance_id}})")));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitution() {
+        let v = [("env", Some("production")), ("service", Some("haproxy")), ("region", None), ("instance_id", None)];
+        assert_eq!(substitute("s3://b/roles-${env}.tar.gz", &v).unwrap(), "s3://b/roles-production.tar.gz");
+        assert!(substitute("s3://b/${region}/x", &v).is_err());
+        assert!(substitute("s3://b/${home}/x", &v).unwrap_err().to_string().contains("${home}"));
+    }
+
+    #[test]
+    fn fragments_merge_and_reject_unknown_keys() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join(CONFIG_DIR)).unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), "[bundle]\nsource = \"file:///a\"\nsha256 = \"x\"\n").unwrap();
+        std::fs::write(d.path().join(CONFIG_DIR).join("20-b.toml"), "[bundle]\nsource = \"file:///c\"\n").unwrap();
+        std::fs::write(d.path().join(CONFIG_DIR).join("10-a.toml"), "[bundle]\nsource = \"file:///b\"\n").unwrap();
+        let c = Config::load(d.path()).unwrap();
+        assert_eq!(c.bundle.source.as_deref(), Some("file:///c"));
+        assert_eq!(c.bundle.sha256.as_deref(), Some("x"));
+        std::fs::write(d.path().join(CONFIG_DIR).join("30-bad.toml"), "[bundle]\nsorce = 1\n").unwrap();
+        let e = Config::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("30-bad.toml:2:1: unknown field `sorce`"), "{e}");
+    }
+}

@@ -1,0 +1,282 @@
+//! Bundle tarballs: reproducible builds, verification (sha256, minisign), and a safe unpack
+//! that refuses anything able to write outside the bundle.
+
+use crate::error::ConfigError;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Unpack limits: a bundle is roles and templates, not data.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_bytes: 64 * 1024 * 1024, max_entries: 20_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle entry {entry:?} rejected: {why}")]
+    Entry { entry: String, why: String },
+    #[error("bundle is larger than the limit of {limit} bytes unpacked")]
+    TooLarge { limit: u64 },
+    #[error("bundle has more than {limit} entries")]
+    TooManyEntries { limit: usize },
+    #[error("bundle sha256 is {actual}, but {expected} is pinned")]
+    Sha256Mismatch { expected: String, actual: String },
+    #[error("bundle signature does not verify: {0}")]
+    BadSignature(String),
+    #[error("a minisign public key is configured but the bundle has no signature ({0})")]
+    MissingSignature(String),
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Every file and directory under `dir/roles`, sorted, as paths relative to `dir`.
+fn collect(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::from("roles")];
+    while let Some(rel) = stack.pop() {
+        let md = fs::symlink_metadata(dir.join(&rel)).with_context(|| format!("reading {}", dir.join(&rel).display()))?;
+        if md.file_type().is_symlink() {
+            bail!("{}: bundles hold regular files and directories only, not symlinks", dir.join(&rel).display());
+        }
+        if md.is_dir() {
+            for e in fs::read_dir(dir.join(&rel))? {
+                stack.push(rel.join(e?.file_name()));
+            }
+        } else if !md.is_file() {
+            bail!("{}: not a regular file", dir.join(&rel).display());
+        }
+        out.push(rel);
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Build a reproducible `.tar.gz` of `dir/roles`: sorted entries, mtime 0, owner 0:0, modes
+/// 0644/0755, gzip without name or time. Same input, same bytes.
+pub fn build(dir: &Path) -> Result<Vec<u8>> {
+    crate::role::validate_bundle(dir)?;
+    let gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
+    let mut tar = tar::Builder::new(gz);
+    tar.mode(tar::HeaderMode::Deterministic);
+    for rel in collect(dir)? {
+        let full = dir.join(&rel);
+        let md = fs::metadata(&full)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        if md.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            tar.append_data(&mut h, &rel, std::io::empty())?;
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(if md.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 });
+            h.set_size(md.len());
+            tar.append_data(&mut h, &rel, fs::File::open(&full)?)?;
+        }
+    }
+    Ok(tar.into_inner()?.finish()?)
+}
+
+/// Sign with a minisign secret key file (unencrypted, or with the password in
+/// `BOOTSTRAP_SIGN_PASSWORD`). The trusted comment names the sha256, so it is reproducible too.
+pub fn sign(bytes: &[u8], secret_key: &Path) -> Result<String> {
+    let password = std::env::var("BOOTSTRAP_SIGN_PASSWORD").ok();
+    let text = fs::read_to_string(secret_key).with_context(|| format!("reading secret key {}", secret_key.display()))?;
+    let sk_box = minisign::SecretKeyBox::from_string(&text).map_err(|e| anyhow::anyhow!("{}: {e}", secret_key.display()))?;
+    let sk = sk_box.into_secret_key(password).map_err(|e| anyhow::anyhow!("{}: {e}", secret_key.display()))?;
+    let comment = format!("bundle sha256:{}", sha256_hex(bytes));
+    let sig = minisign::sign(None, &sk, bytes, Some(&comment), Some("signature from bootstrap bundle build")).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+    Ok(sig.to_string())
+}
+
+/// Check a detached minisign signature against a public key (the key's base64 line or the
+/// whole `minisign.pub` text).
+pub fn verify_signature(bytes: &[u8], signature: &str, public_key: &str) -> Result<(), BundleError> {
+    let pk = public_key.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("untrusted comment:")).last().unwrap_or_default();
+    let pk = minisign_verify::PublicKey::from_base64(pk).map_err(|e| BundleError::BadSignature(format!("public key: {e}")))?;
+    let sig = minisign_verify::Signature::decode(signature).map_err(|e| BundleError::BadSignature(format!("signature: {e}")))?;
+    pk.verify(bytes, &sig, false).map_err(|e| BundleError::BadSignature(e.to_string()))
+}
+
+fn entry_path(raw: &Path) -> Result<PathBuf, String> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
+            Component::ParentDir => return Err("`..` in path".into()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err("empty path".into());
+    }
+    Ok(out)
+}
+
+/// Where a link target (relative to the link's directory) lands; None if it leaves the bundle.
+fn resolve_inside(link: &Path, target: &Path) -> Option<PathBuf> {
+    if target.is_absolute() {
+        return None;
+    }
+    let mut parts: Vec<_> = link.parent().map(|p| p.components().collect()).unwrap_or_default();
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => parts.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            _ => return None,
+        }
+    }
+    Some(parts.iter().collect())
+}
+
+/// Unpack a `.tar.gz` into `dest` (which must not exist), refusing absolute paths, `..`,
+/// links that leave the bundle, paths through links, device files and oversize bundles.
+/// On error `dest` is removed.
+pub fn unpack(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
+    fs::create_dir(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let r = unpack_inner(bytes, dest, limits);
+    if r.is_err() {
+        let _ = fs::remove_dir_all(dest);
+    }
+    r
+}
+
+fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
+    // The decompressed stream is capped too, whatever the headers claim.
+    let gz = flate2::read::GzDecoder::new(bytes).take(limits.max_bytes.saturating_mul(2) + 1024 * 1024);
+    let mut archive = tar::Archive::new(gz);
+    let mut total: u64 = 0;
+    let mut links: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+    for (n, entry) in archive.entries().context("reading bundle tarball")?.enumerate() {
+        if n >= limits.max_entries {
+            return Err(BundleError::TooManyEntries { limit: limits.max_entries }.into());
+        }
+        let mut entry = entry.context("reading bundle tarball")?;
+        let raw = entry.path().context("bundle entry path")?.into_owned();
+        let reject = |why: &str| BundleError::Entry { entry: raw.display().to_string(), why: why.to_string() };
+        let rel = entry_path(&raw).map_err(|w| reject(&w))?;
+        if rel.ancestors().skip(1).any(|a| links.contains(a)) {
+            return Err(reject("path goes through a symlink").into());
+        }
+        let out = dest.join(&rel);
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                fs::create_dir_all(&out)?;
+                fs::set_permissions(&out, fs::Permissions::from_mode(0o755))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let size = entry.header().size()?;
+                total = total.saturating_add(size);
+                if total > limits.max_bytes {
+                    return Err(BundleError::TooLarge { limit: limits.max_bytes }.into());
+                }
+                if let Some(p) = out.parent() {
+                    fs::create_dir_all(p)?;
+                }
+                let mode = if entry.header().mode()? & 0o111 != 0 { 0o755 } else { 0o644 };
+                let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&out).map_err(|e| reject(&format!("cannot create: {e}")))?;
+                let copied = std::io::copy(&mut (&mut entry).take(size), &mut f)?;
+                if copied != size {
+                    return Err(reject("truncated").into());
+                }
+                f.set_permissions(fs::Permissions::from_mode(mode))?;
+                f.flush()?;
+                files.insert(rel);
+            }
+            tar::EntryType::Symlink => {
+                let target = entry.link_name()?.context("symlink without target")?.into_owned();
+                if resolve_inside(&rel, &target).is_none() {
+                    return Err(reject(&format!("symlink to {} leaves the bundle", target.display())).into());
+                }
+                if let Some(p) = out.parent() {
+                    fs::create_dir_all(p)?;
+                }
+                std::os::unix::fs::symlink(&target, &out)?;
+                links.insert(rel);
+            }
+            tar::EntryType::Link => {
+                let target = entry.link_name()?.context("hard link without target")?.into_owned();
+                let target = entry_path(&target).map_err(|w| reject(&format!("hard link target: {w}")))?;
+                if !files.contains(&target) {
+                    return Err(reject(&format!("hard link to {} which is not a file of this bundle", target.display())).into());
+                }
+                if let Some(p) = out.parent() {
+                    fs::create_dir_all(p)?;
+                }
+                fs::hard_link(dest.join(&target), &out)?;
+                files.insert(rel);
+            }
+            other => return Err(reject(&format!("entry type {other:?} is not allowed (only files, directories and links inside the bundle)")).into()),
+        }
+    }
+    if !dest.join("roles").is_dir() {
+        bail!("bundle has no roles/ directory");
+    }
+    Ok(())
+}
+
+/// `validate` and `plan` on a tarball: unpack into a temp dir that lives as long as the value.
+pub fn unpack_temp(path: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let t = tempfile::tempdir()?;
+    let dest = t.path().join("bundle");
+    unpack(&bytes, &dest, Limits::default()).with_context(|| format!("unpacking {}", path.display()))?;
+    Ok((t, dest))
+}
+
+/// Map config-like failures of a build to exit 78.
+pub fn build_to_files(dir: &Path, out: &Path, secret_key: Option<&Path>) -> Result<String> {
+    if !dir.join("roles").is_dir() {
+        return Err(ConfigError::msg(format!("{}: not a bundle root (no roles/ directory)", dir.display())).into());
+    }
+    let bytes = build(dir)?;
+    let sha = sha256_hex(&bytes);
+    let name = out.file_name().context("output has no file name")?.to_string_lossy().into_owned();
+    let dir_out = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    crate::fsutil::atomic_write(&dir_out.join(&name), &bytes, 0o644, None)?;
+    crate::fsutil::atomic_write(&dir_out.join(format!("{name}.sha256")), format!("{sha}  {name}\n").as_bytes(), 0o644, None)?;
+    if let Some(sk) = secret_key {
+        let sig = sign(&bytes, sk)?;
+        crate::fsutil::atomic_write(&dir_out.join(format!("{name}.minisig")), sig.as_bytes(), 0o644, None)?;
+    }
+    Ok(sha)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_targets() {
+        assert_eq!(resolve_inside(Path::new("roles/a/l"), Path::new("f")), Some(PathBuf::from("roles/a/f")));
+        assert_eq!(resolve_inside(Path::new("roles/a/l"), Path::new("../b/f")), Some(PathBuf::from("roles/b/f")));
+        assert_eq!(resolve_inside(Path::new("roles/l"), Path::new("../../x")), None);
+        assert_eq!(resolve_inside(Path::new("roles/l"), Path::new("/etc")), None);
+        assert!(entry_path(Path::new("/etc/passwd")).is_err());
+        assert!(entry_path(Path::new("roles/../../etc")).is_err());
+        assert_eq!(entry_path(Path::new("./roles/x")).unwrap(), PathBuf::from("roles/x"));
+    }
+}
