@@ -11,3 +11,6 @@ mod skeleton;
 
 #[path = "it/node_e2e.rs"]
 mod node_e2e;
+
+#[path = "it/bundles.rs"]
+mod bundles;

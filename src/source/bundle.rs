@@ -100,7 +100,11 @@ pub fn sign(bytes: &[u8], secret_key: &Path) -> Result<String> {
     let password = std::env::var("BOOTSTRAP_SIGN_PASSWORD").ok();
     let text = fs::read_to_string(secret_key).with_context(|| format!("reading secret key {}", secret_key.display()))?;
     let sk_box = minisign::SecretKeyBox::from_string(&text).map_err(|e| anyhow::anyhow!("{}: {e}", secret_key.display()))?;
-    let sk = sk_box.into_secret_key(password).map_err(|e| anyhow::anyhow!("{}: {e}", secret_key.display()))?;
+    let sk = match password {
+        Some(p) => sk_box.into_secret_key(Some(p)),
+        None => sk_box.into_unencrypted_secret_key(),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e} (an encrypted key needs BOOTSTRAP_SIGN_PASSWORD)", secret_key.display()))?;
     let comment = format!("bundle sha256:{}", sha256_hex(bytes));
     let sig = minisign::sign(None, &sk, bytes, Some(&comment), Some("signature from bootstrap bundle build")).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
     Ok(sig.to_string())
