@@ -9,17 +9,18 @@ use std::path::PathBuf;
 
 pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
-    if !root.is_absolute() || !root.is_dir() {
-        return Err(ConfigError::msg(format!("--root {}: must be an existing directory given as an absolute path", root.display())).into());
-    }
-    let facts = crate::facts::gather_local(&root, &super::facts::naming(&a.naming)).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
-    let role = facts.service.clone().ok_or_else(|| ConfigError::msg("no role to apply: pass --role ROLE or --name ENV-SERVICE"))?;
-    let config = crate::config::Config::load(&root)?;
-    let subst = [("env", facts.env.as_deref()), ("service", facts.service.as_deref()), ("region", None), ("instance_id", None)];
+    let cx = super::Context::gather(&root, &a.naming, false)?;
+    converge(&cx, a, mode)
+}
+
+/// Fetch the bundle, load and prepare the role, take the run lock, run, report.
+pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
+    let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
+    let role = facts.service.clone().ok_or_else(|| ConfigError::msg("no role to apply: pass --role ROLE or --name ENV-SERVICE, or name the node (config, user-data, Name tag)"))?;
     let source = match (&a.source, &config.bundle.source) {
         (Some(s), _) => s.clone(),
-        (None, Some(s)) => crate::config::substitute(s, &subst)?,
-        (None, None) => return Err(ConfigError::msg("no bundle source: pass --source or set [bundle] source in /etc/bootstrap/config.toml").into()),
+        (None, Some(s)) => cx.substitute(s)?,
+        (None, None) => return Err(ConfigError::msg("no bundle source: pass --source or set [bundle] source in /etc/bootstrap/config.toml or user-data").into()),
     };
     let verify = crate::source::Verify {
         sha256: config.bundle.sha256.clone(),

@@ -1,7 +1,6 @@
 //! `bootstrap facts`
 
-use super::{FactsFormat, NamingArgs};
-use crate::error::ConfigError;
+use super::{Context, FactsFormat, NamingArgs};
 use std::path::Path;
 
 pub fn naming(n: &NamingArgs) -> crate::facts::NamingFlags {
@@ -9,12 +8,11 @@ pub fn naming(n: &NamingArgs) -> crate::facts::NamingFlags {
 }
 
 pub fn run(n: &NamingArgs, format: FactsFormat, root: Option<&Path>) -> anyhow::Result<u8> {
-    let root = root.unwrap_or(Path::new("/"));
-    let facts = crate::facts::gather_local(root, &naming(n)).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
+    let cx = Context::gather(root.unwrap_or(Path::new("/")), n, false)?;
     match format {
-        FactsFormat::Json => println!("{}", serde_json::to_string_pretty(&facts)?),
-        FactsFormat::Env => print!("{}", facts.to_env()),
-        FactsFormat::Text => print!("{}", facts.to_text()),
+        FactsFormat::Json => println!("{}", serde_json::to_string_pretty(&cx.facts)?),
+        FactsFormat::Env => print!("{}", cx.facts.to_env()),
+        FactsFormat::Text => print!("{}", cx.facts.to_text()),
     }
     Ok(0)
 }

@@ -104,6 +104,55 @@ pub struct RunArgs {
     pub lock_timeout: std::time::Duration,
 }
 
+/// What every command that converges or reports needs: the root, the facts, the merged config.
+pub struct Context {
+    pub root: PathBuf,
+    pub facts: crate::facts::Facts,
+    pub config: crate::config::Config,
+}
+
+impl Context {
+    /// Read the agent config, gather local facts, and on EC2 (or when IMDS is configured)
+    /// the instance metadata and the user-data config; then settle the node's name.
+    /// `first_boot` allows the metadata service the longer first-boot deadline.
+    pub fn gather(root: &std::path::Path, naming: &NamingArgs, first_boot: bool) -> anyhow::Result<Context> {
+        use crate::error::ConfigError;
+        use crate::facts::{self, imds};
+        if !root.is_absolute() || !root.is_dir() {
+            return Err(ConfigError::msg(format!("--root {}: must be an existing directory given as an absolute path", root.display())).into());
+        }
+        let file_config = crate::config::Config::load(root)?;
+        let mut facts = facts::gather_local(root, &self::facts::naming(naming)).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
+        let imds_on = file_config.imds.enabled.unwrap_or(file_config.imds.base_url.is_some() || facts::on_ec2());
+        let mut user_data = crate::config::Config::default();
+        if imds_on {
+            let base = file_config.imds.base_url.clone().unwrap_or_else(|| imds::DEFAULT_BASE_URL.to_string());
+            let budget = if first_boot { imds::FIRST_BOOT_DEADLINE } else { imds::TIMER_DEADLINE };
+            let client = imds::Imds::new(&base, budget)?;
+            facts::add_imds(&mut facts, &client)?;
+            if let Some(ud) = client.get("user-data")? {
+                if let Some(c) = crate::config::Config::from_user_data(&ud)? {
+                    user_data = c;
+                }
+            }
+        }
+        let ud_name = user_data.naming.name.clone();
+        facts::resolve_name(&mut facts, file_config.naming.name.as_deref(), ud_name.as_deref()).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
+        // The agent's own config files win over user-data.
+        let config = user_data.overlaid(file_config);
+        Ok(Context { root: root.to_path_buf(), facts, config })
+    }
+
+    /// A config string with `${env}`, `${service}`, `${region}`, `${instance_id}` filled in.
+    pub fn substitute(&self, s: &str) -> Result<String, crate::error::ConfigError> {
+        let f = &self.facts;
+        crate::config::substitute(
+            s,
+            &[("env", f.env.as_deref()), ("service", f.service.as_deref()), ("region", f.region.as_deref()), ("instance_id", f.instance_id.as_deref())],
+        )
+    }
+}
+
 /// Run a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {

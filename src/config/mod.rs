@@ -16,6 +16,17 @@ pub struct Config {
     pub bundle: BundleConfig,
     #[serde(default)]
     pub naming: NamingConfig,
+    #[serde(default)]
+    pub imds: ImdsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImdsConfig {
+    /// Default: on when DMI says this is EC2, or when `base_url` is set.
+    pub enabled: Option<bool>,
+    /// Default http://169.254.169.254.
+    pub base_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -51,6 +62,23 @@ impl Config {
         b.max_bytes = o.bundle.max_bytes.or(b.max_bytes);
         b.max_entries = o.bundle.max_entries.or(b.max_entries);
         self.naming.name = o.naming.name.or(self.naming.name.take());
+        self.imds.enabled = o.imds.enabled.or(self.imds.enabled);
+        self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());
+    }
+
+    /// `over` wins field by field.
+    pub fn overlaid(mut self, over: Config) -> Config {
+        self.merge(over);
+        self
+    }
+
+    /// User-data that starts with the line `#bootstrap-config` is agent config; anything else
+    /// (a shell script) is not ours. Errors name `user-data:LINE:COL`.
+    pub fn from_user_data(text: &str) -> Result<Option<Config>, ConfigError> {
+        if text.lines().next().map(str::trim) != Some("#bootstrap-config") {
+            return Ok(None);
+        }
+        Config::parse(Path::new("user-data"), text).map(Some)
     }
 
     pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {

@@ -3,6 +3,8 @@
 //! This module gathers the local facts (os-release, machine id, boot id, hostname) and the
 //! naming facts given on the command line.
 
+pub mod imds;
+
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -29,9 +31,29 @@ pub struct Facts {
     pub env: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
-    /// Where `name` came from (`flags`, ...).
+    /// Where `name` came from: flags, config, user-data, tag:Name,
+    /// tag:aws:autoscaling:groupName, hostname.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name_source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ami_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_ipv4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_ipv4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Instance tags (from instance metadata); empty off EC2.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Naming input from the command line.
@@ -136,7 +158,74 @@ pub fn gather_local(root: &Path, flags: &NamingFlags) -> Result<Facts> {
         env,
         service,
         name_source: source.map(str::to_string),
+        instance_id: None,
+        region: None,
+        availability_zone: None,
+        instance_type: None,
+        ami_id: None,
+        local_ipv4: None,
+        public_ipv4: None,
+        mac: None,
+        tags: BTreeMap::new(),
     })
+}
+
+/// Is this an EC2 instance? (DMI says so, as cloud-init's ds-identify and afterburn check.)
+pub fn on_ec2() -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_lowercase();
+    read("/sys/class/dmi/id/sys_vendor") == "amazon ec2" || read("/sys/class/dmi/id/board_vendor") == "amazon ec2" || read("/sys/hypervisor/uuid").starts_with("ec2")
+}
+
+/// Fill the EC2 facts from instance metadata.
+pub fn add_imds(facts: &mut Facts, imds: &imds::Imds) -> Result<()> {
+    facts.instance_id = imds.meta("instance-id")?;
+    facts.availability_zone = imds.meta("placement/availability-zone")?;
+    facts.region = imds.meta("placement/region")?;
+    facts.instance_type = imds.meta("instance-type")?;
+    facts.ami_id = imds.meta("ami-id")?;
+    facts.local_ipv4 = imds.meta("local-ipv4")?;
+    facts.public_ipv4 = imds.meta("public-ipv4")?;
+    facts.mac = imds.meta("mac")?;
+    if let Some(tags) = imds.tags()? {
+        facts.tags = tags;
+    }
+    Ok(())
+}
+
+/// When flags did not name the node: the first of config, user-data config, the Name tag, the
+/// autoscaling group tag, the hostname that gives a valid `ENV-SERVICE`.
+pub fn resolve_name(facts: &mut Facts, config_name: Option<&str>, user_data_name: Option<&str>) -> Result<()> {
+    if facts.name.is_some() {
+        return Ok(());
+    }
+    let short_host = facts.hostname.split('.').next().unwrap_or_default().to_string();
+    let candidates: [(&str, Option<&str>); 5] = [
+        ("config", config_name),
+        ("user-data", user_data_name),
+        ("tag:Name", facts.tags.get("Name").map(String::as_str)),
+        ("tag:aws:autoscaling:groupName", facts.tags.get("aws:autoscaling:groupName").map(String::as_str)),
+        ("hostname", Some(short_host.as_str())),
+    ];
+    for (source, value) in candidates {
+        let Some(v) = value else { continue };
+        match split_name(v) {
+            Ok((e, s)) => {
+                if facts.env.as_ref().is_some_and(|fe| fe != &e) {
+                    continue;
+                }
+                let service = facts.service.clone().unwrap_or(s);
+                facts.name = Some(format!("{e}-{service}"));
+                facts.env = Some(e);
+                facts.service = Some(service);
+                facts.name_source = Some(source.to_string());
+                return Ok(());
+            }
+            // A configured name must be right; tags and hostnames may just not follow the scheme.
+            Err(err) if matches!(source, "config" | "user-data") => return Err(err),
+            Err(_) => continue,
+        }
+    }
+    Ok(())
 }
 
 impl Facts {
