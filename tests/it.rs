@@ -14,3 +14,9 @@ mod node_e2e;
 
 #[path = "it/bundles.rs"]
 mod bundles;
+
+#[path = "it/imds_server.rs"]
+mod imds_server;
+
+#[path = "it/facts.rs"]
+mod facts;

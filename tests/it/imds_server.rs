@@ -1,0 +1,194 @@
+//! An IMDSv2 test server (no real one exists off EC2) that follows the protocol: a token from
+//! `PUT /latest/api/token` with the TTL header, 401 for a missing, unknown or expired token,
+//! the meta-data tree, user-data, instance tags; with fault injection. Runs in-process on
+//! loopback, or inside a node's network namespace on 169.254.169.254:80.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+pub struct State {
+    pub meta: BTreeMap<String, String>,
+    pub user_data: Option<String>,
+    /// None: tags are not allowed in metadata (404).
+    pub tags: Option<BTreeMap<String, String>>,
+    tokens: BTreeMap<String, Instant>,
+    next_token: u64,
+    /// Fault: answer this many token PUTs with 503.
+    pub fail_token_puts: u32,
+    /// Fault: accept connections but never answer.
+    pub silent: bool,
+    pub puts: u32,
+    pub gets: u32,
+    pub unauthorized: u32,
+}
+
+pub struct ImdsServer {
+    pub state: Arc<Mutex<State>>,
+    pub addr: String,
+}
+
+impl ImdsServer {
+    /// An instance named `name` (a Name tag) with the usual metadata.
+    pub fn instance(name: &str) -> State {
+        let mut meta = BTreeMap::new();
+        for (k, v) in [
+            ("instance-id", "i-0123456789abcdef0"),
+            ("placement/region", "eu-west-1"),
+            ("placement/availability-zone", "eu-west-1b"),
+            ("instance-type", "t3.small"),
+            ("ami-id", "ami-0abcdef1234567890"),
+            ("local-ipv4", "10.1.2.3"),
+            ("mac", "02:00:00:00:00:01"),
+        ] {
+            meta.insert(k.to_string(), v.to_string());
+        }
+        let tags = BTreeMap::from([("Name".to_string(), name.to_string()), ("aws:autoscaling:groupName".to_string(), format!("{name}-asg"))]);
+        State { meta, tags: Some(tags), ..Default::default() }
+    }
+
+    pub fn start(state: State) -> ImdsServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        Self::serve(listener, state, addr)
+    }
+
+    /// Serve on 169.254.169.254:80 inside the network namespace of process `pid` (a node's
+    /// PID 1). The address must already be on the node's `lo`.
+    pub fn start_in_netns(pid: i32, state: State) -> ImdsServer {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+            // setns on this thread only: the listener belongs to the node's namespace.
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tx.send(TcpListener::bind("169.254.169.254:80").unwrap()).unwrap();
+        });
+        let listener = rx.recv().unwrap();
+        Self::serve(listener, state, "http://169.254.169.254".into())
+    }
+
+    fn serve(listener: TcpListener, state: State, addr: String) -> ImdsServer {
+        let state = Arc::new(Mutex::new(state));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || handle(conn, st));
+            }
+        });
+        ImdsServer { state, addr }
+    }
+
+    /// Make every issued token invalid (as if its TTL ran out).
+    pub fn expire_tokens(&self) {
+        self.state.lock().unwrap().tokens.clear();
+    }
+}
+
+fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_lowercase(), v.trim().to_string());
+            }
+        }
+        let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let mut body = vec![0u8; len];
+        let _ = reader.read_exact(&mut body);
+        if st.lock().unwrap().silent {
+            std::thread::sleep(Duration::from_secs(3600));
+            return;
+        }
+        let (status, text) = respond(&method, &path, &headers, &st);
+        let reason = match status {
+            200 => "OK",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            _ => "Service Unavailable",
+        };
+        let resp = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{text}", text.len());
+        if conn.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn respond(method: &str, path: &str, headers: &BTreeMap<String, String>, st: &Mutex<State>) -> (u16, String) {
+    let mut s = st.lock().unwrap();
+    if path == "/latest/api/token" {
+        if method != "PUT" {
+            return (405, String::new());
+        }
+        s.puts += 1;
+        if s.fail_token_puts > 0 {
+            s.fail_token_puts -= 1;
+            return (503, String::new());
+        }
+        let Some(ttl) = headers.get("x-aws-ec2-metadata-token-ttl-seconds").and_then(|t| t.parse::<u64>().ok()).filter(|t| (1..=21600).contains(t)) else {
+            return (400, "missing or invalid X-aws-ec2-metadata-token-ttl-seconds".into());
+        };
+        s.next_token += 1;
+        let token = format!("token-{}-{}", s.next_token, std::process::id());
+        s.tokens.insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
+        return (200, token);
+    }
+    if method != "GET" {
+        return (405, String::new());
+    }
+    s.gets += 1;
+    let valid = headers.get("x-aws-ec2-metadata-token").and_then(|t| s.tokens.get(t)).is_some_and(|exp| *exp > Instant::now());
+    if !valid {
+        s.unauthorized += 1;
+        return (401, String::new());
+    }
+    let Some(rest) = path.strip_prefix("/latest/") else { return (404, String::new()) };
+    if rest == "user-data" {
+        return match &s.user_data {
+            Some(u) => (200, u.clone()),
+            None => (404, String::new()),
+        };
+    }
+    let Some(key) = rest.strip_prefix("meta-data/") else { return (404, String::new()) };
+    if key == "tags/instance" {
+        return match &s.tags {
+            Some(t) => (200, t.keys().cloned().collect::<Vec<_>>().join("\n")),
+            None => (404, String::new()),
+        };
+    }
+    if let Some(tag) = key.strip_prefix("tags/instance/") {
+        return match s.tags.as_ref().and_then(|t| t.get(tag)) {
+            Some(v) => (200, v.clone()),
+            None => (404, String::new()),
+        };
+    }
+    match s.meta.get(key) {
+        Some(v) => (200, v.clone()),
+        None => (404, String::new()),
+    }
+}
