@@ -20,3 +20,6 @@ mod imds_server;
 
 #[path = "it/facts.rs"]
 mod facts;
+
+#[path = "it/init_e2e.rs"]
+mod init_e2e;

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod bundle;
 pub mod facts;
+pub mod init;
 pub mod validate;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -23,6 +24,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// First boot: facts, user-data config, bundle, apply, install the agent's units, then
+    /// write /var/lib/bootstrap/firstboot.done.
+    Init(RunArgs),
     /// Converge this node to its role.
     Apply(RunArgs),
     /// Read-only: show per step what apply would change, with unified diffs for files.
@@ -156,6 +160,7 @@ impl Context {
 /// Run a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Init(a) => init::run(&a),
         Command::Apply(a) => apply::run(&a, crate::engine::Mode::Apply),
         Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
         Command::Validate { path } => validate::run(&path),

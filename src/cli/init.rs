@@ -1,0 +1,67 @@
+//! `bootstrap init`: first boot. Gather facts (with the first-boot IMDS deadline), read the
+//! user-data config, fetch the bundle, apply the role, install and enable the agent's own
+//! units, and write `firstboot.done` only after all of that succeeded.
+
+use super::{apply, Context, RunArgs};
+use crate::engine::Mode;
+use crate::step::unit::{UnitFile, UnitStep};
+use crate::step::Step;
+use anyhow::{Context as _, Result};
+use std::path::PathBuf;
+
+pub const FIRSTBOOT_DONE: &str = "var/lib/bootstrap/firstboot.done";
+
+/// The agent's units, as shipped in units/ (ExecStart points at /usr/local/bin/bootstrap).
+pub const UNITS: [(&str, &str); 3] = [
+    ("bootstrap.service", include_str!("../../units/bootstrap.service")),
+    ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
+    ("bootstrap-firstboot.service", include_str!("../../units/bootstrap-firstboot.service")),
+];
+
+pub fn run(a: &RunArgs) -> Result<u8> {
+    let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let cx = Context::gather(&root, &a.naming, true)?;
+    let code = apply::converge(&cx, a, Mode::Apply)?;
+    let ok = match (a.detailed_exitcodes, code) {
+        (true, 0 | 2) | (false, 0) => true,
+        _ => false,
+    };
+    if !ok {
+        return Ok(code);
+    }
+    install_units(&cx)?;
+    let marker = root.join(FIRSTBOOT_DONE);
+    crate::fsutil::create_parents(&marker)?;
+    crate::fsutil::atomic_write(&marker, format!("{}\n", crate::engine::now_rfc3339()).as_bytes(), 0o644, None)?;
+    Ok(code)
+}
+
+/// Write the units (ExecStart at this binary), enable the timer and firstboot unit, start
+/// the timer. Unit steps do it, so it is idempotent and daemon-reloads only on change.
+fn install_units(cx: &Context) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the bootstrap binary")?;
+    let exe = exe.to_string_lossy();
+    let host = crate::step::Host { root: cx.root.clone(), facts: cx.facts.clone(), systemd: Box::new(crate::systemd::Dbus::default()) };
+    let dir = crate::fsutil::host_path(&cx.root, "/etc/systemd/system")?;
+    for (name, text) in UNITS {
+        let content = text.replace("/usr/local/bin/bootstrap", &exe).into_bytes();
+        let (enabled, active) = match name {
+            "bootstrap.timer" => (Some(true), Some(true)),
+            "bootstrap-firstboot.service" => (Some(true), None),
+            _ => (None, None),
+        };
+        let step = Step::Unit(UnitStep {
+            name: name.to_string(),
+            files: vec![UnitFile { display: format!("/etc/systemd/system/{name}"), path: dir.join(name), content, field: "content".into() }],
+            enabled,
+            active,
+            masked: None,
+        });
+        let mut noop = |_: &[crate::step::Change]| Ok(());
+        let changes = step.run(&host, Some(&mut noop)).with_context(|| format!("installing {name}"))?;
+        if !changes.is_empty() {
+            tracing::info!("installed {name}");
+        }
+    }
+    Ok(())
+}

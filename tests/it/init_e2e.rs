@@ -1,0 +1,57 @@
+//! `bootstrap init` on a booted node: IMDS on 169.254.169.254 in the node's network
+//! namespace, the bundle tarball named by the user-data config, the role applied, the
+//! agent's units installed, firstboot.done written after success only.
+
+use crate::imds_server::ImdsServer;
+use crate::node::Node;
+use crate::support::*;
+
+#[test]
+fn init_on_a_booted_node_from_imds_and_user_data() {
+    let bundles = tempfile::tempdir().unwrap();
+    let tarball = bundles.path().join("roles-production.tar.gz");
+    // The IMDS test server holds 169.254.169.254:80 in the node, so haproxy listens on loopback.
+    let b = bundle_copy();
+    let role = b.path().join("roles/haproxy/role.toml");
+    std::fs::write(&role, std::fs::read_to_string(&role).unwrap().replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\"")).unwrap();
+    let r = agent(&["bundle", "build", b.path().to_str().unwrap(), "-o", tarball.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let node = Node::boot_with(&repo(), &[(bundles.path(), "/srv/bundles")]);
+    let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n' > /etc/bootstrap/config.toml && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let mut st = ImdsServer::instance("production-haproxy");
+    st.user_data = Some("#bootstrap-config\n[bundle]\nsource = \"file:///srv/bundles/roles-${env}.tar.gz\"\n".into());
+    let _imds = ImdsServer::start_in_netns(node.leader, st);
+
+    // A bundle that is not there yet: init fails, and no marker is written.
+    std::fs::rename(&tarball, bundles.path().join("later")).unwrap();
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("/srv/bundles/roles-production.tar.gz"), "{}", r.stderr);
+    assert!(!node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    std::fs::rename(bundles.path().join("later"), &tarball).unwrap();
+
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "active");
+    assert_eq!(node.sh("systemctl is-enabled bootstrap.timer bootstrap-firstboot.service").stdout, "enabled\nenabled\n");
+    assert_eq!(node.sh("systemctl is-active bootstrap.timer").stdout.trim(), "active");
+    let unit = std::fs::read_to_string(node.merged.join("etc/systemd/system/bootstrap.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/bootstrap apply"), "{unit}");
+    let rep = node.report();
+    assert_eq!(rep["name"], "production-haproxy");
+    assert!(rep["bundle"]["sha256"].as_str().unwrap().len() == 64);
+    let f: serde_json::Value = serde_json::from_str(&node.agent(&["facts", "--format", "json"]).stdout).unwrap();
+    assert_eq!((f["env"].as_str(), f["service"].as_str(), f["name_source"].as_str()), (Some("production"), Some("haproxy"), Some("tag:Name")));
+    assert_eq!(f["instance_id"], "i-0123456789abcdef0");
+
+    // init again is a no-op apply.
+    let r = node.agent(&["init", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.report()["summary"]["changed"], 0);
+    assert_eq!(node.report()["bundle"]["origin"], "cache");
+    // The service the timer runs converges the same way under systemd.
+    let r = node.sh("systemctl start bootstrap.service; systemctl is-failed bootstrap.service; journalctl -u bootstrap.service -o cat --no-pager | tail -3");
+    assert!(r.stdout.contains("haproxy: 0 changed"), "{}", r.all());
+}
