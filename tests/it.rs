@@ -6,6 +6,9 @@ mod support;
 #[path = "it/node.rs"]
 mod node;
 
+#[path = "it/moto.rs"]
+mod moto;
+
 #[path = "it/skeleton.rs"]
 mod skeleton;
 
@@ -23,3 +26,6 @@ mod facts;
 
 #[path = "it/init_e2e.rs"]
 mod init_e2e;
+
+#[path = "it/s3.rs"]
+mod s3;

@@ -29,6 +29,11 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
             max_bytes: config.bundle.max_bytes.unwrap_or(crate::source::bundle::Limits::default().max_bytes),
             max_entries: config.bundle.max_entries.unwrap_or(crate::source::bundle::Limits::default().max_entries),
         },
+        s3: crate::source::s3::S3Options {
+            endpoint: config.bundle.s3_endpoint.clone(),
+            region: config.bundle.s3_region.clone().or(facts.region.clone()),
+            max_bytes: 0,
+        },
     };
     let src = crate::source::Source::parse(&source)?;
     // A tarball is checked and unpacked (into the cache for apply) before roles are read.

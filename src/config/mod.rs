@@ -43,6 +43,10 @@ pub struct BundleConfig {
     pub max_bytes: Option<u64>,
     /// Entry count limit.
     pub max_entries: Option<usize>,
+    /// S3 endpoint override (S3-compatible servers, tests).
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: the instance's region, else the SDK's default chain).
+    pub s3_region: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -61,6 +65,8 @@ impl Config {
         b.public_key = o.bundle.public_key.or(b.public_key.take());
         b.max_bytes = o.bundle.max_bytes.or(b.max_bytes);
         b.max_entries = o.bundle.max_entries.or(b.max_entries);
+        b.s3_endpoint = o.bundle.s3_endpoint.or(b.s3_endpoint.take());
+        b.s3_region = o.bundle.s3_region.or(b.s3_region.take());
         self.naming.name = o.naming.name.or(self.naming.name.take());
         self.imds.enabled = o.imds.enabled.or(self.imds.enabled);
         self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());

@@ -1,0 +1,131 @@
+//! S3 bundles with aws-sdk-s3: the default credential chain, an endpoint override for tests,
+//! a conditional GET with the cached ETag (an unchanged bundle costs one request and no body),
+//! and a streaming sha256 with a size cap.
+
+use super::bundle::sha256_hex;
+use anyhow::{anyhow, Result};
+use aws_sdk_s3::error::SdkError;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How a fetch failed: the caller falls back to `last-good` only when the source is unavailable.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Network error, timeout, 5xx, throttling.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 403, 404, bad request: waiting does not help.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl FetchError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Unavailable(_))
+    }
+}
+
+pub enum Got {
+    Body { bytes: Vec<u8>, etag: Option<String> },
+    NotModified,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub max_bytes: u64,
+}
+
+fn client(o: &S3Options) -> aws_sdk_s3::Client {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).operation_timeout(OPERATION_TIMEOUT).build();
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
+    if let Some(r) = &o.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    let shared = runtime().block_on(loader.load());
+    let mut b = aws_sdk_s3::config::Builder::from(&shared);
+    if let Some(e) = &o.endpoint {
+        b = b.endpoint_url(e).force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"))
+}
+
+fn classify<E: std::fmt::Debug + std::error::Error + 'static>(url: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> FetchError {
+    match &e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let msg = format!("{url}: HTTP {status} ({})", aws_sdk_s3::error::DisplayErrorContext(&e));
+            if status >= 500 || status == 429 || status == 408 {
+                FetchError::Unavailable(msg)
+            } else {
+                FetchError::Refused(msg)
+            }
+        }
+        SdkError::ResponseError(r) if r.raw().status().as_u16() >= 500 => FetchError::Unavailable(format!("{url}: HTTP {}", r.raw().status().as_u16())),
+        SdkError::ConstructionFailure(_) => FetchError::Refused(format!("{url}: {}", aws_sdk_s3::error::DisplayErrorContext(&e))),
+        _ => FetchError::Unavailable(format!("{url}: {}", aws_sdk_s3::error::DisplayErrorContext(&e))),
+    }
+}
+
+/// GET s3://bucket/key, conditional on `etag` when given.
+pub fn get(o: &S3Options, bucket: &str, key: &str, etag: Option<&str>) -> Result<Got, FetchError> {
+    let url = format!("s3://{bucket}/{key}");
+    let c = client(o);
+    runtime().block_on(async {
+        let mut req = c.get_object().bucket(bucket).key(key);
+        if let Some(t) = etag {
+            req = req.if_none_match(t);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                if let SdkError::ServiceError(se) = &e {
+                    if se.raw().status().as_u16() == 304 {
+                        return Ok(Got::NotModified);
+                    }
+                }
+                return Err(classify(&url, e));
+            }
+        };
+        let etag = resp.e_tag().map(str::to_string);
+        let mut body = resp.body;
+        let mut bytes = Vec::new();
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = body.try_next().await.map_err(|e| FetchError::Unavailable(format!("{url}: reading body: {e}")))? {
+            hasher.update(&chunk);
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() as u64 > o.max_bytes {
+                return Err(FetchError::Refused(format!("{url}: bundle is larger than {} bytes", o.max_bytes)));
+            }
+        }
+        debug_assert_eq!(hex::encode(hasher.finalize()), sha256_hex(&bytes));
+        Ok(Got::Body { bytes, etag })
+    })
+}
+
+/// GET an optional companion object (`.minisig`): None on 404.
+pub fn get_optional(o: &S3Options, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, FetchError> {
+    match get(o, bucket, key, None) {
+        Ok(Got::Body { bytes, .. }) => Ok(Some(bytes)),
+        Ok(Got::NotModified) => Err(FetchError::Refused(anyhow!("unexpected 304").to_string())),
+        Err(FetchError::Refused(m)) if m.contains("HTTP 404") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn parse_url(s: &str) -> Result<(String, String)> {
+    let rest = s.strip_prefix("s3://").ok_or_else(|| anyhow!("not an s3:// URL"))?;
+    match rest.split_once('/') {
+        Some((b, k)) if !b.is_empty() && !k.is_empty() => Ok((b.to_string(), k.to_string())),
+        _ => Err(anyhow!("{s}: expected s3://BUCKET/KEY")),
+    }
+}

@@ -1,0 +1,72 @@
+//! moto_server (S3 and EC2 APIs) on a free loopback port, from the venv scripts/setup makes.
+//! It does not check signatures; each request is logged, so tests can count them.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Moto {
+    child: Child,
+    pub url: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn moto_server() -> PathBuf {
+    let venv = PathBuf::from(std::env::var("VENV").unwrap_or_else(|_| "/var/tmp/bootstrap-venv".into()));
+    let p = venv.join("bin/moto_server");
+    assert!(p.exists(), "no moto_server at {}: run scripts/setup", p.display());
+    p
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let child = Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, url, log, _dir: dir }
+    }
+
+    fn http(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder().no_proxy().build().unwrap()
+    }
+
+    /// Raw S3 calls (moto wants some Authorization header).
+    pub fn put(&self, path: &str, body: Vec<u8>) {
+        let r = self.http().put(format!("{}/{path}", self.url)).header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request").body(body).send().unwrap();
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+    }
+
+    /// Lines of moto's request log that match `needle`.
+    pub fn requests(&self, needle: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Environment for an agent that talks to moto.
+pub const AWS_ENV: [(&str, &str); 4] = [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_REGION", "us-east-1")];
