@@ -134,6 +134,17 @@ impl Context {
             let budget = if first_boot { imds::FIRST_BOOT_DEADLINE } else { imds::TIMER_DEADLINE };
             let client = imds::Imds::new(&base, budget)?;
             facts::add_imds(&mut facts, &client)?;
+            // No tags in instance metadata (not enabled on the instance): ask the EC2 API,
+            // unless the node is already named by flags or config.
+            let named = facts.name.is_some() || file_config.naming.name.is_some();
+            if facts.tags.is_empty() && !named {
+                if let Some(id) = facts.instance_id.clone() {
+                    match facts::ec2::describe_tags(facts.region.as_deref(), file_config.aws.ec2_endpoint.as_deref(), &id) {
+                        Ok(t) => facts.tags = t,
+                        Err(e) => tracing::warn!("no instance tags: {e:#}"),
+                    }
+                }
+            }
             if let Some(ud) = client.get("user-data")? {
                 if let Some(c) = crate::config::Config::from_user_data(&ud)? {
                     user_data = c;

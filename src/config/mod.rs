@@ -18,6 +18,15 @@ pub struct Config {
     pub naming: NamingConfig,
     #[serde(default)]
     pub imds: ImdsConfig,
+    #[serde(default)]
+    pub aws: AwsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// EC2 API endpoint override (for DescribeTags; tests).
+    pub ec2_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -70,6 +79,7 @@ impl Config {
         self.naming.name = o.naming.name.or(self.naming.name.take());
         self.imds.enabled = o.imds.enabled.or(self.imds.enabled);
         self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());
+        self.aws.ec2_endpoint = o.aws.ec2_endpoint.or(self.aws.ec2_endpoint.take());
     }
 
     /// `over` wins field by field.

@@ -3,6 +3,7 @@
 //! This module gathers the local facts (os-release, machine id, boot id, hostname) and the
 //! naming facts given on the command line.
 
+pub mod ec2;
 pub mod imds;
 
 use anyhow::{bail, Result};

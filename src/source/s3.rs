@@ -6,10 +6,7 @@ use super::bundle::sha256_hex;
 use anyhow::{anyhow, Result};
 use aws_sdk_s3::error::SdkError;
 use sha2::{Digest, Sha256};
-use std::time::Duration;
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How a fetch failed: the caller falls back to `last-good` only when the source is unavailable.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +38,7 @@ pub struct S3Options {
 }
 
 fn client(o: &S3Options) -> aws_sdk_s3::Client {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).operation_timeout(OPERATION_TIMEOUT).build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
-    if let Some(r) = &o.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    let shared = runtime().block_on(loader.load());
+    let shared = crate::aws::sdk_config(o.region.as_deref());
     let mut b = aws_sdk_s3::config::Builder::from(&shared);
     if let Some(e) = &o.endpoint {
         b = b.endpoint_url(e).force_path_style(true);
@@ -54,10 +46,7 @@ fn client(o: &S3Options) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(b.build())
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"))
-}
+use crate::aws::runtime;
 
 fn classify<E: std::fmt::Debug + std::error::Error + 'static>(url: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> FetchError {
     match &e {

@@ -98,3 +98,23 @@ fn imds_faults_retry_refresh_and_deadline() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("instance metadata service at http://127.0.0.1:") && r.stderr.contains("did not answer the token request within 10s"), "{}", r.stderr);
 }
+
+#[test]
+fn name_tag_from_describe_tags_when_metadata_has_no_tags() {
+    let moto = crate::moto::Moto::start();
+    let id = moto.run_instance(&[("Name", "production-haproxy")]);
+    let mut st = ImdsServer::instance("ignored");
+    st.tags = None; // instance metadata tags not enabled: 404
+    st.meta.insert("instance-id".into(), id.clone());
+    st.meta.insert("placement/region".into(), "us-east-1".into());
+    let srv = ImdsServer::start(st);
+    let root = root_with_imds(&srv.addr);
+    let cfg = root.path().join("etc/bootstrap/config.toml");
+    std::fs::write(&cfg, format!("{}[aws]\nec2_endpoint = \"{}\"\n", std::fs::read_to_string(&cfg).unwrap(), moto.url)).unwrap();
+    let r: Run = cmd(&["facts", "--format", "json", "--root", root.path().to_str().unwrap()]).envs(crate::moto::AWS_ENV).output().unwrap().into();
+    assert_eq!(r.code, 0, "{}", r.all());
+    let f: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(f["instance_id"], id.as_str());
+    assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("production-haproxy"), Some("tag:Name")));
+    assert!(moto.requests("POST /").len() >= 1, "DescribeTags went to moto");
+}

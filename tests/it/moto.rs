@@ -70,3 +70,34 @@ impl Drop for Moto {
 
 /// Environment for an agent that talks to moto.
 pub const AWS_ENV: [(&str, &str); 4] = [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_REGION", "us-east-1")];
+
+impl Moto {
+    /// Start an EC2 instance in moto with these tags; returns its id.
+    pub fn run_instance(&self, tags: &[(&str, &str)]) -> String {
+        let mut form = vec![
+            ("Action".to_string(), "RunInstances".to_string()),
+            ("Version".into(), "2016-11-15".into()),
+            ("ImageId".into(), "ami-12c6146b".into()),
+            ("MinCount".into(), "1".into()),
+            ("MaxCount".into(), "1".into()),
+            ("TagSpecification.1.ResourceType".into(), "instance".into()),
+        ];
+        for (i, (k, v)) in tags.iter().enumerate() {
+            form.push((format!("TagSpecification.1.Tag.{}.Key", i + 1), k.to_string()));
+            form.push((format!("TagSpecification.1.Tag.{}.Value", i + 1), v.to_string()));
+        }
+        let body = form.iter().map(|(k, v)| format!("{k}={}", v.replace(':', "%3A"))).collect::<Vec<_>>().join("&");
+        let r = self
+            .http()
+            .post(&self.url)
+            .header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request")
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        let start = r.find("<instanceId>").expect("RunInstances answer") + "<instanceId>".len();
+        r[start..start + r[start..].find('<').unwrap()].to_string()
+    }
+}
