@@ -45,6 +45,12 @@ impl ImdsServer {
             ("ami-id", "ami-0abcdef1234567890"),
             ("local-ipv4", "10.1.2.3"),
             ("mac", "02:00:00:00:00:01"),
+            // The instance role's credentials, as the AWS SDKs' default chain reads them.
+            ("iam/security-credentials/", "bootstrap-node"),
+            (
+                "iam/security-credentials/bootstrap-node",
+                r#"{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","Type":"AWS-HMAC","AccessKeyId":"testing","SecretAccessKey":"testing","Token":"testing","Expiration":"2099-01-01T00:00:00Z"}"#,
+            ),
         ] {
             meta.insert(k.to_string(), v.to_string());
         }
@@ -124,6 +130,11 @@ fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
             return;
         }
         let (status, text) = respond(&method, &path, &headers, &st);
+        // Real IMDS echoes the token's TTL on the token response; the AWS SDKs insist on it.
+        let ttl = match (status, path.as_str()) {
+            (200, "/latest/api/token") => format!("X-aws-ec2-metadata-token-ttl-seconds: {}\r\n", headers.get("x-aws-ec2-metadata-token-ttl-seconds").cloned().unwrap_or_default()),
+            _ => String::new(),
+        };
         let reason = match status {
             200 => "OK",
             400 => "Bad Request",
@@ -132,7 +143,7 @@ fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
             405 => "Method Not Allowed",
             _ => "Service Unavailable",
         };
-        let resp = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{text}", text.len());
+        let resp = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n{ttl}Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{text}", text.len());
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }

@@ -1,8 +1,10 @@
-//! `bootstrap init` on a booted node: IMDS on 169.254.169.254 in the node's network
-//! namespace, the bundle tarball named by the user-data config, the role applied, the
-//! agent's units installed, firstboot.done written after success only.
+//! `bootstrap init` on a booted node: IMDS on 169.254.169.254 and moto (S3) in the node's
+//! network namespace, the bundle named by the user-data config and fetched from S3 with the
+//! instance role's credentials (served by IMDS), the role applied, the agent's units
+//! installed, firstboot.done written after success only.
 
 use crate::imds_server::ImdsServer;
+use crate::moto::Moto;
 use crate::node::Node;
 use crate::support::*;
 
@@ -16,20 +18,22 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
     std::fs::write(&role, std::fs::read_to_string(&role).unwrap().replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\"")).unwrap();
     let r = agent(&["bundle", "build", b.path().to_str().unwrap(), "-o", tarball.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let node = Node::boot_with(&repo(), &[(bundles.path(), "/srv/bundles")]);
+    let node = Node::boot(&repo());
     let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n' > /etc/bootstrap/config.toml && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
     let mut st = ImdsServer::instance("production-haproxy");
-    st.user_data = Some("#bootstrap-config\n[bundle]\nsource = \"file:///srv/bundles/roles-${env}.tar.gz\"\n".into());
+    st.user_data = Some("#bootstrap-config\n[bundle]\nsource = \"s3://roles/roles-${env}.tar.gz\"\ns3_endpoint = \"http://127.0.0.1:5000\"\n".into());
+    st.meta.insert("placement/region".into(), "us-east-1".into());
     let _imds = ImdsServer::start_in_netns(node.leader, st);
+    let moto = Moto::start_in_netns(node.leader, 5000);
+    moto.put_in_netns(node.leader, "roles", None);
 
     // A bundle that is not there yet: init fails, and no marker is written.
-    std::fs::rename(&tarball, bundles.path().join("later")).unwrap();
     let r = node.agent(&["init"]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("/srv/bundles/roles-production.tar.gz"), "{}", r.stderr);
+    assert!(r.stderr.contains("s3://roles/roles-production.tar.gz: HTTP 404"), "{}", r.stderr);
     assert!(!node.merged.join("var/lib/bootstrap/firstboot.done").exists());
-    std::fs::rename(bundles.path().join("later"), &tarball).unwrap();
+    moto.put_in_netns(node.leader, "roles/roles-production.tar.gz", Some(&tarball));
 
     let r = node.agent(&["init"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -46,9 +50,12 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
     assert_eq!((f["env"].as_str(), f["service"].as_str(), f["name_source"].as_str()), (Some("production"), Some("haproxy"), Some("tag:Name")));
     assert_eq!(f["instance_id"], "i-0123456789abcdef0");
 
-    // init again is a no-op apply.
+    // init again is a no-op apply: one S3 request, answered 304.
+    let before = moto.requests("GET /roles/roles-production.tar.gz").len();
     let r = node.agent(&["init", "--detailed-exitcodes"]);
     assert_eq!(r.code, 0, "{}", r.all());
+    let new = moto.requests("GET /roles/roles-production.tar.gz")[before..].to_vec();
+    assert!(new.len() == 1 && new[0].ends_with("\" 304 -"), "{new:?}");
     assert_eq!(node.report()["summary"]["changed"], 0);
     assert_eq!(node.report()["bundle"]["origin"], "cache");
     // The service the timer runs converges the same way under systemd.

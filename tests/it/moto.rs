@@ -41,6 +41,39 @@ impl Moto {
         Moto { child, url, log, _dir: dir }
     }
 
+    /// Start moto inside the network namespace of process `pid` (a node's PID 1), on
+    /// 127.0.0.1:`port` there. Its log says when it listens.
+    pub fn start_in_netns(pid: i32, port: u16) -> Moto {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let child = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-n"])
+            .arg(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("Running on") {
+            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not start in the node");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, url: format!("http://127.0.0.1:{port}"), log, _dir: dir }
+    }
+
+    /// PUT from inside the node's network namespace (curl through nsenter).
+    pub fn put_in_netns(&self, pid: i32, path: &str, file: Option<&std::path::Path>) {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &pid.to_string(), "-n", "curl", "-sf", "-X", "PUT", "-H", "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request"]);
+        if let Some(f) = file {
+            // -T: a plain PUT upload (no form content type, which moto would parse as a form).
+            c.args(["-H", "Content-Type: application/octet-stream", "-T"]).arg(f);
+        }
+        let out = c.arg(format!("{}/{path}", self.url)).output().unwrap();
+        assert!(out.status.success(), "PUT {path} in the node: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     fn http(&self) -> reqwest::blocking::Client {
         reqwest::blocking::Client::builder().no_proxy().build().unwrap()
     }
