@@ -78,6 +78,10 @@ impl ImdsServer {
         Self::serve(listener, state, "http://169.254.169.254".into())
     }
 
+    pub fn serve_listener(listener: TcpListener, state: State, addr: String) -> ImdsServer {
+        Self::serve(listener, state, addr)
+    }
+
     fn serve(listener: TcpListener, state: State, addr: String) -> ImdsServer {
         let state = Arc::new(Mutex::new(state));
         let st = state.clone();
