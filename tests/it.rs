@@ -29,3 +29,6 @@ mod init_e2e;
 
 #[path = "it/s3.rs"]
 mod s3;
+
+#[path = "it/http_bundle.rs"]
+mod http_bundle;

@@ -3,6 +3,7 @@
 //! `last-good` (last fully successful) symlinks.
 
 pub mod bundle;
+pub mod http;
 pub mod s3;
 
 use crate::error::ConfigError;
@@ -20,6 +21,8 @@ pub enum Source {
     Tarball(PathBuf),
     /// A bundle tarball in S3.
     S3 { bucket: String, key: String },
+    /// A bundle tarball over HTTPS (or HTTP).
+    Http(String),
 }
 
 impl Source {
@@ -30,9 +33,8 @@ impl Source {
                 return Ok(Source::S3 { bucket, key });
             }
             Some(("file", p)) => PathBuf::from(p),
-            Some((scheme, _)) => {
-                return Err(ConfigError::msg(format!("source {s}: `{scheme}://` sources are not supported by this version yet; use a directory or a file:// tarball")))
-            }
+            Some(("https" | "http", _)) => return Ok(Source::Http(s.to_string())),
+            Some((scheme, _)) => return Err(ConfigError::msg(format!("source {s}: unknown scheme `{scheme}://` (use s3://, https://, file:// or a directory)"))),
             None => PathBuf::from(s),
         };
         if path.is_dir() {
@@ -116,13 +118,22 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
             let sig = std::fs::read_to_string(&sig_path).ok();
             (path.display().to_string(), Download { bytes, sig, sig_name: sig_path, etag: None })
         }
-        Source::S3 { bucket, key } => {
-            let url = format!("s3://{bucket}/{key}");
+        Source::S3 { .. } | Source::Http(_) => {
+            let url = match src {
+                Source::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
+                Source::Http(u) => u.clone(),
+                _ => unreachable!(),
+            };
             let seen: Option<Seen> = if persist { std::fs::read(seen_path(&cache, &url)).ok().and_then(|b| serde_json::from_slice(&b).ok()) } else { None };
             let seen = seen.filter(|s| cache.join(&s.sha256).join("roles").is_dir());
             let mut opts = v.s3.clone();
             opts.max_bytes = v.limits.max_bytes;
-            match s3::get(&opts, bucket, key, seen.as_ref().map(|s| s.etag.as_str())) {
+            let etag = seen.as_ref().map(|s| s.etag.as_str());
+            let got = match src {
+                Source::S3 { bucket, key } => s3::get(&opts, bucket, key, etag),
+                _ => http::get(&url, etag, v.limits.max_bytes),
+            };
+            match got {
                 Ok(s3::Got::NotModified) => {
                     let sha = seen.expect("conditional GET only with a cached bundle").sha256;
                     point(&cache, "current", &sha)?;
@@ -130,7 +141,11 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
                 }
                 Ok(s3::Got::Body { bytes, etag }) => {
                     let sig = if v.public_key.is_some() {
-                        s3::get_optional(&opts, bucket, &format!("{key}.minisig")).map_err(|e| anyhow::anyhow!("fetching the bundle signature: {e}"))?
+                        let r = match src {
+                            Source::S3 { bucket, key } => s3::get_optional(&opts, bucket, &format!("{key}.minisig")),
+                            _ => http::get_optional(&format!("{url}.minisig")),
+                        };
+                        r.map_err(|e| anyhow::anyhow!("fetching the bundle signature: {e}"))?
                     } else {
                         None
                     };
