@@ -62,3 +62,33 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
     let r = node.sh("systemctl start bootstrap.service; systemctl is-failed bootstrap.service; journalctl -u bootstrap.service -o cat --no-pager | tail -3");
     assert!(r.stdout.contains("haproxy: 0 changed"), "{}", r.all());
 }
+
+/// The same first boot on an instance whose metadata has no tags: the Name tag comes from
+/// ec2:DescribeTags (moto), with the instance role's credentials from IMDS.
+#[test]
+fn init_names_the_node_from_describe_tags_when_metadata_has_no_tags() {
+    let bundles = tempfile::tempdir().unwrap();
+    let tarball = bundles.path().join("roles-production.tar.gz");
+    let b = bundle_copy();
+    let role = b.path().join("roles/haproxy/role.toml");
+    std::fs::write(&role, std::fs::read_to_string(&role).unwrap().replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\"")).unwrap();
+    assert_eq!(agent(&["bundle", "build", b.path().to_str().unwrap(), "-o", tarball.to_str().unwrap()]).code, 0);
+    let node = Node::boot(&repo());
+    let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n[aws]\\nec2_endpoint = \"http://127.0.0.1:5000\"\\n' > /etc/bootstrap/config.toml && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let moto = Moto::start_in_netns(node.leader, 5000);
+    let id = moto.run_instance_in_netns(node.leader, "production-haproxy");
+    let mut st = ImdsServer::instance("ignored");
+    st.tags = None;
+    st.meta.insert("instance-id".into(), id.clone());
+    st.meta.insert("placement/region".into(), "us-east-1".into());
+    st.user_data = Some("#bootstrap-config\n[bundle]\nsource = \"s3://roles/roles-${env}.tar.gz\"\ns3_endpoint = \"http://127.0.0.1:5000\"\n".into());
+    let _imds = ImdsServer::start_in_netns(node.leader, st);
+    moto.put_in_netns(node.leader, "roles", None);
+    moto.put_in_netns(node.leader, "roles/roles-production.tar.gz", Some(&tarball));
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "active");
+    let f: serde_json::Value = serde_json::from_str(&node.agent(&["facts", "--format", "json"]).stdout).unwrap();
+    assert_eq!((f["name"].as_str(), f["name_source"].as_str(), f["instance_id"].as_str()), (Some("production-haproxy"), Some("tag:Name"), Some(id.as_str())));
+}

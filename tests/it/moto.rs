@@ -134,3 +134,19 @@ impl Moto {
         r[start..start + r[start..].find('<').unwrap()].to_string()
     }
 }
+
+impl Moto {
+    /// RunInstances from inside the node's network namespace (curl through nsenter).
+    pub fn run_instance_in_netns(&self, pid: i32, name_tag: &str) -> String {
+        let body = format!(
+            "Action=RunInstances&Version=2016-11-15&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=Name&TagSpecification.1.Tag.1.Value={name_tag}"
+        );
+        let out = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-n", "curl", "-sf", "-X", "POST", "-H", "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request", "-d", &body, &self.url])
+            .output()
+            .unwrap();
+        let r = String::from_utf8_lossy(&out.stdout);
+        let start = r.find("<instanceId>").expect("RunInstances answer") + "<instanceId>".len();
+        r[start..start + r[start..].find('<').unwrap()].to_string()
+    }
+}
