@@ -8,16 +8,22 @@ use crate::moto::Moto;
 use crate::node::Node;
 use crate::support::*;
 
-#[test]
-fn init_on_a_booted_node_from_imds_and_user_data() {
+/// roles-production.tar.gz of this repository's roles. The IMDS test server holds
+/// 169.254.169.254:80 inside the node (on EC2 it is off-host), so haproxy listens on loopback.
+fn production_bundle() -> (tempfile::TempDir, std::path::PathBuf) {
     let bundles = tempfile::tempdir().unwrap();
     let tarball = bundles.path().join("roles-production.tar.gz");
-    // The IMDS test server holds 169.254.169.254:80 in the node, so haproxy listens on loopback.
     let b = bundle_copy();
     let role = b.path().join("roles/haproxy/role.toml");
     std::fs::write(&role, std::fs::read_to_string(&role).unwrap().replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\"")).unwrap();
     let r = agent(&["bundle", "build", b.path().to_str().unwrap(), "-o", tarball.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
+    (bundles, tarball)
+}
+
+#[test]
+fn init_on_a_booted_node_from_imds_and_user_data() {
+    let (_bundles, tarball) = production_bundle();
     let node = Node::boot(&repo());
     let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n' > /etc/bootstrap/config.toml && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
@@ -67,12 +73,7 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
 /// ec2:DescribeTags (moto), with the instance role's credentials from IMDS.
 #[test]
 fn init_names_the_node_from_describe_tags_when_metadata_has_no_tags() {
-    let bundles = tempfile::tempdir().unwrap();
-    let tarball = bundles.path().join("roles-production.tar.gz");
-    let b = bundle_copy();
-    let role = b.path().join("roles/haproxy/role.toml");
-    std::fs::write(&role, std::fs::read_to_string(&role).unwrap().replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\"")).unwrap();
-    assert_eq!(agent(&["bundle", "build", b.path().to_str().unwrap(), "-o", tarball.to_str().unwrap()]).code, 0);
+    let (_bundles, tarball) = production_bundle();
     let node = Node::boot(&repo());
     let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n[aws]\\nec2_endpoint = \"http://127.0.0.1:5000\"\\n' > /etc/bootstrap/config.toml && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
