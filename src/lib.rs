@@ -11,6 +11,7 @@ pub mod error;
 pub mod facts;
 pub mod fsutil;
 pub mod logging;
+pub mod reboot;
 pub mod role;
 pub mod runlock;
 pub mod runner;

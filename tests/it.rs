@@ -32,3 +32,6 @@ mod s3;
 
 #[path = "it/http_bundle.rs"]
 mod http_bundle;
+
+#[path = "it/etcd.rs"]
+mod etcd;
