@@ -35,3 +35,6 @@ mod http_bundle;
 
 #[path = "it/etcd.rs"]
 mod etcd;
+
+#[path = "it/reboot_e2e.rs"]
+mod reboot_e2e;

@@ -51,9 +51,30 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         Mode::Plan => None,
     };
     let host = Host { root: root.clone(), facts, systemd: Box::new(crate::systemd::Dbus::default()) };
-    let mut report = engine::run(&steps, &host, mode, RunInfo { role, source: source.to_string() });
+    let mut report = engine::run(&steps, &host, mode, RunInfo { role: role.clone(), source: source.to_string() });
     report.bundle = Some(engine::report::BundleInfo { sha256: fetched.sha256.clone(), origin: fetched.origin.to_string() });
+    let mut reboot_now = false;
     if mode == Mode::Apply {
+        let group = match &config.reboot.group {
+            Some(g) => cx.substitute(g)?,
+            None => format!("{}-{}", host.facts.env.as_deref().unwrap_or("default"), role),
+        };
+        let holder = host.facts.instance_id.clone().unwrap_or_else(|| host.facts.machine_id.clone());
+        match crate::reboot::coordinate(&host, &config.reboot, &group, &holder, !report.failed(), report.reboot_required) {
+            Ok(o) => {
+                report.reboot_pending = o.action == "pending";
+                if o.action == "halted" {
+                    report.status = "failed".into();
+                    report.error.get_or_insert_with(|| o.detail.clone().unwrap_or_default());
+                }
+                reboot_now = o.reboot_now;
+                report.reboot = Some(o);
+            }
+            Err(e) => {
+                report.status = "failed".into();
+                report.error.get_or_insert(format!("reboot coordination: {e:#}"));
+            }
+        }
         engine::write_report(&root, &report)?;
         if let (false, Some(sha)) = (report.failed(), &fetched.sha256) {
             crate::source::mark_good(&root, sha)?;
@@ -65,6 +86,10 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         print!("{}", report.human());
     } else {
         print!("{}", report.human().lines().last().map(|l| format!("{l}\n")).unwrap_or_default());
+    }
+    if reboot_now {
+        tracing::warn!("rebooting now (reboot slot held; see /var/lib/bootstrap/reboot.json)");
+        host.systemd.reboot()?;
     }
     Ok(report.exit_code(a.detailed_exitcodes))
 }

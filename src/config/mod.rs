@@ -20,6 +20,40 @@ pub struct Config {
     pub imds: ImdsConfig,
     #[serde(default)]
     pub aws: AwsConfig,
+    #[serde(default)]
+    pub reboot: RebootConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RebootStrategy {
+    /// Never reboot (the default until a strategy is chosen).
+    #[default]
+    Off,
+    /// Reboot right away when needed, without coordination.
+    Immediate,
+    /// Hold a slot of the group's etcd semaphore while rebooting.
+    Etcd,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootConfig {
+    pub strategy: Option<RebootStrategy>,
+    /// Default `${env}-${service}`.
+    pub group: Option<String>,
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    /// Slots when the semaphore is created (default 1).
+    pub slots: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -80,6 +114,13 @@ impl Config {
         self.imds.enabled = o.imds.enabled.or(self.imds.enabled);
         self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());
         self.aws.ec2_endpoint = o.aws.ec2_endpoint.or(self.aws.ec2_endpoint.take());
+        self.reboot.strategy = o.reboot.strategy.or(self.reboot.strategy);
+        self.reboot.group = o.reboot.group.or(self.reboot.group.take());
+        if !o.reboot.etcd.endpoints.is_empty() {
+            self.reboot.etcd.endpoints = o.reboot.etcd.endpoints;
+        }
+        self.reboot.etcd.prefix = o.reboot.etcd.prefix.or(self.reboot.etcd.prefix.take());
+        self.reboot.etcd.slots = o.reboot.etcd.slots.or(self.reboot.etcd.slots);
     }
 
     /// `over` wins field by field.

@@ -50,6 +50,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         notify: Vec::new(),
         reboot_required: false,
         reboot_pending: false,
+        reboot: None,
         error: None,
     };
     let mut pending: BTreeSet<Notify> = if apply && host.is_live() { read_pending(&host.root) } else { BTreeSet::new() };

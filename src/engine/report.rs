@@ -89,6 +89,8 @@ pub struct Report {
     pub reboot_required: bool,
     pub reboot_pending: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<crate::reboot::Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

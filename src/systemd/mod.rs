@@ -48,6 +48,8 @@ pub trait Systemd {
     fn stop(&self, unit: &str) -> Result<()>;
     fn restart(&self, unit: &str) -> Result<()>;
     fn reload(&self, unit: &str) -> Result<()>;
+    /// Reboot through logind (org.freedesktop.login1.Manager.Reboot).
+    fn reboot(&self) -> Result<()>;
 }
 
 /// systemd on the system bus; connects on first use (runs under `--root` never do).
@@ -177,5 +179,15 @@ impl Systemd for Dbus {
 
     fn reload(&self, unit: &str) -> Result<()> {
         self.job("ReloadUnit", unit, true)
+    }
+
+    fn reboot(&self) -> Result<()> {
+        let login: Proxy<'_> = Builder::new(self.conn()?)
+            .destination("org.freedesktop.login1")?
+            .path("/org/freedesktop/login1")?
+            .interface("org.freedesktop.login1.Manager")?
+            .cache_properties(CacheProperties::No)
+            .build()?;
+        login.call::<_, _, ()>("Reboot", &(false,)).context("asking logind to reboot")
     }
 }

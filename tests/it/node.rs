@@ -32,6 +32,8 @@ pub struct Node {
     bundle: PathBuf,
     /// Extra read-only binds: host path → path in the node.
     binds: Vec<(PathBuf, String)>,
+    /// Share the host's network namespace (several nodes reaching one etcd on loopback).
+    host_network: bool,
 }
 
 impl Node {
@@ -42,6 +44,15 @@ impl Node {
 
     /// Boot with extra read-only bind mounts (host path, path in the node).
     pub fn boot_with(bundle: &Path, binds: &[(&Path, &str)]) -> Node {
+        Node::boot_opts(bundle, binds, false)
+    }
+
+    /// A node on the host's network (no --private-network), with a machine id of its own.
+    pub fn boot_host_net(bundle: &Path) -> Node {
+        Node::boot_opts(bundle, &[], true)
+    }
+
+    fn boot_opts(bundle: &Path, binds: &[(&Path, &str)], host_network: bool) -> Node {
         let dir = tempfile::Builder::new().prefix("node.").tempdir_in("/var/tmp").unwrap();
         let merged = dir.path().join("merged");
         for d in ["upper", "work", "merged", "dbus"] {
@@ -51,7 +62,10 @@ impl Node {
         let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
         assert!(st.success(), "mounting the node overlay failed");
         let binds = binds.iter().map(|(h, n)| (h.to_path_buf(), n.to_string())).collect();
-        let mut node = Node { dir, merged, nspawn: None, leader: 0, bundle: bundle.to_path_buf(), binds };
+        // Every node its own machine id (the rootfs has one, shared by all overlays).
+        let id: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() % 16)).collect();
+        std::fs::write(merged.join("etc/machine-id"), format!("{id}\n")).unwrap();
+        let mut node = Node { dir, merged, nspawn: None, leader: 0, bundle: bundle.to_path_buf(), binds, host_network };
         node.start();
         node
     }
@@ -60,7 +74,8 @@ impl Node {
         let d = self.dir.path();
         let console = std::fs::File::create(d.join("console.log")).unwrap();
         let child = Command::new("systemd-nspawn")
-            .args(["-b", "--register=no", "--keep-unit", "--console=read-only", "--private-network", "-M", "node"])
+            .args(["-b", "--register=no", "--keep-unit", "--console=read-only", "-M", "node"])
+            .args(if self.host_network { &[][..] } else { &["--private-network"][..] })
             .arg("-D")
             .arg(&self.merged)
             .arg(format!("--bind={}:/run/dbus", d.join("dbus").display()))
