@@ -4,6 +4,7 @@ pub mod apply;
 pub mod bundle;
 pub mod facts;
 pub mod init;
+pub mod lock;
 pub mod validate;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -40,6 +41,16 @@ pub enum Command {
     /// Role bundles.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Operator tools for the fleet reboot semaphore in etcd.
+    Lock {
+        #[command(subcommand)]
+        cmd: LockCmd,
+        /// The reboot group (default: [reboot] group, else ENV-SERVICE of this node).
+        #[arg(long, global = true)]
+        group: Option<String>,
+        #[command(flatten)]
+        naming: NamingArgs,
+    },
     /// Print the facts templates and `when` see.
     Facts {
         #[command(flatten)]
@@ -65,6 +76,16 @@ pub enum BundleCmd {
         #[arg(long, value_name = "SECRET_KEY")]
         sign: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LockCmd {
+    /// Show the semaphore: slots and holders.
+    Status,
+    /// Free the slot held by ID (an instance id, or a machine id off EC2).
+    Release { id: String },
+    /// Set the number of slots.
+    SetSlots { n: u64 },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -176,6 +197,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
         Command::Validate { path } => validate::run(&path),
         Command::Bundle(BundleCmd::Build { dir, output, sign }) => bundle::build(&dir, &output, sign.as_deref()),
+        Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
     }
 }

@@ -35,8 +35,24 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     assert_eq!(rep["reboot"]["action"], "pending");
     assert_eq!(holders(&etcd), [a_id.clone()]);
 
-    // A comes back, converges, is healthy: it releases its slot.
+    // A comes back but its run fails (a broken role): it keeps the slot, the rollout halts,
+    // and B (whose own runs succeed) still may not reboot.
     nodes[0].boot_again();
+    let role = b.path().join("roles/web/role.toml");
+    let good_role = std::fs::read_to_string(&role).unwrap();
+    std::fs::write(&role, format!("{good_role}[[step]]\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n")).unwrap();
+    let r = nodes[0].run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = nodes[0].report();
+    assert_eq!(rep["reboot"]["action"], "halted", "{rep:#}");
+    assert!(rep["reboot"]["detail"].as_str().unwrap().contains("unhealthy after reboot"));
+    assert_eq!(holders(&etcd), [a_id.clone()]);
+    std::fs::write(&role, good_role).unwrap();
+    let r = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[1].report()["reboot"]["action"], "pending", "B waits while the halted A holds the slot");
+
+    // Fixed: A converges and is healthy, so it releases its slot.
     let r = nodes[0].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(nodes[0].report()["reboot"]["action"], "released");
@@ -46,5 +62,43 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     // B's next run takes the slot and reboots.
     let _ = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(nodes[1].wait_exit(Duration::from_secs(60)), 133, "node B did not reboot");
-    assert_eq!(holders(&etcd), [b_id]);
+    assert_eq!(holders(&etcd), [b_id.clone()]);
+
+    // Operator tools, from a node with the config.
+    let r = nodes[0].agent(&["lock", "status", "--group", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("1/1 slots held") && r.stdout.contains(&b_id), "{}", r.stdout);
+    let r = nodes[0].agent(&["lock", "release", &b_id, "--group", "production-web"]);
+    assert!(r.stdout.contains("released"), "{}", r.all());
+    assert!(holders(&etcd).is_empty());
+    assert_eq!(nodes[0].agent(&["lock", "set-slots", "3", "--group", "production-web"]).code, 0);
+    assert_eq!(etcd.lock("production-web").get().unwrap().unwrap().0.total_slots, 3);
+}
+
+/// A run killed right after it acquired (reboot.json written, slot held, no reboot yet): the
+/// next run reboots with the same slot and does not take a second one.
+#[test]
+fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
+    let etcd = Etcd::start(1);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let mut node = Node::boot_host_net(b.path());
+    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
+    std::fs::write(
+        node.merged.join("etc/bootstrap/config.toml"),
+        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n", etcd.endpoints()[0]),
+    )
+    .unwrap();
+    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let boot_id = node.sh("cat /proc/sys/kernel/random/boot_id").stdout.trim().to_string();
+    // What the killed run left behind.
+    assert_eq!(etcd.lock("production-web").acquire(&id, 1).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
+    std::fs::create_dir_all(node.merged.join("var/lib/bootstrap")).unwrap();
+    std::fs::write(
+        node.merged.join("var/lib/bootstrap/reboot.json"),
+        format!(r#"{{"group":"production-web","holder":"{id}","boot_id":"{boot_id}","acquired_at":"t","reason":"/run/reboot-required exists"}}"#),
+    )
+    .unwrap();
+    let _ = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "the node did not reboot with its slot");
+    assert_eq!(holders(&etcd), [id]);
 }
