@@ -55,15 +55,12 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
     report.bundle = Some(engine::report::BundleInfo { sha256: fetched.sha256.clone(), origin: fetched.origin.to_string() });
     let mut reboot_now = false;
     if mode == Mode::Apply {
-        let group = match &config.reboot.group {
-            Some(g) => cx.substitute(g)?,
-            None => format!("{}-{}", host.facts.env.as_deref().unwrap_or("default"), role),
-        };
-        let holder = host.facts.instance_id.clone().unwrap_or_else(|| host.facts.machine_id.clone());
+        let group = cx.reboot_group().unwrap_or_else(|_| format!("default-{role}"));
+        let holder = cx.holder_id();
         match crate::reboot::coordinate(&host, &config.reboot, &group, &holder, !report.failed(), report.reboot_required) {
             Ok(o) => {
                 report.reboot_pending = o.action == "pending";
-                if o.action == "halted" {
+                if o.action == "halted" || o.action == "hook_failed" {
                     report.status = "failed".into();
                     report.error.get_or_insert_with(|| o.detail.clone().unwrap_or_default());
                 }

@@ -11,13 +11,9 @@ fn lock(cx: &Context, group: Option<&str>) -> anyhow::Result<EtcdLock> {
     if r.etcd.endpoints.is_empty() {
         return Err(ConfigError::msg("no etcd endpoints: set [reboot.etcd] endpoints in /etc/bootstrap/config.toml").into());
     }
-    let group = match (group, &r.group) {
-        (Some(g), _) => g.to_string(),
-        (None, Some(g)) => cx.substitute(g)?,
-        (None, None) => match (&cx.facts.env, &cx.facts.service) {
-            (Some(e), Some(s)) => format!("{e}-{s}"),
-            _ => return Err(ConfigError::msg("no group: pass --group or name the node").into()),
-        },
+    let group = match group {
+        Some(g) => g.to_string(),
+        None => cx.reboot_group()?,
     };
     Ok(EtcdLock::new(&r.etcd.endpoints, r.etcd.prefix.as_deref().unwrap_or(DEFAULT_PREFIX), &group)?)
 }

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod facts;
 pub mod init;
 pub mod lock;
+pub mod reboot;
 pub mod validate;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -41,6 +42,17 @@ pub enum Command {
     /// Role bundles.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Only the reboot part: is a reboot needed, take a slot, hooks, reboot (or release after one).
+    Reboot {
+        /// Only say whether a reboot is needed.
+        #[arg(long, conflicts_with = "request")]
+        check: bool,
+        /// Ask for a coordinated reboot on the next run.
+        #[arg(long)]
+        request: bool,
+        #[command(flatten)]
+        naming: NamingArgs,
+    },
     /// Operator tools for the fleet reboot semaphore in etcd.
     Lock {
         #[command(subcommand)]
@@ -179,6 +191,20 @@ impl Context {
         Ok(Context { root: root.to_path_buf(), facts, config })
     }
 
+    /// The reboot group: `[reboot] group` (substituted), else `ENV-SERVICE`.
+    pub fn reboot_group(&self) -> Result<String, crate::error::ConfigError> {
+        match (&self.config.reboot.group, &self.facts.env, &self.facts.service) {
+            (Some(g), _, _) => self.substitute(g),
+            (None, Some(e), Some(s)) => Ok(format!("{e}-{s}")),
+            _ => Err(crate::error::ConfigError::msg("no reboot group: set [reboot] group or name the node")),
+        }
+    }
+
+    /// This node's id in the semaphore: the EC2 instance id, else the machine id.
+    pub fn holder_id(&self) -> String {
+        self.facts.instance_id.clone().unwrap_or_else(|| self.facts.machine_id.clone())
+    }
+
     /// A config string with `${env}`, `${service}`, `${region}`, `${instance_id}` filled in.
     pub fn substitute(&self, s: &str) -> Result<String, crate::error::ConfigError> {
         let f = &self.facts;
@@ -197,6 +223,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
         Command::Validate { path } => validate::run(&path),
         Command::Bundle(BundleCmd::Build { dir, output, sign }) => bundle::build(&dir, &output, sign.as_deref()),
+        Command::Reboot { check, request, naming } => reboot::run(check, request, &naming),
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
     }

@@ -44,6 +44,32 @@ pub struct RebootConfig {
     pub group: Option<String>,
     #[serde(default)]
     pub etcd: EtcdConfig,
+    /// Commands run after a slot is taken and before rebooting (a drain); a failure releases
+    /// the slot and cancels the reboot.
+    #[serde(default)]
+    pub pre_hook: Vec<HookConfig>,
+    /// Checks after the reboot; the slot is released only when all pass.
+    #[serde(default)]
+    pub health: Vec<HealthConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    pub command: Vec<String>,
+    /// Default 5m.
+    pub timeout: Option<String>,
+}
+
+/// One of `unit` (active), `url` (HTTP 200), `command` (exit 0).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub unit: Option<String>,
+    pub url: Option<String>,
+    pub command: Option<Vec<String>>,
+    /// Default 30s.
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -121,6 +147,12 @@ impl Config {
         }
         self.reboot.etcd.prefix = o.reboot.etcd.prefix.or(self.reboot.etcd.prefix.take());
         self.reboot.etcd.slots = o.reboot.etcd.slots.or(self.reboot.etcd.slots);
+        if !o.reboot.pre_hook.is_empty() {
+            self.reboot.pre_hook = o.reboot.pre_hook;
+        }
+        if !o.reboot.health.is_empty() {
+            self.reboot.health = o.reboot.health;
+        }
     }
 
     /// `over` wins field by field.

@@ -13,6 +13,10 @@ use serde::Serialize;
 use std::path::Path;
 
 pub const STATE_PATH: &str = "var/lib/bootstrap/reboot.json";
+/// Written by `bootstrap reboot --request`; removed after the reboot it asked for.
+pub const REQUEST_PATH: &str = "var/lib/bootstrap/reboot-requested";
+const HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the reboot part of a run decided, for the report.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -34,6 +38,9 @@ pub fn reboot_needed(root: &Path, os_family: &str, step_requested: bool) -> Opti
     if step_requested {
         return Some("a step with reboot_required changed".into());
     }
+    if root.join(REQUEST_PATH).exists() {
+        return Some("requested with bootstrap reboot --request".into());
+    }
     for f in ["run/reboot-required", "var/run/reboot-required"] {
         if root.join(f).exists() {
             return Some(format!("/{f} exists"));
@@ -46,6 +53,57 @@ pub fn reboot_needed(root: &Path, os_family: &str, step_requested: bool) -> Opti
         }
     }
     None
+}
+
+fn duration(s: &Option<String>, default: std::time::Duration) -> anyhow::Result<std::time::Duration> {
+    match s {
+        Some(t) => humantime::parse_duration(t).map_err(|e| crate::error::ConfigError::msg(format!("[reboot] timeout {t:?}: {e}")).into()),
+        None => Ok(default),
+    }
+}
+
+/// Run the pre-reboot hooks in order; the first failure is returned.
+fn run_hooks(cfg: &RebootConfig) -> anyhow::Result<Option<String>> {
+    for h in &cfg.pre_hook {
+        let cmd = crate::runner::Cmd { argv: h.command.clone(), timeout: Some(duration(&h.timeout, HOOK_TIMEOUT)?), ..Default::default() };
+        let out = crate::runner::run(&cmd);
+        match out {
+            Ok(o) if o.success() => {}
+            Ok(o) => return Ok(Some(format!("pre-reboot hook {:?} {}: {}", h.command, o.describe(), o.tail(5)))),
+            Err(e) => return Ok(Some(format!("pre-reboot hook {:?}: {e:#}", h.command))),
+        }
+    }
+    Ok(None)
+}
+
+/// Every health check; the failures, described.
+fn failed_health(host: &Host, cfg: &RebootConfig) -> anyhow::Result<Vec<String>> {
+    let mut failed = Vec::new();
+    for c in &cfg.health {
+        let timeout = duration(&c.timeout, HEALTH_TIMEOUT)?;
+        match (&c.unit, &c.url, &c.command) {
+            (Some(u), None, None) => match host.systemd.unit_state(u) {
+                Ok(s) if s.active_state == "active" => {}
+                Ok(s) => failed.push(format!("unit {u} is {}", s.active_state)),
+                Err(e) => failed.push(format!("unit {u}: {e:#}")),
+            },
+            (None, Some(url), None) => {
+                let r = reqwest::blocking::Client::builder().timeout(timeout).build()?.get(url).send();
+                match r {
+                    Ok(r) if r.status().as_u16() == 200 => {}
+                    Ok(r) => failed.push(format!("GET {url}: HTTP {}", r.status())),
+                    Err(e) => failed.push(format!("GET {url}: {e}")),
+                }
+            }
+            (None, None, Some(argv)) => match crate::runner::run(&crate::runner::Cmd { argv: argv.clone(), timeout: Some(timeout), ..Default::default() }) {
+                Ok(o) if o.success() => {}
+                Ok(o) => failed.push(format!("{argv:?} {}", o.describe())),
+                Err(e) => failed.push(format!("{argv:?}: {e:#}")),
+            },
+            _ => return Err(crate::error::ConfigError::msg("[[reboot.health]]: give exactly one of unit, url, command").into()),
+        }
+    }
+    Ok(failed)
 }
 
 fn read_state(root: &Path) -> Option<RebootState> {
@@ -76,6 +134,11 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
             if !run_ok {
                 return Ok(outcome(&needed, "halted", Some("unhealthy after reboot: the run failed; keeping the slot so the rollout stops here".into())));
             }
+            let failed = failed_health(host, cfg)?;
+            if !failed.is_empty() {
+                return Ok(outcome(&needed, "halted", Some(format!("unhealthy after reboot: {}; keeping the slot so the rollout stops here", failed.join("; ")))));
+            }
+            let _ = std::fs::remove_file(host.root.join(REQUEST_PATH));
             if let Some(l) = &lock {
                 l.release(holder, slots).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
             }
@@ -96,6 +159,13 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                     }
                     Err(e) => return Ok(outcome(&needed, "pending", Some(format!("reboot lock unavailable, not rebooting: {e}")))),
                 }
+            }
+            if let Some(why) = run_hooks(cfg)? {
+                if let Some(l) = &lock {
+                    l.release(holder, slots).map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook: {e}"))?;
+                }
+                let _ = std::fs::remove_file(host.root.join(STATE_PATH));
+                return Ok(outcome(&needed, "hook_failed", Some(format!("{why}; slot released, not rebooting"))));
             }
             if a == Action::Acquire {
                 let st = RebootState {

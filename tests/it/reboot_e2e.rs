@@ -102,3 +102,49 @@ fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "the node did not reboot with its slot");
     assert_eq!(holders(&etcd), [id]);
 }
+
+/// A failing pre-reboot hook releases the slot and cancels the reboot; health checks gate the
+/// release after the reboot; `reboot --request` / `--check`.
+#[test]
+fn hooks_and_health_checks_gate_the_reboot() {
+    let etcd = Etcd::start(1);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let mut node = Node::boot_host_net(b.path());
+    let cfg = node.merged.join("etc/bootstrap/config.toml");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    let write = |extra: &str| {
+        std::fs::write(&cfg, format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}", etcd.endpoints()[0])).unwrap();
+    };
+    write("[[reboot.pre_hook]]\ncommand = [\"sh\", \"-c\", \"echo draining failed; exit 4\"]\n");
+    assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
+    assert_eq!(node.agent(&["reboot", "--request"]).code, 0);
+    assert!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.contains("reboot needed: requested"));
+
+    let r = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = node.report();
+    assert_eq!(rep["reboot"]["action"], "hook_failed", "{rep:#}");
+    assert!(rep["reboot"]["detail"].as_str().unwrap().contains("exited with status 4"));
+    assert!(holders(&etcd).is_empty(), "the slot goes back after a failed hook");
+    assert!(node.sh("systemctl is-system-running").stdout.contains("running"), "no reboot after a failed hook");
+
+    write("[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n");
+    let _ = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 133);
+    assert!(node.merged.join("var/lib/drained").exists(), "the hook ran before the reboot");
+    node.boot_again();
+    let r = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = node.report();
+    assert_eq!(rep["reboot"]["action"], "halted");
+    assert!(rep["reboot"]["detail"].as_str().unwrap().contains("unit ghost.service is inactive"), "{rep:#}");
+    assert_eq!(holders(&etcd).len(), 1, "an unhealthy node keeps its slot");
+
+    write("[[reboot.health]]\ncommand = [\"true\"]\n[[reboot.health]]\nunit = \"systemd-journald.service\"\n");
+    let r = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.report()["reboot"]["action"], "released");
+    assert!(holders(&etcd).is_empty());
+    assert!(!node.merged.join("var/lib/bootstrap/reboot-requested").exists(), "the request is done");
+    assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
+}
