@@ -42,6 +42,10 @@ pub struct RebootConfig {
     pub strategy: Option<RebootStrategy>,
     /// Default `${env}-${service}`.
     pub group: Option<String>,
+    /// `"Mon..Fri 02:00"` (UTC): when a reboot may start.
+    pub window_start: Option<String>,
+    /// `"2h"`.
+    pub window_length: Option<String>,
     #[serde(default)]
     pub etcd: EtcdConfig,
     /// Commands run after a slot is taken and before rebooting (a drain); a failure releases
@@ -142,6 +146,8 @@ impl Config {
         self.aws.ec2_endpoint = o.aws.ec2_endpoint.or(self.aws.ec2_endpoint.take());
         self.reboot.strategy = o.reboot.strategy.or(self.reboot.strategy);
         self.reboot.group = o.reboot.group.or(self.reboot.group.take());
+        self.reboot.window_start = o.reboot.window_start.or(self.reboot.window_start.take());
+        self.reboot.window_length = o.reboot.window_length.or(self.reboot.window_length.take());
         if !o.reboot.etcd.endpoints.is_empty() {
             self.reboot.etcd.endpoints = o.reboot.etcd.endpoints;
         }

@@ -5,6 +5,7 @@
 
 pub mod decide;
 pub mod etcd;
+pub mod window;
 
 use crate::config::{RebootConfig, RebootStrategy};
 use crate::step::Host;
@@ -149,6 +150,15 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
             if !run_ok && a == Action::Acquire {
                 return Ok(outcome(&needed, "none", Some("not rebooting after a failed run".into())));
             }
+            let window = match (&cfg.window_start, &cfg.window_length) {
+                (Some(s), Some(l)) => Some(window::Window::parse(s, l).map_err(|e| crate::error::ConfigError::msg(format!("[reboot] window: {e}")))?),
+                (None, None) => None,
+                _ => return Err(crate::error::ConfigError::msg("[reboot] window_start and window_length go together").into()),
+            };
+            let inside = || window.as_ref().is_none_or(|w| w.contains(time::OffsetDateTime::now_utc()));
+            if !inside() {
+                return Ok(outcome(&needed, "pending", Some("outside the reboot window".into())));
+            }
             if let Some(l) = &lock {
                 match l.acquire(holder, slots) {
                     Ok(etcd::Acquire::Acquired | etcd::Acquire::AlreadyHeld) => {}
@@ -159,6 +169,14 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                     }
                     Err(e) => return Ok(outcome(&needed, "pending", Some(format!("reboot lock unavailable, not rebooting: {e}")))),
                 }
+            }
+            // The window may have closed while we waited for the lock: give the slot back.
+            if !inside() {
+                if let Some(l) = &lock {
+                    l.release(holder, slots).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
+                }
+                let _ = std::fs::remove_file(host.root.join(STATE_PATH));
+                return Ok(outcome(&needed, "pending", Some("the reboot window closed while acquiring; slot released".into())));
             }
             if let Some(why) = run_hooks(cfg)? {
                 if let Some(l) = &lock {

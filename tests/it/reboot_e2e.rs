@@ -148,3 +148,24 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert!(!node.merged.join("var/lib/bootstrap/reboot-requested").exists(), "the request is done");
     assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
 }
+
+#[test]
+fn outside_the_window_no_slot_is_taken() {
+    let etcd = Etcd::start(1);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let node = Node::boot_host_net(b.path());
+    let hour = (time::OffsetDateTime::now_utc().hour() + 12) % 24;
+    let cfg = node.merged.join("etc/bootstrap/config.toml");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n", etcd.endpoints()[0]),
+    )
+    .unwrap();
+    assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
+    let r = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = node.report();
+    assert_eq!((rep["reboot"]["action"].as_str(), rep["reboot"]["detail"].as_str()), (Some("pending"), Some("outside the reboot window")));
+    assert!(etcd.lock("production-web").get().unwrap().is_none(), "no acquire outside the window");
+}
