@@ -35,6 +35,24 @@ pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::R
             let held = l.release(id, cx.config.reboot.etcd.slots.unwrap_or(1))?;
             println!("{}: {id} {}", l.key(), if held { "released" } else { "held no slot" });
         }
+        LockCmd::Reap => {
+            let Some((sem, _)) = l.get()? else {
+                println!("{}: no semaphore", l.key());
+                return Ok(0);
+            };
+            for h in &sem.holders {
+                if !h.starts_with("i-") {
+                    println!("kept {h}: not an EC2 instance id");
+                    continue;
+                }
+                if crate::facts::ec2::instance_gone(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref(), h)? {
+                    l.release(h, cx.config.reboot.etcd.slots.unwrap_or(1))?;
+                    println!("removed {h}: instance terminated or unknown");
+                } else {
+                    println!("kept {h}: instance exists");
+                }
+            }
+        }
         LockCmd::SetSlots { n } => {
             l.set_slots(*n)?;
             println!("{}: total_slots = {n}", l.key());

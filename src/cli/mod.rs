@@ -98,6 +98,8 @@ pub enum LockCmd {
     Release { id: String },
     /// Set the number of slots.
     SetSlots { n: u64 },
+    /// Remove holders whose EC2 instance is terminated or unknown (ec2:DescribeInstances).
+    Reap,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -4,13 +4,40 @@
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 
-pub fn describe_tags(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<BTreeMap<String, String>> {
+fn client(region: Option<&str>, endpoint: Option<&str>) -> aws_sdk_ec2::Client {
     let shared = crate::aws::sdk_config(region);
     let mut b = aws_sdk_ec2::config::Builder::from(&shared);
     if let Some(e) = endpoint {
         b = b.endpoint_url(e);
     }
-    let client = aws_sdk_ec2::Client::from_conf(b.build());
+    aws_sdk_ec2::Client::from_conf(b.build())
+}
+
+/// Is this instance gone (terminated, shutting down, or unknown to EC2)? Errors other than
+/// "not found" are returned: an API failure must not look like a dead instance.
+pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<bool> {
+    let c = client(region, endpoint);
+    let resp = crate::aws::runtime().block_on(c.describe_instances().instance_ids(instance_id).send());
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            if e.as_service_error().and_then(|se| aws_sdk_ec2::error::ProvideErrorMetadata::code(se)).is_some_and(|c| c.starts_with("InvalidInstanceID")) {
+                return Ok(true);
+            }
+            return Err(anyhow::anyhow!("ec2:DescribeInstances {instance_id}: {}", aws_sdk_ec2::error::DisplayErrorContext(&e)));
+        }
+    };
+    let states: Vec<String> = resp
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()))
+        .collect();
+    Ok(states.is_empty() || states.iter().all(|s| s == "terminated" || s == "shutting-down"))
+}
+
+pub fn describe_tags(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<BTreeMap<String, String>> {
+    let client = client(region, endpoint);
     let filter = aws_sdk_ec2::types::Filter::builder().name("resource-id").values(instance_id).build();
     let mut tags = BTreeMap::new();
     let mut token: Option<String> = None;

@@ -150,3 +150,18 @@ impl Moto {
         r[start..start + r[start..].find('<').unwrap()].to_string()
     }
 }
+
+impl Moto {
+    /// TerminateInstances (raw EC2 query API).
+    pub fn terminate(&self, id: &str) {
+        let r = self
+            .http()
+            .post(&self.url)
+            .header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request")
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(format!("Action=TerminateInstances&Version=2016-11-15&InstanceId.1={id}"))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "TerminateInstances: {}", r.status());
+    }
+}

@@ -169,3 +169,29 @@ fn outside_the_window_no_slot_is_taken() {
     assert_eq!((rep["reboot"]["action"].as_str(), rep["reboot"]["detail"].as_str()), (Some("pending"), Some("outside the reboot window")));
     assert!(etcd.lock("production-web").get().unwrap().is_none(), "no acquire outside the window");
 }
+
+/// `lock reap` drops holders whose instance is terminated or unknown (moto) and keeps the rest.
+#[test]
+fn lock_reap_removes_dead_holders_only() {
+    let etcd = Etcd::start(1);
+    let moto = crate::moto::Moto::start();
+    let live = moto.run_instance(&[("Name", "production-web")]);
+    let dead = moto.run_instance(&[("Name", "production-web")]);
+    moto.terminate(&dead);
+    let lock = etcd.lock("production-web");
+    for h in [live.as_str(), dead.as_str(), "i-0000000000000dead", "machine-abc"] {
+        assert_eq!(lock.acquire(h, 4).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
+    }
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let node = Node::boot_host_net(b.path());
+    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
+    std::fs::write(
+        node.merged.join("etc/bootstrap/config.toml"),
+        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n", etcd.endpoints()[0], moto.url),
+    )
+    .unwrap();
+    let r = node.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true bootstrap lock reap --group production-web");
+    assert!(r.stdout.contains(&format!("removed {dead}")) && r.stdout.contains("removed i-0000000000000dead"), "{}", r.all());
+    assert!(r.stdout.contains(&format!("kept {live}: instance exists")) && r.stdout.contains("kept machine-abc"), "{}", r.all());
+    assert_eq!(holders(&etcd), [live, "machine-abc".to_string()]);
+}
