@@ -38,3 +38,6 @@ mod etcd;
 
 #[path = "it/reboot_e2e.rs"]
 mod reboot_e2e;
+
+#[path = "it/fleetlock_server.rs"]
+mod fleetlock_server;

@@ -34,6 +34,8 @@ pub enum RebootStrategy {
     Immediate,
     /// Hold a slot of the group's etcd semaphore while rebooting.
     Etcd,
+    /// Ask a FleetLock server (airlock) for a slot.
+    FleetLock,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -48,6 +50,8 @@ pub struct RebootConfig {
     pub window_length: Option<String>,
     #[serde(default)]
     pub etcd: EtcdConfig,
+    #[serde(default)]
+    pub fleet_lock: FleetLockConfig,
     /// Commands run after a slot is taken and before rebooting (a drain); a failure releases
     /// the slot and cancels the reboot.
     #[serde(default)]
@@ -55,6 +59,12 @@ pub struct RebootConfig {
     /// Checks after the reboot; the slot is released only when all pass.
     #[serde(default)]
     pub health: Vec<HealthConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetLockConfig {
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -153,6 +163,7 @@ impl Config {
         }
         self.reboot.etcd.prefix = o.reboot.etcd.prefix.or(self.reboot.etcd.prefix.take());
         self.reboot.etcd.slots = o.reboot.etcd.slots.or(self.reboot.etcd.slots);
+        self.reboot.fleet_lock.url = o.reboot.fleet_lock.url.or(self.reboot.fleet_lock.url.take());
         if !o.reboot.pre_hook.is_empty() {
             self.reboot.pre_hook = o.reboot.pre_hook;
         }

@@ -1,11 +1,34 @@
 //! Fleet reboot coordination: is a reboot needed, may this node take a slot, reboot through
 //! logind, and after the boot release the slot only when the node converged and is healthy.
-//! Built so far: strategies `off`, `immediate` and `etcd`; not yet: windows, pre-reboot hooks,
-//! health checks beyond "the run succeeded", FleetLock, `lock reap`, waiting for a slot.
+//! Strategies `off`, `immediate`, `etcd` and `fleet_lock`; not yet: waiting for a slot
+//! (`reboot --wait`), a random delay inside the window.
 
 pub mod decide;
 pub mod etcd;
+pub mod fleetlock;
 pub mod window;
+
+/// The lock service a strategy uses.
+enum Backend {
+    Etcd(etcd::EtcdLock, u64),
+    Fleet(fleetlock::FleetLock),
+}
+
+impl Backend {
+    fn acquire(&self, holder: &str) -> Result<etcd::Acquire, etcd::LockError> {
+        match self {
+            Backend::Etcd(l, slots) => l.acquire(holder, *slots),
+            Backend::Fleet(f) => f.acquire(holder),
+        }
+    }
+
+    fn release(&self, holder: &str) -> Result<bool, etcd::LockError> {
+        match self {
+            Backend::Etcd(l, slots) => l.release(holder, *slots),
+            Backend::Fleet(f) => f.release(holder),
+        }
+    }
+}
 
 use crate::config::{RebootConfig, RebootStrategy};
 use crate::step::Host;
@@ -124,10 +147,13 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
         return Ok(outcome(&needed, "none", needed.as_ref().map(|_| "reboot strategy is off".to_string())));
     }
     let lock = match strategy {
-        RebootStrategy::Etcd => Some(etcd::EtcdLock::new(&cfg.etcd.endpoints, cfg.etcd.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group)?),
+        RebootStrategy::Etcd => Some(Backend::Etcd(etcd::EtcdLock::new(&cfg.etcd.endpoints, cfg.etcd.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group)?, cfg.etcd.slots.unwrap_or(1))),
+        RebootStrategy::FleetLock => {
+            let url = cfg.fleet_lock.url.as_deref().ok_or_else(|| crate::error::ConfigError::msg("[reboot] strategy = \"fleet_lock\" needs [reboot.fleet_lock] url"))?;
+            Some(Backend::Fleet(fleetlock::FleetLock::new(url, group)?))
+        }
         _ => None,
     };
-    let slots = cfg.etcd.slots.unwrap_or(1);
     let state = read_state(&host.root);
     match next_action(state.as_ref(), &host.facts.boot_id, needed.is_some()) {
         Action::Nothing => Ok(outcome(&needed, "none", None)),
@@ -141,7 +167,7 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
             }
             let _ = std::fs::remove_file(host.root.join(REQUEST_PATH));
             if let Some(l) = &lock {
-                l.release(holder, slots).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
+                l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
             }
             std::fs::remove_file(host.root.join(STATE_PATH))?;
             Ok(outcome(&needed, "released", Some(format!("slot of group {group} released after a healthy boot"))))
@@ -160,7 +186,7 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                 return Ok(outcome(&needed, "pending", Some("outside the reboot window".into())));
             }
             if let Some(l) = &lock {
-                match l.acquire(holder, slots) {
+                match l.acquire(holder) {
                     Ok(etcd::Acquire::Acquired | etcd::Acquire::AlreadyHeld) => {}
                     Ok(etcd::Acquire::Full) => {
                         // A slot we had was taken away (an operator released it): start over.
@@ -173,14 +199,14 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
             // The window may have closed while we waited for the lock: give the slot back.
             if !inside() {
                 if let Some(l) = &lock {
-                    l.release(holder, slots).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
+                    l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
                 }
                 let _ = std::fs::remove_file(host.root.join(STATE_PATH));
                 return Ok(outcome(&needed, "pending", Some("the reboot window closed while acquiring; slot released".into())));
             }
             if let Some(why) = run_hooks(cfg)? {
                 if let Some(l) = &lock {
-                    l.release(holder, slots).map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook: {e}"))?;
+                    l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook: {e}"))?;
                 }
                 let _ = std::fs::remove_file(host.root.join(STATE_PATH));
                 return Ok(outcome(&needed, "hook_failed", Some(format!("{why}; slot released, not rebooting"))));

@@ -9,15 +9,15 @@ fn holders(etcd: &Etcd) -> Vec<String> {
     etcd.lock("production-web").get().unwrap().map(|(s, _)| s.holders).unwrap_or_default()
 }
 
-#[test]
-fn two_nodes_one_slot_reboot_one_at_a_time() {
-    let etcd = Etcd::start(1);
+/// Two nodes, one slot: one reboots while the other waits; a node unhealthy after its reboot
+/// halts the rollout; after a healthy boot the slot goes to the other. `holders` reads the lock
+/// service's state.
+fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Node>, String, String, tempfile::TempDir) {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"x\\n\"\n")]);
-    let config = format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n", etcd.endpoints()[0]);
     let mut nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(b.path())).collect();
     for n in &nodes {
         std::fs::create_dir_all(n.merged.join("etc/bootstrap")).unwrap();
-        std::fs::write(n.merged.join("etc/bootstrap/config.toml"), &config).unwrap();
+        std::fs::write(n.merged.join("etc/bootstrap/config.toml"), config).unwrap();
         assert!(n.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     }
     let id = |n: &Node| std::fs::read_to_string(n.merged.join("etc/machine-id")).unwrap().trim().to_string();
@@ -26,14 +26,14 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     // Node A takes the slot and reboots (nspawn exits 133).
     let _ = nodes[0].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(nodes[0].wait_exit(Duration::from_secs(60)), 133, "node A did not reboot");
-    assert_eq!(holders(&etcd), [a_id.clone()]);
+    assert_eq!(holders(), [a_id.clone()]);
     // Node B finds no free slot: reboot pending, success, no reboot.
     let r = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let rep = nodes[1].report();
     assert_eq!(rep["reboot_pending"], true, "{rep:#}");
     assert_eq!(rep["reboot"]["action"], "pending");
-    assert_eq!(holders(&etcd), [a_id.clone()]);
+    assert_eq!(holders(), [a_id.clone()]);
 
     // A comes back but its run fails (a broken role): it keeps the slot, the rollout halts,
     // and B (whose own runs succeed) still may not reboot.
@@ -46,7 +46,7 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     let rep = nodes[0].report();
     assert_eq!(rep["reboot"]["action"], "halted", "{rep:#}");
     assert!(rep["reboot"]["detail"].as_str().unwrap().contains("unhealthy after reboot"));
-    assert_eq!(holders(&etcd), [a_id.clone()]);
+    assert_eq!(holders(), [a_id.clone()]);
     std::fs::write(&role, good_role).unwrap();
     let r = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -56,14 +56,22 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     let r = nodes[0].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(nodes[0].report()["reboot"]["action"], "released");
-    assert!(holders(&etcd).is_empty());
+    assert!(holders().is_empty());
     assert!(!nodes[0].merged.join("var/lib/bootstrap/reboot.json").exists());
 
     // B's next run takes the slot and reboots.
     let _ = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(nodes[1].wait_exit(Duration::from_secs(60)), 133, "node B did not reboot");
-    assert_eq!(holders(&etcd), [b_id.clone()]);
+    assert_eq!(holders(), [b_id.clone()]);
 
+    (nodes, a_id, b_id, b)
+}
+
+#[test]
+fn two_nodes_one_slot_reboot_one_at_a_time() {
+    let etcd = Etcd::start(1);
+    let config = format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n", etcd.endpoints()[0]);
+    let (nodes, _a_id, b_id, _bundle) = one_slot_rollout(&config, &|| holders(&etcd));
     // Operator tools, from a node with the config.
     let r = nodes[0].agent(&["lock", "status", "--group", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -73,6 +81,15 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     assert!(holders(&etcd).is_empty());
     assert_eq!(nodes[0].agent(&["lock", "set-slots", "3", "--group", "production-web"]).code, 0);
     assert_eq!(etcd.lock("production-web").get().unwrap().unwrap().0.total_slots, 3);
+}
+
+
+#[test]
+fn two_nodes_one_slot_with_fleetlock() {
+    let srv = crate::fleetlock_server::FleetLockServer::start(1);
+    let config = format!("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"{}\"\n", srv.url);
+    let (_nodes, _a, b_id, _bundle) = one_slot_rollout(&config, &|| srv.holders("production-web"));
+    assert_eq!(srv.holders("production-web"), [b_id]);
 }
 
 /// A run killed right after it acquired (reboot.json written, slot held, no reboot yet): the
