@@ -12,6 +12,8 @@ fn free_port() -> u16 {
 struct Member {
     child: Option<Child>,
     client_url: String,
+    /// How it was started, to start it again on its data dir.
+    args: Vec<String>,
 }
 
 pub struct Etcd {
@@ -28,18 +30,18 @@ impl Etcd {
         let mut members = Vec::new();
         for (i, (cp, pp)) in ports.iter().enumerate() {
             let client_url = format!("http://127.0.0.1:{cp}");
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("m{i}")))
-                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pp}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{pp}")])
-                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new", "--log-level", "error"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            members.push(Member { child: Some(child), client_url });
+            let peer = format!("http://127.0.0.1:{pp}");
+            let args: Vec<String> = [
+                "--name", &format!("m{i}"), "--data-dir", &dir.path().join(format!("m{i}")).display().to_string(),
+                "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url,
+                "--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer,
+                "--initial-cluster", &cluster, "--initial-cluster-state", "new", "--log-level", "error",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let child = spawn(&args);
+            members.push(Member { child: Some(child), client_url, args });
         }
         let etcd = Etcd { members, _dir: dir };
         // Ready when a write goes through.
@@ -60,12 +62,22 @@ impl Etcd {
         EtcdLock::new(&self.endpoints(), "com.coreos.airlock", group).unwrap()
     }
 
+    /// Start a killed member again on its data dir.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} is running");
+        self.members[i].child = Some(spawn(&self.members[i].args));
+    }
+
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new("etcd").args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
 }
 
 impl Drop for Etcd {

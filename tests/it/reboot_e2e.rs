@@ -212,3 +212,33 @@ fn lock_reap_removes_dead_holders_only() {
     assert!(r.stdout.contains(&format!("kept {live}: instance exists")) && r.stdout.contains("kept machine-abc"), "{}", r.all());
     assert_eq!(holders(&etcd), [live, "machine-abc".to_string()]);
 }
+
+/// etcd loses quorum (2 of 3 members down): no reboot, the run reports the lock service as
+/// unavailable and succeeds; once quorum is back, the next run takes the slot and reboots.
+#[test]
+fn lost_quorum_means_no_reboot_until_it_returns() {
+    let mut etcd = Etcd::start(3);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let mut node = Node::boot_host_net(b.path());
+    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
+    let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    std::fs::write(node.merged.join("etc/bootstrap/config.toml"), format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n")).unwrap();
+    assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
+    etcd.kill(1);
+    etcd.kill(2);
+    let r = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = node.report();
+    assert_eq!(rep["reboot_pending"], true);
+    assert!(rep["reboot"]["detail"].as_str().unwrap().contains("reboot lock unavailable, not rebooting"), "{rep:#}");
+    assert!(node.sh("systemctl is-system-running").stdout.contains("running"), "no reboot without the lock");
+    etcd.restart(1);
+    etcd.restart(2);
+    let start = std::time::Instant::now();
+    while etcd.lock("ready").set_slots(1).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "quorum did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = node.run_role("apply", "web", &["--name", "production-web"]);
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "rebooted once the lock was back");
+}
