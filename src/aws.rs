@@ -12,7 +12,10 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 pub fn sdk_config(region: Option<&str>) -> aws_config::SdkConfig {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder().connect_timeout(CONNECT_TIMEOUT).operation_timeout(OPERATION_TIMEOUT).build();
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
+        .build();
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
     if let Some(r) = region {
         loader = loader.region(aws_config::Region::new(r.to_string()));

@@ -39,7 +39,11 @@ pub struct Pos {
 impl Pos {
     pub fn new(file: &Path, src: &str, offset: usize) -> Self {
         let (line, col) = line_col(src, offset);
-        Pos { file: file.to_path_buf(), line, col }
+        Pos {
+            file: file.to_path_buf(),
+            line,
+            col,
+        }
     }
 }
 

@@ -53,14 +53,20 @@ pub fn lookup_uid(root: &Path, name: &str) -> Result<Option<u32>> {
     if let Ok(n) = name.parse() {
         return Ok(Some(n));
     }
-    Ok(read_db(root, "etc/passwd")?.into_iter().find(|f| f[0] == name).and_then(|f| f.get(2)?.parse().ok()))
+    Ok(read_db(root, "etc/passwd")?
+        .into_iter()
+        .find(|f| f[0] == name)
+        .and_then(|f| f.get(2)?.parse().ok()))
 }
 
 pub fn lookup_gid(root: &Path, name: &str) -> Result<Option<u32>> {
     if let Ok(n) = name.parse() {
         return Ok(Some(n));
     }
-    Ok(read_db(root, "etc/group")?.into_iter().find(|f| f[0] == name).and_then(|f| f.get(2)?.parse().ok()))
+    Ok(read_db(root, "etc/group")?
+        .into_iter()
+        .find(|f| f[0] == name)
+        .and_then(|f| f.get(2)?.parse().ok()))
 }
 
 pub fn uid_name(root: &Path, uid: u32) -> String {
@@ -85,9 +91,7 @@ pub fn read_db(root: &Path, rel: &str) -> Result<Vec<Vec<String>>> {
     let path = root.join(rel);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(vec![vec!["root".into(), "x".into(), "0".into(), "0".into()]])
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![vec!["root".into(), "x".into(), "0".into(), "0".into()]]),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     Ok(text
@@ -127,7 +131,8 @@ pub fn atomic_write(path: &Path, content: &[u8], mode: u32, owner: Option<(u32, 
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).with_context(|| format!("chown {}", tmp.display()))?;
         }
-        f.set_permissions(fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", tmp.display()))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {}", tmp.display()))?;
         f.write_all(content).with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -152,7 +157,10 @@ fn remove_stale_temps(dir: &Path, name: &str) {
         let fname = e.file_name().to_string_lossy().to_string();
         let Some(pid) = fname.strip_prefix(&prefix) else { continue };
         // A writer that is still alive (another process) keeps its temp file.
-        let alive = pid.parse::<u32>().ok().is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        let alive = pid
+            .parse::<u32>()
+            .ok()
+            .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
         if !alive {
             let _ = fs::remove_file(e.path());
         }

@@ -27,14 +27,21 @@ pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
-                lock.set_len(0).and_then(|_| lock.rewind()).and_then(|_| writeln!(lock, "{}", std::process::id()))
+                lock.set_len(0)
+                    .and_then(|_| lock.rewind())
+                    .and_then(|_| writeln!(lock, "{}", std::process::id()))
                     .with_context(|| format!("writing pid to {}", path.display()))?;
                 return Ok(RunLock { _lock: lock });
             }
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                 let holder = holder(&path);
                 if start.elapsed() >= timeout {
-                    return Err(LockTimeout { path: path.display().to_string(), holder, waited_secs: start.elapsed().as_secs() }.into());
+                    return Err(LockTimeout {
+                        path: path.display().to_string(),
+                        holder,
+                        waited_secs: start.elapsed().as_secs(),
+                    }
+                    .into());
                 }
                 if !told {
                     tracing::info!("waiting for the run lock {} held by pid {holder}", path.display());
@@ -49,7 +56,13 @@ pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
 }
 
 fn open(path: &Path) -> Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).with_context(|| format!("opening {}", path.display()))
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
 }
 
 /// The pid the current holder wrote into the lock file.
@@ -57,5 +70,9 @@ fn holder(path: &Path) -> String {
     let mut s = String::new();
     let _ = File::open(path).and_then(|mut f| f.read_to_string(&mut s));
     let s = s.trim();
-    if s.is_empty() { "unknown".into() } else { s.into() }
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.into()
+    }
 }

@@ -90,7 +90,12 @@ pub fn run(cmd: &Cmd) -> Result<Output> {
     };
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
-    Ok(Output { code: status.code(), stdout, stderr, timed_out })
+    Ok(Output {
+        code: status.code(),
+        stdout,
+        stderr,
+        timed_out,
+    })
 }
 
 #[cfg(test)]
@@ -98,7 +103,10 @@ mod tests {
     use super::*;
 
     fn cmd(argv: &[&str]) -> Cmd {
-        Cmd { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        Cmd {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     #[test]

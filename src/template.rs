@@ -24,8 +24,7 @@ pub fn environment() -> Environment<'static> {
 
 /// The context templates and `when` see: vars at top level, facts under `facts`.
 pub fn context(vars: &toml::Table, facts: &crate::facts::Facts) -> Value {
-    let mut map: std::collections::BTreeMap<String, Value> =
-        vars.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
+    let mut map: std::collections::BTreeMap<String, Value> = vars.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
     map.insert("facts".into(), Value::from_serialize(facts));
     Value::from(map)
 }
@@ -61,13 +60,19 @@ pub fn render(env: &Environment<'_>, origin: &Origin, src: &str, ctx: &Value) ->
 }
 
 pub fn check_expression(env: &Environment<'_>, pos: &Pos, expr: &str) -> Result<(), ConfigError> {
-    env.compile_expression(expr).map(|_| ()).map_err(|e| ConfigError(format!("{pos}: invalid `when` expression {expr:?}: {e}")))
+    env.compile_expression(expr)
+        .map(|_| ())
+        .map_err(|e| ConfigError(format!("{pos}: invalid `when` expression {expr:?}: {e}")))
 }
 
 /// Evaluate a `when` expression; undefined names are errors.
 pub fn eval_when(env: &Environment<'_>, pos: &Pos, expr: &str, ctx: &Value) -> Result<bool, ConfigError> {
-    let compiled = env.compile_expression(expr).map_err(|e| ConfigError(format!("{pos}: invalid `when` expression {expr:?}: {e}")))?;
-    let v = compiled.eval(ctx).map_err(|e| ConfigError(format!("{pos}: `when` expression {expr:?} failed: {e}")))?;
+    let compiled = env
+        .compile_expression(expr)
+        .map_err(|e| ConfigError(format!("{pos}: invalid `when` expression {expr:?}: {e}")))?;
+    let v = compiled
+        .eval(ctx)
+        .map_err(|e| ConfigError(format!("{pos}: `when` expression {expr:?} failed: {e}")))?;
     if v.is_undefined() {
         return Err(ConfigError(format!("{pos}: `when` expression {expr:?} is undefined")));
     }
@@ -92,7 +97,11 @@ mod tests {
         let err = render(&env, &origin, "ok\nx={{ nope }}\n", &ctx).unwrap_err().to_string();
         assert!(err.starts_with("t.j2:2:"), "{err}");
         assert!(err.contains("undefined"), "{err}");
-        let pos = Pos { file: "r.toml".into(), line: 3, col: 8 };
+        let pos = Pos {
+            file: "r.toml".into(),
+            line: 3,
+            col: 8,
+        };
         assert!(eval_when(&env, &pos, "a == 1", &ctx).unwrap());
         assert!(eval_when(&env, &pos, "nope == 1", &ctx).is_err());
     }

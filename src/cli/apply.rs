@@ -16,11 +16,16 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
 /// Fetch the bundle, load and prepare the role, take the run lock, run, report.
 pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
-    let role = facts.service.clone().ok_or_else(|| ConfigError::msg("no role to apply: pass --role ROLE or --name ENV-SERVICE, or name the node (config, user-data, Name tag)"))?;
+    let role = facts
+        .service
+        .clone()
+        .ok_or_else(|| ConfigError::msg("no role to apply: pass --role ROLE or --name ENV-SERVICE, or name the node (config, user-data, Name tag)"))?;
     let source = match (&a.source, &config.bundle.source) {
         (Some(s), _) => s.clone(),
         (None, Some(s)) => cx.substitute(s)?,
-        (None, None) => return Err(ConfigError::msg("no bundle source: pass --source or set [bundle] source in /etc/bootstrap/config.toml or user-data").into()),
+        (None, None) => {
+            return Err(ConfigError::msg("no bundle source: pass --source or set [bundle] source in /etc/bootstrap/config.toml or user-data").into())
+        }
     };
     let verify = crate::source::Verify {
         sha256: config.bundle.sha256.clone(),
@@ -50,9 +55,24 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         Mode::Apply => Some(crate::runlock::acquire(&root, a.lock_timeout)?),
         Mode::Plan => None,
     };
-    let host = Host { root: root.clone(), facts, systemd: Box::new(crate::systemd::Dbus::default()) };
-    let mut report = engine::run(&steps, &host, mode, RunInfo { role: role.clone(), source: source.to_string() });
-    report.bundle = Some(engine::report::BundleInfo { sha256: fetched.sha256.clone(), origin: fetched.origin.to_string() });
+    let host = Host {
+        root: root.clone(),
+        facts,
+        systemd: Box::new(crate::systemd::Dbus::default()),
+    };
+    let mut report = engine::run(
+        &steps,
+        &host,
+        mode,
+        RunInfo {
+            role: role.clone(),
+            source: source.to_string(),
+        },
+    );
+    report.bundle = Some(engine::report::BundleInfo {
+        sha256: fetched.sha256.clone(),
+        origin: fetched.origin.to_string(),
+    });
     let mut reboot_now = false;
     if mode == Mode::Apply {
         let group = cx.reboot_group().unwrap_or_else(|_| format!("default-{role}"));

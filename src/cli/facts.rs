@@ -4,7 +4,11 @@ use super::{Context, FactsFormat, NamingArgs};
 use std::path::Path;
 
 pub fn naming(n: &NamingArgs) -> crate::facts::NamingFlags {
-    crate::facts::NamingFlags { name: n.name.clone(), env: n.env.clone(), role: n.role.clone() }
+    crate::facts::NamingFlags {
+        name: n.name.clone(),
+        env: n.env.clone(),
+        role: n.role.clone(),
+    }
 }
 
 pub fn run(n: &NamingArgs, format: FactsFormat, root: Option<&Path>) -> anyhow::Result<u8> {

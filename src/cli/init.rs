@@ -41,7 +41,11 @@ pub fn run(a: &RunArgs) -> Result<u8> {
 fn install_units(cx: &Context) -> Result<()> {
     let exe = std::env::current_exe().context("finding the bootstrap binary")?;
     let exe = exe.to_string_lossy();
-    let host = crate::step::Host { root: cx.root.clone(), facts: cx.facts.clone(), systemd: Box::new(crate::systemd::Dbus::default()) };
+    let host = crate::step::Host {
+        root: cx.root.clone(),
+        facts: cx.facts.clone(),
+        systemd: Box::new(crate::systemd::Dbus::default()),
+    };
     let dir = crate::fsutil::host_path(&cx.root, "/etc/systemd/system")?;
     for (name, text) in UNITS {
         let content = text.replace("/usr/local/bin/bootstrap", &exe).into_bytes();
@@ -52,7 +56,12 @@ fn install_units(cx: &Context) -> Result<()> {
         };
         let step = Step::Unit(UnitStep {
             name: name.to_string(),
-            files: vec![UnitFile { display: format!("/etc/systemd/system/{name}"), path: dir.join(name), content, field: "content".into() }],
+            files: vec![UnitFile {
+                display: format!("/etc/systemd/system/{name}"),
+                path: dir.join(name),
+                content,
+                field: "content".into(),
+            }],
             enabled,
             active,
             masked: None,

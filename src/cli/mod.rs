@@ -190,7 +190,11 @@ impl Context {
         facts::resolve_name(&mut facts, file_config.naming.name.as_deref(), ud_name.as_deref()).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
         // The agent's own config files win over user-data.
         let config = user_data.overlaid(file_config);
-        Ok(Context { root: root.to_path_buf(), facts, config })
+        Ok(Context {
+            root: root.to_path_buf(),
+            facts,
+            config,
+        })
     }
 
     /// The reboot group: `[reboot] group` (substituted), else `ENV-SERVICE`.
@@ -212,7 +216,12 @@ impl Context {
         let f = &self.facts;
         crate::config::substitute(
             s,
-            &[("env", f.env.as_deref()), ("service", f.service.as_deref()), ("region", f.region.as_deref()), ("instance_id", f.instance_id.as_deref())],
+            &[
+                ("env", f.env.as_deref()),
+                ("service", f.service.as_deref()),
+                ("region", f.region.as_deref()),
+                ("instance_id", f.instance_id.as_deref()),
+            ],
         )
     }
 }

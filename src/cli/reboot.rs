@@ -25,7 +25,11 @@ pub fn run(check: bool, request: bool, naming: &NamingArgs) -> anyhow::Result<u8
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|r| r["status"] == "ok");
-    let host = crate::step::Host { root: root.to_path_buf(), facts: cx.facts.clone(), systemd: Box::new(crate::systemd::Dbus::default()) };
+    let host = crate::step::Host {
+        root: root.to_path_buf(),
+        facts: cx.facts.clone(),
+        systemd: Box::new(crate::systemd::Dbus::default()),
+    };
     let o = crate::reboot::coordinate(&host, &cx.config.reboot, &cx.reboot_group()?, &cx.holder_id(), last_ok, false)?;
     println!("{}", serde_json::to_string_pretty(&o)?);
     if o.reboot_now {

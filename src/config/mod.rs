@@ -223,7 +223,9 @@ pub fn substitute(s: &str, vars: &[(&str, Option<&str>)]) -> Result<String, Conf
     }
     if let Some(i) = out.find("${") {
         let name: String = out[i..].chars().take_while(|c| *c != '}').collect();
-        return Err(ConfigError::msg(format!("{s:?}: unknown substitution {name}}} (only ${{env}}, ${{service}}, ${{region}}, ${{instance_id}})")));
+        return Err(ConfigError::msg(format!(
+            "{s:?}: unknown substitution {name}}} (only ${{env}}, ${{service}}, ${{region}}, ${{instance_id}})"
+        )));
     }
     Ok(out)
 }
@@ -234,7 +236,12 @@ mod tests {
 
     #[test]
     fn substitution() {
-        let v = [("env", Some("production")), ("service", Some("haproxy")), ("region", None), ("instance_id", None)];
+        let v = [
+            ("env", Some("production")),
+            ("service", Some("haproxy")),
+            ("region", None),
+            ("instance_id", None),
+        ];
         assert_eq!(substitute("s3://b/roles-${env}.tar.gz", &v).unwrap(), "s3://b/roles-production.tar.gz");
         assert!(substitute("s3://b/${region}/x", &v).is_err());
         assert!(substitute("s3://b/${home}/x", &v).unwrap_err().to_string().contains("${home}"));

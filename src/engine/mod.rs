@@ -104,10 +104,18 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
                 sr.status = StepStatus::Changed;
                 let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
                 tracing::info!(fields = %fields.join(","), "{}", if apply { "changed" } else { "would change" });
-                sr.changes = if p.sensitive { changes.iter().map(|c| c.redacted()).collect() } else { changes };
+                sr.changes = if p.sensitive {
+                    changes.iter().map(|c| c.redacted()).collect()
+                } else {
+                    changes
+                };
                 report.reboot_required |= p.reboot_required;
                 if !apply || !host.is_live() {
-                    let (status, why) = if apply { ("skipped", Some("not the live system (--root)".to_string())) } else { ("pending", None) };
+                    let (status, why) = if apply {
+                        ("skipped", Some("not the live system (--root)".to_string()))
+                    } else {
+                        ("pending", None)
+                    };
                     for n in &p.notify {
                         if !report.notify.iter().any(|r| r.target == n.to_string()) {
                             report.notify.push(notify_report(n, status, why.clone()));
@@ -171,7 +179,10 @@ fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, report: &mut Report
 }
 
 fn read_pending(root: &Path) -> BTreeSet<Notify> {
-    std::fs::read(root.join(PENDING_NOTIFY_PATH)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    std::fs::read(root.join(PENDING_NOTIFY_PATH))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 fn write_pending(root: &Path, pending: &BTreeSet<Notify>) -> Result<()> {
@@ -196,5 +207,7 @@ pub fn write_report(root: &Path, report: &Report) -> Result<()> {
 }
 
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

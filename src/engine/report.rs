@@ -169,7 +169,12 @@ impl Report {
             }
         }
         for n in &self.notify {
-            out.push_str(&format!("{:>14}  {}{}\n", format!("notify {}", n.status), n.target, n.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()));
+            out.push_str(&format!(
+                "{:>14}  {}{}\n",
+                format!("notify {}", n.status),
+                n.target,
+                n.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            ));
         }
         let s = &self.summary;
         let verb = if plan { "to change" } else { "changed" };
@@ -192,5 +197,9 @@ impl Report {
 }
 
 pub fn notify_report(n: &Notify, status: &str, error: Option<String>) -> NotifyReport {
-    NotifyReport { target: n.to_string(), status: status.into(), error }
+    NotifyReport {
+        target: n.to_string(),
+        status: status.into(),
+        error,
+    }
 }

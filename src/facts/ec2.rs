@@ -21,10 +21,16 @@ pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: 
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
-            if e.as_service_error().and_then(|se| aws_sdk_ec2::error::ProvideErrorMetadata::code(se)).is_some_and(|c| c.starts_with("InvalidInstanceID")) {
+            if e.as_service_error()
+                .and_then(|se| aws_sdk_ec2::error::ProvideErrorMetadata::code(se))
+                .is_some_and(|c| c.starts_with("InvalidInstanceID"))
+            {
                 return Ok(true);
             }
-            return Err(anyhow::anyhow!("ec2:DescribeInstances {instance_id}: {}", aws_sdk_ec2::error::DisplayErrorContext(&e)));
+            return Err(anyhow::anyhow!(
+                "ec2:DescribeInstances {instance_id}: {}",
+                aws_sdk_ec2::error::DisplayErrorContext(&e)
+            ));
         }
     };
     let states: Vec<String> = resp

@@ -45,7 +45,13 @@ impl Imds {
             .no_proxy()
             .build()
             .context("building the IMDS HTTP client")?;
-        Ok(Imds { base: base_url.trim_end_matches('/').to_string(), client, token: RefCell::new(None), deadline: Instant::now() + budget, budget })
+        Ok(Imds {
+            base: base_url.trim_end_matches('/').to_string(),
+            client,
+            token: RefCell::new(None),
+            deadline: Instant::now() + budget,
+            budget,
+        })
     }
 
     /// Run `f` until it is done, retrying transient failures until the deadline.
@@ -58,7 +64,11 @@ impl Imds {
                 Err(Retry::Transient(why)) => {
                     let now = Instant::now();
                     if now >= self.deadline {
-                        bail!("instance metadata service at {} did not answer {what} within {}s: {why}", self.base, self.budget.as_secs());
+                        bail!(
+                            "instance metadata service at {} did not answer {what} within {}s: {why}",
+                            self.base,
+                            self.budget.as_secs()
+                        );
                     }
                     let jitter = rand::rng().random_range(0..=delay.as_millis() as u64 / 2);
                     let sleep = (delay + Duration::from_millis(jitter)).min(self.deadline - now);

@@ -123,7 +123,9 @@ pub fn gather_local(root: &Path, flags: &NamingFlags) -> Result<Facts> {
     let os = parse_os_release(&os_text);
     let id = os.get("ID").cloned().unwrap_or_else(|| "unknown".into());
     let family = os_family(&id, os.get("ID_LIKE").map(String::as_str).unwrap_or("")).to_string();
-    let machine_id = read_trim(&root.join("etc/machine-id")).or_else(|| read_trim(Path::new("/etc/machine-id"))).unwrap_or_default();
+    let machine_id = read_trim(&root.join("etc/machine-id"))
+        .or_else(|| read_trim(Path::new("/etc/machine-id")))
+        .unwrap_or_default();
     let boot_id = read_trim(Path::new("/proc/sys/kernel/random/boot_id")).unwrap_or_default();
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
 
@@ -152,7 +154,11 @@ pub fn gather_local(root: &Path, flags: &NamingFlags) -> Result<Facts> {
     };
     Ok(Facts {
         hostname,
-        os: OsFacts { id, version_id: os.get("VERSION_ID").cloned().unwrap_or_default(), family },
+        os: OsFacts {
+            id,
+            version_id: os.get("VERSION_ID").cloned().unwrap_or_default(),
+            family,
+        },
         machine_id,
         boot_id,
         name,
@@ -174,7 +180,9 @@ pub fn gather_local(root: &Path, flags: &NamingFlags) -> Result<Facts> {
 /// Is this an EC2 instance? (DMI says so, as cloud-init's ds-identify and afterburn check.)
 pub fn on_ec2() -> bool {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_lowercase();
-    read("/sys/class/dmi/id/sys_vendor") == "amazon ec2" || read("/sys/class/dmi/id/board_vendor") == "amazon ec2" || read("/sys/hypervisor/uuid").starts_with("ec2")
+    read("/sys/class/dmi/id/sys_vendor") == "amazon ec2"
+        || read("/sys/class/dmi/id/board_vendor") == "amazon ec2"
+        || read("/sys/hypervisor/uuid").starts_with("ec2")
 }
 
 /// Fill the EC2 facts from instance metadata.
@@ -234,7 +242,9 @@ impl Facts {
     pub fn to_env(&self) -> String {
         let v = serde_json::to_value(self).expect("facts serialize");
         let mut out = String::new();
-        flatten("", &v, &mut |k, val| out.push_str(&format!("BOOTSTRAP_{}={}\n", k.replace(['.', '-'], "_").to_uppercase(), shell_quote(val))));
+        flatten("", &v, &mut |k, val| {
+            out.push_str(&format!("BOOTSTRAP_{}={}\n", k.replace(['.', '-'], "_").to_uppercase(), shell_quote(val)))
+        });
         out
     }
 

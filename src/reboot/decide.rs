@@ -41,7 +41,13 @@ mod tests {
 
     #[test]
     fn decision_table() {
-        let held = |b: &str| RebootState { group: "g".into(), holder: "i-1".into(), boot_id: b.into(), acquired_at: "t".into(), reason: "r".into() };
+        let held = |b: &str| RebootState {
+            group: "g".into(),
+            holder: "i-1".into(),
+            boot_id: b.into(),
+            acquired_at: "t".into(),
+            reason: "r".into(),
+        };
         let cases = [
             (None, false, Action::Nothing),
             (None, true, Action::Acquire),

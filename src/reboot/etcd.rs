@@ -4,8 +4,8 @@
 //! Acquire and release are idempotent (a holder that asks again keeps its one slot).
 //! Spoken over etcd's v3 JSON gateway with reqwest (see README for why not gRPC).
 
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -83,7 +83,11 @@ impl EtcdLock {
             .no_proxy()
             .build()
             .map_err(|e| LockError::Unavailable(e.to_string()))?;
-        Ok(EtcdLock { endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(), key: format!("{prefix}/groups/{group}/v1/semaphore"), client })
+        Ok(EtcdLock {
+            endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
+            key: format!("{prefix}/groups/{group}/v1/semaphore"),
+            client,
+        })
     }
 
     pub fn key(&self) -> &str {
@@ -107,8 +111,14 @@ impl EtcdLock {
     pub fn get(&self) -> Result<Option<(Semaphore, String)>, LockError> {
         let r: RangeResp = self.post("/v3/kv/range", serde_json::json!({ "key": B64.encode(&self.key) }))?;
         let Some(kv) = r.kvs.into_iter().next() else { return Ok(None) };
-        let raw = B64.decode(kv.value.unwrap_or_default()).map_err(|e| LockError::Malformed { key: self.key.clone(), why: e.to_string() })?;
-        let sem: Semaphore = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed { key: self.key.clone(), why: e.to_string() })?;
+        let raw = B64.decode(kv.value.unwrap_or_default()).map_err(|e| LockError::Malformed {
+            key: self.key.clone(),
+            why: e.to_string(),
+        })?;
+        let sem: Semaphore = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed {
+            key: self.key.clone(),
+            why: e.to_string(),
+        })?;
         Ok(Some((sem, kv.mod_revision.unwrap_or_default())))
     }
 
@@ -120,7 +130,10 @@ impl EtcdLock {
             None => serde_json::json!({ "key": key, "result": "EQUAL", "target": "VERSION", "version": "0" }),
         };
         let value = B64.encode(serde_json::to_vec(new).expect("semaphore serializes"));
-        let r: TxnResp = self.post("/v3/kv/txn", serde_json::json!({ "compare": [compare], "success": [{ "request_put": { "key": key, "value": value } }] }))?;
+        let r: TxnResp = self.post(
+            "/v3/kv/txn",
+            serde_json::json!({ "compare": [compare], "success": [{ "request_put": { "key": key, "value": value } }] }),
+        )?;
         Ok(r.succeeded)
     }
 
@@ -129,7 +142,13 @@ impl EtcdLock {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut sem, rev) = match self.get()? {
                 Some((s, r)) => (s, Some(r)),
-                None => (Semaphore { total_slots: default_slots, holders: vec![] }, None),
+                None => (
+                    Semaphore {
+                        total_slots: default_slots,
+                        holders: vec![],
+                    },
+                    None,
+                ),
             };
             let (write, result) = f(&mut sem);
             if write.is_none() {

@@ -22,7 +22,11 @@ impl FleetLock {
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| LockError::Unavailable(e.to_string()))?;
-        Ok(FleetLock { url: url.trim_end_matches('/').to_string(), group: group.to_string(), client })
+        Ok(FleetLock {
+            url: url.trim_end_matches('/').to_string(),
+            group: group.to_string(),
+            client,
+        })
     }
 
     /// Some(true) on 200, Some(false) on a refusal (4xx).

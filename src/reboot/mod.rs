@@ -71,7 +71,11 @@ pub fn reboot_needed(root: &Path, os_family: &str, step_requested: bool) -> Opti
         }
     }
     if os_family == "rhel" && root == Path::new("/") {
-        let out = crate::runner::run(&crate::runner::Cmd { argv: vec!["needs-restarting".into(), "-r".into()], timeout: Some(std::time::Duration::from_secs(60)), ..Default::default() });
+        let out = crate::runner::run(&crate::runner::Cmd {
+            argv: vec!["needs-restarting".into(), "-r".into()],
+            timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        });
         if out.is_ok_and(|o| o.code == Some(1)) {
             return Some("needs-restarting -r says so".into());
         }
@@ -89,7 +93,11 @@ fn duration(s: &Option<String>, default: std::time::Duration) -> anyhow::Result<
 /// Run the pre-reboot hooks in order; the first failure is returned.
 fn run_hooks(cfg: &RebootConfig) -> anyhow::Result<Option<String>> {
     for h in &cfg.pre_hook {
-        let cmd = crate::runner::Cmd { argv: h.command.clone(), timeout: Some(duration(&h.timeout, HOOK_TIMEOUT)?), ..Default::default() };
+        let cmd = crate::runner::Cmd {
+            argv: h.command.clone(),
+            timeout: Some(duration(&h.timeout, HOOK_TIMEOUT)?),
+            ..Default::default()
+        };
         let out = crate::runner::run(&cmd);
         match out {
             Ok(o) if o.success() => {}
@@ -119,7 +127,11 @@ fn failed_health(host: &Host, cfg: &RebootConfig) -> anyhow::Result<Vec<String>>
                     Err(e) => failed.push(format!("GET {url}: {e}")),
                 }
             }
-            (None, None, Some(argv)) => match crate::runner::run(&crate::runner::Cmd { argv: argv.clone(), timeout: Some(timeout), ..Default::default() }) {
+            (None, None, Some(argv)) => match crate::runner::run(&crate::runner::Cmd {
+                argv: argv.clone(),
+                timeout: Some(timeout),
+                ..Default::default()
+            }) {
                 Ok(o) if o.success() => {}
                 Ok(o) => failed.push(format!("{argv:?} {}", o.describe())),
                 Err(e) => failed.push(format!("{argv:?}: {e:#}")),
@@ -135,7 +147,12 @@ fn read_state(root: &Path) -> Option<RebootState> {
 }
 
 fn outcome(needed: &Option<String>, action: &str, detail: Option<String>) -> Outcome {
-    Outcome { needed: needed.clone(), action: action.into(), detail, reboot_now: false }
+    Outcome {
+        needed: needed.clone(),
+        action: action.into(),
+        detail,
+        reboot_now: false,
+    }
 }
 
 /// Decide and do everything but the reboot itself (the caller writes its report first, then
@@ -147,9 +164,16 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
         return Ok(outcome(&needed, "none", needed.as_ref().map(|_| "reboot strategy is off".to_string())));
     }
     let lock = match strategy {
-        RebootStrategy::Etcd => Some(Backend::Etcd(etcd::EtcdLock::new(&cfg.etcd.endpoints, cfg.etcd.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group)?, cfg.etcd.slots.unwrap_or(1))),
+        RebootStrategy::Etcd => Some(Backend::Etcd(
+            etcd::EtcdLock::new(&cfg.etcd.endpoints, cfg.etcd.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group)?,
+            cfg.etcd.slots.unwrap_or(1),
+        )),
         RebootStrategy::FleetLock => {
-            let url = cfg.fleet_lock.url.as_deref().ok_or_else(|| crate::error::ConfigError::msg("[reboot] strategy = \"fleet_lock\" needs [reboot.fleet_lock] url"))?;
+            let url = cfg
+                .fleet_lock
+                .url
+                .as_deref()
+                .ok_or_else(|| crate::error::ConfigError::msg("[reboot] strategy = \"fleet_lock\" needs [reboot.fleet_lock] url"))?;
             Some(Backend::Fleet(fleetlock::FleetLock::new(url, group)?))
         }
         _ => None,
@@ -159,18 +183,33 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
         Action::Nothing => Ok(outcome(&needed, "none", None)),
         Action::ReleaseIfHealthy => {
             if !run_ok {
-                return Ok(outcome(&needed, "halted", Some("unhealthy after reboot: the run failed; keeping the slot so the rollout stops here".into())));
+                return Ok(outcome(
+                    &needed,
+                    "halted",
+                    Some("unhealthy after reboot: the run failed; keeping the slot so the rollout stops here".into()),
+                ));
             }
             let failed = failed_health(host, cfg)?;
             if !failed.is_empty() {
-                return Ok(outcome(&needed, "halted", Some(format!("unhealthy after reboot: {}; keeping the slot so the rollout stops here", failed.join("; ")))));
+                return Ok(outcome(
+                    &needed,
+                    "halted",
+                    Some(format!(
+                        "unhealthy after reboot: {}; keeping the slot so the rollout stops here",
+                        failed.join("; ")
+                    )),
+                ));
             }
             let _ = std::fs::remove_file(host.root.join(REQUEST_PATH));
             if let Some(l) = &lock {
                 l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
             }
             std::fs::remove_file(host.root.join(STATE_PATH))?;
-            Ok(outcome(&needed, "released", Some(format!("slot of group {group} released after a healthy boot"))))
+            Ok(outcome(
+                &needed,
+                "released",
+                Some(format!("slot of group {group} released after a healthy boot")),
+            ))
         }
         a @ (Action::Acquire | Action::RebootWithSlot) => {
             if !run_ok && a == Action::Acquire {
@@ -202,11 +241,16 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                     l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
                 }
                 let _ = std::fs::remove_file(host.root.join(STATE_PATH));
-                return Ok(outcome(&needed, "pending", Some("the reboot window closed while acquiring; slot released".into())));
+                return Ok(outcome(
+                    &needed,
+                    "pending",
+                    Some("the reboot window closed while acquiring; slot released".into()),
+                ));
             }
             if let Some(why) = run_hooks(cfg)? {
                 if let Some(l) = &lock {
-                    l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook: {e}"))?;
+                    l.release(holder)
+                        .map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook: {e}"))?;
                 }
                 let _ = std::fs::remove_file(host.root.join(STATE_PATH));
                 return Ok(outcome(&needed, "hook_failed", Some(format!("{why}; slot released, not rebooting"))));

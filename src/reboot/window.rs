@@ -13,7 +13,10 @@ pub struct Window {
 
 fn day(s: &str) -> Result<usize, String> {
     const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-    NAMES.iter().position(|n| s.eq_ignore_ascii_case(n)).ok_or_else(|| format!("unknown day {s:?} (use Mon..Sun)"))
+    NAMES
+        .iter()
+        .position(|n| s.eq_ignore_ascii_case(n))
+        .ok_or_else(|| format!("unknown day {s:?} (use Mon..Sun)"))
 }
 
 impl Window {
@@ -44,7 +47,10 @@ impl Window {
             }
         }
         let (h, m) = time_s.split_once(':').ok_or_else(|| format!("window time {time_s:?}: expected HH:MM"))?;
-        let (h, m): (u32, u32) = (h.parse().map_err(|_| format!("bad hour in {time_s:?}"))?, m.parse().map_err(|_| format!("bad minute in {time_s:?}"))?);
+        let (h, m): (u32, u32) = (
+            h.parse().map_err(|_| format!("bad hour in {time_s:?}"))?,
+            m.parse().map_err(|_| format!("bad minute in {time_s:?}"))?,
+        );
         if h > 23 || m > 59 {
             return Err(format!("window time {time_s:?} out of range"));
         }
@@ -52,7 +58,11 @@ impl Window {
         if len.is_zero() || len > std::time::Duration::from_secs(7 * 86400) {
             return Err(format!("window_length {length:?} must be between 1s and 7 days"));
         }
-        Ok(Window { days, start_minute: h * 60 + m, length: Duration::try_from(len).map_err(|e| e.to_string())? })
+        Ok(Window {
+            days,
+            start_minute: h * 60 + m,
+            length: Duration::try_from(len).map_err(|e| e.to_string())?,
+        })
     }
 
     /// Is `now` (UTC) inside a window that started on an allowed day?
@@ -66,7 +76,6 @@ impl Window {
         })
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -95,7 +104,13 @@ mod tests {
         assert!(!w.contains(datetime!(2026-11-25 01:30 UTC)));
         let every = Window::parse("04:00", "30m").unwrap();
         assert!(every.contains(datetime!(2026-11-25 04:10 UTC)));
-        for (s, l) in [("Mon..Fry 02:00", "1h"), ("Mon 25:00", "1h"), ("Mon 02:00", "0s"), ("Mon 0200", "1h"), ("Mon 02:00", "8days")] {
+        for (s, l) in [
+            ("Mon..Fry 02:00", "1h"),
+            ("Mon 25:00", "1h"),
+            ("Mon 02:00", "0s"),
+            ("Mon 0200", "1h"),
+            ("Mon 02:00", "8days"),
+        ] {
             assert!(Window::parse(s, l).is_err(), "{s} {l}");
         }
     }

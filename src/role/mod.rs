@@ -92,7 +92,10 @@ impl Notify {
         if !ok {
             return Err(format!("invalid unit name {unit:?} in notify target {s:?} (like haproxy.service)"));
         }
-        Ok(Notify { action, unit: unit.to_string() })
+        Ok(Notify {
+            action,
+            unit: unit.to_string(),
+        })
     }
 }
 
@@ -122,9 +125,19 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
     let steps = table.remove("step");
     let header: Header = Header::deserialize(toml::de::Deserializer::from(Spanned::new(span, table))).map_err(|e| toml_err(e, &file, &src))?;
     if *header.schema.get_ref() != SCHEMA {
-        return Err(ConfigError::at(&file, &src, header.schema.span().start, format!("unsupported schema {}; this bootstrap reads schema {SCHEMA}", header.schema.get_ref())));
+        return Err(ConfigError::at(
+            &file,
+            &src,
+            header.schema.span().start,
+            format!("unsupported schema {}; this bootstrap reads schema {SCHEMA}", header.schema.get_ref()),
+        ));
     }
-    let cx = LoadCtx { file: &file, src: &src, role_dir: &dir, env };
+    let cx = LoadCtx {
+        file: &file,
+        src: &src,
+        role_dir: &dir,
+        env,
+    };
     let mut out_steps = Vec::new();
     if let Some(steps) = steps {
         let steps_span = steps.span();
@@ -135,7 +148,16 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
             out_steps.push(parse_step(item, &cx)?);
         }
     }
-    Ok(Role { name: name.to_string(), dir, file: file.clone(), src: src.clone(), description: header.description, include: header.include, vars: header.vars, steps: out_steps })
+    Ok(Role {
+        name: name.to_string(),
+        dir,
+        file: file.clone(),
+        src: src.clone(),
+        description: header.description,
+        include: header.include,
+        vars: header.vars,
+        steps: out_steps,
+    })
 }
 
 fn parse_step(item: Spanned<DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<RoleStep, ConfigError> {
@@ -170,7 +192,10 @@ fn parse_step(item: Spanned<DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<RoleStep, 
 pub fn resolve(bundle: &Path, top: &str, env: &minijinja::Environment<'static>) -> Result<Vec<Role>, ConfigError> {
     crate::facts::check_ident("service", top).map_err(|e| ConfigError::msg(format!("role {top:?}: {e}")))?;
     if !roles_dir(bundle).join(top).join("role.toml").is_file() {
-        return Err(ConfigError::msg(format!("role {top:?} not found: no {}", roles_dir(bundle).join(top).join("role.toml").display())));
+        return Err(ConfigError::msg(format!(
+            "role {top:?} not found: no {}",
+            roles_dir(bundle).join(top).join("role.toml").display()
+        )));
     }
     let mut order = Vec::new();
     let mut stack = Vec::new();
@@ -195,7 +220,10 @@ fn check_duplicate_ids(roles: &[Role]) -> Result<(), ConfigError> {
         for (i, rs) in role.steps.iter().enumerate() {
             let id = step_id(role, i, rs);
             if let Some(first) = seen.get(&id) {
-                return Err(ConfigError(format!("{}: step `{id}` is declared twice (first at {first}); give one an `id` or merge them", rs.pos)));
+                return Err(ConfigError(format!(
+                    "{}: step `{id}` is declared twice (first at {first}); give one an `id` or merge them",
+                    rs.pos
+                )));
             }
             seen.insert(id, &rs.pos);
         }
@@ -216,7 +244,12 @@ fn visit(bundle: &Path, name: &str, env: &minijinja::Environment<'static>, stack
             continue;
         }
         if crate::facts::check_ident("service", n).is_err() || !roles_dir(bundle).join(n).join("role.toml").is_file() {
-            return Err(ConfigError::at(&role.file, &role.src, inc.span().start, format!("included role `{n}` not found (no {})", roles_dir(bundle).join(n).join("role.toml").display())));
+            return Err(ConfigError::at(
+                &role.file,
+                &role.src,
+                inc.span().start,
+                format!("included role `{n}` not found (no {})", roles_dir(bundle).join(n).join("role.toml").display()),
+            ));
         }
         visit(bundle, n, env, stack, order)?;
     }
@@ -274,7 +307,12 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, e
     let mut out: Vec<Prepared> = Vec::new();
     for role in roles {
         for (i, rs) in role.steps.iter().enumerate() {
-            let load = LoadCtx { file: &role.file, src: &role.src, role_dir: &role.dir, env };
+            let load = LoadCtx {
+                file: &role.file,
+                src: &role.src,
+                role_dir: &role.dir,
+                env,
+            };
             let id = step_id(role, i, rs);
             let active = match &rs.common.when {
                 Some(w) => crate::template::eval_when(env, &load.pos(w), w.get_ref(), &ctx)?,
@@ -294,7 +332,12 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, e
                 kind: rs.spec.kind(),
                 role: role.name.clone(),
                 pos: rs.pos.clone(),
-                notify: rs.common.notify.iter().map(|n| Notify::parse(n.get_ref()).expect("validated at load")).collect(),
+                notify: rs
+                    .common
+                    .notify
+                    .iter()
+                    .map(|n| Notify::parse(n.get_ref()).expect("validated at load"))
+                    .collect(),
                 reboot_required: rs.common.reboot_required,
                 sensitive: rs.common.sensitive,
                 step,
@@ -309,7 +352,11 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, e
 pub fn validate_bundle(bundle: &Path) -> Result<Vec<String>, ConfigError> {
     let dir = roles_dir(bundle);
     let entries = std::fs::read_dir(&dir).map_err(|e| ConfigError::file(&dir, format!("cannot read roles directory: {e}")))?;
-    let mut names: Vec<String> = entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     if names.is_empty() {
         return Err(ConfigError::file(&dir, "no roles in bundle"));

@@ -19,7 +19,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_bytes: 64 * 1024 * 1024, max_entries: 20_000 }
+        Limits {
+            max_bytes: 64 * 1024 * 1024,
+            max_entries: 20_000,
+        }
     }
 }
 
@@ -113,7 +116,12 @@ pub fn sign(bytes: &[u8], secret_key: &Path) -> Result<String> {
 /// Check a detached minisign signature against a public key (the key's base64 line or the
 /// whole `minisign.pub` text).
 pub fn verify_signature(bytes: &[u8], signature: &str, public_key: &str) -> Result<(), BundleError> {
-    let pk = public_key.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("untrusted comment:")).last().unwrap_or_default();
+    let pk = public_key
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
+        .last()
+        .unwrap_or_default();
     let pk = minisign_verify::PublicKey::from_base64(pk).map_err(|e| BundleError::BadSignature(format!("public key: {e}")))?;
     let sig = minisign_verify::Signature::decode(signature).map_err(|e| BundleError::BadSignature(format!("signature: {e}")))?;
     pk.verify(bytes, &sig, false).map_err(|e| BundleError::BadSignature(e.to_string()))
@@ -179,7 +187,10 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
         }
         let mut entry = entry.context("reading bundle tarball")?;
         let raw = entry.path().context("bundle entry path")?.into_owned();
-        let reject = |why: &str| BundleError::Entry { entry: raw.display().to_string(), why: why.to_string() };
+        let reject = |why: &str| BundleError::Entry {
+            entry: raw.display().to_string(),
+            why: why.to_string(),
+        };
         let rel = entry_path(&raw).map_err(|w| reject(&w))?;
         if rel.ancestors().skip(1).any(|a| links.contains(a)) {
             return Err(reject("path goes through a symlink").into());
@@ -201,7 +212,11 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
                     fs::create_dir_all(p)?;
                 }
                 let mode = if entry.header().mode()? & 0o111 != 0 { 0o755 } else { 0o644 };
-                let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&out).map_err(|e| reject(&format!("cannot create: {e}")))?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&out)
+                    .map_err(|e| reject(&format!("cannot create: {e}")))?;
                 let copied = std::io::copy(&mut (&mut entry).take(size), &mut f)?;
                 if copied != size {
                     return Err(reject("truncated").into());
@@ -233,7 +248,12 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
                 fs::hard_link(dest.join(&target), &out)?;
                 files.insert(rel);
             }
-            other => return Err(reject(&format!("entry type {other:?} is not allowed (only files, directories and links inside the bundle)")).into()),
+            other => {
+                return Err(reject(&format!(
+                    "entry type {other:?} is not allowed (only files, directories and links inside the bundle)"
+                ))
+                .into())
+            }
         }
     }
     if !dest.join("roles").is_dir() {

@@ -35,7 +35,9 @@ pub fn get(url: &str, etag: Option<&str>, max_bytes: u64) -> Result<Got, FetchEr
     }
     let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut bytes = Vec::new();
-    resp.take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| FetchError::Unavailable(format!("{url}: reading body: {e}")))?;
+    resp.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| FetchError::Unavailable(format!("{url}: reading body: {e}")))?;
     if bytes.len() as u64 > max_bytes {
         return Err(FetchError::Refused(format!("{url}: bundle is larger than {max_bytes} bytes")));
     }

@@ -34,12 +34,19 @@ impl Source {
             }
             Some(("file", p)) => PathBuf::from(p),
             Some(("https" | "http", _)) => return Ok(Source::Http(s.to_string())),
-            Some((scheme, _)) => return Err(ConfigError::msg(format!("source {s}: unknown scheme `{scheme}://` (use s3://, https://, file:// or a directory)"))),
+            Some((scheme, _)) => {
+                return Err(ConfigError::msg(format!(
+                    "source {s}: unknown scheme `{scheme}://` (use s3://, https://, file:// or a directory)"
+                )))
+            }
             None => PathBuf::from(s),
         };
         if path.is_dir() {
             if !path.join("roles").is_dir() {
-                return Err(ConfigError::msg(format!("source {s}: {} is not a bundle root (no roles/ directory in it)", path.display())));
+                return Err(ConfigError::msg(format!(
+                    "source {s}: {} is not a bundle root (no roles/ directory in it)",
+                    path.display()
+                )));
             }
             return Ok(Source::Dir(path));
         }
@@ -75,7 +82,10 @@ fn check(bytes: &[u8], sig: Option<&str>, sig_name: &str, v: &Verify) -> Result<
     let sha = bundle::sha256_hex(bytes);
     if let Some(want) = &v.sha256 {
         if !want.eq_ignore_ascii_case(&sha) {
-            return Err(BundleError::Sha256Mismatch { expected: want.clone(), actual: sha });
+            return Err(BundleError::Sha256Mismatch {
+                expected: want.clone(),
+                actual: sha,
+            });
         }
     }
     if let Some(pk) = &v.public_key {
@@ -111,12 +121,27 @@ fn seen_path(cache: &Path, url: &str) -> PathBuf {
 pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Result<Fetched> {
     let cache = host_root.join(CACHE_DIR);
     let (label, download) = match src {
-        Source::Dir(d) => return Ok(Fetched { root: d.clone(), sha256: None, origin: "directory", _temp: None }),
+        Source::Dir(d) => {
+            return Ok(Fetched {
+                root: d.clone(),
+                sha256: None,
+                origin: "directory",
+                _temp: None,
+            })
+        }
         Source::Tarball(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("reading bundle {}", path.display()))?;
             let sig_path = format!("{}.minisig", path.display());
             let sig = std::fs::read_to_string(&sig_path).ok();
-            (path.display().to_string(), Download { bytes, sig, sig_name: sig_path, etag: None })
+            (
+                path.display().to_string(),
+                Download {
+                    bytes,
+                    sig,
+                    sig_name: sig_path,
+                    etag: None,
+                },
+            )
         }
         Source::S3 { .. } | Source::Http(_) => {
             let url = match src {
@@ -124,7 +149,11 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
                 Source::Http(u) => u.clone(),
                 _ => unreachable!(),
             };
-            let seen: Option<Seen> = if persist { std::fs::read(seen_path(&cache, &url)).ok().and_then(|b| serde_json::from_slice(&b).ok()) } else { None };
+            let seen: Option<Seen> = if persist {
+                std::fs::read(seen_path(&cache, &url)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+            } else {
+                None
+            };
             let seen = seen.filter(|s| cache.join(&s.sha256).join("roles").is_dir());
             let mut opts = v.s3.clone();
             opts.max_bytes = v.limits.max_bytes;
@@ -137,7 +166,12 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
                 Ok(s3::Got::NotModified) => {
                     let sha = seen.expect("conditional GET only with a cached bundle").sha256;
                     point(&cache, "current", &sha)?;
-                    return Ok(Fetched { root: cache.join(&sha), sha256: Some(sha), origin: "cache", _temp: None });
+                    return Ok(Fetched {
+                        root: cache.join(&sha),
+                        sha256: Some(sha),
+                        origin: "cache",
+                        _temp: None,
+                    });
                 }
                 Ok(s3::Got::Body { bytes, etag }) => {
                     let sig = if v.public_key.is_some() {
@@ -150,7 +184,15 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
                         None
                     };
                     let sig = sig.map(|b| String::from_utf8_lossy(&b).into_owned());
-                    (url.clone(), Download { bytes, sig, sig_name: format!("{url}.minisig"), etag })
+                    (
+                        url.clone(),
+                        Download {
+                            bytes,
+                            sig,
+                            sig_name: format!("{url}.minisig"),
+                            etag,
+                        },
+                    )
                 }
                 Err(e) if e.is_transient() && persist => {
                     let Some(sha) = last_good(host_root) else {
@@ -158,7 +200,12 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
                     };
                     tracing::warn!("bundle source unavailable, applying the last good bundle {sha}: {e}");
                     point(&cache, "current", &sha)?;
-                    return Ok(Fetched { root: cache.join(&sha), sha256: Some(sha), origin: "last-good", _temp: None });
+                    return Ok(Fetched {
+                        root: cache.join(&sha),
+                        sha256: Some(sha),
+                        origin: "last-good",
+                        _temp: None,
+                    });
                 }
                 Err(e) => return Err(anyhow::anyhow!("fetching bundle: {e}")),
             }
@@ -170,7 +217,12 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
         let t = tempfile::tempdir()?;
         let dest = t.path().join("bundle");
         bundle::unpack(&bytes, &dest, v.limits).with_context(|| format!("unpacking bundle {label}"))?;
-        return Ok(Fetched { root: dest, sha256: Some(sha), origin: "source", _temp: Some(t) });
+        return Ok(Fetched {
+            root: dest,
+            sha256: Some(sha),
+            origin: "source",
+            _temp: Some(t),
+        });
     }
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let dest = cache.join(&sha);
@@ -189,7 +241,12 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
         crate::fsutil::atomic_write(&seen_path(&cache, &label), &seen, 0o644, None)?;
     }
     point(&cache, "current", &sha)?;
-    Ok(Fetched { root: dest, sha256: Some(sha), origin, _temp: None })
+    Ok(Fetched {
+        root: dest,
+        sha256: Some(sha),
+        origin,
+        _temp: None,
+    })
 }
 
 /// What `last-good` points at, when its bundle is still in the cache.
@@ -215,5 +272,7 @@ pub fn mark_good(host_root: &Path, sha: &str) -> Result<()> {
 
 /// What `current` points at.
 pub fn current(host_root: &Path) -> Option<String> {
-    std::fs::read_link(host_root.join(CACHE_DIR).join("current")).ok().map(|p| p.to_string_lossy().into_owned())
+    std::fs::read_link(host_root.join(CACHE_DIR).join("current"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
 }

@@ -7,7 +7,6 @@ use anyhow::{anyhow, Result};
 use aws_sdk_s3::error::SdkError;
 use sha2::{Digest, Sha256};
 
-
 /// How a fetch failed: the caller falls back to `last-good` only when the source is unavailable.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -89,7 +88,11 @@ pub fn get(o: &S3Options, bucket: &str, key: &str, etag: Option<&str>) -> Result
         let mut body = resp.body;
         let mut bytes = Vec::new();
         let mut hasher = Sha256::new();
-        while let Some(chunk) = body.try_next().await.map_err(|e| FetchError::Unavailable(format!("{url}: reading body: {e}")))? {
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| FetchError::Unavailable(format!("{url}: reading body: {e}")))?
+        {
             hasher.update(&chunk);
             bytes.extend_from_slice(&chunk);
             if bytes.len() as u64 > o.max_bytes {

@@ -83,8 +83,9 @@ impl Kind for DirStep {
 
     fn apply(&self, host: &Host, observed: &Option<Meta>, changes: &[Change]) -> Result<()> {
         match (self.state, observed) {
-            (State::Absent, _) => std::fs::remove_dir(&self.path)
-                .with_context(|| format!("removing directory {} (only an empty directory is removed)", self.display)),
+            (State::Absent, _) => {
+                std::fs::remove_dir(&self.path).with_context(|| format!("removing directory {} (only an empty directory is removed)", self.display))
+            }
             (State::Present, Some(_)) => apply_meta(host, &self.path, changes, self.mode, &self.owner, &self.group),
             (State::Present, None) => {
                 fsutil::create_parents(&self.path)?;
@@ -92,7 +93,10 @@ impl Kind for DirStep {
                 let mode = self.mode.unwrap_or(DEFAULT_MODE).0;
                 // Created with no access for others, then owned and moded, so it is never
                 // briefly more open than the role says.
-                std::fs::DirBuilder::new().mode(0o700).create(&self.path).with_context(|| format!("creating {}", self.path.display()))?;
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&self.path)
+                    .with_context(|| format!("creating {}", self.path.display()))?;
                 if let Some((uid, gid)) = ids {
                     std::os::unix::fs::lchown(&self.path, Some(uid), Some(gid)).with_context(|| format!("chown {}", self.path.display()))?;
                 }
@@ -109,8 +113,23 @@ mod tests {
 
     #[test]
     fn plan_table() {
-        let s = DirStep { display: "/d".into(), path: "/x/d".into(), mode: Some(Mode(0o750)), owner: None, group: Some("adm".into()), state: State::Present };
-        let m = |mode, group: &str, gid| Some(Meta { mode, uid: 0, gid, owner: "root".into(), group: group.into() });
+        let s = DirStep {
+            display: "/d".into(),
+            path: "/x/d".into(),
+            mode: Some(Mode(0o750)),
+            owner: None,
+            group: Some("adm".into()),
+            state: State::Present,
+        };
+        let m = |mode, group: &str, gid| {
+            Some(Meta {
+                mode,
+                uid: 0,
+                gid,
+                owner: "root".into(),
+                group: group.into(),
+            })
+        };
         assert!(s.plan(&m(0o750, "adm", 4)).is_empty());
         let fields: Vec<_> = s.plan(&m(0o755, "root", 0)).into_iter().map(|c| c.field).collect();
         assert_eq!(fields, ["mode", "group"]);

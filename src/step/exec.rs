@@ -29,7 +29,10 @@ pub struct Spec {
 impl Spec {
     pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         if self.command.get_ref().is_empty() || self.command.get_ref()[0].is_empty() {
-            return Err(cx.err(&self.command, "`command` must be a non-empty argv list, like [\"/usr/bin/systemctl\", \"daemon-reload\"]"));
+            return Err(cx.err(
+                &self.command,
+                "`command` must be a non-empty argv list, like [\"/usr/bin/systemctl\", \"daemon-reload\"]",
+            ));
         }
         for g in [&self.unless, &self.onlyif].into_iter().flatten() {
             if g.get_ref().is_empty() {
@@ -37,7 +40,10 @@ impl Spec {
             }
         }
         if self.creates.is_none() && self.unless.is_none() && self.onlyif.is_none() {
-            return Err(cx.err(&self.command, "an exec step needs a guard: one of `creates`, `unless` or `onlyif` (otherwise it would run on every apply)"));
+            return Err(cx.err(
+                &self.command,
+                "an exec step needs a guard: one of `creates`, `unless` or `onlyif` (otherwise it would run on every apply)",
+            ));
         }
         if let Some(c) = &self.creates {
             super::check_abs_path(cx, c)?;
@@ -51,7 +57,9 @@ impl Spec {
     fn parse_timeout(&self, cx: &LoadCtx<'_>) -> Result<Option<Duration>, ConfigError> {
         self.timeout
             .as_ref()
-            .map(|t| humantime::parse_duration(t.get_ref()).map_err(|e| cx.err(t, format!("invalid timeout {:?}: {e} (use e.g. \"30s\", \"5m\")", t.get_ref()))))
+            .map(|t| {
+                humantime::parse_duration(t.get_ref()).map_err(|e| cx.err(t, format!("invalid timeout {:?}: {e} (use e.g. \"30s\", \"5m\")", t.get_ref())))
+            })
             .transpose()
     }
 
@@ -69,7 +77,11 @@ impl Spec {
         command.env.insert("BOOTSTRAP_ROOT".into(), cx.root.to_string_lossy().into_owned());
         Ok(ExecStep {
             command,
-            creates: self.creates.as_ref().map(|c| fsutil::host_path(cx.root, c.get_ref()).map_err(|e| l.err(c, e))).transpose()?,
+            creates: self
+                .creates
+                .as_ref()
+                .map(|c| fsutil::host_path(cx.root, c.get_ref()).map_err(|e| l.err(c, e)))
+                .transpose()?,
             unless: self.unless.as_ref().map(|u| cmd(u.get_ref())),
             onlyif: self.onlyif.as_ref().map(|o| cmd(o.get_ref())),
             sensitive: false,
@@ -134,7 +146,15 @@ impl Kind for ExecStep {
     fn plan(&self, g: &Guards) -> Vec<Change> {
         let run = !g.created && g.unless_ok != Some(true) && g.onlyif_ok != Some(false);
         if run {
-            vec![Change::new("command", None::<&str>, Some(if self.sensitive { Change::REDACTED.to_string() } else { self.command.argv.join(" ") }))]
+            vec![Change::new(
+                "command",
+                None::<&str>,
+                Some(if self.sensitive {
+                    Change::REDACTED.to_string()
+                } else {
+                    self.command.argv.join(" ")
+                }),
+            )]
         } else {
             vec![]
         }
@@ -158,7 +178,16 @@ mod tests {
 
     #[test]
     fn plan_table() {
-        let s = ExecStep { command: Cmd { argv: vec!["true".into()], ..Default::default() }, creates: None, unless: None, onlyif: None, sensitive: false };
+        let s = ExecStep {
+            command: Cmd {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            creates: None,
+            unless: None,
+            onlyif: None,
+            sensitive: false,
+        };
         let g = |created, unless_ok, onlyif_ok| Guards { created, unless_ok, onlyif_ok };
         assert_eq!(s.plan(&g(false, None, None)).len(), 1);
         assert!(s.plan(&g(true, None, None)).is_empty());

@@ -82,7 +82,13 @@ const DIFF_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200)
 /// A unified diff of two contents, or a one-line summary when either is binary or large.
 pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
     if old.len().max(new.len()) > MAX_DIFF_BYTES {
-        return format!("content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {}); too large to diff\n", old.len(), sha(old), new.len(), sha(new));
+        return format!(
+            "content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {}); too large to diff\n",
+            old.len(),
+            sha(old),
+            new.len(),
+            sha(new)
+        );
     }
     match (std::str::from_utf8(old), std::str::from_utf8(new)) {
         (Ok(o), Ok(n)) => similar::TextDiff::configure()
@@ -92,7 +98,13 @@ pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
             .context_radius(3)
             .header(&format!("{label} (on host)"), &format!("{label} (from role)"))
             .to_string(),
-        _ => format!("binary content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {})\n", old.len(), sha(old), new.len(), sha(new)),
+        _ => format!(
+            "binary content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {})\n",
+            old.len(),
+            sha(old),
+            new.len(),
+            sha(new)
+        ),
     }
 }
 
@@ -111,13 +123,23 @@ impl Kind for FileStep {
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
         };
         if !md.file_type().is_file() {
-            bail!("{} exists and is not a regular file ({}); refusing to replace it", self.display, describe_type(&md));
+            bail!(
+                "{} exists and is not a regular file ({}); refusing to replace it",
+                self.display,
+                describe_type(&md)
+            );
         }
         if self.state == State::Absent {
-            return Ok(Observed::File { content: Vec::new(), meta: Meta::read(&host.root, &md) });
+            return Ok(Observed::File {
+                content: Vec::new(),
+                meta: Meta::read(&host.root, &md),
+            });
         }
         let content = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
-        Ok(Observed::File { content, meta: Meta::read(&host.root, &md) })
+        Ok(Observed::File {
+            content,
+            meta: Meta::read(&host.root, &md),
+        })
     }
 
     fn plan(&self, observed: &Observed) -> Vec<Change> {
@@ -127,7 +149,10 @@ impl Kind for FileStep {
             (State::Present, Observed::Missing) => {
                 let new = self.content.as_deref().unwrap_or_default();
                 let mut c = vec![Change::new("state", Some("absent"), Some("present"))];
-                c.push(Change { diff: Some(content_diff(&self.display, b"", new)), ..Change::new::<&str, &str>("content", None, None) });
+                c.push(Change {
+                    diff: Some(content_diff(&self.display, b"", new)),
+                    ..Change::new::<&str, &str>("content", None, None)
+                });
                 c.push(Change::new("mode", None::<&str>, Some(self.mode.unwrap_or(DEFAULT_MODE))));
                 if let Some(o) = &self.owner {
                     c.push(Change::new("owner", None::<&str>, Some(o)));
@@ -141,7 +166,10 @@ impl Kind for FileStep {
                 let mut c = Vec::new();
                 let new = self.content.as_deref().unwrap_or_default();
                 if content.as_slice() != new {
-                    c.push(Change { diff: Some(content_diff(&self.display, content, new)), ..Change::new::<&str, &str>("content", None, None) });
+                    c.push(Change {
+                        diff: Some(content_diff(&self.display, content, new)),
+                        ..Change::new::<&str, &str>("content", None, None)
+                    });
                 }
                 c.extend(meta_changes(self.mode, &self.owner, &self.group, meta));
                 c
@@ -210,12 +238,21 @@ mod tests {
     }
 
     fn meta(mode: u32) -> Meta {
-        Meta { mode, uid: 0, gid: 0, owner: "root".into(), group: "root".into() }
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            owner: "root".into(),
+            group: "root".into(),
+        }
     }
 
     #[test]
     fn plan_table() {
-        let have = |c: &str, m: u32| Observed::File { content: c.as_bytes().to_vec(), meta: meta(m) };
+        let have = |c: &str, m: u32| Observed::File {
+            content: c.as_bytes().to_vec(),
+            meta: meta(m),
+        };
         let fields = |s: &FileStep, o: &Observed| s.plan(o).into_iter().map(|c| c.field).collect::<Vec<_>>();
         assert!(fields(&step("a\n", Some(0o644)), &have("a\n", 0o644)).is_empty());
         assert_eq!(fields(&step("a\n", Some(0o600)), &have("a\n", 0o644)), ["mode"]);

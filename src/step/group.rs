@@ -26,7 +26,12 @@ impl Spec {
     }
 
     pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<GroupStep, ConfigError> {
-        Ok(GroupStep { name: self.name.get_ref().clone(), gid: self.gid, system: self.system, state: self.state })
+        Ok(GroupStep {
+            name: self.name.get_ref().clone(),
+            gid: self.gid,
+            system: self.system,
+            state: self.state,
+        })
     }
 }
 
@@ -39,7 +44,9 @@ pub fn check_account_name(name: &str) -> std::result::Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid account name {name:?}: use lowercase letters, digits, '_' and '-', starting with a letter or '_'"))
+        Err(format!(
+            "invalid account name {name:?}: use lowercase letters, digits, '_' and '-', starting with a letter or '_'"
+        ))
     }
 }
 
@@ -70,8 +77,17 @@ pub fn read_groups(root: &Path) -> Result<Vec<(String, GroupEntry)>> {
         .into_iter()
         .filter(|f| f.len() >= 3)
         .map(|f| {
-            let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default();
-            (f[0].clone(), GroupEntry { gid: f[2].parse().unwrap_or(u32::MAX), members })
+            let members = f
+                .get(3)
+                .map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default();
+            (
+                f[0].clone(),
+                GroupEntry {
+                    gid: f[2].parse().unwrap_or(u32::MAX),
+                    members,
+                },
+            )
         })
         .collect())
 }
@@ -86,7 +102,11 @@ pub fn shadow_tool(host: &Host, tool: &str, args: Vec<String>) -> Result<()> {
         argv.push(host.root.to_string_lossy().into_owned());
     }
     argv.extend(args);
-    let out = runner::run(&Cmd { argv: argv.clone(), timeout: Some(std::time::Duration::from_secs(60)), ..Default::default() })?;
+    let out = runner::run(&Cmd {
+        argv: argv.clone(),
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    })?;
     if !out.success() {
         bail!("`{}` {}: {}", argv.join(" "), out.describe(), out.tail(5));
     }
@@ -160,7 +180,12 @@ mod tests {
 
     #[test]
     fn plan_table() {
-        let s = GroupStep { name: "g".into(), gid: Some(500), system: false, state: State::Present };
+        let s = GroupStep {
+            name: "g".into(),
+            gid: Some(500),
+            system: false,
+            state: State::Present,
+        };
         assert!(s.plan(&Some(GroupEntry { gid: 500, members: vec![] })).is_empty());
         assert_eq!(s.plan(&Some(GroupEntry { gid: 501, members: vec![] }))[0].field, "gid");
         assert_eq!(s.plan(&None).len(), 2);

@@ -53,9 +53,12 @@ impl Kind for LinkStep {
 
     fn check(&self, _host: &Host) -> Result<Option<String>> {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(md) if md.file_type().is_symlink() => {
-                Ok(Some(std::fs::read_link(&self.path).with_context(|| format!("reading link {}", self.display))?.to_string_lossy().into_owned()))
-            }
+            Ok(md) if md.file_type().is_symlink() => Ok(Some(
+                std::fs::read_link(&self.path)
+                    .with_context(|| format!("reading link {}", self.display))?
+                    .to_string_lossy()
+                    .into_owned(),
+            )),
             Ok(md) => bail!("{} exists and is {}, not a symlink; refusing to replace it", self.display, describe_type(&md)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
@@ -95,7 +98,12 @@ mod tests {
 
     #[test]
     fn plan_table() {
-        let s = LinkStep { display: "/l".into(), path: "/x/l".into(), target: Some("/t".into()), state: State::Present };
+        let s = LinkStep {
+            display: "/l".into(),
+            path: "/x/l".into(),
+            target: Some("/t".into()),
+            state: State::Present,
+        };
         assert!(s.plan(&Some("/t".into())).is_empty());
         assert_eq!(s.plan(&Some("/u".into()))[0].from.as_deref(), Some("/u"));
         assert_eq!(s.plan(&None).len(), 1);

@@ -88,7 +88,12 @@ pub struct Change {
 
 impl Change {
     pub fn new<A: ToString, B: ToString>(field: &str, from: Option<A>, to: Option<B>) -> Change {
-        Change { field: field.into(), from: from.map(|s| s.to_string()), to: to.map(|s| s.to_string()), diff: None }
+        Change {
+            field: field.into(),
+            from: from.map(|s| s.to_string()),
+            to: to.map(|s| s.to_string()),
+            diff: None,
+        }
     }
 
     pub const REDACTED: &'static str = "<redacted>";
@@ -96,7 +101,12 @@ impl Change {
     /// The same change with every value replaced (for `sensitive` steps).
     pub fn redacted(&self) -> Change {
         let r = |o: &Option<String>| o.as_ref().map(|_| Self::REDACTED.to_string());
-        Change { field: self.field.clone(), from: r(&self.from), to: r(&self.to), diff: r(&self.diff) }
+        Change {
+            field: self.field.clone(),
+            from: r(&self.from),
+            to: r(&self.to),
+            diff: r(&self.diff),
+        }
     }
 }
 
@@ -139,7 +149,10 @@ impl LoadCtx<'_> {
     pub fn source_path(&self, source: &Spanned<String>) -> Result<PathBuf, ConfigError> {
         let rel = Path::new(source.get_ref());
         if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-            return Err(self.err(source, format!("source {:?} must be a relative path inside the role's files/", source.get_ref())));
+            return Err(self.err(
+                source,
+                format!("source {:?} must be a relative path inside the role's files/", source.get_ref()),
+            ));
         }
         let p = self.role_dir.join("files").join(rel);
         if !p.is_file() {
@@ -208,7 +221,10 @@ impl Spec {
             "package" => Spec::Package(de(table, f, s)?),
             "unit" => Spec::Unit(de(table, f, s)?),
             k if NOT_YET.contains(&k) => {
-                return Err(cx.err(kind, format!("step kind `{k}` is part of the role format but not supported by this version of bootstrap yet")))
+                return Err(cx.err(
+                    kind,
+                    format!("step kind `{k}` is part of the role format but not supported by this version of bootstrap yet"),
+                ))
             }
             k => return Err(cx.err(kind, format!("unknown step kind `{k}`; expected one of {}", KINDS.join(", ")))),
         })
@@ -296,7 +312,12 @@ pub fn validate_body(cx: &LoadCtx<'_>, content: &Option<Spanned<String>>, source
 }
 
 /// The bytes of a step's `content`/`source` body, rendered when `template` is set.
-pub fn render_body(cx: &PrepCtx<'_>, content: &Option<Spanned<String>>, source: &Option<Spanned<String>>, template: bool) -> Result<Option<Vec<u8>>, ConfigError> {
+pub fn render_body(
+    cx: &PrepCtx<'_>,
+    content: &Option<Spanned<String>>,
+    source: &Option<Spanned<String>>,
+    template: bool,
+) -> Result<Option<Vec<u8>>, ConfigError> {
     use crate::template::{render, Origin};
     let l = &cx.load;
     Ok(match (content, source) {
@@ -322,7 +343,9 @@ pub fn check_abs_path(cx: &LoadCtx<'_>, p: &Spanned<String>) -> Result<(), Confi
 }
 
 pub fn parse_mode(cx: &LoadCtx<'_>, m: &Option<Spanned<String>>) -> Result<Option<crate::fsutil::Mode>, ConfigError> {
-    m.as_ref().map(|m| crate::fsutil::Mode::parse(m.get_ref()).map_err(|e| cx.err(m, e))).transpose()
+    m.as_ref()
+        .map(|m| crate::fsutil::Mode::parse(m.get_ref()).map_err(|e| cx.err(m, e)))
+        .transpose()
 }
 
 /// Owner and group of an existing path, as names from the root's account files.
@@ -371,12 +394,25 @@ impl Meta {
     pub fn read(root: &Path, md: &std::fs::Metadata) -> Meta {
         use std::os::unix::fs::MetadataExt;
         let (owner, group) = owner_names(root, md);
-        Meta { mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), owner, group }
+        Meta {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            owner,
+            group,
+        }
     }
 }
 
 /// Apply mode/owner/group changes to an existing path in place.
-pub fn apply_meta(host: &Host, path: &Path, changes: &[Change], mode: Option<crate::fsutil::Mode>, owner: &Option<String>, group: &Option<String>) -> Result<()> {
+pub fn apply_meta(
+    host: &Host,
+    path: &Path,
+    changes: &[Change],
+    mode: Option<crate::fsutil::Mode>,
+    owner: &Option<String>,
+    group: &Option<String>,
+) -> Result<()> {
     use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
     let has = |f: &str| changes.iter().any(|c| c.field == f);

@@ -58,7 +58,12 @@ impl Spec {
 
     pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<PackageStep, ConfigError> {
         Ok(PackageStep {
-            packages: self.names.iter().map(|n| split_version(n.get_ref())).map(|(n, v)| (n.to_string(), v.map(str::to_string))).collect(),
+            packages: self
+                .names
+                .iter()
+                .map(|n| split_version(n.get_ref()))
+                .map(|(n, v)| (n.to_string(), v.map(str::to_string)))
+                .collect(),
             state: self.state,
         })
     }
@@ -180,7 +185,12 @@ fn candidate_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, Str
 fn apt_update_if_stale(force: bool) -> Result<()> {
     let lists = std::path::Path::new("/var/lib/apt/lists");
     let newest = std::fs::read_dir(lists)
-        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with("Packages")).filter_map(|e| e.metadata().ok()?.modified().ok()).max())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with("Packages"))
+                .filter_map(|e| e.metadata().ok()?.modified().ok())
+                .max()
+        })
         .unwrap_or(None);
     let stale = newest.is_none_or(|t| t.elapsed().unwrap_or_default() > LISTS_MAX_AGE);
     if !(stale || force) {
@@ -197,9 +207,23 @@ fn apt_update_if_stale(force: bool) -> Result<()> {
 fn apt(args: &[&str]) -> Result<runner::Output> {
     let lock_wait = DPKG_LOCK_WAIT.as_secs().to_string();
     let lock_opt = format!("DPkg::Lock::Timeout={lock_wait}");
-    let mut argv = vec!["apt-get", "-q", "-y", "-o", &lock_opt, "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"];
+    let mut argv = vec![
+        "apt-get",
+        "-q",
+        "-y",
+        "-o",
+        &lock_opt,
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+    ];
     argv.extend(args);
-    run(&argv, &[("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")], TRANSACTION_TIMEOUT)
+    run(
+        &argv,
+        &[("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")],
+        TRANSACTION_TIMEOUT,
+    )
 }
 
 impl Kind for PackageStep {
@@ -209,8 +233,16 @@ impl Kind for PackageStep {
         let manager = Manager::for_family(&host.facts.os.family, &host.facts.os.id)?;
         let names: Vec<&str> = self.packages.iter().map(|(n, _)| n.as_str()).collect();
         let installed = installed_versions(manager, &names)?;
-        let candidates = if self.state == PkgState::Latest { candidate_versions(manager, &names)? } else { BTreeMap::new() };
-        Ok(Observed { manager, installed, candidates })
+        let candidates = if self.state == PkgState::Latest {
+            candidate_versions(manager, &names)?
+        } else {
+            BTreeMap::new()
+        };
+        Ok(Observed {
+            manager,
+            installed,
+            candidates,
+        })
     }
 
     fn plan(&self, o: &Observed) -> Vec<Change> {
@@ -260,7 +292,10 @@ impl Kind for PackageStep {
                 let args = |verb| [&[verb, "--"][..], &targets].concat();
                 let mut out = apt(&args(verb))?;
                 // A package unknown to old lists: refresh once and retry.
-                if !out.success() && verb == "install" && (out.stderr.contains("Unable to locate package") || out.stderr.contains("has no installation candidate")) {
+                if !out.success()
+                    && verb == "install"
+                    && (out.stderr.contains("Unable to locate package") || out.stderr.contains("has no installation candidate"))
+                {
                     apt_update_if_stale(true)?;
                     out = apt(&args(verb))?;
                 }
@@ -292,12 +327,19 @@ mod tests {
 
     fn obs(installed: &[(&str, &str)], cand: &[(&str, &str)]) -> Observed {
         let m = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        Observed { manager: Manager::Apt, installed: m(installed), candidates: m(cand) }
+        Observed {
+            manager: Manager::Apt,
+            installed: m(installed),
+            candidates: m(cand),
+        }
     }
 
     #[test]
     fn plan_table() {
-        let step = |state, pk: &[(&str, Option<&str>)]| PackageStep { state, packages: pk.iter().map(|(n, v)| (n.to_string(), v.map(str::to_string))).collect() };
+        let step = |state, pk: &[(&str, Option<&str>)]| PackageStep {
+            state,
+            packages: pk.iter().map(|(n, v)| (n.to_string(), v.map(str::to_string))).collect(),
+        };
         let fields = |s: &PackageStep, o: &Observed| s.plan(o).into_iter().map(|c| c.field).collect::<Vec<_>>();
         let present = step(PkgState::Present, &[("a", None), ("b", Some("2"))]);
         assert!(fields(&present, &obs(&[("a", "1"), ("b", "2")], &[])).is_empty());

@@ -35,8 +35,7 @@ const UNIT_DIR: &str = "/etc/systemd/system";
 
 pub fn check_unit_name(name: &str) -> std::result::Result<(), String> {
     const SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".mount", ".path", ".slice", ".automount", ".swap"];
-    let ok = SUFFIXES.iter().any(|s| name.ends_with(s) && name.len() > s.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
+    let ok = SUFFIXES.iter().any(|s| name.ends_with(s) && name.len() > s.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
     if ok {
         Ok(())
     } else {
@@ -74,7 +73,12 @@ impl Spec {
         let content = super::render_body(cx, &self.content, &self.source, self.template)?;
         let mut files = Vec::new();
         if let Some(c) = content {
-            files.push(UnitFile { display: format!("{UNIT_DIR}/{name}"), path: dir.join(&name), content: c, field: "content".into() });
+            files.push(UnitFile {
+                display: format!("{UNIT_DIR}/{name}"),
+                path: dir.join(&name),
+                content: c,
+                field: "content".into(),
+            });
         }
         for (file, body) in &self.dropins {
             files.push(UnitFile {
@@ -84,7 +88,13 @@ impl Spec {
                 field: format!("dropin:{file}"),
             });
         }
-        Ok(UnitStep { name, files, enabled: self.enabled, active: self.active, masked: self.masked })
+        Ok(UnitStep {
+            name,
+            files,
+            enabled: self.enabled,
+            active: self.active,
+            masked: self.masked,
+        })
     }
 }
 
@@ -127,7 +137,11 @@ impl Kind for UnitStep {
             });
         }
         let wants_state = self.enabled.is_some() || self.active.is_some() || self.masked.is_some();
-        let state = if host.is_live() && wants_state { Some(host.systemd.unit_state(&self.name)?) } else { None };
+        let state = if host.is_live() && wants_state {
+            Some(host.systemd.unit_state(&self.name)?)
+        } else {
+            None
+        };
         Ok(Observed { files, state })
     }
 
@@ -136,7 +150,10 @@ impl Kind for UnitStep {
         for (f, have) in self.files.iter().zip(&o.files) {
             if have.as_deref() != Some(f.content.as_slice()) {
                 let old = have.as_deref().unwrap_or_default();
-                c.push(Change { diff: Some(content_diff(&f.display, old, &f.content)), ..Change::new::<&str, &str>(&f.field, None, None) });
+                c.push(Change {
+                    diff: Some(content_diff(&f.display, old, &f.content)),
+                    ..Change::new::<&str, &str>(&f.field, None, None)
+                });
             }
         }
         if let Some(s) = &o.state {
@@ -202,8 +219,20 @@ mod tests {
 
     #[test]
     fn plan_table() {
-        let s = UnitStep { name: "x.service".into(), files: vec![], enabled: Some(true), active: Some(true), masked: None };
-        let st = |f: &str, a: &str| Observed { files: vec![], state: Some(UnitState { file_state: f.into(), active_state: a.into() }) };
+        let s = UnitStep {
+            name: "x.service".into(),
+            files: vec![],
+            enabled: Some(true),
+            active: Some(true),
+            masked: None,
+        };
+        let st = |f: &str, a: &str| Observed {
+            files: vec![],
+            state: Some(UnitState {
+                file_state: f.into(),
+                active_state: a.into(),
+            }),
+        };
         assert!(s.plan(&st("enabled", "active")).is_empty());
         assert!(s.plan(&st("static", "activating")).is_empty());
         let fields = |o| s.plan(&o).into_iter().map(|c| c.field).collect::<Vec<_>>();

@@ -76,11 +76,23 @@ impl Kind for UserStep {
         if !host.root.join("etc/passwd").exists() {
             return Ok(None);
         }
-        let Some(f) = fsutil::read_db(&host.root, "etc/passwd")?.into_iter().find(|f| f[0] == self.name && f.len() >= 7) else {
+        let Some(f) = fsutil::read_db(&host.root, "etc/passwd")?
+            .into_iter()
+            .find(|f| f[0] == self.name && f.len() >= 7)
+        else {
             return Ok(None);
         };
-        let groups = read_groups(&host.root)?.into_iter().filter(|(_, g)| g.members.contains(&self.name)).map(|(n, _)| n).collect();
-        Ok(Some(UserEntry { uid: f[2].parse().unwrap_or(u32::MAX), home: f[5].clone(), shell: f[6].clone(), groups }))
+        let groups = read_groups(&host.root)?
+            .into_iter()
+            .filter(|(_, g)| g.members.contains(&self.name))
+            .map(|(n, _)| n)
+            .collect();
+        Ok(Some(UserEntry {
+            uid: f[2].parse().unwrap_or(u32::MAX),
+            home: f[5].clone(),
+            shell: f[6].clone(),
+            groups,
+        }))
     }
 
     fn plan(&self, observed: &Option<UserEntry>) -> Vec<Change> {
@@ -111,7 +123,11 @@ impl Kind for UserStep {
                 }
                 let add = missing_groups(&u.groups);
                 if !add.is_empty() {
-                    c.push(Change::new("groups", Some(u.groups.join(",")), Some([u.groups.clone(), add].concat().join(","))));
+                    c.push(Change::new(
+                        "groups",
+                        Some(u.groups.join(",")),
+                        Some([u.groups.clone(), add].concat().join(",")),
+                    ));
                 }
                 c
             }
@@ -165,8 +181,23 @@ mod tests {
 
     #[test]
     fn plan_table() {
-        let s = UserStep { name: "u".into(), uid: None, groups: vec!["adm".into()], shell: Some("/bin/sh".into()), home: None, system: true, state: State::Present };
-        let have = |shell: &str, groups: &[&str]| Some(UserEntry { uid: 999, home: "/h".into(), shell: shell.into(), groups: groups.iter().map(|s| s.to_string()).collect() });
+        let s = UserStep {
+            name: "u".into(),
+            uid: None,
+            groups: vec!["adm".into()],
+            shell: Some("/bin/sh".into()),
+            home: None,
+            system: true,
+            state: State::Present,
+        };
+        let have = |shell: &str, groups: &[&str]| {
+            Some(UserEntry {
+                uid: 999,
+                home: "/h".into(),
+                shell: shell.into(),
+                groups: groups.iter().map(|s| s.to_string()).collect(),
+            })
+        };
         assert!(s.plan(&have("/bin/sh", &["adm", "other"])).is_empty());
         let c = s.plan(&have("/bin/bash", &["other"]));
         assert_eq!(c.iter().map(|c| c.field.as_str()).collect::<Vec<_>>(), ["shell", "groups"]);

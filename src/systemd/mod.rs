@@ -100,14 +100,22 @@ impl Dbus {
             let (job_id, _): (u32, OwnedObjectPath) = unit_proxy.get_property("Job")?;
             let state: String = unit_proxy.get_property("ActiveState")?;
             if job_id == 0 && !matches!(state.as_str(), "activating" | "deactivating" | "reloading") {
-                let ok = if want_active { state == "active" || self.ran_to_success(&path)? } else { state != "active" };
+                let ok = if want_active {
+                    state == "active" || self.ran_to_success(&path)?
+                } else {
+                    state != "active"
+                };
                 if ok {
                     return Ok(());
                 }
                 bail!("{unit} is {state} after {method}; its journal:\n{}", journal(unit));
             }
             if start.elapsed() > UNIT_JOB_TIMEOUT {
-                bail!("{unit} still {state} {}s after {method}; its journal:\n{}", UNIT_JOB_TIMEOUT.as_secs(), journal(unit));
+                bail!(
+                    "{unit} still {state} {}s after {method}; its journal:\n{}",
+                    UNIT_JOB_TIMEOUT.as_secs(),
+                    journal(unit)
+                );
             }
             std::thread::sleep(JOB_POLL);
         }
@@ -122,17 +130,32 @@ impl Dbus {
 
 /// The unit's last journal lines (best effort: an empty string if journalctl fails).
 pub fn journal(unit: &str) -> String {
-    let argv = ["journalctl", "--no-pager", "-o", "short-monotonic", "-n", &JOURNAL_LINES.to_string(), "-u", unit];
-    runner::run(&Cmd { argv: argv.iter().map(|s| s.to_string()).collect(), timeout: Some(Duration::from_secs(10)), ..Default::default() })
-        .map(|o| o.stdout.trim_end().to_string())
-        .unwrap_or_default()
+    let argv = [
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "short-monotonic",
+        "-n",
+        &JOURNAL_LINES.to_string(),
+        "-u",
+        unit,
+    ];
+    runner::run(&Cmd {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    })
+    .map(|o| o.stdout.trim_end().to_string())
+    .unwrap_or_default()
 }
 
 impl Systemd for Dbus {
     fn unit_state(&self, unit: &str) -> Result<UnitState> {
         let file_state = match self.manager()?.call::<_, _, String>("GetUnitFileState", &(unit,)) {
             Ok(s) => s,
-            Err(zbus::Error::MethodError(name, _, _)) if name.as_str() == "org.freedesktop.DBus.Error.FileNotFound" || name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" => {
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.DBus.Error.FileNotFound" || name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
                 "not-found".to_string()
             }
             Err(e) => return Err(e).with_context(|| format!("GetUnitFileState {unit}")),
@@ -148,7 +171,9 @@ impl Systemd for Dbus {
     fn enable(&self, unit: &str, enable: bool) -> Result<()> {
         let m = self.manager()?;
         if enable {
-            let _: (bool, Vec<(String, String, String)>) = m.call("EnableUnitFiles", &(vec![unit], false, true)).with_context(|| format!("enabling {unit}"))?;
+            let _: (bool, Vec<(String, String, String)>) = m
+                .call("EnableUnitFiles", &(vec![unit], false, true))
+                .with_context(|| format!("enabling {unit}"))?;
         } else {
             let _: Vec<(String, String, String)> = m.call("DisableUnitFiles", &(vec![unit], false)).with_context(|| format!("disabling {unit}"))?;
         }

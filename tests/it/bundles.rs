@@ -102,13 +102,47 @@ fn hostile_and_unverified_bundles_are_rejected_and_current_stays() {
     assert_eq!(r.code, 0, "{}", r.all());
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("dotdot", raw_tarball(&[("roles/../../etc/passwd", tar::EntryType::Regular, b"x", None)]), "`..` in path"),
-        ("absolute", raw_tarball(&[("/etc/passwd", tar::EntryType::Regular, b"x", None)]), "absolute path"),
-        ("symlink out", raw_tarball(&[("roles/r/etc", tar::EntryType::Symlink, b"", Some("/etc")), ("roles/r/etc/evil", tar::EntryType::Regular, b"x", None)]), "symlink to /etc leaves the bundle"),
-        ("relative symlink out", raw_tarball(&[("roles/r/up", tar::EntryType::Symlink, b"", Some("../../../etc"))]), "leaves the bundle"),
-        ("through a symlink", raw_tarball(&[("roles/r/in", tar::EntryType::Symlink, b"", Some("files")), ("roles/r/in/x", tar::EntryType::Regular, b"x", None)]), "path goes through a symlink"),
-        ("hard link out", raw_tarball(&[("roles/r/h", tar::EntryType::Link, b"", Some("/etc/shadow"))]), "hard link target: absolute path"),
-        ("device", raw_tarball(&[("roles/r/null", tar::EntryType::Char, b"", None)]), "entry type Char is not allowed"),
+        (
+            "dotdot",
+            raw_tarball(&[("roles/../../etc/passwd", tar::EntryType::Regular, b"x", None)]),
+            "`..` in path",
+        ),
+        (
+            "absolute",
+            raw_tarball(&[("/etc/passwd", tar::EntryType::Regular, b"x", None)]),
+            "absolute path",
+        ),
+        (
+            "symlink out",
+            raw_tarball(&[
+                ("roles/r/etc", tar::EntryType::Symlink, b"", Some("/etc")),
+                ("roles/r/etc/evil", tar::EntryType::Regular, b"x", None),
+            ]),
+            "symlink to /etc leaves the bundle",
+        ),
+        (
+            "relative symlink out",
+            raw_tarball(&[("roles/r/up", tar::EntryType::Symlink, b"", Some("../../../etc"))]),
+            "leaves the bundle",
+        ),
+        (
+            "through a symlink",
+            raw_tarball(&[
+                ("roles/r/in", tar::EntryType::Symlink, b"", Some("files")),
+                ("roles/r/in/x", tar::EntryType::Regular, b"x", None),
+            ]),
+            "path goes through a symlink",
+        ),
+        (
+            "hard link out",
+            raw_tarball(&[("roles/r/h", tar::EntryType::Link, b"", Some("/etc/shadow"))]),
+            "hard link target: absolute path",
+        ),
+        (
+            "device",
+            raw_tarball(&[("roles/r/null", tar::EntryType::Char, b"", None)]),
+            "entry type Char is not allowed",
+        ),
         ("gzip bomb", bomb(), "larger than the limit of 1048576 bytes"),
     ];
     let mut failures = Vec::new();
@@ -128,7 +162,10 @@ fn hostile_and_unverified_bundles_are_rejected_and_current_stays() {
     assert_eq!(build(&repo(), &bad_sig, &["--sign", other_sk.to_str().unwrap()]).code, 0);
     let no_sig = work.path().join("nosig.tar.gz");
     assert_eq!(build(&repo(), &no_sig, &[]).code, 0);
-    for (name, file, want) in [("wrong signature", &bad_sig, "signature does not verify"), ("missing signature", &no_sig, "has no signature")] {
+    for (name, file, want) in [
+        ("wrong signature", &bad_sig, "signature does not verify"),
+        ("missing signature", &no_sig, "has no signature"),
+    ] {
         let r = apply(file);
         if r.code != 1 || !r.stderr.contains(want) || current() != good_sha {
             failures.push(format!("{name}: exit {}\n  want: {want}\n  got: {}", r.code, r.stderr));
@@ -136,10 +173,19 @@ fn hostile_and_unverified_bundles_are_rejected_and_current_stays() {
     }
     write_cfg(&format!("sha256 = \"{}\"\n", "0".repeat(64)));
     let r = apply(&no_sig);
-    if r.code != 1 || !r.stderr.contains("but 0000000000000000000000000000000000000000000000000000000000000000 is pinned") || current() != good_sha {
+    if r.code != 1
+        || !r
+            .stderr
+            .contains("but 0000000000000000000000000000000000000000000000000000000000000000 is pinned")
+        || current() != good_sha
+    {
         failures.push(format!("wrong sha256: exit {}\n  got: {}", r.code, r.stderr));
     }
-    let leftovers: Vec<String> = std::fs::read_dir(root.path().join("var/lib/bootstrap/bundles")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let leftovers: Vec<String> = std::fs::read_dir(root.path().join("var/lib/bootstrap/bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
     // Nothing of the hostile entries landed anywhere.
@@ -150,4 +196,3 @@ fn hostile_and_unverified_bundles_are_rejected_and_current_stays() {
 fn agent_sign(file: &Path, sk: &Path) -> String {
     bootstrap::source::bundle::sign(&std::fs::read(file).unwrap(), sk).unwrap()
 }
-

@@ -23,25 +23,51 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start(n: usize) -> Etcd {
-        assert!(std::path::Path::new("/usr/bin/etcd").exists(), "etcd not found: run scripts/setup (apt etcd-server)");
+        assert!(
+            std::path::Path::new("/usr/bin/etcd").exists(),
+            "etcd not found: run scripts/setup (apt etcd-server)"
+        );
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let cluster = ports.iter().enumerate().map(|(i, (_, pp))| format!("m{i}=http://127.0.0.1:{pp}")).collect::<Vec<_>>().join(",");
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, pp))| format!("m{i}=http://127.0.0.1:{pp}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut members = Vec::new();
         for (i, (cp, pp)) in ports.iter().enumerate() {
             let client_url = format!("http://127.0.0.1:{cp}");
             let peer = format!("http://127.0.0.1:{pp}");
             let args: Vec<String> = [
-                "--name", &format!("m{i}"), "--data-dir", &dir.path().join(format!("m{i}")).display().to_string(),
-                "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url,
-                "--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer,
-                "--initial-cluster", &cluster, "--initial-cluster-state", "new", "--log-level", "error",
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                &dir.path().join(format!("m{i}")).display().to_string(),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &cluster,
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "error",
             ]
             .iter()
             .map(|s| s.to_string())
             .collect();
             let child = spawn(&args);
-            members.push(Member { child: Some(child), client_url, args });
+            members.push(Member {
+                child: Some(child),
+                client_url,
+                args,
+            });
         }
         let etcd = Etcd { members, _dir: dir };
         // Ready when a write goes through.
@@ -95,7 +121,13 @@ fn semaphore_acquire_release_idempotent_and_full() {
     assert_eq!(lock.key(), "com.coreos.airlock/groups/production-haproxy/v1/semaphore");
     assert!(lock.get().unwrap().is_none());
     assert_eq!(lock.acquire("i-a", 1).unwrap(), Acquire::Acquired);
-    assert_eq!(lock.get().unwrap().unwrap().0, Semaphore { total_slots: 1, holders: vec!["i-a".into()] });
+    assert_eq!(
+        lock.get().unwrap().unwrap().0,
+        Semaphore {
+            total_slots: 1,
+            holders: vec!["i-a".into()]
+        }
+    );
     assert_eq!(lock.acquire("i-a", 1).unwrap(), Acquire::AlreadyHeld, "recursive acquire keeps the one slot");
     assert_eq!(lock.acquire("i-b", 1).unwrap(), Acquire::Full);
     assert!(lock.release("i-a", 1).unwrap());
@@ -103,9 +135,19 @@ fn semaphore_acquire_release_idempotent_and_full() {
     assert_eq!(lock.acquire("i-b", 1).unwrap(), Acquire::Acquired);
     lock.set_slots(2).unwrap();
     assert_eq!(lock.acquire("i-c", 1).unwrap(), Acquire::Acquired);
-    assert_eq!(lock.get().unwrap().unwrap().0, Semaphore { total_slots: 2, holders: vec!["i-b".into(), "i-c".into()] });
+    assert_eq!(
+        lock.get().unwrap().unwrap().0,
+        Semaphore {
+            total_slots: 2,
+            holders: vec!["i-b".into(), "i-c".into()]
+        }
+    );
     // The raw value, as airlock and operators read it.
-    let out = Command::new("etcdctl").env("ETCDCTL_API", "3").args(["--endpoints", &etcd.endpoints()[0], "get", "--print-value-only", lock.key()]).output().unwrap();
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &etcd.endpoints()[0], "get", "--print-value-only", lock.key()])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"total_slots":2,"holders":["i-b","i-c"]}"#);
 }
 

@@ -25,7 +25,10 @@ fn facts_from_imds_and_naming_sources_in_order() {
     let root = root_with_imds(&srv.addr);
     let (r, f) = facts(root.path(), &[]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert_eq!((f["env"].as_str(), f["service"].as_str(), f["name_source"].as_str()), (Some("production"), Some("haproxy"), Some("tag:Name")));
+    assert_eq!(
+        (f["env"].as_str(), f["service"].as_str(), f["name_source"].as_str()),
+        (Some("production"), Some("haproxy"), Some("tag:Name"))
+    );
     assert_eq!(f["instance_id"], "i-0123456789abcdef0");
     assert_eq!(f["region"], "eu-west-1");
     assert_eq!(f["availability_zone"], "eu-west-1b");
@@ -35,12 +38,19 @@ fn facts_from_imds_and_naming_sources_in_order() {
     // No Name tag: the autoscaling group tag.
     srv.state.lock().unwrap().tags.as_mut().unwrap().remove("Name");
     let (_, f) = facts(root.path(), &[]);
-    assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("production-haproxy-asg"), Some("tag:aws:autoscaling:groupName")));
+    assert_eq!(
+        (f["name"].as_str(), f["name_source"].as_str()),
+        (Some("production-haproxy-asg"), Some("tag:aws:autoscaling:groupName"))
+    );
     // User-data config beats tags; the agent config beats user-data; flags beat everything.
     srv.state.lock().unwrap().user_data = Some("#bootstrap-config\n[naming]\nname = \"staging-web\"\n".into());
     let (_, f) = facts(root.path(), &[]);
     assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("staging-web"), Some("user-data")));
-    std::fs::write(root.path().join("etc/bootstrap/config.toml"), format!("[imds]\nbase_url = \"{}\"\n[naming]\nname = \"qa-db\"\n", srv.addr)).unwrap();
+    std::fs::write(
+        root.path().join("etc/bootstrap/config.toml"),
+        format!("[imds]\nbase_url = \"{}\"\n[naming]\nname = \"qa-db\"\n", srv.addr),
+    )
+    .unwrap();
     let (_, f) = facts(root.path(), &[]);
     assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("qa-db"), Some("config")));
     let (_, f) = facts(root.path(), &["--name", "prod-cache"]);
@@ -96,7 +106,11 @@ fn imds_faults_retry_refresh_and_deadline() {
     let root = root_with_imds(&srv.addr);
     let (r, _) = facts(root.path(), &[]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.stderr.contains("instance metadata service at http://127.0.0.1:") && r.stderr.contains("did not answer the token request within 10s"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("instance metadata service at http://127.0.0.1:") && r.stderr.contains("did not answer the token request within 10s"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -110,8 +124,16 @@ fn name_tag_from_describe_tags_when_metadata_has_no_tags() {
     let srv = ImdsServer::start(st);
     let root = root_with_imds(&srv.addr);
     let cfg = root.path().join("etc/bootstrap/config.toml");
-    std::fs::write(&cfg, format!("{}[aws]\nec2_endpoint = \"{}\"\n", std::fs::read_to_string(&cfg).unwrap(), moto.url)).unwrap();
-    let r: Run = cmd(&["facts", "--format", "json", "--root", root.path().to_str().unwrap()]).envs(crate::moto::AWS_ENV).output().unwrap().into();
+    std::fs::write(
+        &cfg,
+        format!("{}[aws]\nec2_endpoint = \"{}\"\n", std::fs::read_to_string(&cfg).unwrap(), moto.url),
+    )
+    .unwrap();
+    let r: Run = cmd(&["facts", "--format", "json", "--root", root.path().to_str().unwrap()])
+        .envs(crate::moto::AWS_ENV)
+        .output()
+        .unwrap()
+        .into();
     assert_eq!(r.code, 0, "{}", r.all());
     let f: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(f["instance_id"], id.as_str());

@@ -46,7 +46,10 @@ impl FleetLockServer {
                     let mut body = vec![0u8; len];
                     let _ = r.read_exact(&mut body);
                     let (status, text) = answer(&line, &headers, &body, &st);
-                    let resp = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                        text.len()
+                    );
                     let _ = conn.write_all(resp.as_bytes());
                 });
             }
@@ -63,7 +66,9 @@ fn answer(line: &str, headers: &BTreeMap<String, String>, body: &[u8], st: &Mute
     if headers.get("fleet-lock-protocol").map(String::as_str) != Some("true") {
         return (400, r#"{"kind":"missing_header","value":"fleet-lock-protocol"}"#.into());
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return (400, r#"{"kind":"bad_body","value":""}"#.into()) };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (400, r#"{"kind":"bad_body","value":""}"#.into());
+    };
     let (Some(id), Some(group)) = (v["client_params"]["id"].as_str(), v["client_params"]["group"].as_str()) else {
         return (400, r#"{"kind":"bad_client_params","value":""}"#.into());
     };

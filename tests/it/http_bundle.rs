@@ -51,7 +51,11 @@ fn serve(state: Arc<Mutex<Served>>) -> String {
                 };
                 s.log.push((inm, status));
                 let body: &[u8] = if status == 200 { &s.body } else { b"" };
-                let head = format!("HTTP/1.1 {status} X\r\nETag: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", s.etag, body.len());
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\nETag: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    s.etag,
+                    body.len()
+                );
                 let _ = conn.write_all(head.as_bytes());
                 let _ = conn.write_all(body);
             });
@@ -65,7 +69,11 @@ fn http_bundle_conditional_get_last_good_and_refusal() {
     let out = tempfile::tempdir().unwrap();
     let tarball = out.path().join("b.tar.gz");
     assert_eq!(agent(&["bundle", "build", repo().to_str().unwrap(), "-o", tarball.to_str().unwrap()]).code, 0);
-    let st = Arc::new(Mutex::new(Served { body: std::fs::read(&tarball).unwrap(), etag: "\"v1\"".into(), ..Default::default() }));
+    let st = Arc::new(Mutex::new(Served {
+        body: std::fs::read(&tarball).unwrap(),
+        etag: "\"v1\"".into(),
+        ..Default::default()
+    }));
     let url = format!("{}/b.tar.gz", serve(st.clone()));
     let root = tempfile::tempdir().unwrap();
     let apply = |extra: &[&str]| {
@@ -79,7 +87,11 @@ fn http_bundle_conditional_get_last_good_and_refusal() {
     let r = apply(&["--detailed-exitcodes"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(report(root.path())["bundle"]["origin"], "cache");
-    assert_eq!(st.lock().unwrap().log, vec![(None, 200), (Some("\"v1\"".to_string()), 304)], "one request, answered 304");
+    assert_eq!(
+        st.lock().unwrap().log,
+        vec![(None, 200), (Some("\"v1\"".to_string()), 304)],
+        "one request, answered 304"
+    );
 
     st.lock().unwrap().force = Some(503);
     let r = apply(&[]);
@@ -91,5 +103,9 @@ fn http_bundle_conditional_get_last_good_and_refusal() {
     let r = apply(&[]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("HTTP 403"), "{}", r.stderr);
-    assert_eq!(std::fs::read_to_string(root.path().join("etc/motd")).unwrap(), "edited", "nothing is applied after a 403");
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("etc/motd")).unwrap(),
+        "edited",
+        "nothing is applied after a 403"
+    );
 }

@@ -54,8 +54,15 @@ impl ImdsServer {
         ] {
             meta.insert(k.to_string(), v.to_string());
         }
-        let tags = BTreeMap::from([("Name".to_string(), name.to_string()), ("aws:autoscaling:groupName".to_string(), format!("{name}-asg"))]);
-        State { meta, tags: Some(tags), ..Default::default() }
+        let tags = BTreeMap::from([
+            ("Name".to_string(), name.to_string()),
+            ("aws:autoscaling:groupName".to_string(), format!("{name}-asg")),
+        ]);
+        State {
+            meta,
+            tags: Some(tags),
+            ..Default::default()
+        }
     }
 
     pub fn start(state: State) -> ImdsServer {
@@ -136,7 +143,10 @@ fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
         let (status, text) = respond(&method, &path, &headers, &st);
         // Real IMDS echoes the token's TTL on the token response; the AWS SDKs insist on it.
         let ttl = match (status, path.as_str()) {
-            (200, "/latest/api/token") => format!("X-aws-ec2-metadata-token-ttl-seconds: {}\r\n", headers.get("x-aws-ec2-metadata-token-ttl-seconds").cloned().unwrap_or_default()),
+            (200, "/latest/api/token") => format!(
+                "X-aws-ec2-metadata-token-ttl-seconds: {}\r\n",
+                headers.get("x-aws-ec2-metadata-token-ttl-seconds").cloned().unwrap_or_default()
+            ),
             _ => String::new(),
         };
         let reason = match status {
@@ -147,7 +157,10 @@ fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
             405 => "Method Not Allowed",
             _ => "Service Unavailable",
         };
-        let resp = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n{ttl}Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{text}", text.len());
+        let resp = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n{ttl}Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{text}",
+            text.len()
+        );
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }
@@ -165,7 +178,11 @@ fn respond(method: &str, path: &str, headers: &BTreeMap<String, String>, st: &Mu
             s.fail_token_puts -= 1;
             return (503, String::new());
         }
-        let Some(ttl) = headers.get("x-aws-ec2-metadata-token-ttl-seconds").and_then(|t| t.parse::<u64>().ok()).filter(|t| (1..=21600).contains(t)) else {
+        let Some(ttl) = headers
+            .get("x-aws-ec2-metadata-token-ttl-seconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|t| (1..=21600).contains(t))
+        else {
             return (400, "missing or invalid X-aws-ec2-metadata-token-ttl-seconds".into());
         };
         s.next_token += 1;
@@ -177,19 +194,26 @@ fn respond(method: &str, path: &str, headers: &BTreeMap<String, String>, st: &Mu
         return (405, String::new());
     }
     s.gets += 1;
-    let valid = headers.get("x-aws-ec2-metadata-token").and_then(|t| s.tokens.get(t)).is_some_and(|exp| *exp > Instant::now());
+    let valid = headers
+        .get("x-aws-ec2-metadata-token")
+        .and_then(|t| s.tokens.get(t))
+        .is_some_and(|exp| *exp > Instant::now());
     if !valid {
         s.unauthorized += 1;
         return (401, String::new());
     }
-    let Some(rest) = path.strip_prefix("/latest/") else { return (404, String::new()) };
+    let Some(rest) = path.strip_prefix("/latest/") else {
+        return (404, String::new());
+    };
     if rest == "user-data" {
         return match &s.user_data {
             Some(u) => (200, u.clone()),
             None => (404, String::new()),
         };
     }
-    let Some(key) = rest.strip_prefix("meta-data/") else { return (404, String::new()) };
+    let Some(key) = rest.strip_prefix("meta-data/") else {
+        return (404, String::new());
+    };
     if key == "tags/instance" {
         return match &s.tags {
             Some(t) => (200, t.keys().cloned().collect::<Vec<_>>().join("\n")),

@@ -15,7 +15,13 @@ fn production_bundle() -> (tempfile::TempDir, std::path::PathBuf) {
     let tarball = bundles.path().join("roles-production.tar.gz");
     let b = bundle_copy();
     let role = b.path().join("roles/haproxy/role.toml");
-    std::fs::write(&role, std::fs::read_to_string(&role).unwrap().replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\"")).unwrap();
+    std::fs::write(
+        &role,
+        std::fs::read_to_string(&role)
+            .unwrap()
+            .replace("frontend_bind = \"*:80\"", "frontend_bind = \"127.0.0.1:80\""),
+    )
+    .unwrap();
     let r = agent(&["bundle", "build", b.path().to_str().unwrap(), "-o", tarball.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
     (bundles, tarball)
@@ -25,7 +31,8 @@ fn production_bundle() -> (tempfile::TempDir, std::path::PathBuf) {
 fn init_on_a_booted_node_from_imds_and_user_data() {
     let (_bundles, tarball) = production_bundle();
     let node = Node::boot(&repo());
-    let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n' > /etc/bootstrap/config.toml && echo ok");
+    let r = node
+        .sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n' > /etc/bootstrap/config.toml && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
     let mut st = ImdsServer::instance("production-haproxy");
     st.user_data = Some("#bootstrap-config\n[bundle]\nsource = \"s3://roles/roles-${env}.tar.gz\"\ns3_endpoint = \"http://127.0.0.1:5000\"\n".into());
@@ -45,7 +52,10 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(node.merged.join("var/lib/bootstrap/firstboot.done").exists());
     assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "active");
-    assert_eq!(node.sh("systemctl is-enabled bootstrap.timer bootstrap-firstboot.service").stdout, "enabled\nenabled\n");
+    assert_eq!(
+        node.sh("systemctl is-enabled bootstrap.timer bootstrap-firstboot.service").stdout,
+        "enabled\nenabled\n"
+    );
     assert_eq!(node.sh("systemctl is-active bootstrap.timer").stdout.trim(), "active");
     let unit = std::fs::read_to_string(node.merged.join("etc/systemd/system/bootstrap.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/bootstrap apply"), "{unit}");
@@ -53,7 +63,10 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
     assert_eq!(rep["name"], "production-haproxy");
     assert!(rep["bundle"]["sha256"].as_str().unwrap().len() == 64);
     let f: serde_json::Value = serde_json::from_str(&node.agent(&["facts", "--format", "json"]).stdout).unwrap();
-    assert_eq!((f["env"].as_str(), f["service"].as_str(), f["name_source"].as_str()), (Some("production"), Some("haproxy"), Some("tag:Name")));
+    assert_eq!(
+        (f["env"].as_str(), f["service"].as_str(), f["name_source"].as_str()),
+        (Some("production"), Some("haproxy"), Some("tag:Name"))
+    );
     assert_eq!(f["instance_id"], "i-0123456789abcdef0");
 
     // init again is a no-op apply: one S3 request, answered 304.
@@ -91,5 +104,8 @@ fn init_names_the_node_from_describe_tags_when_metadata_has_no_tags() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "active");
     let f: serde_json::Value = serde_json::from_str(&node.agent(&["facts", "--format", "json"]).stdout).unwrap();
-    assert_eq!((f["name"].as_str(), f["name_source"].as_str(), f["instance_id"].as_str()), (Some("production-haproxy"), Some("tag:Name"), Some(id.as_str())));
+    assert_eq!(
+        (f["name"].as_str(), f["name_source"].as_str(), f["instance_id"].as_str()),
+        (Some("production-haproxy"), Some("tag:Name"), Some(id.as_str()))
+    );
 }

@@ -35,7 +35,11 @@ impl Moto {
         let url = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "moto_server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Moto { child, url, log, _dir: dir }
@@ -59,13 +63,28 @@ impl Moto {
             assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not start in the node");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Moto { child, url: format!("http://127.0.0.1:{port}"), log, _dir: dir }
+        Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        }
     }
 
     /// PUT from inside the node's network namespace (curl through nsenter).
     pub fn put_in_netns(&self, pid: i32, path: &str, file: Option<&std::path::Path>) {
         let mut c = Command::new("nsenter");
-        c.args(["-t", &pid.to_string(), "-n", "curl", "-sf", "-X", "PUT", "-H", "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request"]);
+        c.args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "curl",
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request",
+        ]);
         if let Some(f) = file {
             // -T: a plain PUT upload (no form content type, which moto would parse as a form).
             c.args(["-H", "Content-Type: application/octet-stream", "-T"]).arg(f);
@@ -80,13 +99,24 @@ impl Moto {
 
     /// Raw S3 calls (moto wants some Authorization header).
     pub fn put(&self, path: &str, body: Vec<u8>) {
-        let r = self.http().put(format!("{}/{path}", self.url)).header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request").body(body).send().unwrap();
+        let r = self
+            .http()
+            .put(format!("{}/{path}", self.url))
+            .header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request")
+            .body(body)
+            .send()
+            .unwrap();
         assert!(r.status().is_success(), "PUT {path}: {}", r.status());
     }
 
     /// Lines of moto's request log that match `needle`.
     pub fn requests(&self, needle: &str) -> Vec<String> {
-        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn stop(&mut self) {
@@ -102,7 +132,12 @@ impl Drop for Moto {
 }
 
 /// Environment for an agent that talks to moto.
-pub const AWS_ENV: [(&str, &str); 4] = [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_REGION", "us-east-1")];
+pub const AWS_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_REGION", "us-east-1"),
+];
 
 impl Moto {
     /// Start an EC2 instance in moto with these tags; returns its id.
@@ -142,7 +177,20 @@ impl Moto {
             "Action=RunInstances&Version=2016-11-15&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=Name&TagSpecification.1.Tag.1.Value={name_tag}"
         );
         let out = Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-n", "curl", "-sf", "-X", "POST", "-H", "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request", "-d", &body, &self.url])
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "curl",
+                "-sf",
+                "-X",
+                "POST",
+                "-H",
+                "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request",
+                "-d",
+                &body,
+                &self.url,
+            ])
             .output()
             .unwrap();
         let r = String::from_utf8_lossy(&out.stdout);

@@ -13,7 +13,11 @@ pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 
 pub fn rootfs() -> PathBuf {
     let p = PathBuf::from(std::env::var("ROOTFS").unwrap_or_else(|_| "/var/tmp/bootstrap-rootfs".into()));
-    assert!(p.join(".complete").exists(), "no node rootfs at {}: run `scripts/rootfs` (scripts/setup does)", p.display());
+    assert!(
+        p.join(".complete").exists(),
+        "no node rootfs at {}: run `scripts/rootfs` (scripts/setup does)",
+        p.display()
+    );
     p
 }
 
@@ -58,14 +62,31 @@ impl Node {
         for d in ["upper", "work", "merged", "dbus"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
-        let opts = format!("lowerdir={},upperdir={},workdir={}", rootfs().display(), dir.path().join("upper").display(), dir.path().join("work").display());
-        let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status().unwrap();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            rootfs().display(),
+            dir.path().join("upper").display(),
+            dir.path().join("work").display()
+        );
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged)
+            .status()
+            .unwrap();
         assert!(st.success(), "mounting the node overlay failed");
         let binds = binds.iter().map(|(h, n)| (h.to_path_buf(), n.to_string())).collect();
         // Every node its own machine id (the rootfs has one, shared by all overlays).
         let id: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() % 16)).collect();
         std::fs::write(merged.join("etc/machine-id"), format!("{id}\n")).unwrap();
-        let mut node = Node { dir, merged, nspawn: None, leader: 0, bundle: bundle.to_path_buf(), binds, host_network };
+        let mut node = Node {
+            dir,
+            merged,
+            nspawn: None,
+            leader: 0,
+            bundle: bundle.to_path_buf(),
+            binds,
+            host_network,
+        };
         node.start();
         node
     }
@@ -111,7 +132,15 @@ impl Node {
 
     fn nsenter(&self, argv: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.args(["-t", &self.leader.to_string(), "-a", "env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]);
+        c.args([
+            "-t",
+            &self.leader.to_string(),
+            "-a",
+            "env",
+            "-i",
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG=C.UTF-8",
+        ]);
         c.args(argv);
         c
     }

@@ -13,7 +13,9 @@ fn haproxy_on_a_booted_node_then_nothing_to_do() {
     assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "active");
     assert_eq!(node.sh("systemctl is-enabled haproxy").stdout.trim(), "enabled");
     assert!(node.sh("dpkg-query -W haproxy").stdout.starts_with("haproxy\t2.6"));
-    assert!(std::fs::read_to_string(node.merged.join("etc/haproxy/haproxy.cfg")).unwrap().contains("maxconn 8000"));
+    assert!(std::fs::read_to_string(node.merged.join("etc/haproxy/haproxy.cfg"))
+        .unwrap()
+        .contains("maxconn 8000"));
     let notify = &node.report()["notify"];
     assert_eq!(notify[0]["target"], "restart:haproxy.service");
     assert_eq!(notify[0]["status"], "done");
@@ -76,7 +78,11 @@ fn failing_unit_and_missing_package_fail_the_run_and_stop_it() {
 
     let r = node.run_role("apply", "nopkg", &[]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.all().contains("Unable to locate package no-such-package-x"), "apt's message expected:\n{}", r.all());
+    assert!(
+        r.all().contains("Unable to locate package no-such-package-x"),
+        "apt's message expected:\n{}",
+        r.all()
+    );
     let rep = node.report();
     assert_eq!(rep["steps"][0]["status"], "failed");
     assert_eq!(rep["steps"][1]["status"], "not_run");
@@ -87,7 +93,11 @@ fn failing_unit_and_missing_package_fail_the_run_and_stop_it() {
 fn plan_on_a_drifted_node_lists_exactly_the_drift() {
     let b = bundle_copy();
     std::fs::create_dir_all(b.path().join("roles/edge")).unwrap();
-    std::fs::write(b.path().join("roles/edge/role.toml"), "schema = 1\ninclude = [\"haproxy\"]\n[[step]]\nkind = \"package\"\nnames = [\"hello\"]\n").unwrap();
+    std::fs::write(
+        b.path().join("roles/edge/role.toml"),
+        "schema = 1\ninclude = [\"haproxy\"]\n[[step]]\nkind = \"package\"\nnames = [\"hello\"]\n",
+    )
+    .unwrap();
     let node = Node::boot(b.path());
     assert_eq!(node.run_role("apply", "edge", &[]).code, 0);
     let r = node.sh("systemctl stop haproxy && apt-get remove -y -q hello >/dev/null 2>&1 && echo ok");
@@ -96,7 +106,13 @@ fn plan_on_a_drifted_node_lists_exactly_the_drift() {
     let r = node.run_role("plan", "edge", &["--json"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let drift: Vec<&str> = plan["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "changed").map(|s| s["id"].as_str().unwrap()).collect();
+    let drift: Vec<&str> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "changed")
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
     assert_eq!(drift, ["unit:haproxy.service", "package:hello"]);
     assert_eq!(snapshot_node(&node), before, "plan changed the node");
     assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "inactive");
@@ -115,7 +131,10 @@ fn held_dpkg_lock_is_waited_for() {
     // Hold dpkg's frontend lock (an fcntl lock, as apt takes it) from the host for a while.
     let lock = node.merged.join("var/lib/dpkg/lock-frontend");
     let mut holder = std::process::Command::new("python3")
-        .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(float(sys.argv[2]))"])
+        .args([
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(float(sys.argv[2]))",
+        ])
         .arg(&lock)
         .arg("4")
         .stdout(std::process::Stdio::piped())
@@ -147,12 +166,21 @@ fn build_deb(repo: &std::path::Path, name: &str, version: &str) {
     )
     .unwrap();
     std::fs::write(root.join(format!("usr/share/bootstrap-test/{name}")), format!("{version}\n")).unwrap();
-    let st = std::process::Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(&root).arg(repo.join(format!("{name}_{version}_all.deb"))).output().unwrap();
+    let st = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(repo.join(format!("{name}_{version}_all.deb")))
+        .output()
+        .unwrap();
     assert!(st.status.success(), "dpkg-deb: {}", String::from_utf8_lossy(&st.stderr));
 }
 
 fn index_repo(repo: &std::path::Path) {
-    let out = std::process::Command::new("dpkg-scanpackages").args(["--multiversion", ".", "/dev/null"]).current_dir(repo).output().unwrap();
+    let out = std::process::Command::new("dpkg-scanpackages")
+        .args(["--multiversion", ".", "/dev/null"])
+        .current_dir(repo)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     std::fs::write(repo.join("Packages"), out.stdout).unwrap();
 }
@@ -165,7 +193,11 @@ fn package_versions_latest_absent_and_unit_states_with_built_debs() {
     index_repo(repo.path());
     let role = |pkg: &str, unit: &str| {
         // A masked unit has no file of its own (masking links it to /dev/null).
-        let content = if unit.contains("masked") { "" } else { "content = \"[Service]\\nExecStart=/bin/sleep infinity\\n[Install]\\nWantedBy=multi-user.target\\n\"" };
+        let content = if unit.contains("masked") {
+            ""
+        } else {
+            "content = \"[Service]\\nExecStart=/bin/sleep infinity\\n[Install]\\nWantedBy=multi-user.target\\n\""
+        };
         format!(
             "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/apt/sources.list.d/probe.list\"\ncontent = \"deb [trusted=yes] file:/srv/proberepo ./\\n\"\n[[step]]\nkind = \"package\"\n{pkg}\n[[step]]\nkind = \"unit\"\nname = \"probe.service\"\n{content}\n{unit}\n"
         )
@@ -202,7 +234,10 @@ fn package_versions_latest_absent_and_unit_states_with_built_debs() {
 
 #[test]
 fn harness_sees_a_reboot_and_boots_the_node_again() {
-    let b = bundle(&[("roles/r/role.toml", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/kept\"\ncontent = \"x\"\n")]);
+    let b = bundle(&[(
+        "roles/r/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/kept\"\ncontent = \"x\"\n",
+    )]);
     let mut node = Node::boot(b.path());
     assert_eq!(node.run_role("apply", "r", &[]).code, 0);
     let boot_id = node.sh("cat /proc/sys/kernel/random/boot_id").stdout;

@@ -13,7 +13,10 @@ fn holders(etcd: &Etcd) -> Vec<String> {
 /// halts the rollout; after a healthy boot the slot goes to the other. `holders` reads the lock
 /// service's state.
 fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Node>, String, String, tempfile::TempDir) {
-    let b = bundle(&[("roles/web/role.toml", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"x\\n\"\n")]);
+    let b = bundle(&[(
+        "roles/web/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"x\\n\"\n",
+    )]);
     let mut nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(b.path())).collect();
     for n in &nodes {
         std::fs::create_dir_all(n.merged.join("etc/bootstrap")).unwrap();
@@ -40,7 +43,11 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
     nodes[0].boot_again();
     let role = b.path().join("roles/web/role.toml");
     let good_role = std::fs::read_to_string(&role).unwrap();
-    std::fs::write(&role, format!("{good_role}[[step]]\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n")).unwrap();
+    std::fs::write(
+        &role,
+        format!("{good_role}[[step]]\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n"),
+    )
+    .unwrap();
     let r = nodes[0].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 1, "{}", r.all());
     let rep = nodes[0].report();
@@ -70,7 +77,10 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
 #[test]
 fn two_nodes_one_slot_reboot_one_at_a_time() {
     let etcd = Etcd::start(1);
-    let config = format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n", etcd.endpoints()[0]);
+    let config = format!(
+        "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+        etcd.endpoints()[0]
+    );
     let (nodes, _a_id, b_id, _bundle) = one_slot_rollout(&config, &|| holders(&etcd));
     // Operator tools, from a node with the config.
     let r = nodes[0].agent(&["lock", "status", "--group", "production-web"]);
@@ -82,7 +92,6 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
     assert_eq!(nodes[0].agent(&["lock", "set-slots", "3", "--group", "production-web"]).code, 0);
     assert_eq!(etcd.lock("production-web").get().unwrap().unwrap().0.total_slots, 3);
 }
-
 
 #[test]
 fn two_nodes_one_slot_with_fleetlock() {
@@ -102,7 +111,10 @@ fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
     std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
     std::fs::write(
         node.merged.join("etc/bootstrap/config.toml"),
-        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n", etcd.endpoints()[0]),
+        format!(
+            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+            etcd.endpoints()[0]
+        ),
     )
     .unwrap();
     let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
@@ -130,12 +142,22 @@ fn hooks_and_health_checks_gate_the_reboot() {
     let cfg = node.merged.join("etc/bootstrap/config.toml");
     std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
     let write = |extra: &str| {
-        std::fs::write(&cfg, format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}", etcd.endpoints()[0])).unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}",
+                etcd.endpoints()[0]
+            ),
+        )
+        .unwrap();
     };
     write("[[reboot.pre_hook]]\ncommand = [\"sh\", \"-c\", \"echo draining failed; exit 4\"]\n");
     assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
     assert_eq!(node.agent(&["reboot", "--request"]).code, 0);
-    assert!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.contains("reboot needed: requested"));
+    assert!(node
+        .agent(&["reboot", "--check", "--name", "production-web"])
+        .stdout
+        .contains("reboot needed: requested"));
 
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -143,7 +165,10 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert_eq!(rep["reboot"]["action"], "hook_failed", "{rep:#}");
     assert!(rep["reboot"]["detail"].as_str().unwrap().contains("exited with status 4"));
     assert!(holders(&etcd).is_empty(), "the slot goes back after a failed hook");
-    assert!(node.sh("systemctl is-system-running").stdout.contains("running"), "no reboot after a failed hook");
+    assert!(
+        node.sh("systemctl is-system-running").stdout.contains("running"),
+        "no reboot after a failed hook"
+    );
 
     write("[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n");
     let _ = node.run_role("apply", "web", &["--name", "production-web"]);
@@ -176,14 +201,20 @@ fn outside_the_window_no_slot_is_taken() {
     std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
     std::fs::write(
         &cfg,
-        format!("[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n", etcd.endpoints()[0]),
+        format!(
+            "[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+            etcd.endpoints()[0]
+        ),
     )
     .unwrap();
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let rep = node.report();
-    assert_eq!((rep["reboot"]["action"].as_str(), rep["reboot"]["detail"].as_str()), (Some("pending"), Some("outside the reboot window")));
+    assert_eq!(
+        (rep["reboot"]["action"].as_str(), rep["reboot"]["detail"].as_str()),
+        (Some("pending"), Some("outside the reboot window"))
+    );
     assert!(etcd.lock("production-web").get().unwrap().is_none(), "no acquire outside the window");
 }
 
@@ -204,12 +235,24 @@ fn lock_reap_removes_dead_holders_only() {
     std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
     std::fs::write(
         node.merged.join("etc/bootstrap/config.toml"),
-        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n", etcd.endpoints()[0], moto.url),
+        format!(
+            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n",
+            etcd.endpoints()[0],
+            moto.url
+        ),
     )
     .unwrap();
     let r = node.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true bootstrap lock reap --group production-web");
-    assert!(r.stdout.contains(&format!("removed {dead}")) && r.stdout.contains("removed i-0000000000000dead"), "{}", r.all());
-    assert!(r.stdout.contains(&format!("kept {live}: instance exists")) && r.stdout.contains("kept machine-abc"), "{}", r.all());
+    assert!(
+        r.stdout.contains(&format!("removed {dead}")) && r.stdout.contains("removed i-0000000000000dead"),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stdout.contains(&format!("kept {live}: instance exists")) && r.stdout.contains("kept machine-abc"),
+        "{}",
+        r.all()
+    );
     assert_eq!(holders(&etcd), [live, "machine-abc".to_string()]);
 }
 
@@ -222,7 +265,11 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
     let mut node = Node::boot_host_net(b.path());
     std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
     let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
-    std::fs::write(node.merged.join("etc/bootstrap/config.toml"), format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n")).unwrap();
+    std::fs::write(
+        node.merged.join("etc/bootstrap/config.toml"),
+        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n"),
+    )
+    .unwrap();
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     etcd.kill(1);
     etcd.kill(2);
@@ -230,7 +277,10 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
     assert_eq!(r.code, 0, "{}", r.all());
     let rep = node.report();
     assert_eq!(rep["reboot_pending"], true);
-    assert!(rep["reboot"]["detail"].as_str().unwrap().contains("reboot lock unavailable, not rebooting"), "{rep:#}");
+    assert!(
+        rep["reboot"]["detail"].as_str().unwrap().contains("reboot lock unavailable, not rebooting"),
+        "{rep:#}"
+    );
     assert!(node.sh("systemctl is-system-running").stdout.contains("running"), "no reboot without the lock");
     etcd.restart(1);
     etcd.restart(2);

@@ -23,7 +23,10 @@ fn s3_bundle_conditional_get_and_last_good() {
     std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
     std::fs::write(
         root.path().join("etc/bootstrap/config.toml"),
-        format!("[bundle]\nsource = \"s3://roles/roles-${{env}}.tar.gz\"\ns3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\n", moto.url),
+        format!(
+            "[bundle]\nsource = \"s3://roles/roles-${{env}}.tar.gz\"\ns3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\n",
+            moto.url
+        ),
     )
     .unwrap();
     let r = apply(root.path(), &[]);

@@ -55,11 +55,21 @@ fn plan_shows_only_the_hand_edited_file_and_changes_nothing() {
     assert_eq!(snapshot(root.path()), before, "plan changed the host");
     let changed: Vec<&str> = r.stdout.lines().filter(|l| l.contains("would change")).collect();
     assert_eq!(changed, ["  would change  file:/etc/haproxy/haproxy.cfg"], "\n{}", r.stdout);
-    assert!(r.stdout.contains("-    maxconn 1\n") && r.stdout.contains("+    maxconn 4096\n"), "unified diff expected:\n{}", r.stdout);
+    assert!(
+        r.stdout.contains("-    maxconn 1\n") && r.stdout.contains("+    maxconn 4096\n"),
+        "unified diff expected:\n{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("--- /etc/haproxy/haproxy.cfg (on host)"), "{}", r.stdout);
 
     let json: serde_json::Value = serde_json::from_str(&run_role("plan", root.path(), &repo(), "haproxy", &["--json"]).stdout).unwrap();
-    let would: Vec<&str> = json["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "changed").map(|s| s["id"].as_str().unwrap()).collect();
+    let would: Vec<&str> = json["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "changed")
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
     assert_eq!(would, ["file:/etc/haproxy/haproxy.cfg"]);
 
     let r = run_role("apply", root.path(), &repo(), "haproxy", &["--detailed-exitcodes"]);
@@ -70,37 +80,133 @@ fn plan_shows_only_the_hand_edited_file_and_changes_nothing() {
 
 /// A one-role bundle whose role.toml is `role` (plus a template file for source cases).
 fn one_role(role: &str) -> tempfile::TempDir {
-    bundle(&[("roles/r/role.toml", role), ("roles/r/files/t.j2", "line one\nvalue {{ nope }}\n"), ("roles/other/role.toml", "schema = 1\ninclude = [\"r\"]\n")])
+    bundle(&[
+        ("roles/r/role.toml", role),
+        ("roles/r/files/t.j2", "line one\nvalue {{ nope }}\n"),
+        ("roles/other/role.toml", "schema = 1\ninclude = [\"r\"]\n"),
+    ])
 }
 
 #[test]
 fn malformed_inputs_exit_78_with_position_and_touch_nothing() {
     let cases: &[(&str, &str, &str)] = &[
         ("toml syntax", "schema = 1\n[[step]]\nkind = \"file\"\npath \"/a\"\n", "roles/r/role.toml:4:"),
-        ("unknown key file", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nmdoe = \"0644\"\n", "roles/r/role.toml:6:1: unknown field `mdoe`"),
-        ("unknown key directory", "schema = 1\n[[step]]\nkind = \"directory\"\npath = \"/a\"\nrecurse = true\n", "roles/r/role.toml:5:1: unknown field `recurse`"),
-        ("unknown key link", "schema = 1\n[[step]]\nkind = \"link\"\npath = \"/a\"\ntarget = \"/b\"\nforce = true\n", "roles/r/role.toml:6:1: unknown field `force`"),
-        ("unknown key user", "schema = 1\n[[step]]\nkind = \"user\"\nname = \"u\"\npassword = \"x\"\n", "roles/r/role.toml:5:1: unknown field `password`"),
-        ("unknown key group", "schema = 1\n[[step]]\nkind = \"group\"\nname = \"g\"\nmembers = []\n", "roles/r/role.toml:5:1: unknown field `members`"),
-        ("unknown key exec", "schema = 1\n[[step]]\nkind = \"exec\"\ncommand = [\"true\"]\ncreates = \"/x\"\nshell = true\n", "roles/r/role.toml:6:1: unknown field `shell`"),
-        ("unknown common key", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nnotfy = []\n", "roles/r/role.toml:6:1: unknown field `notfy`"),
-        ("unknown top key", "schema = 1\nvariables = {}\n", "roles/r/role.toml:2:1: unknown field `variables`"),
-        ("include cycle", "schema = 1\ninclude = [\"other\"]\n", "roles/other/role.toml:2:12: include cycle: r -> other -> r"),
-        ("missing include", "schema = 1\ninclude = [\"nope\"]\n", "roles/r/role.toml:2:12: included role `nope` not found"),
-        ("undefined variable inline", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ntemplate = true\ncontent = \"x {{ nope }}\"\n", "roles/r/role.toml:6:11: template error: undefined value"),
-        ("undefined variable file", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ntemplate = true\nsource = \"t.j2\"\n", "roles/r/files/t.j2:2:10: template error: undefined value"),
-        ("exec without guard", "schema = 1\n[[step]]\nkind = \"exec\"\ncommand = [\"touch\", \"/x\"]\n", "roles/r/role.toml:4:11: an exec step needs a guard"),
-        ("bad mode", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nmode = \"rw-r--r--\"\n", "roles/r/role.toml:6:8: invalid mode \"rw-r--r--\""),
-        ("mode as integer", "schema = 1\n[[step]]\nkind = \"directory\"\npath = \"/a\"\nmode = 755\n", "roles/r/role.toml:5:8: invalid type: integer `755`, expected a string"),
-        ("mode with leading zero", "schema = 1\n[[step]]\nkind = \"directory\"\npath = \"/a\"\nmode = 0755\n", "roles/r/role.toml:5:8: unexpected leading zero"),
-        ("missing source", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\nsource = \"nope.conf\"\n", "roles/r/role.toml:5:10: source file"),
-        ("relative path", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"etc/a\"\ncontent = \"x\"\n", "roles/r/role.toml:4:8: path \"etc/a\" is not absolute"),
-        ("not yet supported kind", "schema = 1\n[[step]]\nkind = \"container\"\nname = \"x\"\n", "roles/r/role.toml:3:8: step kind `container` is part of the role format but not supported"),
-        ("unknown kind", "schema = 1\n[[step]]\nkind = \"fiel\"\n", "roles/r/role.toml:3:8: unknown step kind `fiel`"),
-        ("bad notify", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nnotify = [\"bounce:x.service\"]\n", "roles/r/role.toml:6:11: invalid notify target"),
-        ("bad when", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nwhen = \"facts.nope == 1\"\n", "roles/r/role.toml:6:8: `when` expression"),
+        (
+            "unknown key file",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nmdoe = \"0644\"\n",
+            "roles/r/role.toml:6:1: unknown field `mdoe`",
+        ),
+        (
+            "unknown key directory",
+            "schema = 1\n[[step]]\nkind = \"directory\"\npath = \"/a\"\nrecurse = true\n",
+            "roles/r/role.toml:5:1: unknown field `recurse`",
+        ),
+        (
+            "unknown key link",
+            "schema = 1\n[[step]]\nkind = \"link\"\npath = \"/a\"\ntarget = \"/b\"\nforce = true\n",
+            "roles/r/role.toml:6:1: unknown field `force`",
+        ),
+        (
+            "unknown key user",
+            "schema = 1\n[[step]]\nkind = \"user\"\nname = \"u\"\npassword = \"x\"\n",
+            "roles/r/role.toml:5:1: unknown field `password`",
+        ),
+        (
+            "unknown key group",
+            "schema = 1\n[[step]]\nkind = \"group\"\nname = \"g\"\nmembers = []\n",
+            "roles/r/role.toml:5:1: unknown field `members`",
+        ),
+        (
+            "unknown key exec",
+            "schema = 1\n[[step]]\nkind = \"exec\"\ncommand = [\"true\"]\ncreates = \"/x\"\nshell = true\n",
+            "roles/r/role.toml:6:1: unknown field `shell`",
+        ),
+        (
+            "unknown common key",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nnotfy = []\n",
+            "roles/r/role.toml:6:1: unknown field `notfy`",
+        ),
+        (
+            "unknown top key",
+            "schema = 1\nvariables = {}\n",
+            "roles/r/role.toml:2:1: unknown field `variables`",
+        ),
+        (
+            "include cycle",
+            "schema = 1\ninclude = [\"other\"]\n",
+            "roles/other/role.toml:2:12: include cycle: r -> other -> r",
+        ),
+        (
+            "missing include",
+            "schema = 1\ninclude = [\"nope\"]\n",
+            "roles/r/role.toml:2:12: included role `nope` not found",
+        ),
+        (
+            "undefined variable inline",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ntemplate = true\ncontent = \"x {{ nope }}\"\n",
+            "roles/r/role.toml:6:11: template error: undefined value",
+        ),
+        (
+            "undefined variable file",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ntemplate = true\nsource = \"t.j2\"\n",
+            "roles/r/files/t.j2:2:10: template error: undefined value",
+        ),
+        (
+            "exec without guard",
+            "schema = 1\n[[step]]\nkind = \"exec\"\ncommand = [\"touch\", \"/x\"]\n",
+            "roles/r/role.toml:4:11: an exec step needs a guard",
+        ),
+        (
+            "bad mode",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nmode = \"rw-r--r--\"\n",
+            "roles/r/role.toml:6:8: invalid mode \"rw-r--r--\"",
+        ),
+        (
+            "mode as integer",
+            "schema = 1\n[[step]]\nkind = \"directory\"\npath = \"/a\"\nmode = 755\n",
+            "roles/r/role.toml:5:8: invalid type: integer `755`, expected a string",
+        ),
+        (
+            "mode with leading zero",
+            "schema = 1\n[[step]]\nkind = \"directory\"\npath = \"/a\"\nmode = 0755\n",
+            "roles/r/role.toml:5:8: unexpected leading zero",
+        ),
+        (
+            "missing source",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\nsource = \"nope.conf\"\n",
+            "roles/r/role.toml:5:10: source file",
+        ),
+        (
+            "relative path",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"etc/a\"\ncontent = \"x\"\n",
+            "roles/r/role.toml:4:8: path \"etc/a\" is not absolute",
+        ),
+        (
+            "not yet supported kind",
+            "schema = 1\n[[step]]\nkind = \"container\"\nname = \"x\"\n",
+            "roles/r/role.toml:3:8: step kind `container` is part of the role format but not supported",
+        ),
+        (
+            "unknown kind",
+            "schema = 1\n[[step]]\nkind = \"fiel\"\n",
+            "roles/r/role.toml:3:8: unknown step kind `fiel`",
+        ),
+        (
+            "bad notify",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nnotify = [\"bounce:x.service\"]\n",
+            "roles/r/role.toml:6:11: invalid notify target",
+        ),
+        (
+            "bad when",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nwhen = \"facts.nope == 1\"\n",
+            "roles/r/role.toml:6:8: `when` expression",
+        ),
         ("wrong schema", "schema = 2\n", "roles/r/role.toml:1:10: unsupported schema 2"),
-        ("duplicate step", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"y\"\n", "roles/r/role.toml:6:1: step `file:/a` is declared twice (first at"),
+        (
+            "duplicate step",
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"y\"\n",
+            "roles/r/role.toml:6:1: step `file:/a` is declared twice (first at",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, role, want) in cases {
@@ -110,7 +216,10 @@ fn malformed_inputs_exit_78_with_position_and_touch_nothing() {
         let stderr = r.stderr.replace(&format!("{}/", b.path().display()), "");
         let empty = std::fs::read_dir(root.path()).unwrap().next().is_none();
         if r.code != 78 || !stderr.contains(want) || !empty {
-            failures.push(format!("{name}: exit {} (want 78), root empty: {empty}\n  want: {want}\n  got:  {stderr}", r.code));
+            failures.push(format!(
+                "{name}: exit {} (want 78), root empty: {empty}\n  want: {want}\n  got:  {stderr}",
+                r.code
+            ));
         }
         // validate finds the same problem offline, except what needs facts to see (rendering).
         // It visits roles in name order, so a cycle may be reported from the other role.
@@ -205,18 +314,30 @@ fn sigkill_mid_run_leaves_no_partial_file() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let delay = Duration::from_millis(20 + rng % 400);
-        let mut child = cmd(&["apply", "--root", root.path().to_str().unwrap(), "--source", b.path().to_str().unwrap(), "--role", "k"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = cmd(&[
+            "apply",
+            "--root",
+            root.path().to_str().unwrap(),
+            "--source",
+            b.path().to_str().unwrap(),
+            "--role",
+            "k",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
         let mut new = 0;
         for i in 0..N {
             let c = std::fs::read_to_string(root.path().join(format!("data/f{i}"))).unwrap();
-            assert!(c == body("old", i) || c == body("new", i), "round {round} (seed {seed}, kill after {delay:?}): data/f{i} is partial ({} bytes)", c.len());
+            assert!(
+                c == body("old", i) || c == body("new", i),
+                "round {round} (seed {seed}, kill after {delay:?}): data/f{i} is partial ({} bytes)",
+                c.len()
+            );
             new += (c == body("new", i)) as usize;
         }
         if status.code().is_none() && new > 0 && new < N {
@@ -229,9 +350,16 @@ fn sigkill_mid_run_leaves_no_partial_file() {
     for i in 0..N {
         assert_eq!(std::fs::read_to_string(root.path().join(format!("data/f{i}"))).unwrap(), body("new", i));
     }
-    let leftovers: Vec<_> = std::fs::read_dir(root.path().join("data")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('f')).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(root.path().join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('f'))
+        .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
-    assert!(kills_mid_run > 0, "no kill landed in the middle of a run (seed {seed}); the test proved nothing");
+    assert!(
+        kills_mid_run > 0,
+        "no kill landed in the middle of a run (seed {seed}); the test proved nothing"
+    );
 }
 
 #[test]
@@ -241,13 +369,28 @@ fn concurrent_applies_wait_for_each_other() {
     let b = bundle(&[("roles/c/role.toml", role)]);
     let root = tempfile::tempdir().unwrap();
     let args = |extra: &'static [&'static str]| {
-        let mut a: Vec<String> = ["apply", "--root", root.path().to_str().unwrap(), "--source", b.path().to_str().unwrap(), "--role", "c"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = [
+            "apply",
+            "--root",
+            root.path().to_str().unwrap(),
+            "--source",
+            b.path().to_str().unwrap(),
+            "--role",
+            "c",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
     let spawn = |a: Vec<String>| {
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        cmd(&refs).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        cmd(&refs)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let first = spawn(args(&[]));
     // Wait until the first run holds the lock (its exec has started).
@@ -260,13 +403,21 @@ fn concurrent_applies_wait_for_each_other() {
     // A run with a short lock timeout gives up and names the holder.
     let impatient: Run = spawn(args(&["--lock-timeout", "200ms"])).wait_with_output().unwrap().into();
     assert_eq!(impatient.code, 1, "{}", impatient.all());
-    assert!(impatient.stderr.contains(&format!("another bootstrap run (pid {}) holds", first.id())), "{}", impatient.stderr);
+    assert!(
+        impatient.stderr.contains(&format!("another bootstrap run (pid {}) holds", first.id())),
+        "{}",
+        impatient.stderr
+    );
     // A patient one waits, then runs after the first.
     let second = spawn(args(&[]));
     let a: Run = first.wait_with_output().unwrap().into();
     let b2: Run = second.wait_with_output().unwrap().into();
     assert_eq!((a.code, b2.code), (0, 0), "{}\n{}", a.all(), b2.all());
-    let lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(|l| l.split(' ').next().unwrap().to_string()).collect();
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
     assert_eq!(lines, ["start", "end", "start", "end"], "runs interleaved");
 }
 
@@ -304,9 +455,11 @@ fn failed_step_stops_the_run_and_reports_it() {
     let statuses: Vec<&str> = rep["steps"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["changed", "failed", "not_run"]);
     let err = rep["steps"][1]["error"].as_str().unwrap();
-    assert!(err.contains("roles/f/role.toml:6:1") && err.contains("exited with status 7") && err.contains("boom"), "{err}");
+    assert!(
+        err.contains("roles/f/role.toml:6:1") && err.contains("exited with status 7") && err.contains("boom"),
+        "{err}"
+    );
     let r = run_role("apply", root.path(), b.path(), "f", &["--detailed-exitcodes"]);
     assert_eq!(r.code, 4, "failure only\n{}", r.all());
     assert_eq!(run_role("apply", root.path(), b.path(), "f", &[]).code, 1);
 }
-
