@@ -137,7 +137,8 @@ fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
         let mut body = vec![0u8; len];
         let _ = reader.read_exact(&mut body);
         if st.lock().unwrap().silent {
-            std::thread::sleep(Duration::from_secs(3600));
+            // Never answer: hold the connection until the client gives up and closes it.
+            let _ = reader.read_to_end(&mut Vec::new());
             return;
         }
         let (status, text) = respond(&method, &path, &headers, &st);
