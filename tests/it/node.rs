@@ -182,6 +182,18 @@ impl Node {
         self.sh(&format!("journalctl --no-pager -o cat --after-cursor='{cursor}' -u {unit}")).stdout
     }
 
+    pub fn boot_id(&self) -> String {
+        self.sh("cat /proc/sys/kernel/random/boot_id").stdout.trim().to_string()
+    }
+
+    /// True while the node has neither rebooted nor powered off since `boot_id` was read:
+    /// nspawn has not exited and the kernel boot id is the same. (Not `is-system-running`,
+    /// which says "degraded" when any unrelated unit failed during boot.)
+    pub fn still_up(&mut self, boot_id: &str) -> bool {
+        let child = self.nspawn.as_mut().expect("node running");
+        child.try_wait().unwrap().is_none() && self.boot_id() == boot_id
+    }
+
     /// Wait for nspawn to exit (a poweroff or reboot from inside); returns its exit code
     /// (133 means the node asked for a reboot).
     pub fn wait_exit(&mut self, deadline: Duration) -> i32 {

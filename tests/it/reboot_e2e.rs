@@ -118,7 +118,7 @@ fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
     )
     .unwrap();
     let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
-    let boot_id = node.sh("cat /proc/sys/kernel/random/boot_id").stdout.trim().to_string();
+    let boot_id = node.boot_id();
     // What the killed run left behind.
     assert_eq!(etcd.lock("production-web").acquire(&id, 1).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
     std::fs::create_dir_all(node.merged.join("var/lib/bootstrap")).unwrap();
@@ -139,6 +139,7 @@ fn hooks_and_health_checks_gate_the_reboot() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
+    let boot_id = node.boot_id();
     let cfg = node.merged.join("etc/bootstrap/config.toml");
     std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
     let write = |extra: &str| {
@@ -166,7 +167,7 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert!(rep["reboot"]["detail"].as_str().unwrap().contains("exited with status 4"));
     assert!(holders(&etcd).is_empty(), "the slot goes back after a failed hook");
     assert!(
-        node.sh("systemctl is-system-running").stdout.contains("running"),
+        node.still_up(&boot_id),
         "no reboot after a failed hook"
     );
 
@@ -263,6 +264,7 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
     let mut etcd = Etcd::start(3);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
+    let boot_id = node.boot_id();
     std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
     let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
     std::fs::write(
@@ -281,7 +283,7 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
         rep["reboot"]["detail"].as_str().unwrap().contains("reboot lock unavailable, not rebooting"),
         "{rep:#}"
     );
-    assert!(node.sh("systemctl is-system-running").stdout.contains("running"), "no reboot without the lock");
+    assert!(node.still_up(&boot_id), "no reboot without the lock: {}", node.sh("systemctl is-system-running; systemctl --failed").all());
     etcd.restart(1);
     etcd.restart(2);
     let start = std::time::Instant::now();
