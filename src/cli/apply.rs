@@ -77,7 +77,7 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
     if mode == Mode::Apply {
         let group = cx.reboot_group().unwrap_or_else(|_| format!("default-{role}"));
         let holder = cx.holder_id();
-        match crate::reboot::coordinate(&host, &config.reboot, &group, &holder, !report.failed(), report.reboot_required) {
+        match crate::reboot::coordinate(&host, &config.reboot, &group, &holder, !report.failed(), report.reboot_required, false) {
             Ok(o) => {
                 report.reboot_pending = o.action == "pending";
                 if o.action == "halted" || o.action == "hook_failed" {

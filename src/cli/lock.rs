@@ -2,20 +2,15 @@
 //! reboot semaphore (etcd), using this node's agent config for the endpoints.
 
 use super::{Context, LockCmd, NamingArgs};
-use crate::error::ConfigError;
-use crate::reboot::etcd::{EtcdLock, DEFAULT_PREFIX};
+use crate::reboot::etcd::EtcdLock;
 use std::path::Path;
 
 fn lock(cx: &Context, group: Option<&str>) -> anyhow::Result<EtcdLock> {
-    let r = &cx.config.reboot;
-    if r.etcd.endpoints.is_empty() {
-        return Err(ConfigError::msg("no etcd endpoints: set [reboot.etcd] endpoints in /etc/bootstrap/config.toml").into());
-    }
     let group = match group {
         Some(g) => g.to_string(),
         None => cx.reboot_group()?,
     };
-    Ok(EtcdLock::new(&r.etcd.endpoints, r.etcd.prefix.as_deref().unwrap_or(DEFAULT_PREFIX), &group)?)
+    crate::reboot::etcd_from_config(&cx.config.reboot.etcd, &group)
 }
 
 pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::Result<u8> {
@@ -25,14 +20,24 @@ pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::R
         LockCmd::Status => match l.get()? {
             Some((s, _)) => {
                 println!("{}: {}/{} slots held", l.key(), s.holders.len(), s.total_slots);
+                let statuses = l.statuses()?;
                 for h in &s.holders {
-                    println!("  {h}");
+                    match statuses.iter().find(|(id, _)| id == h) {
+                        Some((_, st)) => println!(
+                            "  {h}  {}: {} (since {})",
+                            st["state"].as_str().unwrap_or("?"),
+                            st["reason"].as_str().unwrap_or("?"),
+                            st["at"].as_str().unwrap_or("?")
+                        ),
+                        None => println!("  {h}  rebooting or coming back"),
+                    }
                 }
             }
             None => println!("{}: no semaphore yet (created on first acquire)", l.key()),
         },
         LockCmd::Release { id } => {
             let held = l.release(id, cx.config.reboot.etcd.slots.unwrap_or(1))?;
+            l.set_status(id, None)?;
             println!("{}: {id} {}", l.key(), if held { "released" } else { "held no slot" });
         }
         LockCmd::Reap => {

@@ -50,6 +50,10 @@ pub enum Command {
         /// Ask for a coordinated reboot on the next run.
         #[arg(long)]
         request: bool,
+        /// Block until a slot is free (queued, no polling) or the reboot window ends, instead of
+        /// trying once.
+        #[arg(long, conflicts_with_all = ["check", "request"])]
+        wait: bool,
         #[command(flatten)]
         naming: NamingArgs,
     },
@@ -234,7 +238,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
         Command::Validate { path } => validate::run(&path),
         Command::Bundle(BundleCmd::Build { dir, output, sign }) => bundle::build(&dir, &output, sign.as_deref()),
-        Command::Reboot { check, request, naming } => reboot::run(check, request, &naming),
+        Command::Reboot { check, request, wait, naming } => reboot::run(check, request, wait, &naming),
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
     }

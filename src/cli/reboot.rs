@@ -1,9 +1,9 @@
-//! `bootstrap reboot [--check|--request]`: the reboot part alone.
+//! `bootstrap reboot [--check|--request|--wait]`: the reboot part alone.
 
 use super::{Context, NamingArgs};
 use std::path::Path;
 
-pub fn run(check: bool, request: bool, naming: &NamingArgs) -> anyhow::Result<u8> {
+pub fn run(check: bool, request: bool, wait: bool, naming: &NamingArgs) -> anyhow::Result<u8> {
     let root = Path::new("/");
     if request {
         let p = root.join(crate::reboot::REQUEST_PATH);
@@ -30,7 +30,7 @@ pub fn run(check: bool, request: bool, naming: &NamingArgs) -> anyhow::Result<u8
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
     };
-    let o = crate::reboot::coordinate(&host, &cx.config.reboot, &cx.reboot_group()?, &cx.holder_id(), last_ok, false)?;
+    let o = crate::reboot::coordinate(&host, &cx.config.reboot, &cx.reboot_group()?, &cx.holder_id(), last_ok, false, wait)?;
     println!("{}", serde_json::to_string_pretty(&o)?);
     if o.reboot_now {
         host.systemd.reboot()?;

@@ -48,6 +48,9 @@ pub struct RebootConfig {
     pub window_start: Option<String>,
     /// `"2h"`.
     pub window_length: Option<String>,
+    /// Each node starts at its own offset in `[0, window_splay)` after the window opens.
+    /// Default: a quarter of the window, at most 15 minutes. `"0s"` turns it off.
+    pub window_splay: Option<String>,
     #[serde(default)]
     pub etcd: EtcdConfig,
     #[serde(default)]
@@ -94,6 +97,11 @@ pub struct EtcdConfig {
     pub prefix: Option<String>,
     /// Slots when the semaphore is created (default 1).
     pub slots: Option<u64>,
+    /// PEM CA bundle that signs the etcd servers' certificates (https:// endpoints).
+    pub ca_file: Option<String>,
+    /// PEM client certificate and key, for etcd with `--client-cert-auth`.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -158,11 +166,15 @@ impl Config {
         self.reboot.group = o.reboot.group.or(self.reboot.group.take());
         self.reboot.window_start = o.reboot.window_start.or(self.reboot.window_start.take());
         self.reboot.window_length = o.reboot.window_length.or(self.reboot.window_length.take());
+        self.reboot.window_splay = o.reboot.window_splay.or(self.reboot.window_splay.take());
         if !o.reboot.etcd.endpoints.is_empty() {
             self.reboot.etcd.endpoints = o.reboot.etcd.endpoints;
         }
         self.reboot.etcd.prefix = o.reboot.etcd.prefix.or(self.reboot.etcd.prefix.take());
         self.reboot.etcd.slots = o.reboot.etcd.slots.or(self.reboot.etcd.slots);
+        self.reboot.etcd.ca_file = o.reboot.etcd.ca_file.or(self.reboot.etcd.ca_file.take());
+        self.reboot.etcd.cert_file = o.reboot.etcd.cert_file.or(self.reboot.etcd.cert_file.take());
+        self.reboot.etcd.key_file = o.reboot.etcd.key_file.or(self.reboot.etcd.key_file.take());
         self.reboot.fleet_lock.url = o.reboot.fleet_lock.url.or(self.reboot.fleet_lock.url.take());
         if !o.reboot.pre_hook.is_empty() {
             self.reboot.pre_hook = o.reboot.pre_hook;

@@ -1,5 +1,7 @@
-//! The reboot decision, pure: what to do given the saved reboot state, this boot's id, and
-//! whether a reboot is needed. The driver (`mod.rs`) does the I/O.
+//! The reboot decision, pure: what to do next given the saved reboot state, this boot's id,
+//! whether a reboot is needed, whether the run succeeded, whether we are inside the window,
+//! the lock service's answer (once asked) and the health checks' verdict (once run). The
+//! driver (`mod.rs`) does the I/O and calls this again with each new answer.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,52 +16,206 @@ pub struct RebootState {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Nothing needed, nothing held.
-    Nothing,
-    /// A reboot is needed: try to take a slot, then reboot.
-    Acquire,
-    /// We hold a slot from this very boot (a run killed after acquiring): reboot with it.
-    RebootWithSlot,
-    /// We rebooted holding a slot: release it if the converge succeeded and the node is healthy.
-    ReleaseIfHealthy,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockAnswer {
+    /// Acquired now, or already held (recursive).
+    Got,
+    Full,
+    /// Unreachable, quorum lost, timed out: never reboot on that.
+    Unavailable,
 }
 
-pub fn next_action(state: Option<&RebootState>, boot_id: &str, reboot_needed: bool) -> Action {
-    match (state, reboot_needed) {
-        (None, false) => Action::Nothing,
-        (None, true) => Action::Acquire,
-        (Some(s), _) if s.boot_id == boot_id => Action::RebootWithSlot,
-        (Some(_), _) => Action::ReleaseIfHealthy,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    RunFailed,
+    OutsideWindow,
+    NoSlot,
+    LockUnavailable,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing needed, nothing held.
+    Nothing,
+    /// Needed but not now; nothing held (a stale reboot.json from this boot is dropped).
+    Pending(Why),
+    /// Ask the lock service for a slot (recursive: a slot we hold is confirmed).
+    AskLock,
+    /// Holding a slot: run the pre-reboot hooks, write reboot.json, reboot.
+    Reboot,
+    /// Holding a slot we must not use now: release it, no reboot.
+    GiveBack(Why),
+    /// Back from our reboot: run the health checks.
+    CheckHealth,
+    /// Back from our reboot and healthy: release the slot.
+    Release,
+    /// Back from our reboot and unhealthy: keep the slot so the rollout stops here.
+    Halt(Why),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    pub state: Option<&'a RebootState>,
+    pub boot_id: &'a str,
+    pub needed: bool,
+    pub run_ok: bool,
+    pub in_window: bool,
+    /// None: not asked yet.
+    pub lock: Option<LockAnswer>,
+    /// None: not checked yet.
+    pub healthy: Option<bool>,
+}
+
+pub fn decide(i: &Inputs) -> Decision {
+    use Decision::*;
+    match i.state {
+        // We rebooted holding a slot. Even if another reboot is needed already (a new kernel
+        // arrived meanwhile) the slot goes back first and the next run asks again, so one node
+        // never holds a slot across two reboots.
+        Some(s) if s.boot_id != i.boot_id => match (i.run_ok, i.healthy) {
+            (false, _) => Halt(Why::RunFailed),
+            (true, None) => CheckHealth,
+            (true, Some(true)) => Release,
+            (true, Some(false)) => Halt(Why::Unhealthy),
+        },
+        state => {
+            // A slot from this very boot: the run that took it was killed before rebooting.
+            let held = state.is_some() || i.lock == Some(LockAnswer::Got);
+            if !held && !i.needed {
+                return Nothing;
+            }
+            let not_now = |why| if held { GiveBack(why) } else { Pending(why) };
+            if !i.run_ok {
+                return not_now(Why::RunFailed);
+            }
+            // Checked before asking and again after the answer: the window may close while we wait.
+            if !i.in_window {
+                return not_now(Why::OutsideWindow);
+            }
+            match i.lock {
+                None => AskLock,
+                Some(LockAnswer::Got) => Reboot,
+                // A slot we had was taken away (an operator released it): start over.
+                Some(LockAnswer::Full) => Pending(Why::NoSlot),
+                Some(LockAnswer::Unavailable) => Pending(Why::LockUnavailable),
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Decision::*;
+
+    fn st(boot: &str) -> RebootState {
+        RebootState {
+            group: "g".into(),
+            holder: "i-1".into(),
+            boot_id: boot.into(),
+            acquired_at: "t".into(),
+            reason: "r".into(),
+        }
+    }
+
+    /// Every combination of inputs, checked against the rules the fleet relies on.
+    #[test]
+    fn exhaustive_invariants() {
+        let this = st("boot-1");
+        let other = st("boot-0");
+        let states = [None, Some(&this), Some(&other)];
+        let locks = [None, Some(LockAnswer::Got), Some(LockAnswer::Full), Some(LockAnswer::Unavailable)];
+        let mut n = 0;
+        for state in states {
+            for needed in [false, true] {
+                for run_ok in [false, true] {
+                    for in_window in [false, true] {
+                        for lock in locks {
+                            for healthy in [None, Some(true), Some(false)] {
+                                let i = Inputs {
+                                    state,
+                                    boot_id: "boot-1",
+                                    needed,
+                                    run_ok,
+                                    in_window,
+                                    lock,
+                                    healthy,
+                                };
+                                let d = decide(&i);
+                                let rebooted = state.is_some_and(|s| s.boot_id != "boot-1");
+                                let ctx = format!("{i:?} -> {d:?}");
+                                // Reboot only holding a slot, inside the window, after a good run.
+                                if d == Reboot {
+                                    assert!(lock == Some(LockAnswer::Got) && in_window && run_ok && !rebooted, "{ctx}");
+                                }
+                                // Never ask for a slot outside the window or after a failed run.
+                                if d == AskLock {
+                                    assert!(in_window && run_ok && lock.is_none() && !rebooted, "{ctx}");
+                                }
+                                // After our reboot: release only healthy after a good run, else halt; never reboot again.
+                                if rebooted {
+                                    assert!(matches!(d, CheckHealth | Release | Halt(_)), "{ctx}");
+                                    assert_eq!(d == Release, run_ok && healthy == Some(true), "{ctx}");
+                                }
+                                if matches!(d, Release | Halt(_) | CheckHealth) {
+                                    assert!(rebooted, "{ctx}");
+                                }
+                                // A slot held in this boot that will not be used now is given back.
+                                if !rebooted && (state == Some(&this) || lock == Some(LockAnswer::Got)) && (!run_ok || !in_window) {
+                                    assert!(matches!(d, GiveBack(_)), "{ctx}");
+                                }
+                                if matches!(d, GiveBack(_)) {
+                                    assert!(state == Some(&this) || lock == Some(LockAnswer::Got), "{ctx}");
+                                }
+                                // Nothing needed and nothing held: nothing, whatever else.
+                                if state.is_none() && !needed && lock != Some(LockAnswer::Got) {
+                                    assert_eq!(d, Nothing, "{ctx}");
+                                }
+                                n += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(n, 3 * 2 * 2 * 2 * 4 * 3);
+    }
 
     #[test]
     fn decision_table() {
-        let held = |b: &str| RebootState {
-            group: "g".into(),
-            holder: "i-1".into(),
-            boot_id: b.into(),
-            acquired_at: "t".into(),
-            reason: "r".into(),
+        let this = st("boot-1");
+        let other = st("boot-0");
+        let i = |state, needed, run_ok, in_window, lock, healthy| Inputs {
+            state,
+            boot_id: "boot-1",
+            needed,
+            run_ok,
+            in_window,
+            lock,
+            healthy,
         };
+        use LockAnswer::*;
         let cases = [
-            (None, false, Action::Nothing),
-            (None, true, Action::Acquire),
-            (Some(held("boot-1")), true, Action::RebootWithSlot),
-            (Some(held("boot-1")), false, Action::RebootWithSlot),
-            (Some(held("boot-0")), false, Action::ReleaseIfHealthy),
-            // Still needed after the reboot (a new kernel arrived meanwhile): release first; the
-            // next run asks again, so one node never holds a slot across two reboots.
-            (Some(held("boot-0")), true, Action::ReleaseIfHealthy),
+            (i(None, false, true, true, None, None), Nothing),
+            (i(None, true, true, true, None, None), AskLock),
+            (i(None, true, true, false, None, None), Pending(Why::OutsideWindow)),
+            (i(None, true, false, true, None, None), Pending(Why::RunFailed)),
+            (i(None, true, true, true, Some(Got), None), Reboot),
+            (i(None, true, true, true, Some(Full), None), Pending(Why::NoSlot)),
+            (i(None, true, true, true, Some(Unavailable), None), Pending(Why::LockUnavailable)),
+            (i(None, true, true, false, Some(Got), None), GiveBack(Why::OutsideWindow)),
+            (i(Some(&this), false, true, true, None, None), AskLock),
+            (i(Some(&this), false, true, true, Some(Got), None), Reboot),
+            (i(Some(&this), true, false, true, None, None), GiveBack(Why::RunFailed)),
+            (i(Some(&this), true, true, true, Some(Full), None), Pending(Why::NoSlot)),
+            (i(Some(&other), false, true, true, None, None), CheckHealth),
+            (i(Some(&other), true, true, true, None, Some(true)), Release),
+            (i(Some(&other), false, true, true, None, Some(false)), Halt(Why::Unhealthy)),
+            (i(Some(&other), false, false, true, None, None), Halt(Why::RunFailed)),
         ];
-        for (state, needed, want) in cases {
-            assert_eq!(next_action(state.as_ref(), "boot-1", needed), want, "{state:?} needed={needed}");
+        for (inp, want) in cases {
+            assert_eq!(decide(&inp), want, "{inp:?}");
         }
     }
 }

@@ -3,15 +3,30 @@
 //! absent and changed only by compare-and-swap transactions on the key's mod revision.
 //! Acquire and release are idempotent (a holder that asks again keeps its one slot).
 //! Spoken over etcd's v3 JSON gateway with reqwest (see README for why not gRPC).
+//!
+//! Waiting for a slot (`bootstrap reboot --wait`) without a herd: each waiter puts
+//! `<prefix>/groups/<group>/v1/queue/<holder>` under a lease it keeps alive; the keys' create
+//! revisions order the queue. Only the head of the queue touches the semaphore: it tries to
+//! acquire and, when the semaphore is full, watches the semaphore key. Every other waiter
+//! watches only the queue key just before its own and looks again when that key is deleted.
+//! So a released slot wakes exactly one waiter (the head), which acquires and deletes its queue
+//! key, which wakes exactly one more (the new head): a constant number of requests per slot,
+//! whatever the queue length. A dead waiter's key goes with its lease.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub const DEFAULT_PREFIX: &str = "com.coreos.airlock";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A watch is re-armed at least this often (it also ends at the caller's deadline).
+const WATCH_CAP: Duration = Duration::from_secs(300);
+/// The queue key's lease: a dead waiter leaves the queue this long after its last keepalive.
+pub const QUEUE_LEASE_TTL: u64 = 60;
 /// CAS retries before giving up on a contended key.
 const MAX_CAS_ATTEMPTS: usize = 32;
 
@@ -51,22 +66,60 @@ pub enum Acquire {
     Full,
 }
 
+/// TLS material for https:// endpoints (PEM).
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate followed by its private key.
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+/// Request counters, shared by clones (the fleet simulation reads them).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub keepalives: AtomicU64,
+}
+
+#[derive(Clone)]
 pub struct EtcdLock {
     endpoints: Vec<String>,
+    /// `<prefix>/groups/<group>/v1`
+    base: String,
     key: String,
     client: reqwest::blocking::Client,
+    /// The endpoint that answered last; tried first.
+    preferred: Arc<AtomicUsize>,
+    pub counters: Arc<Counters>,
+}
+
+/// How a wait for a slot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    Acquired,
+    AlreadyHeld,
+    /// The deadline (the end of the reboot window) came first; the queue entry is gone.
+    Deadline,
 }
 
 #[derive(Deserialize)]
 struct RangeResp {
     #[serde(default)]
     kvs: Vec<Kv>,
+    header: Option<Header>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    revision: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Kv {
+    key: Option<String>,
     value: Option<String>,
     mod_revision: Option<String>,
+    create_revision: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -75,18 +128,49 @@ struct TxnResp {
     succeeded: bool,
 }
 
+fn num(s: &Option<String>) -> i64 {
+    s.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// etcd's "range_end" for every key under `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("non-empty prefix") += 1;
+    end
+}
+
 impl EtcdLock {
     pub fn new(endpoints: &[String], prefix: &str, group: &str) -> Result<EtcdLock, LockError> {
-        let client = reqwest::blocking::Client::builder()
+        EtcdLock::with_tls(endpoints, prefix, group, &Tls::default())
+    }
+
+    pub fn with_tls(endpoints: &[String], prefix: &str, group: &str, tls: &Tls) -> Result<EtcdLock, LockError> {
+        let bad = |what: &str, e: reqwest::Error| LockError::Malformed {
+            key: what.to_string(),
+            why: e.to_string(),
+        };
+        let mut b = reqwest::blocking::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .no_proxy()
-            .build()
-            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+            .pool_max_idle_per_host(4);
+        if let Some(ca) = &tls.ca_pem {
+            for c in reqwest::Certificate::from_pem_bundle(ca).map_err(|e| bad("etcd ca_file", e))? {
+                b = b.add_root_certificate(c);
+            }
+        }
+        if let Some(id) = &tls.identity_pem {
+            b = b.identity(reqwest::Identity::from_pem(id).map_err(|e| bad("etcd cert_file/key_file", e))?);
+        }
+        let client = b.build().map_err(|e| LockError::Unavailable(e.to_string()))?;
+        let base = format!("{prefix}/groups/{group}/v1");
         Ok(EtcdLock {
             endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
-            key: format!("{prefix}/groups/{group}/v1/semaphore"),
+            key: format!("{base}/semaphore"),
+            base,
             client,
+            preferred: Arc::default(),
+            counters: Arc::default(),
         })
     }
 
@@ -94,17 +178,33 @@ impl EtcdLock {
         &self.key
     }
 
-    /// POST to the first endpoint that answers.
-    fn post<T: for<'de> Deserialize<'de>>(&self, path: &str, body: serde_json::Value) -> Result<T, LockError> {
+    /// Send to the endpoint that answered last, then the others.
+    fn send(&self, path: &str, body: &serde_json::Value, timeout: Option<Duration>) -> Result<reqwest::blocking::Response, LockError> {
         let mut last = String::from("no endpoints configured");
-        for ep in &self.endpoints {
-            match self.client.post(format!("{ep}{path}")).json(&body).send() {
-                Ok(r) if r.status().is_success() => return r.json().map_err(|e| LockError::Unavailable(format!("{ep}: {e}"))),
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Ordering::Relaxed);
+        for k in 0..n {
+            let i = (first + k) % n;
+            let ep = &self.endpoints[i];
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let mut rq = self.client.post(format!("{ep}{path}")).json(body);
+            if let Some(t) = timeout {
+                rq = rq.timeout(t);
+            }
+            match rq.send() {
+                Ok(r) if r.status().is_success() => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(r);
+                }
                 Ok(r) => last = format!("{ep}{path}: HTTP {} {}", r.status(), r.text().unwrap_or_default().trim()),
-                Err(e) => last = format!("{ep}: {e}"),
+                Err(e) => last = format!("{ep}{path}: {}", error_chain(&e)),
             }
         }
         Err(LockError::Unavailable(last))
+    }
+
+    fn post<T: for<'de> Deserialize<'de>>(&self, path: &str, body: serde_json::Value) -> Result<T, LockError> {
+        self.send(path, &body, None)?.json().map_err(|e| LockError::Unavailable(format!("{path}: {e}")))
     }
 
     /// The semaphore and its mod revision (None: the key does not exist).
@@ -138,7 +238,13 @@ impl EtcdLock {
     }
 
     /// Read-modify-CAS until it sticks. `f` returns the new value, or None to leave the key.
-    fn update<R>(&self, default_slots: u64, mut f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<R, LockError> {
+    fn update<R>(&self, default_slots: u64, f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<R, LockError> {
+        self.update_rev(default_slots, f).map(|(r, _)| r)
+    }
+
+    /// `update`, also giving the mod revision of the value it last read when it wrote nothing
+    /// (0: the key did not exist).
+    fn update_rev<R>(&self, default_slots: u64, mut f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<(R, i64), LockError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut sem, rev) = match self.get()? {
                 Some((s, r)) => (s, Some(r)),
@@ -152,10 +258,10 @@ impl EtcdLock {
             };
             let (write, result) = f(&mut sem);
             if write.is_none() {
-                return Ok(result);
+                return Ok((result, rev.and_then(|r| r.parse().ok()).unwrap_or(0)));
             }
             if self.cas(rev.as_deref(), &sem)? {
-                return Ok(result);
+                return Ok((result, 0));
             }
         }
         Err(LockError::Conflict(self.key.clone()))
@@ -163,16 +269,7 @@ impl EtcdLock {
 
     /// Take a slot for `id` (idempotent). The semaphore is created with `default_slots` if absent.
     pub fn acquire(&self, id: &str, default_slots: u64) -> Result<Acquire, LockError> {
-        self.update(default_slots, |s| {
-            if s.holders.iter().any(|h| h == id) {
-                (None, Acquire::AlreadyHeld)
-            } else if (s.holders.len() as u64) >= s.total_slots {
-                (None, Acquire::Full)
-            } else {
-                s.holders.push(id.to_string());
-                (Some(()), Acquire::Acquired)
-            }
-        })
+        self.update(default_slots, |s| take(s, id))
     }
 
     /// Give `id`'s slot back (idempotent); true when it held one.
@@ -195,4 +292,216 @@ impl EtcdLock {
             (Some(()), ())
         })
     }
+
+    /// Record why `holder` keeps its slot (`halted: …`), or clear it (None). `lock status`
+    /// prints it next to the holder. A separate key, so the semaphore stays airlock's format.
+    pub fn set_status(&self, holder: &str, status: Option<&serde_json::Value>) -> Result<(), LockError> {
+        let key = B64.encode(format!("{}/status/{holder}", self.base));
+        match status {
+            Some(v) => self.post::<serde_json::Value>("/v3/kv/put", serde_json::json!({ "key": key, "value": B64.encode(v.to_string()) }))?,
+            None => self.post::<serde_json::Value>("/v3/kv/deleterange", serde_json::json!({ "key": key }))?,
+        };
+        Ok(())
+    }
+
+    /// Every recorded holder status.
+    pub fn statuses(&self) -> Result<Vec<(String, serde_json::Value)>, LockError> {
+        let dir = format!("{}/status/", self.base);
+        let r: RangeResp = self.post(
+            "/v3/kv/range",
+            serde_json::json!({ "key": B64.encode(&dir), "range_end": B64.encode(prefix_end(&dir)) }),
+        )?;
+        let mut out = Vec::new();
+        for kv in r.kvs {
+            let key = String::from_utf8_lossy(&B64.decode(kv.key.unwrap_or_default()).unwrap_or_default()).to_string();
+            let raw = B64.decode(kv.value.unwrap_or_default()).unwrap_or_default();
+            let v = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::String(String::from_utf8_lossy(&raw).into()));
+            out.push((key.trim_start_matches(&dir).to_string(), v));
+        }
+        Ok(out)
+    }
+
+    fn queue_dir(&self) -> String {
+        format!("{}/queue/", self.base)
+    }
+
+    fn lease_grant(&self, ttl: u64) -> Result<String, LockError> {
+        let r: serde_json::Value = self.post("/v3/lease/grant", serde_json::json!({ "TTL": ttl.to_string() }))?;
+        r["ID"].as_str().map(str::to_string).ok_or_else(|| LockError::Unavailable(format!("lease grant: no ID in {r}")))
+    }
+
+    /// Renew the lease; false when it has expired.
+    fn lease_keepalive(&self, id: &str) -> Result<bool, LockError> {
+        self.counters.keepalives.fetch_add(1, Ordering::Relaxed);
+        let r: serde_json::Value = self.post("/v3/lease/keepalive", serde_json::json!({ "ID": id }))?;
+        Ok(r["result"]["TTL"].as_str().and_then(|t| t.parse::<i64>().ok()).unwrap_or(0) > 0)
+    }
+
+    /// The waiters in queue order (create revision), and the store revision of that answer.
+    fn queue(&self) -> Result<(Vec<String>, i64), LockError> {
+        let dir = self.queue_dir();
+        let r: RangeResp = self.post(
+            "/v3/kv/range",
+            serde_json::json!({
+                "key": B64.encode(&dir), "range_end": B64.encode(prefix_end(&dir)),
+                "sort_order": "ASCEND", "sort_target": "CREATE", "keys_only": true,
+            }),
+        )?;
+        let rev = num(&r.header.and_then(|h| h.revision));
+        let mut kvs: Vec<(i64, String)> = r
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                let k = String::from_utf8_lossy(&B64.decode(kv.key.unwrap_or_default()).unwrap_or_default()).to_string();
+                (num(&kv.create_revision), k.trim_start_matches(&dir).to_string())
+            })
+            .collect();
+        kvs.sort();
+        Ok((kvs.into_iter().map(|(_, k)| k).collect(), rev))
+    }
+
+    /// Block until `key` changes after revision `after` (a DELETE only, when `delete_only`), the
+    /// deadline passes (false), or the stream breaks (an error; the caller looks again).
+    fn watch(&self, key: &str, after: i64, delete_only: bool, deadline: Instant) -> Result<bool, LockError> {
+        let left = deadline.saturating_duration_since(Instant::now()).min(WATCH_CAP);
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let until = Instant::now() + left;
+        let body = serde_json::json!({ "create_request": { "key": B64.encode(key), "start_revision": (after + 1).to_string() } });
+        let resp = self.send("/v3/watch", &body, Some(left))?;
+        let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(resp)).into_iter::<serde_json::Value>();
+        for msg in stream {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(_) if Instant::now() + Duration::from_millis(50) >= until => return Ok(false),
+                Err(e) => return Err(LockError::Unavailable(format!("watch {key}: {e}"))),
+            };
+            if !msg["error"].is_null() {
+                return Err(LockError::Unavailable(format!("watch {key}: {}", msg["error"])));
+            }
+            let res = &msg["result"];
+            if res["canceled"] == true || res["compact_revision"].as_str().is_some_and(|r| r != "0") {
+                return Ok(true);
+            }
+            let events = res["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+            if events.iter().any(|e| !delete_only || e["type"] == "DELETE") {
+                return Ok(true);
+            }
+        }
+        Ok(Instant::now() + Duration::from_millis(50) < until)
+    }
+
+    /// Like `acquire`, but on a full semaphore also the mod revision that was full.
+    fn try_acquire(&self, id: &str, default_slots: u64) -> Result<(Acquire, i64), LockError> {
+        self.update_rev(default_slots, |s| take(s, id))
+    }
+
+    /// Wait in the queue until `id` holds a slot or `deadline` passes. Transient etcd errors
+    /// (a member down, quorum lost for a while) are retried until the deadline.
+    pub fn wait_acquire(&self, id: &str, default_slots: u64, deadline: Instant) -> Result<Waited, LockError> {
+        // A node that already holds a slot (killed after acquiring) does not queue.
+        if let Some((s, _)) = self.get()? {
+            if s.holders.iter().any(|h| h == id) {
+                return Ok(Waited::AlreadyHeld);
+            }
+        }
+        let lease = self.lease_grant(QUEUE_LEASE_TTL)?;
+        let me = format!("{}{id}", self.queue_dir());
+        let enqueue = || {
+            self.post::<serde_json::Value>("/v3/kv/put", serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease }))
+        };
+        enqueue()?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let keeper = {
+            let this = self.clone();
+            let lease = lease.clone();
+            std::thread::spawn(move || {
+                let every = Duration::from_secs(QUEUE_LEASE_TTL / 3);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    // Errors and expiry show up as our key missing from the queue; the waiter re-enqueues.
+                    let _ = this.lease_keepalive(&lease);
+                }
+            })
+        };
+        let result = self.wait_in_queue(id, &me, default_slots, deadline, &enqueue);
+        drop(stop);
+        let _ = keeper.join();
+        // Leave the queue in every case, so the next waiter moves up now rather than at lease expiry.
+        let _ = self.post::<serde_json::Value>("/v3/kv/deleterange", serde_json::json!({ "key": B64.encode(&me) }));
+        let _ = self.post::<serde_json::Value>("/v3/lease/revoke", serde_json::json!({ "ID": lease }));
+        result
+    }
+
+    fn wait_in_queue(
+        &self,
+        id: &str,
+        me: &str,
+        default_slots: u64,
+        deadline: Instant,
+        enqueue: &dyn Fn() -> Result<serde_json::Value, LockError>,
+    ) -> Result<Waited, LockError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if Instant::now() >= deadline {
+                return Ok(Waited::Deadline);
+            }
+            let step = (|| -> Result<Option<Waited>, LockError> {
+                let (queue, rev) = self.queue()?;
+                match queue.iter().position(|h| h == id) {
+                    None => {
+                        enqueue()?;
+                    }
+                    Some(0) => match self.try_acquire(id, default_slots)? {
+                        (Acquire::Acquired, _) => return Ok(Some(Waited::Acquired)),
+                        (Acquire::AlreadyHeld, _) => return Ok(Some(Waited::AlreadyHeld)),
+                        (Acquire::Full, sem_rev) => {
+                            self.watch(&self.key, sem_rev, false, deadline)?;
+                        }
+                    },
+                    Some(p) => {
+                        let pred = format!("{}{}", self.queue_dir(), queue[p - 1]);
+                        debug_assert_ne!(pred, me);
+                        self.watch(&pred, rev, true, deadline)?;
+                    }
+                }
+                Ok(None)
+            })();
+            match step {
+                Ok(Some(w)) => return Ok(w),
+                Ok(None) => backoff = Duration::from_millis(200),
+                Err(e) if e.is_transient() => {
+                    tracing::debug!("waiting for a reboot slot: {e}; retrying");
+                    let jitter = rand::Rng::random_range(&mut rand::rng(), 0..=backoff.as_millis() as u64);
+                    std::thread::sleep((backoff / 2 + Duration::from_millis(jitter)).min(deadline.saturating_duration_since(Instant::now())));
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The acquire decision on one read of the semaphore: (write it back?, answer).
+fn take(s: &mut Semaphore, id: &str) -> (Option<()>, Acquire) {
+    if s.holders.iter().any(|h| h == id) {
+        (None, Acquire::AlreadyHeld)
+    } else if (s.holders.len() as u64) >= s.total_slots {
+        (None, Acquire::Full)
+    } else {
+        s.holders.push(id.to_string());
+        (Some(()), Acquire::Acquired)
+    }
+}
+
+/// A reqwest error with its causes ("connection refused" sits a few levels down).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -67,13 +67,33 @@ impl Window {
 
     /// Is `now` (UTC) inside a window that started on an allowed day?
     pub fn contains(&self, now: OffsetDateTime) -> bool {
+        self.current(now).is_some()
+    }
+
+    /// The window `now` is in: its start and end (the latest end when windows overlap).
+    pub fn current(&self, now: OffsetDateTime) -> Option<(OffsetDateTime, OffsetDateTime)> {
         let now = now.to_offset(time::UtcOffset::UTC);
         let midnight = now.replace_time(time::Time::MIDNIGHT);
         // Windows that started today or on one of the previous 7 days.
-        (0..=7).any(|back| {
-            let start = midnight - Duration::days(back) + Duration::minutes(self.start_minute as i64);
-            self.days[start.weekday().number_days_from_monday() as usize] && start <= now && now < start + self.length
-        })
+        (0..=7)
+            .map(|back| midnight - Duration::days(back) + Duration::minutes(self.start_minute as i64))
+            .filter(|start| self.days[start.weekday().number_days_from_monday() as usize] && *start <= now && now < *start + self.length)
+            .map(|start| (start, start + self.length))
+            .max_by_key(|(_, end)| *end)
+    }
+
+    /// This node's own start inside the window that began at `start`: a delay in
+    /// `[0, splay)` drawn from the holder id and the window's start, so the fleet spreads over
+    /// the window's beginning instead of stampeding the lock at its first second, and every run
+    /// of one node agrees on its turn.
+    pub fn node_start(start: OffsetDateTime, splay: std::time::Duration, holder: &str) -> OffsetDateTime {
+        use sha2::{Digest, Sha256};
+        if splay.is_zero() {
+            return start;
+        }
+        let h = Sha256::digest(format!("{holder}@{}", start.unix_timestamp()));
+        let n = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+        start + std::time::Duration::from_millis(n % splay.as_millis().max(1) as u64)
     }
 }
 
@@ -102,6 +122,8 @@ mod tests {
         assert!(w.contains(datetime!(2026-11-29 01:30 UTC)), "Sunday 01:30 is in Saturday's window");
         assert!(w.contains(datetime!(2026-11-24 01:30 UTC)), "Tuesday 01:30 is in Monday's window");
         assert!(!w.contains(datetime!(2026-11-25 01:30 UTC)));
+        let (s, e) = w.current(datetime!(2026-11-29 01:30 UTC)).unwrap();
+        assert_eq!((s, e), (datetime!(2026-11-28 23:00 UTC), datetime!(2026-11-29 02:00 UTC)));
         let every = Window::parse("04:00", "30m").unwrap();
         assert!(every.contains(datetime!(2026-11-25 04:10 UTC)));
         for (s, l) in [
@@ -113,5 +135,22 @@ mod tests {
         ] {
             assert!(Window::parse(s, l).is_err(), "{s} {l}");
         }
+    }
+
+    #[test]
+    fn node_starts_spread_over_the_splay_and_are_stable() {
+        let start = datetime!(2026-11-23 02:00 UTC);
+        let splay = std::time::Duration::from_secs(600);
+        let offsets: Vec<i64> = (0..1000)
+            .map(|i| (Window::node_start(start, splay, &format!("i-{i:017x}")) - start).whole_seconds())
+            .collect();
+        assert!(offsets.iter().all(|o| (0..600).contains(o)));
+        // Roughly uniform: every minute of the splay gets some nodes, none gets most.
+        for minute in 0..10 {
+            let n = offsets.iter().filter(|o| **o / 60 == minute).count();
+            assert!((50..=150).contains(&n), "minute {minute}: {n} nodes");
+        }
+        assert_eq!(Window::node_start(start, splay, "i-1"), Window::node_start(start, splay, "i-1"));
+        assert_eq!(Window::node_start(start, std::time::Duration::ZERO, "i-1"), start);
     }
 }
