@@ -20,11 +20,12 @@ pub fn run(check: bool, request: bool, wait: bool, naming: &NamingArgs) -> anyho
         }
         return Ok(0);
     }
-    // After a reboot the slot is released only if the last converge succeeded.
-    let last_ok = std::fs::read(root.join(crate::engine::report::REPORT_PATH))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|r| r["status"] == "ok");
+    // The last converge must not have failed: no reboot after a failed run, and after a reboot
+    // the slot is released only if the run since then succeeded. No report yet is no failure.
+    let last_ok = match std::fs::read(root.join(crate::engine::report::REPORT_PATH)) {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).is_ok_and(|r| r["status"] == "ok"),
+        Err(_) => true,
+    };
     let host = crate::step::Host {
         root: root.to_path_buf(),
         facts: cx.facts.clone(),

@@ -327,7 +327,10 @@ impl EtcdLock {
 
     fn lease_grant(&self, ttl: u64) -> Result<String, LockError> {
         let r: serde_json::Value = self.post("/v3/lease/grant", serde_json::json!({ "TTL": ttl.to_string() }))?;
-        r["ID"].as_str().map(str::to_string).ok_or_else(|| LockError::Unavailable(format!("lease grant: no ID in {r}")))
+        r["ID"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| LockError::Unavailable(format!("lease grant: no ID in {r}")))
     }
 
     /// Renew the lease; false when it has expired.
@@ -409,7 +412,10 @@ impl EtcdLock {
         let lease = self.lease_grant(QUEUE_LEASE_TTL)?;
         let me = format!("{}{id}", self.queue_dir());
         let enqueue = || {
-            self.post::<serde_json::Value>("/v3/kv/put", serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease }))
+            self.post::<serde_json::Value>(
+                "/v3/kv/put",
+                serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease }),
+            )
         };
         enqueue()?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();

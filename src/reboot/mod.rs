@@ -103,8 +103,10 @@ pub fn etcd_from_config(e: &crate::config::EtcdConfig, group: &str) -> anyhow::R
         ca_pem: e.ca_file.as_deref().map(|f| read("ca_file", f)).transpose()?,
         identity_pem,
     };
-    Ok(etcd::EtcdLock::with_tls(&e.endpoints, e.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group, &tls)
-        .map_err(|err| ConfigError::msg(format!("[reboot.etcd]: {err}")))?)
+    Ok(
+        etcd::EtcdLock::with_tls(&e.endpoints, e.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group, &tls)
+            .map_err(|err| ConfigError::msg(format!("[reboot.etcd]: {err}")))?,
+    )
 }
 
 use crate::config::{RebootConfig, RebootStrategy};
@@ -268,7 +270,9 @@ impl Turn {
     fn now(&self, holder: &str) -> Result<Option<time::OffsetDateTime>, String> {
         let Some(w) = &self.window else { return Ok(None) };
         let now = time::OffsetDateTime::now_utc();
-        let Some((start, end)) = w.current(now) else { return Err("outside the reboot window".into()) };
+        let Some((start, end)) = w.current(now) else {
+            return Err("outside the reboot window".into());
+        };
         let mine = window::Window::node_start(start, self.splay, holder);
         if now < mine {
             return Err(format!("in the reboot window; this node's turn starts at {mine} (window_splay)"));
@@ -396,7 +400,11 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                     l.set_status(holder, None);
                 }
                 std::fs::remove_file(host.root.join(STATE_PATH))?;
-                return Ok(outcome(&needed, "released", Some(format!("slot of group {group} released after a healthy boot"))));
+                return Ok(outcome(
+                    &needed,
+                    "released",
+                    Some(format!("slot of group {group} released after a healthy boot")),
+                ));
             }
             Decision::Halt(why) => {
                 let reason = match why {
@@ -409,7 +417,11 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                         Some(&serde_json::json!({ "state": "halted", "reason": reason, "at": crate::engine::now_rfc3339() })),
                     );
                 }
-                return Ok(outcome(&needed, "halted", Some(format!("{reason}; keeping the slot so the rollout stops here"))));
+                return Ok(outcome(
+                    &needed,
+                    "halted",
+                    Some(format!("{reason}; keeping the slot so the rollout stops here")),
+                ));
             }
         }
     }

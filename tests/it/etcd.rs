@@ -1,7 +1,8 @@
 //! Real etcd (Debian etcd-server) on free loopback ports, one member or a three-member
 //! cluster, stopped by PID; and the reboot semaphore's tests against it.
 
-use bootstrap::reboot::etcd::{Acquire, EtcdLock, LockError, Semaphore};
+use bootstrap::reboot::etcd::{Acquire, EtcdLock, LockError, Semaphore, Tls, Waited};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,16 +19,79 @@ struct Member {
 
 pub struct Etcd {
     members: Vec<Member>,
+    tls: Option<TlsFiles>,
     _dir: tempfile::TempDir,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+pub struct TlsFiles {
+    pub dir: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn make(dir: &Path) -> TlsFiles {
+        let sh = |script: &str| {
+            let out = Command::new("bash").arg("-ec").arg(script).current_dir(dir).output().expect("bash");
+            assert!(
+                out.status.success(),
+                "openssl (apt-get install openssl): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        sh(&format!(
+            "openssl req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca 2>/dev/null"
+        ));
+        // etcd's gateway dials etcd itself with the server pair, so that one is a client too.
+        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+            sh(&format!(
+                "openssl req {key} -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null
+                 printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n' > {name}.ext
+                 openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile {name}.ext -out {name}.crt 2>/dev/null"
+            ));
+        }
+        TlsFiles { dir: dir.to_path_buf() }
+    }
+
+    pub fn path(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+
+    /// What the agent gets from `[reboot.etcd]` ca_file, cert_file, key_file.
+    pub fn client(&self, with_cert: bool) -> Tls {
+        let read = |f: &str| std::fs::read(self.dir.join(f)).unwrap();
+        Tls {
+            ca_pem: Some(read("ca.crt")),
+            identity_pem: with_cert.then(|| [read("client.crt"), read("client.key")].concat()),
+        }
+    }
 }
 
 impl Etcd {
     pub fn start(n: usize) -> Etcd {
+        Etcd::start_with(n, false, None)
+    }
+
+    /// One member serving clients over TLS and requiring client certificates.
+    pub fn start_tls() -> Etcd {
+        Etcd::start_with(1, true, None)
+    }
+
+    /// `data` puts the members' data under that directory (tmpfs for the fleet simulation).
+    pub fn start_with(n: usize, tls: bool, data: Option<&Path>) -> Etcd {
         assert!(
             std::path::Path::new("/usr/bin/etcd").exists(),
             "etcd not found: run scripts/setup (apt etcd-server)"
         );
-        let dir = tempfile::tempdir().unwrap();
+        let dir = match data {
+            Some(d) => tempfile::TempDir::new_in(d).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        let tls = tls.then(|| {
+            std::fs::create_dir(dir.path().join("tls")).unwrap();
+            TlsFiles::make(&dir.path().join("tls"))
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster = ports
             .iter()
@@ -37,9 +101,9 @@ impl Etcd {
             .join(",");
         let mut members = Vec::new();
         for (i, (cp, pp)) in ports.iter().enumerate() {
-            let client_url = format!("http://127.0.0.1:{cp}");
+            let client_url = format!("{scheme}://127.0.0.1:{cp}");
             let peer = format!("http://127.0.0.1:{pp}");
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 "--name",
                 &format!("m{i}"),
                 "--data-dir",
@@ -62,6 +126,17 @@ impl Etcd {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            if let Some(t) = &tls {
+                args.extend([
+                    "--cert-file".into(),
+                    t.path("server.crt"),
+                    "--key-file".into(),
+                    t.path("server.key"),
+                    "--trusted-ca-file".into(),
+                    t.path("ca.crt"),
+                    "--client-cert-auth".into(),
+                ]);
+            }
             let child = spawn(&args);
             members.push(Member {
                 child: Some(child),
@@ -69,7 +144,7 @@ impl Etcd {
                 args,
             });
         }
-        let etcd = Etcd { members, _dir: dir };
+        let etcd = Etcd { members, tls, _dir: dir };
         // Ready when a write goes through.
         let lock = etcd.lock("ready");
         let start = Instant::now();
@@ -85,7 +160,12 @@ impl Etcd {
     }
 
     pub fn lock(&self, group: &str) -> EtcdLock {
-        EtcdLock::new(&self.endpoints(), "com.coreos.airlock", group).unwrap()
+        let tls = self.tls.as_ref().map(|t| t.client(true)).unwrap_or_default();
+        EtcdLock::with_tls(&self.endpoints(), "com.coreos.airlock", group, &tls).unwrap()
+    }
+
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// Start a killed member again on its data dir.
@@ -179,4 +259,106 @@ fn lost_quorum_and_dead_etcd_are_unavailable() {
     etcd.kill(0);
     let err = lock.release("i-a", 1).unwrap_err();
     assert!(matches!(err, LockError::Unavailable(_)), "{err}");
+}
+
+fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(etcd.endpoints().join(","))
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Waiters queue in arrival order and get the slot one by one; while the slot is held they
+/// send nothing (no polling); each handover costs a constant number of requests.
+#[test]
+fn waiters_take_the_slot_in_queue_order_without_polling() {
+    let etcd = Etcd::start(1);
+    let holder = etcd.lock("w");
+    assert_eq!(holder.acquire("first", 1).unwrap(), Acquire::Acquired);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut waiters = Vec::new();
+    let mut locks = Vec::new();
+    for i in 0..8 {
+        let l = etcd.lock("w");
+        locks.push(l.clone());
+        let order = order.clone();
+        waiters.push(std::thread::spawn(move || {
+            let id = format!("n{i}");
+            let got = l.wait_acquire(&id, 1, Instant::now() + Duration::from_secs(60)).unwrap();
+            assert_eq!(got, Waited::Acquired);
+            let sem = l.get().unwrap().unwrap().0;
+            assert_eq!(sem.holders, vec![id.clone()], "one holder at a time");
+            order.lock().unwrap().push(id.clone());
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(l.release(&id, 1).unwrap());
+        }));
+        // Arrival order is queue order.
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let queued = etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]);
+    assert_eq!(queued.split_whitespace().count(), 8, "{queued}");
+    let count = |ls: &[EtcdLock]| ls.iter().map(|l| l.counters.requests.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
+    let before = count(&locks);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(&locks), before, "waiters are quiet while the slot is held");
+    assert!(holder.release("first", 1).unwrap());
+    for w in waiters {
+        w.join().unwrap();
+    }
+    let want: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+    assert_eq!(*order.lock().unwrap(), want);
+    let per_waiter = count(&locks) as f64 / 8.0;
+    assert!(per_waiter <= 16.0, "{per_waiter} requests per waiter");
+    assert_eq!(
+        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]).trim(),
+        "",
+        "the queue is empty"
+    );
+}
+
+/// The deadline (the end of the window) ends the wait: no slot, and the queue entry is gone
+/// so the next waiter moves up at once.
+#[test]
+fn a_wait_ends_at_its_deadline_and_leaves_the_queue() {
+    let etcd = Etcd::start(1);
+    let l = etcd.lock("d");
+    assert_eq!(l.acquire("holder", 1).unwrap(), Acquire::Acquired);
+    let start = Instant::now();
+    assert_eq!(
+        l.wait_acquire("late", 1, Instant::now() + Duration::from_millis(1500)).unwrap(),
+        Waited::Deadline
+    );
+    assert!(start.elapsed() >= Duration::from_millis(1400));
+    assert_eq!(
+        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/d/v1/queue/"]).trim(),
+        ""
+    );
+    assert_eq!(l.get().unwrap().unwrap().0.holders, ["holder"]);
+    // A holder that waits again (killed after acquiring) does not queue.
+    assert_eq!(
+        l.wait_acquire("holder", 1, Instant::now() + Duration::from_secs(5)).unwrap(),
+        Waited::AlreadyHeld
+    );
+}
+
+/// TLS with client certificates: the CA and the client pair from config work; without the
+/// client certificate etcd refuses and the agent says the lock is unavailable.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let etcd = Etcd::start_tls();
+    assert!(etcd.endpoints()[0].starts_with("https://"));
+    let t = etcd.tls().unwrap();
+    let good = EtcdLock::with_tls(&etcd.endpoints(), "p", "g", &t.client(true)).unwrap();
+    assert_eq!(good.acquire("i-a", 1).unwrap(), Acquire::Acquired);
+    let no_cert = EtcdLock::with_tls(&etcd.endpoints(), "p", "g", &t.client(false)).unwrap();
+    let err = no_cert.acquire("i-b", 1).unwrap_err();
+    assert!(matches!(err, LockError::Unavailable(_)), "{err}");
+    let no_ca = EtcdLock::new(&etcd.endpoints(), "p", "g").unwrap();
+    let err = no_ca.acquire("i-b", 1).unwrap_err().to_string();
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(good.get().unwrap().unwrap().0.holders, ["i-a"]);
 }

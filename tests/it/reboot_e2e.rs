@@ -166,10 +166,7 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert_eq!(rep["reboot"]["action"], "hook_failed", "{rep:#}");
     assert!(rep["reboot"]["detail"].as_str().unwrap().contains("exited with status 4"));
     assert!(holders(&etcd).is_empty(), "the slot goes back after a failed hook");
-    assert!(
-        node.still_up(&boot_id),
-        "no reboot after a failed hook"
-    );
+    assert!(node.still_up(&boot_id), "no reboot after a failed hook");
 
     write("[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n");
     let _ = node.run_role("apply", "web", &["--name", "production-web"]);
@@ -182,12 +179,22 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert_eq!(rep["reboot"]["action"], "halted");
     assert!(rep["reboot"]["detail"].as_str().unwrap().contains("unit ghost.service is inactive"), "{rep:#}");
     assert_eq!(holders(&etcd).len(), 1, "an unhealthy node keeps its slot");
+    // The operator sees who holds the slot and why, from any node with the config.
+    let r = node.agent(&["lock", "status", "--group", "production-web"]);
+    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    assert!(
+        r.stdout
+            .contains(&format!("{id}  halted: unhealthy after reboot: unit ghost.service is inactive")),
+        "{}",
+        r.all()
+    );
 
     write("[[reboot.health]]\ncommand = [\"true\"]\n[[reboot.health]]\nunit = \"systemd-journald.service\"\n");
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(node.report()["reboot"]["action"], "released");
     assert!(holders(&etcd).is_empty());
+    assert!(etcd.lock("production-web").statuses().unwrap().is_empty(), "the halt note goes with the slot");
     assert!(!node.merged.join("var/lib/bootstrap/reboot-requested").exists(), "the request is done");
     assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
 }
@@ -283,7 +290,11 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
         rep["reboot"]["detail"].as_str().unwrap().contains("reboot lock unavailable, not rebooting"),
         "{rep:#}"
     );
-    assert!(node.still_up(&boot_id), "no reboot without the lock: {}", node.sh("systemctl is-system-running; systemctl --failed").all());
+    assert!(
+        node.still_up(&boot_id),
+        "no reboot without the lock: {}",
+        node.sh("systemctl is-system-running; systemctl --failed").all()
+    );
     etcd.restart(1);
     etcd.restart(2);
     let start = std::time::Instant::now();
@@ -293,4 +304,100 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
     }
     let _ = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "rebooted once the lock was back");
+}
+
+fn etcd_node(etcd: &Etcd, extra: &str) -> (Node, tempfile::TempDir) {
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let node = Node::boot_host_net(b.path());
+    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
+    std::fs::write(
+        node.merged.join("etc/bootstrap/config.toml"),
+        format!(
+            "[reboot]\nstrategy = \"etcd\"\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+            etcd.endpoints()[0]
+        ),
+    )
+    .unwrap();
+    assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
+    (node, b)
+}
+
+fn queued(etcd: &Etcd) -> String {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd.endpoints()[0],
+            "get",
+            "--keys-only",
+            "--prefix",
+            "com.coreos.airlock/groups/production-web/v1/queue/",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `bootstrap reboot --wait` queues while another node holds the slot, and reboots as soon as
+/// that slot is released.
+#[test]
+fn reboot_wait_takes_the_slot_when_it_frees() {
+    let etcd = Etcd::start(1);
+    assert_eq!(
+        etcd.lock("production-web").acquire("other", 1).unwrap(),
+        bootstrap::reboot::etcd::Acquire::Acquired
+    );
+    let (mut node, _b) = etcd_node(&etcd, "");
+    let boot_id = node.boot_id();
+    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let r = node.sh("systemd-run --unit=waiter /usr/local/bin/bootstrap reboot --wait --name production-web");
+    assert_eq!(r.code, 0, "{}", r.all());
+    let start = std::time::Instant::now();
+    while !queued(&etcd).contains(&id) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the node never queued: {}",
+            node.sh("journalctl -u waiter").stdout
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(node.still_up(&boot_id), "no reboot while the slot is taken");
+    assert_eq!(holders(&etcd), ["other"]);
+    assert!(etcd.lock("production-web").release("other", 1).unwrap());
+    assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "rebooted once the slot was free");
+    assert_eq!(holders(&etcd), [id]);
+    assert_eq!(queued(&etcd), "", "out of the queue");
+}
+
+/// The window closes while `reboot --wait` waits for a slot: no reboot, no slot, no queue entry.
+#[test]
+fn reboot_wait_gives_up_when_the_window_closes() {
+    let etcd = Etcd::start(1);
+    assert_eq!(
+        etcd.lock("production-web").acquire("other", 1).unwrap(),
+        bootstrap::reboot::etcd::Acquire::Acquired
+    );
+    // A window that opened at the start of this minute and closes 4 s from now.
+    let now = time::OffsetDateTime::now_utc();
+    let length = now.second() as u64 + 4;
+    let (mut node, _b) = etcd_node(
+        &etcd,
+        &format!(
+            "window_start = \"{:02}:{:02}\"\nwindow_length = \"{length}s\"\nwindow_splay = \"0s\"\n",
+            now.hour(),
+            now.minute()
+        ),
+    );
+    let boot_id = node.boot_id();
+    let start = std::time::Instant::now();
+    let r = node.agent(&["reboot", "--wait", "--name", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(start.elapsed() >= Duration::from_secs(2), "it waited: {:?}", start.elapsed());
+    let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(o["action"], "pending", "{o:#}");
+    assert_eq!(o["detail"], "outside the reboot window: waited for a slot until the window closed", "{o:#}");
+    assert!(node.still_up(&boot_id));
+    assert_eq!(holders(&etcd), ["other"]);
+    assert_eq!(queued(&etcd), "");
 }
