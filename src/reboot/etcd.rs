@@ -27,6 +27,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const WATCH_CAP: Duration = Duration::from_secs(300);
 /// The queue key's lease: a dead waiter leaves the queue this long after its last keepalive.
 pub const QUEUE_LEASE_TTL: u64 = 60;
+/// How many queued waiters one release looks at to hand freed slots to.
+const HANDOVER_LOOKAHEAD: u64 = 64;
 /// CAS retries before giving up on a contended key.
 const MAX_CAS_ATTEMPTS: usize = 32;
 
@@ -79,6 +81,8 @@ pub struct Tls {
 pub struct Counters {
     pub requests: AtomicU64,
     pub keepalives: AtomicU64,
+    /// Compare-and-swap writes that lost to another writer.
+    pub cas_conflicts: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -106,12 +110,6 @@ pub enum Waited {
 struct RangeResp {
     #[serde(default)]
     kvs: Vec<Kv>,
-    header: Option<Header>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    revision: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -122,10 +120,14 @@ struct Kv {
     create_revision: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct TxnResp {
-    #[serde(default)]
-    succeeded: bool,
+/// A CAS answer: written, or lost to another writer (with the value that won and its mod revision).
+type Cas = Result<(), Option<(Semaphore, String)>>;
+
+struct Snapshot {
+    my_rev: Option<i64>,
+    pred: Option<String>,
+    sem: Option<(Semaphore, String)>,
+    rev: i64,
 }
 
 fn num(s: &Option<String>) -> i64 {
@@ -169,7 +171,8 @@ impl EtcdLock {
             key: format!("{base}/semaphore"),
             base,
             client,
-            preferred: Arc::default(),
+            // Start at a random member so a fleet spreads its connections over the cluster.
+            preferred: Arc::new(AtomicUsize::new(rand::Rng::random_range(&mut rand::rng(), 0..endpoints.len().max(1)))),
             counters: Arc::default(),
         })
     }
@@ -222,31 +225,48 @@ impl EtcdLock {
         Ok(Some((sem, kv.mod_revision.unwrap_or_default())))
     }
 
-    /// Write `new` only if the key is still at `rev` (None: only if it does not exist).
-    fn cas(&self, rev: Option<&str>, new: &Semaphore) -> Result<bool, LockError> {
+    /// Decode the semaphore from a range answer's key-value.
+    fn decode(&self, kv: Kv) -> Result<(Semaphore, String), LockError> {
+        let raw = B64.decode(kv.value.unwrap_or_default()).map_err(|e| LockError::Malformed {
+            key: self.key.clone(),
+            why: e.to_string(),
+        })?;
+        let sem = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed {
+            key: self.key.clone(),
+            why: e.to_string(),
+        })?;
+        Ok((sem, kv.mod_revision.unwrap_or_default()))
+    }
+
+    /// Write `new` only if the key is still at `rev` (None: only if it does not exist), doing
+    /// `also` (more request ops) in the same transaction. When another writer got there first,
+    /// the same round trip brings back what it wrote, so a retry needs no extra read.
+    fn cas_with(&self, rev: Option<&str>, new: &Semaphore, also: &[serde_json::Value]) -> Result<Cas, LockError> {
         let key = B64.encode(&self.key);
         let compare = match rev {
             Some(r) => serde_json::json!({ "key": key, "result": "EQUAL", "target": "MOD", "mod_revision": r }),
             None => serde_json::json!({ "key": key, "result": "EQUAL", "target": "VERSION", "version": "0" }),
         };
         let value = B64.encode(serde_json::to_vec(new).expect("semaphore serializes"));
-        let r: TxnResp = self.post(
+        let mut ops = vec![serde_json::json!({ "request_put": { "key": key, "value": value } })];
+        ops.extend_from_slice(also);
+        let r: serde_json::Value = self.post(
             "/v3/kv/txn",
-            serde_json::json!({ "compare": [compare], "success": [{ "request_put": { "key": key, "value": value } }] }),
+            serde_json::json!({ "compare": [compare], "success": ops, "failure": [{ "request_range": { "key": key } }] }),
         )?;
-        Ok(r.succeeded)
+        if r["succeeded"] == true {
+            return Ok(Ok(()));
+        }
+        self.counters.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+        let kvs: RangeResp = serde_json::from_value(r["responses"][0]["response_range"].clone()).map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))?;
+        Ok(Err(kvs.kvs.into_iter().next().map(|kv| self.decode(kv)).transpose()?))
     }
 
     /// Read-modify-CAS until it sticks. `f` returns the new value, or None to leave the key.
-    fn update<R>(&self, default_slots: u64, f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<R, LockError> {
-        self.update_rev(default_slots, f).map(|(r, _)| r)
-    }
-
-    /// `update`, also giving the mod revision of the value it last read when it wrote nothing
-    /// (0: the key did not exist).
-    fn update_rev<R>(&self, default_slots: u64, mut f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<(R, i64), LockError> {
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let (mut sem, rev) = match self.get()? {
+    fn update<R>(&self, default_slots: u64, mut f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<R, LockError> {
+        let mut current = self.get()?;
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            let (mut sem, rev) = match current {
                 Some((s, r)) => (s, Some(r)),
                 None => (
                     Semaphore {
@@ -258,10 +278,16 @@ impl EtcdLock {
             };
             let (write, result) = f(&mut sem);
             if write.is_none() {
-                return Ok((result, rev.and_then(|r| r.parse().ok()).unwrap_or(0)));
+                return Ok(result);
             }
-            if self.cas(rev.as_deref(), &sem)? {
-                return Ok((result, 0));
+            match self.cas_with(rev.as_deref(), &sem, &[])? {
+                Ok(()) => return Ok(result),
+                Err(now) => current = now,
+            }
+            // Spread contending writers out a little (a burst of releases at the same moment).
+            if attempt > 0 {
+                let ms = rand::Rng::random_range(&mut rand::rng(), 0..=(2u64 << attempt.min(5)));
+                std::thread::sleep(Duration::from_millis(ms));
             }
         }
         Err(LockError::Conflict(self.key.clone()))
@@ -273,16 +299,61 @@ impl EtcdLock {
     }
 
     /// Give `id`'s slot back (idempotent); true when it held one.
-    pub fn release(&self, id: &str, default_slots: u64) -> Result<bool, LockError> {
-        self.update(default_slots, |s| {
-            let before = s.holders.len();
-            s.holders.retain(|h| h != id);
-            if s.holders.len() == before {
-                (None, false)
-            } else {
-                (Some(()), true)
+    ///
+    /// The freed slot goes straight to the first waiter of the `reboot --wait` queue, in the same
+    /// transaction (its queue key is deleted with it): a release is one write, and the waiter
+    /// learns it from the watch it already has.
+    pub fn release(&self, id: &str, _default_slots: u64) -> Result<bool, LockError> {
+        let dir = self.queue_dir();
+        let read = [
+            serde_json::json!({ "request_range": { "key": B64.encode(&self.key) } }),
+            serde_json::json!({ "request_range": {
+                "key": B64.encode(&dir), "range_end": B64.encode(prefix_end(&dir)), "keys_only": true,
+                "sort_order": "ASCEND", "sort_target": "CREATE", "limit": HANDOVER_LOOKAHEAD.to_string(),
+            } }),
+        ];
+        let mut answer: serde_json::Value = self.post("/v3/kv/txn", serde_json::json!({ "success": read }))?;
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            let range = |i: usize| -> Result<Vec<Kv>, LockError> {
+                serde_json::from_value::<RangeResp>(answer["responses"][i]["response_range"].clone())
+                    .map(|r| r.kvs)
+                    .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
+            };
+            let Some((mut sem, rev)) = range(0)?.into_iter().next().map(|kv| self.decode(kv)).transpose()? else {
+                return Ok(false);
+            };
+            if !sem.holders.iter().any(|h| h == id) {
+                return Ok(false);
             }
-        })
+            sem.holders.retain(|h| h != id);
+            let mut ops = vec![serde_json::json!({ "request_put": {
+                "key": B64.encode(&self.key), "value": B64.encode(serde_json::to_vec(&sem).expect("semaphore serializes")),
+            } })];
+            let free = sem.total_slots.saturating_sub(sem.holders.len() as u64) as usize;
+            for kv in range(1)?.into_iter().take(free) {
+                let key = String::from_utf8_lossy(&B64.decode(kv.key.clone().unwrap_or_default()).unwrap_or_default()).to_string();
+                let holder = key.trim_start_matches(&dir).to_string();
+                if !sem.holders.contains(&holder) {
+                    sem.holders.push(holder);
+                }
+                ops.push(serde_json::json!({ "request_delete_range": { "key": B64.encode(&key) } }));
+            }
+            ops[0] = serde_json::json!({ "request_put": {
+                "key": B64.encode(&self.key), "value": B64.encode(serde_json::to_vec(&sem).expect("semaphore serializes")),
+            } });
+            let compare = serde_json::json!({ "key": B64.encode(&self.key), "result": "EQUAL", "target": "MOD", "mod_revision": rev });
+            let r: serde_json::Value = self.post("/v3/kv/txn", serde_json::json!({ "compare": [compare], "success": ops, "failure": read }))?;
+            if r["succeeded"] == true {
+                return Ok(true);
+            }
+            self.counters.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+            answer = r;
+            if attempt > 0 {
+                let ms = rand::Rng::random_range(&mut rand::rng(), 0..=(2u64 << attempt.min(5)));
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        Err(LockError::Conflict(self.key.clone()))
     }
 
     /// Change the number of slots (holders over the new limit keep theirs until they release).
@@ -340,27 +411,61 @@ impl EtcdLock {
         Ok(r["result"]["TTL"].as_str().and_then(|t| t.parse::<i64>().ok()).unwrap_or(0) > 0)
     }
 
-    /// The waiters in queue order (create revision), and the store revision of that answer.
-    fn queue(&self) -> Result<(Vec<String>, i64), LockError> {
+    /// One consistent read, in one request of constant size whatever the queue length: our
+    /// queue key's create revision (None: not queued), the waiter just before us (when our
+    /// create revision is known), the semaphore with its mod revision, and the store revision.
+    fn snapshot(&self, me: &str, my_rev: Option<i64>) -> Result<Snapshot, LockError> {
+        let dir = self.queue_dir();
+        let mut ops = vec![
+            serde_json::json!({ "request_range": { "key": B64.encode(me), "keys_only": true } }),
+            serde_json::json!({ "request_range": { "key": B64.encode(&self.key) } }),
+        ];
+        if let Some(mine) = my_rev {
+            ops.push(serde_json::json!({ "request_range": {
+                "key": B64.encode(&dir), "range_end": B64.encode(prefix_end(&dir)), "keys_only": true,
+                "max_create_revision": (mine - 1).to_string(), "sort_order": "DESCEND", "sort_target": "CREATE", "limit": "1",
+            } }));
+        }
+        let r: serde_json::Value = self.post("/v3/kv/txn", serde_json::json!({ "success": ops }))?;
+        let range = |i: usize| -> Result<Vec<Kv>, LockError> {
+            serde_json::from_value::<RangeResp>(r["responses"][i]["response_range"].clone())
+                .map(|r| r.kvs)
+                .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
+        };
+        let key_of = |kv: Kv| String::from_utf8_lossy(&B64.decode(kv.key.unwrap_or_default()).unwrap_or_default()).to_string();
+        let sem = match range(1)?.into_iter().next() {
+            Some(kv) => {
+                let raw = B64.decode(kv.value.unwrap_or_default()).unwrap_or_default();
+                let sem = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed {
+                    key: self.key.clone(),
+                    why: e.to_string(),
+                })?;
+                Some((sem, kv.mod_revision.unwrap_or_default()))
+            }
+            None => None,
+        };
+        Ok(Snapshot {
+            my_rev: range(0)?.into_iter().next().map(|kv| num(&kv.create_revision)),
+            pred: if my_rev.is_some() { range(2)?.into_iter().next().map(key_of) } else { None },
+            sem,
+            rev: r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0),
+        })
+    }
+
+    /// The first `n` queue keys, in queue order.
+    fn first_waiters(&self, n: u64) -> Result<Vec<String>, LockError> {
         let dir = self.queue_dir();
         let r: RangeResp = self.post(
             "/v3/kv/range",
             serde_json::json!({
-                "key": B64.encode(&dir), "range_end": B64.encode(prefix_end(&dir)),
-                "sort_order": "ASCEND", "sort_target": "CREATE", "keys_only": true,
+                "key": B64.encode(&dir), "range_end": B64.encode(prefix_end(&dir)), "keys_only": true,
+                "sort_order": "ASCEND", "sort_target": "CREATE", "limit": n.to_string(),
             }),
         )?;
-        let rev = num(&r.header.and_then(|h| h.revision));
-        let mut kvs: Vec<(i64, String)> = r
-            .kvs
+        Ok(r.kvs
             .into_iter()
-            .map(|kv| {
-                let k = String::from_utf8_lossy(&B64.decode(kv.key.unwrap_or_default()).unwrap_or_default()).to_string();
-                (num(&kv.create_revision), k.trim_start_matches(&dir).to_string())
-            })
-            .collect();
-        kvs.sort();
-        Ok((kvs.into_iter().map(|(_, k)| k).collect(), rev))
+            .map(|kv| String::from_utf8_lossy(&B64.decode(kv.key.unwrap_or_default()).unwrap_or_default()).to_string())
+            .collect())
     }
 
     /// Block until `key` changes after revision `after` (a DELETE only, when `delete_only`), the
@@ -395,29 +500,24 @@ impl EtcdLock {
         Ok(Instant::now() + Duration::from_millis(50) < until)
     }
 
-    /// Like `acquire`, but on a full semaphore also the mod revision that was full.
-    fn try_acquire(&self, id: &str, default_slots: u64) -> Result<(Acquire, i64), LockError> {
-        self.update_rev(default_slots, |s| take(s, id))
-    }
-
     /// Wait in the queue until `id` holds a slot or `deadline` passes. Transient etcd errors
     /// (a member down, quorum lost for a while) are retried until the deadline.
     pub fn wait_acquire(&self, id: &str, default_slots: u64, deadline: Instant) -> Result<Waited, LockError> {
-        // A node that already holds a slot (killed after acquiring) does not queue.
-        if let Some((s, _)) = self.get()? {
-            if s.holders.iter().any(|h| h == id) {
-                return Ok(Waited::AlreadyHeld);
-            }
-        }
         let lease = self.lease_grant(QUEUE_LEASE_TTL)?;
         let me = format!("{}{id}", self.queue_dir());
-        let enqueue = || {
-            self.post::<serde_json::Value>(
+        // Queue (or refresh our key's lease); our place is the key's create revision.
+        let enqueue = || -> Result<i64, LockError> {
+            let r: serde_json::Value = self.post(
                 "/v3/kv/put",
-                serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease }),
-            )
+                serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease, "prev_kv": true }),
+            )?;
+            let rev = match r["prev_kv"]["create_revision"].as_str() {
+                Some(created) => created,
+                None => r["header"]["revision"].as_str().unwrap_or("0"),
+            };
+            Ok(rev.parse().unwrap_or(0))
         };
-        enqueue()?;
+        let first = enqueue()?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let keeper = {
             let this = self.clone();
@@ -430,12 +530,18 @@ impl EtcdLock {
                 }
             })
         };
-        let result = self.wait_in_queue(id, &me, default_slots, deadline, &enqueue);
+        let result = self.wait_in_queue(id, &me, first, default_slots, deadline, &enqueue);
         drop(stop);
         let _ = keeper.join();
-        // Leave the queue in every case, so the next waiter moves up now rather than at lease expiry.
-        let _ = self.post::<serde_json::Value>("/v3/kv/deleterange", serde_json::json!({ "key": B64.encode(&me) }));
-        let _ = self.post::<serde_json::Value>("/v3/lease/revoke", serde_json::json!({ "ID": lease }));
+        // A slot granted by the waiter ahead just as our deadline passed goes back at once.
+        if matches!(result, Ok(Waited::Deadline)) {
+            self.release(id, default_slots)?;
+        }
+        // Revoking the lease deletes our queue key if it is still there (gave up, or already
+        // held), so the next waiter moves up now rather than at lease expiry.
+        if self.post::<serde_json::Value>("/v3/lease/revoke", serde_json::json!({ "ID": lease })).is_err() {
+            let _ = self.post::<serde_json::Value>("/v3/kv/deleterange", serde_json::json!({ "key": B64.encode(&me) }));
+        }
         result
     }
 
@@ -443,31 +549,76 @@ impl EtcdLock {
         &self,
         id: &str,
         me: &str,
+        queued_at: i64,
         default_slots: u64,
         deadline: Instant,
-        enqueue: &dyn Fn() -> Result<serde_json::Value, LockError>,
+        enqueue: &dyn Fn() -> Result<i64, LockError>,
     ) -> Result<Waited, LockError> {
         let mut backoff = Duration::from_millis(200);
+        let my_rev = std::cell::Cell::new(Some(queued_at));
+        let first = std::cell::Cell::new(true);
         loop {
             if Instant::now() >= deadline {
                 return Ok(Waited::Deadline);
             }
             let step = (|| -> Result<Option<Waited>, LockError> {
-                let (queue, rev) = self.queue()?;
-                match queue.iter().position(|h| h == id) {
-                    None => {
-                        enqueue()?;
-                    }
-                    Some(0) => match self.try_acquire(id, default_slots)? {
-                        (Acquire::Acquired, _) => return Ok(Some(Waited::Acquired)),
-                        (Acquire::AlreadyHeld, _) => return Ok(Some(Waited::AlreadyHeld)),
-                        (Acquire::Full, sem_rev) => {
-                            self.watch(&self.key, sem_rev, false, deadline)?;
+                let snap = self.snapshot(me, my_rev.get())?;
+                // Holding already: we were killed after acquiring (first look), or the waiter
+                // ahead of us granted us a slot (it hands out every free slot at once).
+                if snap.sem.as_ref().is_some_and(|(s, _)| s.holders.iter().any(|h| h == id)) {
+                    return Ok(Some(if first.get() { Waited::AlreadyHeld } else { Waited::Acquired }));
+                }
+                first.set(false);
+                if snap.my_rev.is_none() {
+                    // Our lease expired (etcd unreachable for a minute): to the back of the queue.
+                    my_rev.set(Some(enqueue()?));
+                    return Ok(None);
+                }
+                if snap.my_rev != my_rev.get() {
+                    // Learn our place, then read again with it.
+                    my_rev.set(snap.my_rev);
+                    return Ok(None);
+                }
+                let rev = snap.rev;
+                let (mut s, sem_rev) = match snap.sem {
+                    Some((s, r)) => (s, Some(r)),
+                    None => (
+                        Semaphore {
+                            total_slots: default_slots,
+                            holders: vec![],
+                        },
+                        None,
+                    ),
+                };
+                match snap.pred {
+                    None => match take(&mut s, id) {
+                        (_, Acquire::AlreadyHeld) => return Ok(Some(Waited::AlreadyHeld)),
+                        // The head takes its slot, and when more slots are free it grants them to
+                        // the waiters right behind it, in the same transaction that removes their
+                        // queue keys. Each granted waiter wakes (its predecessor's key is gone),
+                        // finds itself a holder and goes. So a burst of releases costs one write,
+                        // and the queue keeps up with many slots.
+                        (_, Acquire::Acquired) => {
+                            let free = s.total_slots.saturating_sub(s.holders.len() as u64);
+                            let mut also = vec![serde_json::json!({ "request_delete_range": { "key": B64.encode(me) } })];
+                            if free > 0 {
+                                for next in self.first_waiters(free + 1)?.into_iter().filter(|k| k != me).take(free as usize) {
+                                    let holder = next.trim_start_matches(&self.queue_dir()).to_string();
+                                    if !s.holders.contains(&holder) {
+                                        s.holders.push(holder);
+                                    }
+                                    also.push(serde_json::json!({ "request_delete_range": { "key": B64.encode(&next) } }));
+                                }
+                            }
+                            if self.cas_with(sem_rev.as_deref(), &s, &also)?.is_ok() {
+                                return Ok(Some(Waited::Acquired));
+                            }
+                        }
+                        (_, Acquire::Full) => {
+                            self.watch(&self.key, rev, false, deadline)?;
                         }
                     },
-                    Some(p) => {
-                        let pred = format!("{}{}", self.queue_dir(), queue[p - 1]);
-                        debug_assert_ne!(pred, me);
+                    Some(pred) => {
                         self.watch(&pred, rev, true, deadline)?;
                     }
                 }

@@ -1,0 +1,323 @@
+//! Fleet reboot simulation: N simulated nodes, each a thread running the agent's real lock
+//! code (`EtcdLock::wait_acquire`, the `reboot --wait` path) and the real decision function
+//! (`decide`), against a real three-member etcd on loopback (data on tmpfs). A "reboot" is a
+//! 1 s sleep. Prints, per scenario: slot violations (the most holders seen at once, by the nodes
+//! and by polling etcd, against the slots), makespan against the ideal ceil(N/slots) × 1 s, and
+//! etcd requests per released slot (lock protocol; lease keepalives counted apart).
+//!
+//! Fault mode: one etcd member is killed a third of the way through, and 5% of the nodes die
+//! while holding their slot; a reaper (what `bootstrap lock reap` does from cron once
+//! DescribeInstances says the instance is terminated) releases a dead holder 2 s after it died.
+//!
+//! Run: `benches/fleet-sim` (all six scenarios) or
+//! `cargo run --example fleet_sim -- NODES SLOTS [faults]`.
+
+#[path = "../tests/it/etcd.rs"]
+#[allow(dead_code, unused_imports)]
+mod etcd_harness;
+
+use bootstrap::reboot::decide::{decide, Decision, Inputs, LockAnswer, RebootState};
+use bootstrap::reboot::etcd::{EtcdLock, Waited};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const REBOOT: Duration = Duration::from_secs(1);
+const REAP_AFTER: Duration = Duration::from_secs(2);
+const PREFIX: &str = "sim";
+/// Nodes arrive spread evenly over this time: a fleet's timers never fire in the same instant
+/// (RandomizedDelaySec, window_splay), and 1000 nodes arriving within one second on this
+/// 2-core machine (1000 threads, 4 requests each, plus 3 etcd members) measure the machine, not
+/// the protocol. The ideal makespan is not adjusted for it: arrivals overlap the first slots.
+const ARRIVALS: Duration = Duration::from_secs(1);
+
+struct Shared {
+    /// Nodes that believe they hold a slot right now (dead holders count until reaped).
+    holding: AtomicUsize,
+    max_holding: AtomicUsize,
+    max_in_etcd: AtomicUsize,
+    releases: AtomicU64,
+    reaped: AtomicU64,
+    /// Dead holders and when they died.
+    dead: Mutex<HashMap<String, Instant>>,
+    done: AtomicBool,
+    start: Instant,
+    /// When each node got its slot (seconds from the start).
+    acquired_at: Mutex<Vec<f64>>,
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    nodes: usize,
+    slots: u64,
+    faults: bool,
+    max_nodes: usize,
+    max_etcd: usize,
+    makespan: f64,
+    ideal: f64,
+    lock_requests: u64,
+    keepalives: u64,
+    releases: u64,
+    reaped: u64,
+    dead: usize,
+    errors: usize,
+}
+
+fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shared) -> Result<(), String> {
+    let id = format!("i-{i:017x}");
+    // Before the reboot: needed, the run succeeded, no window.
+    let mut inputs = Inputs {
+        state: None,
+        boot_id: "boot-1",
+        needed: true,
+        run_ok: true,
+        in_window: true,
+        lock: None,
+        healthy: None,
+    };
+    loop {
+        match decide(&inputs) {
+            Decision::AskLock => {
+                if i == 0 && std::env::var("SIM_DEBUG").is_ok() {
+                    eprintln!("node 0 asks at {:.3}s", sh.start.elapsed().as_secs_f64());
+                }
+                let w = lock.wait_acquire(&id, slots, Instant::now() + Duration::from_secs(3600)).map_err(|e| format!("{id}: {e}"))?;
+                inputs.lock = Some(match w {
+                    Waited::Acquired | Waited::AlreadyHeld => LockAnswer::Got,
+                    Waited::Deadline => LockAnswer::Full,
+                });
+            }
+            Decision::Reboot => break,
+            d => return Err(format!("{id}: unexpected decision {d:?} before the reboot")),
+        }
+    }
+    sh.acquired_at.lock().unwrap().push(sh.start.elapsed().as_secs_f64());
+    let now = sh.holding.fetch_add(1, SeqCst) + 1;
+    sh.max_holding.fetch_max(now, SeqCst);
+    std::thread::sleep(REBOOT);
+    if dies {
+        sh.dead.lock().unwrap().insert(id, Instant::now());
+        return Ok(());
+    }
+    // After the reboot: the same decision code releases the slot once healthy.
+    let st = RebootState {
+        group: group.into(),
+        holder: id.clone(),
+        boot_id: "boot-1".into(),
+        acquired_at: String::new(),
+        reason: "sim".into(),
+    };
+    let mut after = Inputs {
+        state: Some(&st),
+        boot_id: "boot-2",
+        needed: false,
+        run_ok: true,
+        in_window: true,
+        lock: None,
+        healthy: None,
+    };
+    loop {
+        match decide(&after) {
+            Decision::CheckHealth => after.healthy = Some(true),
+            Decision::Release => break,
+            d => return Err(format!("{id}: unexpected decision {d:?} after the reboot")),
+        }
+    }
+    sh.holding.fetch_sub(1, SeqCst);
+    let mut backoff = Duration::from_millis(100);
+    let t0 = Instant::now();
+    let at = sh.start.elapsed().as_secs_f64();
+    let _guard = scopeguard(move || {
+        if std::env::var("SIM_DEBUG").is_ok() && at < 3.0 {
+            eprintln!("release at {at:.2}s took {:.0} ms", t0.elapsed().as_secs_f64() * 1000.0);
+        }
+    });
+    loop {
+        match lock.release(&id, slots) {
+            Ok(_) => break,
+            Err(e) if e.is_transient() => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(format!("{id}: release: {e}")),
+        }
+    }
+    sh.releases.fetch_add(1, SeqCst);
+    Ok(())
+}
+
+struct Guard<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
+fn scenario(n: usize, slots: u64, faults: bool) -> Row {
+    let shm = std::path::Path::new("/dev/shm");
+    let mut etcd = etcd_harness::Etcd::start_with(3, false, shm.exists().then_some(shm));
+    let eps = etcd.endpoints();
+    let group = format!("sim-{n}-{slots}-{faults}");
+    let admin = EtcdLock::new(&eps, PREFIX, &group).unwrap();
+    admin.set_slots(slots).unwrap();
+    // Each node's client is built before the clock starts: building 1000 TLS-capable HTTP
+    // clients at once would measure this machine's two cores, not the protocol.
+    let locks: Vec<EtcdLock> = (0..n).map(|_| EtcdLock::new(&eps, PREFIX, &group).unwrap()).collect();
+    let sh = Arc::new(Shared {
+        holding: AtomicUsize::new(0),
+        max_holding: AtomicUsize::new(0),
+        max_in_etcd: AtomicUsize::new(0),
+        releases: AtomicU64::new(0),
+        reaped: AtomicU64::new(0),
+        dead: Mutex::new(HashMap::new()),
+        done: AtomicBool::new(false),
+        start: Instant::now(),
+        acquired_at: Mutex::new(Vec::new()),
+    });
+    let counters = Arc::new(Mutex::new(locks.clone()));
+    // Observer: etcd's own view of the holders.
+    let monitor = {
+        let (sh, l) = (sh.clone(), admin.clone());
+        std::thread::spawn(move || {
+            while !sh.done.load(SeqCst) {
+                if let Ok(Some((s, _))) = l.get() {
+                    sh.max_in_etcd.fetch_max(s.holders.len(), SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Reaper: releases dead holders 2 s after they died.
+    let reaper = {
+        let (sh, l) = (sh.clone(), admin.clone());
+        std::thread::spawn(move || {
+            while !sh.done.load(SeqCst) {
+                let due: Vec<String> = sh.dead.lock().unwrap().iter().filter(|(_, t)| t.elapsed() >= REAP_AFTER).map(|(id, _)| id.clone()).collect();
+                for id in due {
+                    if l.release(&id, slots).is_ok() {
+                        sh.dead.lock().unwrap().remove(&id);
+                        sh.holding.fetch_sub(1, SeqCst);
+                        sh.reaped.fetch_add(1, SeqCst);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let dies = move |i: usize| faults && i % 20 == 7;
+    let start = Instant::now();
+    let handles: Vec<_> = locks
+        .into_iter()
+        .enumerate()
+        .map(|(i, lock)| {
+            let (group, sh) = (group.clone(), sh.clone());
+            let arrive = ARRIVALS.mul_f64(i as f64 / n as f64);
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    std::thread::sleep(arrive.saturating_sub(sh.start.elapsed()));
+                    node(i, lock, &group, slots, dies(i), &sh)
+                })
+                .unwrap()
+        })
+        .collect();
+    let ideal = (n as f64 / slots as f64).ceil() * REBOOT.as_secs_f64();
+    if faults {
+        std::thread::sleep(Duration::from_secs_f64(ideal / 3.0));
+        etcd.kill(1);
+        eprintln!("  killed etcd member 1 at {:.1}s", start.elapsed().as_secs_f64());
+    }
+    let mut errors = 0;
+    for h in handles {
+        if let Err(e) = h.join().unwrap() {
+            eprintln!("  {e}");
+            errors += 1;
+        }
+    }
+    let makespan = start.elapsed().as_secs_f64();
+    let mut at = sh.acquired_at.lock().unwrap().clone();
+    at.sort_by(f64::total_cmp);
+    let step = std::env::var("SIM_STEP").ok().and_then(|s| s.parse().ok()).unwrap_or((at.len() / 10).max(1));
+    eprintln!(
+        "  slots granted by time: {}",
+        at.iter().enumerate().filter(|(i, _)| i % step == 0).map(|(i, t)| format!("#{i}@{t:.1}s")).collect::<Vec<_>>().join(" ")
+    );
+    // Let the reaper finish with the last dead holders.
+    while !sh.dead.lock().unwrap().is_empty() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sh.done.store(true, SeqCst);
+    monitor.join().unwrap();
+    reaper.join().unwrap();
+    let (mut lock_requests, mut keepalives) = (0, 0);
+    let conflicts: u64 = counters.lock().unwrap().iter().map(|l| l.counters.cas_conflicts.load(SeqCst)).sum();
+    eprintln!("  CAS conflicts: {conflicts}");
+    for l in counters.lock().unwrap().iter() {
+        let k = l.counters.keepalives.load(SeqCst);
+        keepalives += k;
+        lock_requests += l.counters.requests.load(SeqCst) - k;
+    }
+    let left = admin.get().unwrap().map(|(s, _)| s.holders.len()).unwrap_or(0);
+    assert_eq!(left, 0, "holders left in the semaphore");
+    Row {
+        nodes: n,
+        slots,
+        faults,
+        max_nodes: sh.max_holding.load(SeqCst),
+        max_etcd: sh.max_in_etcd.load(SeqCst),
+        makespan,
+        ideal,
+        lock_requests,
+        keepalives,
+        releases: sh.releases.load(SeqCst),
+        reaped: sh.reaped.load(SeqCst),
+        dead: (0..n).filter(|i| dies(*i)).count(),
+        errors,
+    }
+}
+
+fn main() {
+    // One connection per waiting node, plus etcd's own: raise the soft fd limit to the hard one.
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenarios: Vec<(usize, u64, bool)> = if args.is_empty() {
+        [(1000, 50), (1000, 5), (200, 1)].iter().flat_map(|&(n, s)| [(n, s, false), (n, s, true)]).collect()
+    } else {
+        vec![(args[0].parse().expect("NODES"), args[1].parse().expect("SLOTS"), args.get(2).is_some_and(|a| a == "faults"))]
+    };
+    let mut rows = Vec::new();
+    for (n, s, f) in scenarios {
+        eprintln!("scenario: {n} nodes, {s} slots, faults: {f}");
+        rows.push(scenario(n, s, f));
+    }
+    println!();
+    println!("| nodes | slots | faults | max holders (nodes / etcd) | violations | makespan | ideal | ratio | released + reaped | lock requests / slot | keepalives / slot | errors |");
+    println!("|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let slots_freed = (r.releases + r.reaped).max(1) as f64;
+        let violations = (r.max_nodes.max(r.max_etcd) as u64).saturating_sub(r.slots);
+        println!(
+            "| {} | {} | {} | {} / {} | {} | {:.1}s | {:.0}s | {:.3} | {} + {} | {:.1} | {:.2} | {} |",
+            r.nodes,
+            r.slots,
+            if r.faults { format!("1 etcd member killed, {} nodes died holding", r.dead) } else { "none".into() },
+            r.max_nodes,
+            r.max_etcd,
+            violations,
+            r.makespan,
+            r.ideal,
+            r.makespan / r.ideal,
+            r.releases,
+            r.reaped,
+            r.lock_requests as f64 / slots_freed,
+            r.keepalives as f64 / slots_freed,
+            r.errors,
+        );
+    }
+}
