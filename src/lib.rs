@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod cli;
 pub mod config;
+pub mod docker;
 pub mod engine;
 pub mod error;
 pub mod facts;
@@ -15,6 +16,7 @@ pub mod reboot;
 pub mod role;
 pub mod runlock;
 pub mod runner;
+pub mod secrets;
 pub mod source;
 pub mod step;
 pub mod systemd;

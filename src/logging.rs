@@ -13,7 +13,7 @@ pub fn init(verbose: u8, quiet: u8) {
     let filter = EnvFilter::try_from_env("BOOTSTRAP_LOG").unwrap_or_else(|_| EnvFilter::new(format!("bootstrap={level},warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::secrets::Redacting(std::io::stderr()))
         .with_target(false);
     // The journal stamps every line itself.
     if std::env::var_os("JOURNAL_STREAM").is_some() {

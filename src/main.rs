@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     match bootstrap::cli::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", bootstrap::secrets::redact(&format!("{e:#}")));
             ExitCode::from(bootstrap::error::exit_code_for(&e))
         }
     }

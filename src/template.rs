@@ -19,6 +19,10 @@ pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
+    // secret("ssm:/path") | secret("file:/path"): the value, remembered for redaction.
+    env.add_function("secret", |uri: String| -> Result<String, minijinja::Error> {
+        crate::secrets::resolve(&uri).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("{e:#}")))
+    });
     env
 }
 

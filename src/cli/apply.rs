@@ -98,11 +98,11 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", crate::secrets::redact(&serde_json::to_string_pretty(&report)?));
     } else if std::io::stdout().is_terminal() || mode == Mode::Plan || report.failed() || report.summary.changed > 0 {
-        print!("{}", report.human());
+        print!("{}", crate::secrets::redact(&report.human()));
     } else {
-        print!("{}", report.human().lines().last().map(|l| format!("{l}\n")).unwrap_or_default());
+        print!("{}", crate::secrets::redact(&report.human().lines().last().map(|l| format!("{l}\n")).unwrap_or_default()));
     }
     if reboot_now {
         tracing::warn!("rebooting now (reboot slot held; see /var/lib/bootstrap/reboot.json)");

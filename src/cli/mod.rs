@@ -194,6 +194,10 @@ impl Context {
         facts::resolve_name(&mut facts, file_config.naming.name.as_deref(), ud_name.as_deref()).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
         // The agent's own config files win over user-data.
         let config = user_data.overlaid(file_config);
+        crate::secrets::configure(crate::secrets::Settings {
+            ssm_endpoint: config.aws.ssm_endpoint.clone(),
+            region: facts.region.clone(),
+        });
         Ok(Context {
             root: root.to_path_buf(),
             facts,

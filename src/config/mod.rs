@@ -109,6 +109,8 @@ pub struct EtcdConfig {
 pub struct AwsConfig {
     /// EC2 API endpoint override (for DescribeTags; tests).
     pub ec2_endpoint: Option<String>,
+    /// SSM endpoint override (for `secret("ssm:/…")`; tests).
+    pub ssm_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -162,6 +164,7 @@ impl Config {
         self.imds.enabled = o.imds.enabled.or(self.imds.enabled);
         self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());
         self.aws.ec2_endpoint = o.aws.ec2_endpoint.or(self.aws.ec2_endpoint.take());
+        self.aws.ssm_endpoint = o.aws.ssm_endpoint.or(self.aws.ssm_endpoint.take());
         self.reboot.strategy = o.reboot.strategy.or(self.reboot.strategy);
         self.reboot.group = o.reboot.group.or(self.reboot.group.take());
         self.reboot.window_start = o.reboot.window_start.or(self.reboot.window_start.take());

@@ -201,7 +201,7 @@ fn write_pending(root: &Path, pending: &BTreeSet<Notify>) -> Result<()> {
 pub fn write_report(root: &Path, report: &Report) -> Result<()> {
     let path = root.join(report::REPORT_PATH);
     fsutil::create_parents(&path)?;
-    let mut json = serde_json::to_vec_pretty(report)?;
+    let mut json = crate::secrets::redact(&serde_json::to_string_pretty(report)?).into_bytes();
     json.push(b'\n');
     fsutil::atomic_write(&path, &json, 0o644, None)
 }

@@ -2,10 +2,12 @@
 //! prepared (templates rendered) into a runnable step, and then runs `check` (read-only I/O)
 //! → `plan` (pure: the list of field changes) → `apply` (only when the plan is not empty).
 
+pub mod container;
 pub mod directory;
 pub mod exec;
 pub mod file;
 pub mod group;
+pub mod kubeadm;
 pub mod link;
 pub mod package;
 pub mod unit;
@@ -19,9 +21,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The step kinds this version runs.
-pub const KINDS: &[&str] = &["file", "directory", "link", "user", "group", "exec", "package", "unit"];
-/// Kinds in the contract that this version does not run yet: a role using one fails to load.
-pub const NOT_YET: &[&str] = &["container", "kubeadm_join"];
+pub const KINDS: &[&str] = &["file", "directory", "link", "user", "group", "exec", "package", "unit", "container", "kubeadm_join"];
 
 /// What every step kind shares.
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +58,8 @@ pub enum Spec {
     Exec(exec::Spec),
     Package(package::Spec),
     Unit(unit::Spec),
+    Container(container::Spec),
+    KubeadmJoin(kubeadm::Spec),
 }
 
 /// A step ready to run: templates rendered, paths mapped under the root.
@@ -71,6 +73,8 @@ pub enum Step {
     Exec(exec::ExecStep),
     Package(package::PackageStep),
     Unit(unit::UnitStep),
+    Container(container::ContainerStep),
+    KubeadmJoin(kubeadm::JoinStep),
 }
 
 /// One field that differs between the host and the role.
@@ -204,6 +208,8 @@ impl Spec {
             Spec::Exec(_) => "exec",
             Spec::Package(_) => "package",
             Spec::Unit(_) => "unit",
+            Spec::Container(_) => "container",
+            Spec::KubeadmJoin(_) => "kubeadm_join",
         }
     }
 
@@ -220,12 +226,8 @@ impl Spec {
             "exec" => Spec::Exec(de(table, f, s)?),
             "package" => Spec::Package(de(table, f, s)?),
             "unit" => Spec::Unit(de(table, f, s)?),
-            k if NOT_YET.contains(&k) => {
-                return Err(cx.err(
-                    kind,
-                    format!("step kind `{k}` is part of the role format but not supported by this version of bootstrap yet"),
-                ))
-            }
+            "container" => Spec::Container(de(table, f, s)?),
+            "kubeadm_join" => Spec::KubeadmJoin(de(table, f, s)?),
             k => return Err(cx.err(kind, format!("unknown step kind `{k}`; expected one of {}", KINDS.join(", ")))),
         })
     }
@@ -241,6 +243,8 @@ impl Spec {
             Spec::Exec(s) => s.validate(cx),
             Spec::Package(s) => s.validate(cx),
             Spec::Unit(s) => s.validate(cx),
+            Spec::Container(s) => s.validate(cx),
+            Spec::KubeadmJoin(s) => s.validate(cx),
         }
     }
 
@@ -255,6 +259,8 @@ impl Spec {
             Spec::Exec(s) => format!("exec:{}", s.command.get_ref().join(" ")),
             Spec::Package(s) => format!("package:{}", s.names.iter().map(|n| n.get_ref().as_str()).collect::<Vec<_>>().join(",")),
             Spec::Unit(s) => format!("unit:{}", s.name.get_ref()),
+            Spec::Container(s) => format!("container:{}", s.name.get_ref()),
+            Spec::KubeadmJoin(_) => "kubeadm_join".to_string(),
         }
     }
 
@@ -268,6 +274,8 @@ impl Spec {
             Spec::Exec(s) => Step::Exec(s.prepare(cx)?),
             Spec::Package(s) => Step::Package(s.prepare(cx)?),
             Spec::Unit(s) => Step::Unit(s.prepare(cx)?),
+            Spec::Container(s) => Step::Container(s.prepare(cx)?),
+            Spec::KubeadmJoin(s) => Step::KubeadmJoin(s.prepare(cx)?),
         })
     }
 }
@@ -285,12 +293,14 @@ impl Step {
             Step::Exec(s) => converge(s, host, apply),
             Step::Package(s) => converge(s, host, apply),
             Step::Unit(s) => converge(s, host, apply),
+            Step::Container(s) => converge(s, host, apply),
+            Step::KubeadmJoin(s) => converge(s, host, apply),
         }
     }
 
     /// Steps that only make sense on the running system (skipped under `--root`).
     pub fn needs_live_system(&self) -> bool {
-        matches!(self, Step::Package(_))
+        matches!(self, Step::Package(_) | Step::Container(_) | Step::KubeadmJoin(_))
     }
 }
 
