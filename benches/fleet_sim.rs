@@ -82,7 +82,9 @@ fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shar
                 if i == 0 && std::env::var("SIM_DEBUG").is_ok() {
                     eprintln!("node 0 asks at {:.3}s", sh.start.elapsed().as_secs_f64());
                 }
-                let w = lock.wait_acquire(&id, slots, Instant::now() + Duration::from_secs(3600)).map_err(|e| format!("{id}: {e}"))?;
+                let w = lock
+                    .wait_acquire(&id, slots, Instant::now() + Duration::from_secs(3600))
+                    .map_err(|e| format!("{id}: {e}"))?;
                 inputs.lock = Some(match w {
                     Waited::Acquired | Waited::AlreadyHeld => LockAnswer::Got,
                     Waited::Deadline => LockAnswer::Full,
@@ -196,7 +198,14 @@ fn scenario(n: usize, slots: u64, faults: bool) -> Row {
         let (sh, l) = (sh.clone(), admin.clone());
         std::thread::spawn(move || {
             while !sh.done.load(SeqCst) {
-                let due: Vec<String> = sh.dead.lock().unwrap().iter().filter(|(_, t)| t.elapsed() >= REAP_AFTER).map(|(id, _)| id.clone()).collect();
+                let due: Vec<String> = sh
+                    .dead
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() >= REAP_AFTER)
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 for id in due {
                     if l.release(&id, slots).is_ok() {
                         sh.dead.lock().unwrap().remove(&id);
@@ -244,7 +253,12 @@ fn scenario(n: usize, slots: u64, faults: bool) -> Row {
     let step = std::env::var("SIM_STEP").ok().and_then(|s| s.parse().ok()).unwrap_or((at.len() / 10).max(1));
     eprintln!(
         "  slots granted by time: {}",
-        at.iter().enumerate().filter(|(i, _)| i % step == 0).map(|(i, t)| format!("#{i}@{t:.1}s")).collect::<Vec<_>>().join(" ")
+        at.iter()
+            .enumerate()
+            .filter(|(i, _)| i % step == 0)
+            .map(|(i, t)| format!("#{i}@{t:.1}s"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     // Let the reaper finish with the last dead holders.
     while !sh.dead.lock().unwrap().is_empty() {
@@ -287,9 +301,16 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let scenarios: Vec<(usize, u64, bool)> = if args.is_empty() {
-        [(1000, 50), (1000, 5), (200, 1)].iter().flat_map(|&(n, s)| [(n, s, false), (n, s, true)]).collect()
+        [(1000, 50), (1000, 5), (200, 1)]
+            .iter()
+            .flat_map(|&(n, s)| [(n, s, false), (n, s, true)])
+            .collect()
     } else {
-        vec![(args[0].parse().expect("NODES"), args[1].parse().expect("SLOTS"), args.get(2).is_some_and(|a| a == "faults"))]
+        vec![(
+            args[0].parse().expect("NODES"),
+            args[1].parse().expect("SLOTS"),
+            args.get(2).is_some_and(|a| a == "faults"),
+        )]
     };
     let mut rows = Vec::new();
     for (n, s, f) in scenarios {
@@ -306,7 +327,11 @@ fn main() {
             "| {} | {} | {} | {} / {} | {} | {:.1}s | {:.0}s | {:.3} | {} + {} | {:.1} | {:.2} | {} |",
             r.nodes,
             r.slots,
-            if r.faults { format!("1 etcd member killed, {} nodes died holding", r.dead) } else { "none".into() },
+            if r.faults {
+                format!("1 etcd member killed, {} nodes died holding", r.dead)
+            } else {
+                "none".into()
+            },
             r.max_nodes,
             r.max_etcd,
             violations,

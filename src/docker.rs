@@ -53,12 +53,8 @@ impl Docker {
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>, timeout: Duration) -> Result<Response> {
-        let mut s = UnixStream::connect(&self.socket).map_err(|e| {
-            anyhow!(
-                "the Docker engine is not reachable at {}: {e} (is dockerd running?)",
-                self.socket.display()
-            )
-        })?;
+        let mut s = UnixStream::connect(&self.socket)
+            .map_err(|e| anyhow!("the Docker engine is not reachable at {}: {e} (is dockerd running?)", self.socket.display()))?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(TIMEOUT))?;
         let body = body.map(|b| serde_json::to_vec(b).expect("JSON")).unwrap_or_default();
@@ -101,12 +97,7 @@ impl Docker {
     /// Pull `image` (`name[:tag]`); the progress stream's first error fails the pull.
     pub fn pull(&self, image: &str) -> Result<()> {
         let (name, tag) = split_image(image);
-        let r = self.request(
-            "POST",
-            &format!("/images/create?fromImage={}&tag={}", enc(name), enc(tag)),
-            None,
-            PULL_TIMEOUT,
-        )?;
+        let r = self.request("POST", &format!("/images/create?fromImage={}&tag={}", enc(name), enc(tag)), None, PULL_TIMEOUT)?;
         if r.status != 200 {
             bail!("pulling image {image}: HTTP {}: {}", r.status, r.message());
         }
@@ -144,8 +135,8 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let nl = b.windows(2).position(|w| w == b"\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| anyhow!("bad chunk size"))?;
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).split(';').next().unwrap_or("").trim(), 16).map_err(|_| anyhow!("bad chunk size"))?;
         b = &b[nl + 2..];
         if size == 0 {
             return Ok(out);

@@ -102,7 +102,10 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
     } else if std::io::stdout().is_terminal() || mode == Mode::Plan || report.failed() || report.summary.changed > 0 {
         print!("{}", crate::secrets::redact(&report.human()));
     } else {
-        print!("{}", crate::secrets::redact(&report.human().lines().last().map(|l| format!("{l}\n")).unwrap_or_default()));
+        print!(
+            "{}",
+            crate::secrets::redact(&report.human().lines().last().map(|l| format!("{l}\n")).unwrap_or_default())
+        );
     }
     if reboot_now {
         tracing::warn!("rebooting now (reboot slot held; see /var/lib/bootstrap/reboot.json)");

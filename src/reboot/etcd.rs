@@ -258,7 +258,8 @@ impl EtcdLock {
             return Ok(Ok(()));
         }
         self.counters.cas_conflicts.fetch_add(1, Ordering::Relaxed);
-        let kvs: RangeResp = serde_json::from_value(r["responses"][0]["response_range"].clone()).map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))?;
+        let kvs: RangeResp =
+            serde_json::from_value(r["responses"][0]["response_range"].clone()).map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))?;
         Ok(Err(kvs.kvs.into_iter().next().map(|kv| self.decode(kv)).transpose()?))
     }
 

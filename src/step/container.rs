@@ -277,7 +277,11 @@ impl Kind for ContainerStep {
         match (&o.container, self.state) {
             (None, CState::Absent) => vec![],
             (Some(c), CState::Absent) => vec![Change::new("container", Some(short(&c.id)), None::<String>)],
-            (None, _) => vec![Change::new("container", None::<String>, Some(format!("{} from {}", self.name, self.desired.image)))],
+            (None, _) => vec![Change::new(
+                "container",
+                None::<String>,
+                Some(format!("{} from {}", self.name, self.desired.image)),
+            )],
             (Some(c), want) => {
                 let mut out = Vec::new();
                 if c.hash.as_deref() != Some(hash.as_str()) {

@@ -41,7 +41,12 @@ impl Spec {
                     check_syntax(cx.env, &Origin::Inline(cx.pos(f)), f.get_ref())?;
                 }
             }
-            (Some(c), ..) => return Err(cx.err(c, "give either `config` (a JoinConfiguration) or `api_server`, `token` and `ca_cert_hash`, not both")),
+            (Some(c), ..) => {
+                return Err(cx.err(
+                    c,
+                    "give either `config` (a JoinConfiguration) or `api_server`, `token` and `ca_cert_hash`, not both",
+                ))
+            }
             (None, a, ..) => {
                 let at = a.as_ref().or(self.token.as_ref()).or(self.ca_cert_hash.as_ref());
                 let msg = "a kubeadm_join step needs `api_server`, `token` and `ca_cert_hash` (or `config`)";
@@ -83,7 +88,11 @@ impl Spec {
             ca_cert_hash: self.ca_cert_hash.as_ref().map(r).transpose()?,
             config,
             extra_args: self.extra_args.iter().map(r).collect::<Result<_, _>>()?,
-            timeout: self.timeout.as_ref().map(|t| humantime::parse_duration(t.get_ref()).expect("validated")).unwrap_or(DEFAULT_TIMEOUT),
+            timeout: self
+                .timeout
+                .as_ref()
+                .map(|t| humantime::parse_duration(t.get_ref()).expect("validated"))
+                .unwrap_or(DEFAULT_TIMEOUT),
             kubelet_conf: crate::fsutil::host_path(cx.root, KUBELET_CONF).map_err(|e| ConfigError(e.to_string()))?,
             root: cx.root.to_path_buf(),
         })

@@ -21,7 +21,18 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The step kinds this version runs.
-pub const KINDS: &[&str] = &["file", "directory", "link", "user", "group", "exec", "package", "unit", "container", "kubeadm_join"];
+pub const KINDS: &[&str] = &[
+    "file",
+    "directory",
+    "link",
+    "user",
+    "group",
+    "exec",
+    "package",
+    "unit",
+    "container",
+    "kubeadm_join",
+];
 
 /// What every step kind shares.
 #[derive(Debug, Clone, Deserialize)]

@@ -23,7 +23,11 @@ pub fn rootfs() -> PathBuf {
 
 pub fn aptrepo() -> PathBuf {
     let p = PathBuf::from(std::env::var("APTREPO").unwrap_or_else(|_| "/var/tmp/bootstrap-aptrepo".into()));
-    assert!(p.join(".complete-2").exists(), "no test apt repository at {}: run `scripts/rootfs`", p.display());
+    assert!(
+        p.join(".complete-2").exists(),
+        "no test apt repository at {}: run `scripts/rootfs`",
+        p.display()
+    );
     p
 }
 

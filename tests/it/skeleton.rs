@@ -182,9 +182,19 @@ fn malformed_inputs_exit_78_with_position_and_touch_nothing() {
             "roles/r/role.toml:4:8: path \"etc/a\" is not absolute",
         ),
         (
-            "not yet supported kind",
+            "container without image",
             "schema = 1\n[[step]]\nkind = \"container\"\nname = \"x\"\n",
-            "roles/r/role.toml:3:8: step kind `container` is part of the role format but not supported",
+            "roles/r/role.toml:4:8: a container step needs `image`",
+        ),
+        (
+            "container with a bad port",
+            "schema = 1\n[[step]]\nkind = \"container\"\nname = \"x\"\nimage = \"i\"\nports = [\"80\"]\n",
+            "roles/r/role.toml:6:10: port \"80\": expected HOST:CONTAINER",
+        ),
+        (
+            "kubeadm_join without a token",
+            "schema = 1\n[[step]]\nkind = \"kubeadm_join\"\napi_server = \"10.0.0.1:6443\"\nca_cert_hash = \"sha256:00\"\n",
+            "roles/r/role.toml:4:14: a kubeadm_join step needs `api_server`, `token` and `ca_cert_hash`",
         ),
         (
             "unknown kind",
