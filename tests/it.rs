@@ -41,3 +41,6 @@ mod reboot_e2e;
 
 #[path = "it/fleetlock_server.rs"]
 mod fleetlock_server;
+
+#[path = "it/docker.rs"]
+mod docker;

@@ -1,0 +1,203 @@
+//! A real dockerd (Debian docker.io) per test, in a network namespace of its own (its bridge,
+//! published ports and containers never touch the host's network), with its own data root and
+//! socket; stopped by PID. Images come from `docker import` of the test rootfs (no registry is
+//! reachable). The `container` step runs in a booted node with the socket bound in.
+
+use crate::node::Node;
+use crate::support::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Dockerd {
+    child: Option<Child>,
+    netns: String,
+    pub socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    pub fn start() -> Dockerd {
+        assert!(Path::new("/usr/sbin/dockerd").exists(), "dockerd not found: run scripts/setup (apt docker.io)");
+        // Short paths: a unix socket path must fit in 108 bytes.
+        let dir = tempfile::Builder::new().prefix("bt-dk").tempdir_in("/tmp").unwrap();
+        let netns = format!("bt-dk-{}-{}", std::process::id(), dir.path().file_name().unwrap().to_string_lossy().trim_start_matches("bt-dk"));
+        let ok = Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success();
+        assert!(ok, "ip netns add {netns}");
+        let _ = Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]).status();
+        let socket = dir.path().join("docker.sock");
+        let d = |s: &str| dir.path().join(s).display().to_string();
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
+        // nsenter, not `ip netns exec`: that one remounts /sys, which hides the cgroup mounts.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("/usr/sbin/dockerd")
+            .arg(format!("--host=unix://{}", socket.display()))
+            .args(["--data-root", &d("data"), "--exec-root", &d("exec"), "--pidfile", &d("dockerd.pid")])
+            .args(["--iptables=false", "--ip6tables=false", "--shutdown-timeout=2"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let me = Dockerd {
+            child: Some(child),
+            netns,
+            socket,
+            dir,
+        };
+        let start = Instant::now();
+        while !me.docker(&["version"]).status.success() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "dockerd did not start: {}",
+                std::fs::read_to_string(me.dir.path().join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        me
+    }
+
+    pub fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn out(&self, args: &[&str]) -> String {
+        let o = self.docker(args);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// `docker import` of the test rootfs as `name`.
+    pub fn import_rootfs(&self, name: &str) {
+        let tar = Command::new("tar")
+            .args(["-C", crate::node::rootfs().to_str().unwrap(), "-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let st = Command::new("docker")
+            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .args(["import", "-", name])
+            .stdin(tar.stdout.unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "docker import");
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        // Overlay mounts under the data root go with the daemon; the tree may hold read-only bits.
+        let _ = Command::new("rm").args(["-rf", &self.dir.path().display().to_string()]).status();
+    }
+}
+
+fn role(step: &str) -> String {
+    format!("schema = 1\n[[step]]\nkind = \"container\"\nname = \"web\"\nimage = \"bt-test:1\"\npull = \"never\"\ncommand = [\"sleep\", \"infinity\"]\n{step}")
+}
+
+/// Show 1: create and start; a second apply changes nothing (same container id); a changed env
+/// var recreates it exactly once, and `plan` shows the configuration diff first; `absent`
+/// removes it. Also: a missing image with pull = "never", and a host port already taken.
+#[test]
+fn container_lifecycle_on_a_real_dockerd() {
+    let d = Dockerd::start();
+    d.import_rootfs("bt-test:1");
+    let b = bundle(&[(
+        "roles/app/role.toml",
+        &role("env = { A = \"1\" }\nports = [\"18080:80\"]\nrestart = \"unless-stopped\"\nlabels = { team = \"edge\" }\n"),
+    )]);
+    let node = Node::boot_with(b.path(), &[(&d.socket, "/run/docker.sock")]);
+    let role_path = b.path().join("roles/app/role.toml");
+
+    let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    let id1 = d.out(&["inspect", "-f", "{{.Id}}", "web"]);
+    assert_eq!(d.out(&["inspect", "-f", "{{.State.Running}} {{.HostConfig.RestartPolicy.Name}} {{index .Config.Labels \"team\"}}", "web"]), "true unless-stopped edge");
+    assert!(d.out(&["inspect", "-f", "{{json .Config.Env}}", "web"]).contains("\"A=1\""));
+
+    let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "second apply changes nothing: {}", r.all());
+    assert_eq!(node.report()["summary"]["changed"], 0);
+    assert_eq!(d.out(&["inspect", "-f", "{{.Id}}", "web"]), id1, "not recreated");
+
+    std::fs::write(
+        &role_path,
+        role("env = { A = \"2\" }\nports = [\"18080:80\"]\nrestart = \"unless-stopped\"\nlabels = { team = \"edge\" }\n"),
+    )
+    .unwrap();
+    let r = node.run_role("plan", "app", &["--name", "production-app"]);
+    assert!(r.stdout.contains("-    \"A\": \"1\"") && r.stdout.contains("+    \"A\": \"2\""), "plan shows the config diff: {}", r.all());
+    assert_eq!(d.out(&["inspect", "-f", "{{.Id}}", "web"]), id1, "plan changes nothing");
+    let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    let id2 = d.out(&["inspect", "-f", "{{.Id}}", "web"]);
+    assert_ne!(id2, id1, "recreated");
+    assert!(d.out(&["inspect", "-f", "{{json .Config.Env}}", "web"]).contains("\"A=2\""));
+    let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(d.out(&["inspect", "-f", "{{.Id}}", "web"]), id2, "recreated exactly once");
+    assert_eq!(d.out(&["ps", "-aq"]).lines().count(), 1, "the old container is gone");
+
+    // A second container wanting the same host port: a clear error naming the port.
+    std::fs::write(
+        &role_path,
+        format!(
+            "{}[[step]]\nkind = \"container\"\nname = \"web2\"\nimage = \"bt-test:1\"\npull = \"never\"\ncommand = [\"sleep\", \"infinity\"]\nports = [\"18080:80\"]\n",
+            role("env = { A = \"2\" }\nports = [\"18080:80\"]\nrestart = \"unless-stopped\"\nlabels = { team = \"edge\" }\n")
+        ),
+    )
+    .unwrap();
+    let r = node.run_role("apply", "app", &["--name", "production-app"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("a host port is taken") && r.all().contains("18080:80"), "{}", r.all());
+
+    // A missing image with pull = "never".
+    std::fs::write(&role_path, "schema = 1\n[[step]]\nkind = \"container\"\nname = \"ghost\"\nimage = \"nope:1\"\npull = \"never\"\n").unwrap();
+    let r = node.run_role("apply", "app", &["--name", "production-app"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("image nope:1 is not present and pull = \"never\""), "{}", r.all());
+
+    // Absent: removed; then nothing to do.
+    std::fs::write(&role_path, "schema = 1\n[[step]]\nkind = \"container\"\nname = \"web\"\nstate = \"absent\"\n").unwrap();
+    let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(!d.docker(&["inspect", "web"]).status.success(), "web is gone");
+    let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+}
+
+/// Show 2: no engine → the step fails naming the socket, the run exits 1, later steps do not run.
+#[test]
+fn engine_not_running_fails_the_step_naming_the_socket() {
+    let b = bundle(&[(
+        "roles/app/role.toml",
+        &format!("{}[[step]]\nkind = \"file\"\npath = \"/etc/after\"\ncontent = \"x\\n\"\n", role("")),
+    )]);
+    let node = Node::boot(b.path());
+    let r = node.run_role("apply", "app", &["--name", "production-app"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("the Docker engine is not reachable at /var/run/docker.sock"), "{}", r.all());
+    let rep = node.report();
+    let steps = rep["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["status"], "failed", "{rep:#}");
+    assert_eq!(steps[1]["status"], "not_run", "{rep:#}");
+    assert!(!node.merged.join("etc/after").exists());
+}
