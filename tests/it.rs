@@ -44,3 +44,6 @@ mod fleetlock_server;
 
 #[path = "it/docker.rs"]
 mod docker;
+
+#[path = "it/kube.rs"]
+mod kube;

@@ -43,11 +43,17 @@ impl Spec {
     pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<FileStep, ConfigError> {
         let l = &cx.load;
         let content = super::render_body(cx, &self.content, &self.source, self.template)?;
+        // A file holding a secret and no mode of its own is private to its owner (0600), not
+        // the usual 0644.
+        let mut mode = parse_mode(l, &self.mode)?;
+        if mode.is_none() && content.as_deref().is_some_and(|c| crate::secrets::is_secret(&String::from_utf8_lossy(c))) {
+            mode = Some(fsutil::Mode(0o600));
+        }
         Ok(FileStep {
             display: self.path.get_ref().clone(),
             path: fsutil::host_path(cx.root, self.path.get_ref()).map_err(|e| l.err(&self.path, e))?,
             content,
-            mode: parse_mode(l, &self.mode)?,
+            mode,
             owner: self.owner.clone(),
             group: self.group.clone(),
             state: self.state,

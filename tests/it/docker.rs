@@ -21,7 +21,11 @@ impl Dockerd {
         assert!(Path::new("/usr/sbin/dockerd").exists(), "dockerd not found: run scripts/setup (apt docker.io)");
         // Short paths: a unix socket path must fit in 108 bytes.
         let dir = tempfile::Builder::new().prefix("bt-dk").tempdir_in("/tmp").unwrap();
-        let netns = format!("bt-dk-{}-{}", std::process::id(), dir.path().file_name().unwrap().to_string_lossy().trim_start_matches("bt-dk"));
+        let netns = format!(
+            "bt-dk-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy().trim_start_matches("bt-dk")
+        );
         let ok = Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success();
         assert!(ok, "ip netns add {netns}");
         let _ = Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]).status();
@@ -130,7 +134,15 @@ fn container_lifecycle_on_a_real_dockerd() {
     let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
     assert_eq!(r.code, 2, "{}", r.all());
     let id1 = d.out(&["inspect", "-f", "{{.Id}}", "web"]);
-    assert_eq!(d.out(&["inspect", "-f", "{{.State.Running}} {{.HostConfig.RestartPolicy.Name}} {{index .Config.Labels \"team\"}}", "web"]), "true unless-stopped edge");
+    assert_eq!(
+        d.out(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}} {{.HostConfig.RestartPolicy.Name}} {{index .Config.Labels \"team\"}}",
+            "web"
+        ]),
+        "true unless-stopped edge"
+    );
     assert!(d.out(&["inspect", "-f", "{{json .Config.Env}}", "web"]).contains("\"A=1\""));
 
     let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
@@ -144,7 +156,11 @@ fn container_lifecycle_on_a_real_dockerd() {
     )
     .unwrap();
     let r = node.run_role("plan", "app", &["--name", "production-app"]);
-    assert!(r.stdout.contains("-    \"A\": \"1\"") && r.stdout.contains("+    \"A\": \"2\""), "plan shows the config diff: {}", r.all());
+    assert!(
+        r.stdout.contains("-    \"A\": \"1\"") && r.stdout.contains("+    \"A\": \"2\""),
+        "plan shows the config diff: {}",
+        r.all()
+    );
     assert_eq!(d.out(&["inspect", "-f", "{{.Id}}", "web"]), id1, "plan changes nothing");
     let r = node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
     assert_eq!(r.code, 2, "{}", r.all());
@@ -170,7 +186,11 @@ fn container_lifecycle_on_a_real_dockerd() {
     assert!(r.all().contains("a host port is taken") && r.all().contains("18080:80"), "{}", r.all());
 
     // A missing image with pull = "never".
-    std::fs::write(&role_path, "schema = 1\n[[step]]\nkind = \"container\"\nname = \"ghost\"\nimage = \"nope:1\"\npull = \"never\"\n").unwrap();
+    std::fs::write(
+        &role_path,
+        "schema = 1\n[[step]]\nkind = \"container\"\nname = \"ghost\"\nimage = \"nope:1\"\npull = \"never\"\n",
+    )
+    .unwrap();
     let r = node.run_role("apply", "app", &["--name", "production-app"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("image nope:1 is not present and pull = \"never\""), "{}", r.all());

@@ -109,6 +109,20 @@ impl Moto {
         assert!(r.status().is_success(), "PUT {path}: {}", r.status());
     }
 
+    /// An SSM SecureString parameter.
+    pub fn put_parameter(&self, name: &str, value: &str) {
+        let r = self
+            .http()
+            .post(&self.url)
+            .header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ssm/aws4_request")
+            .header("X-Amz-Target", "AmazonSSM.PutParameter")
+            .header("Content-Type", "application/x-amz-json-1.1")
+            .body(serde_json::json!({ "Name": name, "Value": value, "Type": "SecureString" }).to_string())
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "PutParameter {name}: {} {}", r.status(), r.text().unwrap_or_default());
+    }
+
     /// Lines of moto's request log that match `needle`.
     pub fn requests(&self, needle: &str) -> Vec<String> {
         std::fs::read_to_string(&self.log)

@@ -161,6 +161,31 @@ impl Node {
         self.nsenter(&argv).output().unwrap().into()
     }
 
+    /// Run the agent inside the node under strace (from the host), with extra environment
+    /// variables; the traced system calls go to `log`.
+    pub fn agent_traced(&self, args: &[&str], env: &[(&str, &str)], trace: &[&str], log: &Path) -> Run {
+        let mut argv: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        argv.push("/usr/local/bin/bootstrap".into());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let inner = self.nsenter(&refs);
+        let mut c = Command::new("strace");
+        c.args(["-f", "-qq", "-e", &format!("trace={}", trace.join(",")), "-o"])
+            .arg(log)
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        c.output().unwrap().into()
+    }
+
+    /// Run the agent inside the node with extra environment variables.
+    pub fn agent_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut argv: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        argv.push("/usr/local/bin/bootstrap".into());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.nsenter(&refs).output().unwrap().into()
+    }
+
     /// `apply`/`plan` of a role from /srv/bundle.
     pub fn run_role(&self, verb: &str, role: &str, extra: &[&str]) -> Run {
         let mut args = vec![verb, "--source", "/srv/bundle", "--role", role];
