@@ -12,6 +12,7 @@ pub mod error;
 pub mod facts;
 pub mod fsutil;
 pub mod logging;
+pub mod metrics;
 pub mod reboot;
 pub mod role;
 pub mod runlock;

@@ -47,3 +47,6 @@ mod docker;
 
 #[path = "it/kube.rs"]
 mod kube;
+
+#[path = "it/ship.rs"]
+mod ship;

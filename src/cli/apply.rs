@@ -9,8 +9,27 @@ use std::path::PathBuf;
 
 pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let start = std::time::Instant::now();
     let cx = super::Context::gather(&root, &a.naming, false)?;
-    converge(&cx, a, mode)
+    let result = converge(&cx, a, mode);
+    if let (Err(e), Mode::Apply) = (&result, mode) {
+        failed_metrics(&cx, e, start);
+    }
+    result
+}
+
+/// A run that failed before it had a report (bundle source down, a broken role) still updates
+/// the metrics, so an alert sees it.
+pub fn failed_metrics(cx: &super::Context, e: &anyhow::Error, start: std::time::Instant) {
+    let m = crate::metrics::RunMetrics {
+        report: None,
+        exit_code: crate::error::exit_code_for(e),
+        duration_secs: start.elapsed().as_secs_f64(),
+        reboot_lock_held: cx.root.join(crate::reboot::STATE_PATH).exists(),
+    };
+    if let Err(w) = crate::metrics::write(&cx.root, cx.config.metrics.textfile.as_deref(), &m) {
+        tracing::warn!("writing metrics: {w:#}");
+    }
 }
 
 /// Fetch the bundle, load and prepare the role, take the run lock, run, report.
@@ -95,6 +114,15 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         engine::write_report(&root, &report)?;
         if let (false, Some(sha)) = (report.failed(), &fetched.sha256) {
             crate::source::mark_good(&root, sha)?;
+        }
+        let m = crate::metrics::RunMetrics {
+            report: Some(&report),
+            exit_code: report.exit_code(false),
+            duration_secs: report.duration_ms as f64 / 1000.0,
+            reboot_lock_held: root.join(crate::reboot::STATE_PATH).exists(),
+        };
+        if let Err(e) = crate::metrics::write(&root, config.metrics.textfile.as_deref(), &m) {
+            tracing::warn!("writing metrics: {e:#}");
         }
     }
     if a.json {

@@ -57,6 +57,12 @@ pub enum Command {
         #[command(flatten)]
         naming: NamingArgs,
     },
+    /// Write the man page (roff) or shell completions to stdout (packaging uses these).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCmd,
+    },
     /// Operator tools for the fleet reboot semaphore in etcd.
     Lock {
         #[command(subcommand)]
@@ -92,6 +98,14 @@ pub enum BundleCmd {
         #[arg(long, value_name = "SECRET_KEY")]
         sign: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateCmd {
+    /// bootstrap(1) in roff.
+    Man,
+    /// Completions for a shell.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,5 +259,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Reboot { check, request, wait, naming } => reboot::run(check, request, wait, &naming),
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
+        Command::Generate { what } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            match what {
+                GenerateCmd::Man => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+                GenerateCmd::Completions { shell } => clap_complete::generate(shell, &mut cmd, "bootstrap", &mut std::io::stdout()),
+            }
+            Ok(0)
+        }
     }
 }

@@ -22,6 +22,16 @@ pub struct Config {
     pub aws: AwsConfig,
     #[serde(default)]
     pub reboot: RebootConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus textfile path (default /var/lib/node_exporter/textfile_collector/bootstrap.prom,
+    /// written only when that directory exists).
+    pub textfile: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -165,6 +175,7 @@ impl Config {
         self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());
         self.aws.ec2_endpoint = o.aws.ec2_endpoint.or(self.aws.ec2_endpoint.take());
         self.aws.ssm_endpoint = o.aws.ssm_endpoint.or(self.aws.ssm_endpoint.take());
+        self.metrics.textfile = o.metrics.textfile.or(self.metrics.textfile.take());
         self.reboot.strategy = o.reboot.strategy.or(self.reboot.strategy);
         self.reboot.group = o.reboot.group.or(self.reboot.group.take());
         self.reboot.window_start = o.reboot.window_start.or(self.reboot.window_start.take());
