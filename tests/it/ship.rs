@@ -117,3 +117,66 @@ fn man_page_renders_and_bash_completions_load() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Show 2: the .deb on a booted node: install, boot again, the firstboot unit runs init; the
+/// timer is active; a drift made by hand is corrected by the next timer run (the test shortens
+/// the timer with a drop-in), and the journal shows that run.
+#[test]
+fn deb_on_a_booted_node_firstboot_then_timer_corrects_drift() {
+    let pkgs = tempfile::tempdir().unwrap();
+    let o = Command::new(repo().join("packaging/build-deb")).arg(bin()).arg(pkgs.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deb = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let deb_name = std::path::Path::new(&deb).file_name().unwrap().to_string_lossy().to_string();
+    let b = bundle(&[(
+        "roles/web/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"managed\\n\"\n",
+    )]);
+    let mut node = crate::node::Node::boot_with(b.path(), &[(pkgs.path(), "/srv/pkg")]);
+    let r = node.sh(&format!(
+        "dpkg -i /srv/pkg/{deb_name} >&2 && printf '[bundle]\\nsource = \"/srv/bundle\"\\n[naming]\\nname = \"production-web\"\\n' > /etc/bootstrap/config.d/50-site.toml && systemctl is-enabled bootstrap-firstboot.service bootstrap.timer"
+    ));
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(r.stdout, "enabled\nenabled\n", "{}", r.all());
+    assert!(node.merged.join("usr/share/man/man1/bootstrap.1.gz").exists());
+    assert!(!node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+
+    // Boot again: the firstboot unit runs init before the boot counts as finished.
+    let _ = node.sh("systemctl reboot");
+    assert_eq!(node.wait_exit(std::time::Duration::from_secs(60)), 133);
+    node.boot_again();
+    let start = std::time::Instant::now();
+    while !node.merged.join("var/lib/bootstrap/firstboot.done").exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "firstboot did not finish: {}",
+            node.sh("systemctl status bootstrap-firstboot.service; journalctl -b -u bootstrap-firstboot.service --no-pager")
+                .stdout
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/web.conf")).unwrap(), "managed\n");
+    let fb = node.sh("journalctl -b -u bootstrap-firstboot.service -o cat --no-pager").stdout;
+    assert!(fb.contains("web: 1 changed"), "the firstboot unit ran init: {fb}");
+    let timers = node.sh("systemctl list-timers --all --no-pager bootstrap.timer").stdout;
+    assert!(timers.contains("bootstrap.timer") && timers.contains("bootstrap.service"), "{timers}");
+    assert_eq!(node.sh("systemctl is-active bootstrap.timer").stdout.trim(), "active");
+    // firstboot does not run again on later boots (its condition).
+    assert!(node.sh("systemctl show -p ConditionResult --value bootstrap-firstboot.service").stdout.trim() == "yes");
+
+    // Drift by hand; the next timer run corrects it.
+    let cursor = node.journal_cursor();
+    std::fs::write(node.merged.join("etc/web.conf"), "hand edit\n").unwrap();
+    let r = node.sh(
+        "mkdir -p /etc/systemd/system/bootstrap.timer.d && printf '[Timer]\\nOnActiveSec=1s\\nRandomizedDelaySec=0\\nFixedRandomDelay=false\\n' > /etc/systemd/system/bootstrap.timer.d/soon.conf && systemctl daemon-reload && systemctl restart bootstrap.timer && echo ok",
+    );
+    assert!(r.stdout.contains("ok"), "{}", r.all());
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(node.merged.join("etc/web.conf")).unwrap() != "managed\n" {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the timer run did not correct the drift");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let j = node.journal_since(&cursor, "bootstrap.service");
+    assert!(j.contains("web: 1 changed"), "the journal shows the timer's run: {j}");
+}
