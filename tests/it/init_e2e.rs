@@ -109,3 +109,57 @@ fn init_names_the_node_from_describe_tags_when_metadata_has_no_tags() {
         (Some("production-haproxy"), Some("tag:Name"), Some(id.as_str()))
     );
 }
+
+/// Issue 7, Show 3: the user_data script, run with dash inside a booted node, downloads the
+/// agent (from S3 over HTTP here: moto in the node's network namespace), checks its pinned
+/// sha256, installs it and runs `bootstrap init` against the IMDS and S3 test servers: the role
+/// ends up applied. A wrong sha256 installs nothing.
+#[test]
+fn user_data_script_installs_the_agent_and_converges_the_node() {
+    let (_bundles, tarball) = production_bundle();
+    let script = repo().join("packaging/user-data.sh");
+    assert!(std::fs::metadata(&script).unwrap().len() < 16 * 1024, "user_data must stay under 16 KB");
+    let node = crate::node::Node::boot_with(&repo(), &[(&repo().join("packaging"), "/srv/packaging")]);
+    assert_eq!(node.sh("ip addr add 169.254.169.254/32 dev lo && echo ok").stdout.trim(), "ok");
+    let mut st = ImdsServer::instance("production-haproxy");
+    st.meta.insert("placement/region".into(), "us-east-1".into());
+    let _imds = ImdsServer::start_in_netns(node.leader, st);
+    let moto = Moto::start_in_netns(node.leader, 5000);
+    moto.put_in_netns(node.leader, "roles", None);
+    moto.put_in_netns(node.leader, "roles/roles-production.tar.gz", Some(&tarball));
+    moto.put_in_netns(node.leader, "dist", None);
+    // A public object, as a release bucket (or a presigned URL) would serve it.
+    moto.put_in_netns_with(node.leader, "dist/bootstrap", Some(std::path::Path::new(bin())), &["x-amz-acl: public-read"]);
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(bin()).unwrap()))
+    };
+    let env = |sha: &str| {
+        format!(
+            "BOOTSTRAP_URL=http://127.0.0.1:5000/dist/bootstrap BOOTSTRAP_SHA256={sha} BOOTSTRAP_BIN=/usr/local/sbin/bootstrap \
+             BOOTSTRAP_BUNDLE='s3://roles/roles-${{env}}.tar.gz' \
+             BOOTSTRAP_CONFIG='[imds]\nenabled = true' "
+        )
+    };
+    // The bundle's S3 endpoint is the test server (on EC2 the default endpoint is right).
+    let extra = "mkdir -p /etc/bootstrap && printf '[bundle]\\ns3_endpoint = \"http://127.0.0.1:5000\"\\n' > /etc/bootstrap/config.toml";
+    assert_eq!(node.sh(&format!("{extra} && echo ok")).stdout.trim(), "ok");
+
+    let bad = "0".repeat(64);
+    let r = node.sh(&format!("{} sh /srv/packaging/user-data.sh", env(&bad)));
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("sha256 mismatch") && r.stderr.contains("not installing"), "{}", r.all());
+    assert!(!node.merged.join("usr/local/sbin/bootstrap").exists(), "nothing installed");
+
+    let r = node.sh(&format!("{} sh /srv/packaging/user-data.sh", env(&sha)));
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("haproxy: "), "{}", r.all());
+    assert!(node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "active");
+    let unit = std::fs::read_to_string(node.merged.join("etc/systemd/system/bootstrap.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/sbin/bootstrap apply"),
+        "units name the installed binary: {unit}"
+    );
+    assert_eq!(node.report()["name"], "production-haproxy");
+}

@@ -73,6 +73,11 @@ impl Moto {
 
     /// PUT from inside the node's network namespace (curl through nsenter).
     pub fn put_in_netns(&self, pid: i32, path: &str, file: Option<&std::path::Path>) {
+        self.put_in_netns_with(pid, path, file, &[]);
+    }
+
+    /// The same with extra request headers (e.g. `x-amz-acl: public-read`).
+    pub fn put_in_netns_with(&self, pid: i32, path: &str, file: Option<&std::path::Path>, headers: &[&str]) {
         let mut c = Command::new("nsenter");
         c.args([
             "-t",
@@ -85,6 +90,9 @@ impl Moto {
             "-H",
             "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request",
         ]);
+        for h in headers {
+            c.args(["-H", h]);
+        }
         if let Some(f) = file {
             // -T: a plain PUT upload (no form content type, which moto would parse as a form).
             c.args(["-H", "Content-Type: application/octet-stream", "-T"]).arg(f);

@@ -14,7 +14,7 @@ pub const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 pub fn rootfs() -> PathBuf {
     let p = PathBuf::from(std::env::var("ROOTFS").unwrap_or_else(|_| "/var/tmp/bootstrap-rootfs".into()));
     assert!(
-        p.join(".complete").exists(),
+        p.join(".complete-2").exists(),
         "no node rootfs at {}: run `scripts/rootfs` (scripts/setup does)",
         p.display()
     );
