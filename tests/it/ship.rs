@@ -180,3 +180,74 @@ fn deb_on_a_booted_node_firstboot_then_timer_corrects_drift() {
     let j = node.journal_since(&cursor, "bootstrap.service");
     assert!(j.contains("web: 1 changed"), "the journal shows the timer's run: {j}");
 }
+
+/// The Terraform example, parsed with python-hcl2 (terraform cannot be installed here): a
+/// launch template with IMDSv2 required and the user_data script, an autoscaling group, and an
+/// instance role allowed exactly what the agent needs.
+#[test]
+fn terraform_example_parses_and_grants_what_the_agent_needs() {
+    let venv = std::env::var("VENV").unwrap_or_else(|_| "/var/tmp/bootstrap-venv".into());
+    let parse = |f: &str| -> serde_json::Value {
+        let o = Command::new(format!("{venv}/bin/python"))
+            .args(["-c", "import hcl2, json, sys; print(json.dumps(hcl2.load(open(sys.argv[1]))))"])
+            .arg(repo().join("packaging/terraform").join(f))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{f} does not parse: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let main = parse("main.tf");
+    let vars = parse("variables.tf");
+    let text = main.to_string();
+    let resources: Vec<String> = main["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_object().unwrap().keys().cloned().collect::<Vec<_>>())
+        .collect();
+    for want in [
+        "aws_launch_template",
+        "aws_autoscaling_group",
+        "aws_iam_role",
+        "aws_iam_role_policy",
+        "aws_iam_instance_profile",
+    ] {
+        assert!(resources.iter().any(|r| r == want), "{want} missing: {resources:?}");
+    }
+    for action in ["s3:GetObject", "ec2:DescribeTags", "ec2:DescribeInstances", "ssm:GetParameter", "kms:Decrypt"] {
+        assert!(text.contains(action), "the instance role lacks {action}");
+    }
+    assert!(
+        text.contains(r#""http_tokens":"required""#) && text.contains(r#""instance_metadata_tags":"enabled""#),
+        "IMDSv2 with tags"
+    );
+    assert!(text.contains("user-data.sh"), "the launch template uses packaging/user-data.sh");
+    // Every variable main.tf uses is declared.
+    let declared: Vec<String> = vars["variable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>())
+        .collect();
+    let src = std::fs::read_to_string(repo().join("packaging/terraform/main.tf")).unwrap();
+    for used in src
+        .split("var.")
+        .skip(1)
+        .map(|s| s.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap())
+    {
+        assert!(declared.iter().any(|d| d == used), "var.{used} is not declared");
+    }
+    // The placeholders main.tf fills are the script's, and the rendered user_data fits EC2's 16 KB.
+    let script = std::fs::read_to_string(repo().join("packaging/user-data.sh")).unwrap();
+    for p in ["@BOOTSTRAP_URL@", "@BOOTSTRAP_SHA256@", "@BOOTSTRAP_BUNDLE@"] {
+        assert!(src.contains(p) && script.contains(p), "{p}");
+    }
+    let rendered = script
+        .replace(
+            "@BOOTSTRAP_URL@",
+            "https://releases.example.com/bootstrap/0.1.0/bootstrap-x86_64-unknown-linux-musl",
+        )
+        .replace("@BOOTSTRAP_SHA256@", &"0".repeat(64))
+        .replace("@BOOTSTRAP_BUNDLE@", "s3://example-roles/roles-${env}.tar.gz");
+    assert!(rendered.len() < 16 * 1024);
+}

@@ -1,0 +1,121 @@
+# An autoscaling group whose instances bootstrap themselves: the launch template's user_data
+# installs the agent (pinned sha256) and runs `bootstrap init`; the instance role lets the
+# agent read the role bundle, its instance's tags, other instances' state (lock reap) and its
+# SSM secrets. The Name tag `${var.env}-${var.service}` picks the bundle and the role.
+
+terraform {
+  required_version = ">= 1.3"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.0"
+    }
+  }
+}
+
+locals {
+  name = "${var.env}-${var.service}"
+  # replace(), not templatefile(): the script stays a plain POSIX shell script.
+  user_data = replace(replace(replace(file("${path.module}/../user-data.sh"),
+    "@BOOTSTRAP_URL@", var.bootstrap_url),
+    "@BOOTSTRAP_SHA256@", var.bootstrap_sha256),
+  "@BOOTSTRAP_BUNDLE@", "s3://${var.bundle_bucket}/roles-$${env}.tar.gz")
+}
+
+data "aws_iam_policy_document" "assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["ec2.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "node" {
+  name               = "${local.name}-bootstrap"
+  assume_role_policy = data.aws_iam_policy_document.assume.json
+}
+
+data "aws_iam_policy_document" "agent" {
+  # The environment's role bundle (and its .minisig when bundles are signed).
+  statement {
+    sid       = "ReadRoleBundle"
+    actions   = ["s3:GetObject"]
+    resources = ["arn:aws:s3:::${var.bundle_bucket}/roles-${var.env}.tar.gz*"]
+  }
+  # Naming from the Name tag when instance-metadata tags are off; lock reap.
+  statement {
+    sid       = "DescribeForNamingAndReap"
+    actions   = ["ec2:DescribeTags", "ec2:DescribeInstances"]
+    resources = ["*"]
+  }
+  # secret("ssm:/…") in templates, with decryption.
+  statement {
+    sid       = "ReadSecrets"
+    actions   = ["ssm:GetParameter"]
+    resources = ["arn:aws:ssm:${var.region}:${var.account_id}:parameter/${var.env}/*", "arn:aws:ssm:${var.region}:${var.account_id}:parameter/kube/${var.env}/*"]
+  }
+  statement {
+    sid       = "DecryptSecrets"
+    actions   = ["kms:Decrypt"]
+    resources = [var.ssm_kms_key_arn]
+  }
+}
+
+resource "aws_iam_role_policy" "agent" {
+  name   = "bootstrap-agent"
+  role   = aws_iam_role.node.id
+  policy = data.aws_iam_policy_document.agent.json
+}
+
+resource "aws_iam_instance_profile" "node" {
+  name = "${local.name}-bootstrap"
+  role = aws_iam_role.node.name
+}
+
+resource "aws_launch_template" "node" {
+  name_prefix   = "${local.name}-"
+  image_id      = var.ami_id
+  instance_type = var.instance_type
+  user_data     = base64encode(local.user_data)
+
+  iam_instance_profile {
+    arn = aws_iam_instance_profile.node.arn
+  }
+
+  # IMDSv2 only (the agent speaks nothing else), with tags in metadata so naming needs no API call.
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+    instance_metadata_tags      = "enabled"
+  }
+
+  tag_specifications {
+    resource_type = "instance"
+    tags = {
+      Name = local.name
+    }
+  }
+}
+
+resource "aws_autoscaling_group" "nodes" {
+  name                = local.name
+  min_size            = var.min_size
+  max_size            = var.max_size
+  desired_capacity    = var.desired_capacity
+  vpc_zone_identifier = var.subnet_ids
+  health_check_type   = "EC2"
+
+  launch_template {
+    id      = aws_launch_template.node.id
+    version = aws_launch_template.node.latest_version
+  }
+
+  tag {
+    key                 = "Name"
+    value               = local.name
+    propagate_at_launch = true
+  }
+}
