@@ -251,3 +251,38 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
         .replace("@BOOTSTRAP_BUNDLE@", "s3://example-roles/roles-${env}.tar.gz");
     assert!(rendered.len() < 16 * 1024);
 }
+
+/// The .rpm carries the same files, units under /usr/lib/systemd/system naming /usr/bin/bootstrap.
+/// (No RHEL-family node can boot here, so it is inspected, not installed.)
+#[test]
+fn rpm_carries_the_agent_units_config_and_docs() {
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(repo().join("packaging/build-rpm")).arg(bin()).arg(out.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rpm = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let list = String::from_utf8_lossy(&Command::new("rpm").args(["-qlp", &rpm]).output().unwrap().stdout).to_string();
+    for f in [
+        "/usr/bin/bootstrap",
+        "/usr/lib/systemd/system/bootstrap.service",
+        "/usr/lib/systemd/system/bootstrap.timer",
+        "/usr/lib/systemd/system/bootstrap-firstboot.service",
+        "/etc/bootstrap/config.d/00-defaults.toml",
+        "/usr/lib/tmpfiles.d/bootstrap.conf",
+        "/usr/share/man/man1/bootstrap.1.gz",
+        "/usr/share/bash-completion/completions/bootstrap",
+    ] {
+        assert!(list.lines().any(|l| l == f), "{f} missing from the rpm:\n{list}");
+    }
+    let cfg = String::from_utf8_lossy(&Command::new("rpm").args(["-qcp", &rpm]).output().unwrap().stdout).to_string();
+    assert_eq!(cfg.trim(), "/etc/bootstrap/config.d/00-defaults.toml", "the config fragment is a config file");
+    let x = tempfile::tempdir().unwrap();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("rpm2cpio {rpm} | cpio -idm --quiet"))
+        .current_dir(x.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let unit = std::fs::read_to_string(x.path().join("usr/lib/systemd/system/bootstrap.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/bootstrap apply"), "{unit}");
+}
