@@ -42,7 +42,9 @@ impl UnitState {
 pub trait Systemd {
     fn unit_state(&self, unit: &str) -> Result<UnitState>;
     fn daemon_reload(&self) -> Result<()>;
+    /// Enable or disable on disk (symlinks); the caller reloads once afterwards.
     fn enable(&self, unit: &str, enable: bool) -> Result<()>;
+    /// Mask or unmask on disk; the caller reloads once afterwards.
     fn mask(&self, unit: &str, mask: bool) -> Result<()>;
     fn start(&self, unit: &str) -> Result<()>;
     fn stop(&self, unit: &str) -> Result<()>;
@@ -177,7 +179,7 @@ impl Systemd for Dbus {
         } else {
             let _: Vec<(String, String, String)> = m.call("DisableUnitFiles", &(vec![unit], false)).with_context(|| format!("disabling {unit}"))?;
         }
-        self.daemon_reload()
+        Ok(())
     }
 
     fn mask(&self, unit: &str, mask: bool) -> Result<()> {
@@ -187,7 +189,7 @@ impl Systemd for Dbus {
         } else {
             let _: Vec<(String, String, String)> = m.call("UnmaskUnitFiles", &(vec![unit], false)).with_context(|| format!("unmasking {unit}"))?;
         }
-        self.daemon_reload()
+        Ok(())
     }
 
     fn start(&self, unit: &str) -> Result<()> {
