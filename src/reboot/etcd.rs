@@ -30,7 +30,18 @@ pub const QUEUE_LEASE_TTL: u64 = 60;
 /// How many queued waiters one release looks at to hand freed slots to.
 const HANDOVER_LOOKAHEAD: u64 = 64;
 /// CAS retries before giving up on a contended key.
-const MAX_CAS_ATTEMPTS: usize = 32;
+/// How long a compare-and-swap keeps retrying against other writers before giving up. A burst
+/// of releases (a whole wave of nodes back from their reboots) is many writers on one key: each
+/// round one wins, so this is a time budget, not a small attempt count.
+const CAS_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A short random pause between lost compare-and-swaps: 0 to 8 ms, so contending writers
+/// spread out without waiting long (a round trip is a few ms).
+fn cas_pause(attempt: u32) {
+    if attempt > 0 {
+        std::thread::sleep(Duration::from_micros(rand::Rng::random_range(&mut rand::rng(), 0..=8000)));
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Semaphore {
@@ -45,7 +56,7 @@ pub enum LockError {
     #[error("etcd unavailable: {0}")]
     Unavailable(String),
     /// The key kept changing under us.
-    #[error("etcd semaphore {0} kept changing; gave up after {MAX_CAS_ATTEMPTS} attempts")]
+    #[error("etcd semaphore {0} kept changing; gave up after {secs} s", secs = CAS_DEADLINE.as_secs())]
     Conflict(String),
     /// The key holds something that is not a semaphore.
     #[error("etcd key {key} does not hold a semaphore: {why}")]
@@ -266,7 +277,11 @@ impl EtcdLock {
     /// Read-modify-CAS until it sticks. `f` returns the new value, or None to leave the key.
     fn update<R>(&self, default_slots: u64, mut f: impl FnMut(&mut Semaphore) -> (Option<()>, R)) -> Result<R, LockError> {
         let mut current = self.get()?;
-        for attempt in 0..MAX_CAS_ATTEMPTS {
+        let deadline = Instant::now() + CAS_DEADLINE;
+        for attempt in 0.. {
+            if Instant::now() > deadline {
+                break;
+            }
             let (mut sem, rev) = match current {
                 Some((s, r)) => (s, Some(r)),
                 None => (
@@ -285,11 +300,7 @@ impl EtcdLock {
                 Ok(()) => return Ok(result),
                 Err(now) => current = now,
             }
-            // Spread contending writers out a little (a burst of releases at the same moment).
-            if attempt > 0 {
-                let ms = rand::Rng::random_range(&mut rand::rng(), 0..=(2u64 << attempt.min(5)));
-                std::thread::sleep(Duration::from_millis(ms));
-            }
+            cas_pause(attempt);
         }
         Err(LockError::Conflict(self.key.clone()))
     }
@@ -314,7 +325,11 @@ impl EtcdLock {
             } }),
         ];
         let mut answer: serde_json::Value = self.post("/v3/kv/txn", serde_json::json!({ "success": read }))?;
-        for attempt in 0..MAX_CAS_ATTEMPTS {
+        let deadline = Instant::now() + CAS_DEADLINE;
+        for attempt in 0.. {
+            if Instant::now() > deadline {
+                break;
+            }
             let range = |i: usize| -> Result<Vec<Kv>, LockError> {
                 serde_json::from_value::<RangeResp>(answer["responses"][i]["response_range"].clone())
                     .map(|r| r.kvs)
@@ -349,10 +364,7 @@ impl EtcdLock {
             }
             self.counters.cas_conflicts.fetch_add(1, Ordering::Relaxed);
             answer = r;
-            if attempt > 0 {
-                let ms = rand::Rng::random_range(&mut rand::rng(), 0..=(2u64 << attempt.min(5)));
-                std::thread::sleep(Duration::from_millis(ms));
-            }
+            cas_pause(attempt);
         }
         Err(LockError::Conflict(self.key.clone()))
     }
