@@ -282,16 +282,7 @@ impl EtcdLock {
             if Instant::now() > deadline {
                 break;
             }
-            let (mut sem, rev) = match current {
-                Some((s, r)) => (s, Some(r)),
-                None => (
-                    Semaphore {
-                        total_slots: default_slots,
-                        holders: vec![],
-                    },
-                    None,
-                ),
-            };
+            let (mut sem, rev) = or_new(current, default_slots);
             let (write, result) = f(&mut sem);
             if write.is_none() {
                 return Ok(result);
@@ -593,16 +584,7 @@ impl EtcdLock {
                     return Ok(None);
                 }
                 let rev = snap.rev;
-                let (mut s, sem_rev) = match snap.sem {
-                    Some((s, r)) => (s, Some(r)),
-                    None => (
-                        Semaphore {
-                            total_slots: default_slots,
-                            holders: vec![],
-                        },
-                        None,
-                    ),
-                };
+                let (mut s, sem_rev) = or_new(snap.sem, default_slots);
                 match snap.pred {
                     None => match take(&mut s, id) {
                         (_, Acquire::AlreadyHeld) => return Ok(Some(Waited::AlreadyHeld)),
@@ -649,6 +631,20 @@ impl EtcdLock {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The semaphore as read (with its mod revision), or a new empty one when the key is absent.
+fn or_new(read: Option<(Semaphore, String)>, default_slots: u64) -> (Semaphore, Option<String>) {
+    match read {
+        Some((s, r)) => (s, Some(r)),
+        None => (
+            Semaphore {
+                total_slots: default_slots,
+                holders: vec![],
+            },
+            None,
+        ),
     }
 }
 
