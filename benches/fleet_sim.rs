@@ -9,8 +9,8 @@
 //! while holding their slot; a reaper (what `bootstrap lock reap` does from cron once
 //! DescribeInstances says the instance is terminated) releases a dead holder 2 s after it died.
 //!
-//! Run: `benches/fleet-sim` (all six scenarios) or
-//! `cargo run --example fleet_sim -- NODES SLOTS [faults]`.
+//! Run: `benches/fleet-sim` (the six scenarios, then 1000/50 with arrivals over 5 s)
+//! or `benches/fleet-sim NODES SLOTS [faults] [--arrivals SECONDS]`.
 
 #[path = "../tests/it/etcd.rs"]
 #[allow(dead_code, unused_imports)]
@@ -26,11 +26,14 @@ use std::time::{Duration, Instant};
 const REBOOT: Duration = Duration::from_secs(1);
 const REAP_AFTER: Duration = Duration::from_secs(2);
 const PREFIX: &str = "sim";
-/// Nodes arrive spread evenly over this time: a fleet's timers never fire in the same instant
-/// (RandomizedDelaySec, window_splay), and 1000 nodes arriving within one second on this
-/// 2-core machine (1000 threads, 4 requests each, plus 3 etcd members) measure the machine, not
-/// the protocol. The ideal makespan is not adjusted for it: arrivals overlap the first slots.
-const ARRIVALS: Duration = Duration::from_secs(1);
+/// Nodes arrive spread evenly over this time (seconds; `--arrivals S` changes it): a fleet's
+/// timers never fire in the same instant (RandomizedDelaySec, window_splay). The ideal makespan
+/// is not adjusted for it: with 1000 nodes arriving over 1 s or 5 s the queue builds far faster
+/// than 50 slots drain it, so no slot ever waits for an arrival. 1000 arrivals in 1 s is a
+/// stress row: every arrival costs etcd about five requests (lease, put, look, watch), and on
+/// this 2-core host three etcd members serve about 1,600 requests/s, so such a burst keeps
+/// them saturated for about three seconds (request latency 400-600 ms).
+const ARRIVALS: f64 = 1.0;
 
 struct Shared {
     /// Nodes that believe they hold a slot right now (dead holders count until reaped).
@@ -52,6 +55,10 @@ struct Row {
     nodes: usize,
     slots: u64,
     faults: bool,
+    arrivals: f64,
+    conflicts: u64,
+    /// Release hand-overs by the head of the queue: median and 90th percentile, ms.
+    handoff: (f64, f64),
     max_nodes: usize,
     max_etcd: usize,
     makespan: f64,
@@ -159,7 +166,7 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
 }
 
-fn scenario(n: usize, slots: u64, faults: bool) -> Row {
+fn scenario(n: usize, slots: u64, faults: bool, arrivals: f64) -> Row {
     let shm = std::path::Path::new("/dev/shm");
     let mut etcd = etcd_harness::Etcd::start_with(3, false, shm.exists().then_some(shm));
     let eps = etcd.endpoints();
@@ -207,7 +214,7 @@ fn scenario(n: usize, slots: u64, faults: bool) -> Row {
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in due {
-                    if l.release(&id, slots).is_ok() {
+                    if l.release_now(&id, slots).is_ok() {
                         sh.dead.lock().unwrap().remove(&id);
                         sh.holding.fetch_sub(1, SeqCst);
                         sh.reaped.fetch_add(1, SeqCst);
@@ -224,7 +231,7 @@ fn scenario(n: usize, slots: u64, faults: bool) -> Row {
         .enumerate()
         .map(|(i, lock)| {
             let (group, sh) = (group.clone(), sh.clone());
-            let arrive = ARRIVALS.mul_f64(i as f64 / n as f64);
+            let arrive = Duration::from_secs_f64(arrivals * i as f64 / n as f64);
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
@@ -269,7 +276,25 @@ fn scenario(n: usize, slots: u64, faults: bool) -> Row {
     reaper.join().unwrap();
     let (mut lock_requests, mut keepalives) = (0, 0);
     let conflicts: u64 = counters.lock().unwrap().iter().map(|l| l.counters.cas_conflicts.load(SeqCst)).sum();
-    eprintln!("  CAS conflicts: {conflicts}");
+    let mut handoffs: Vec<u32> = counters
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l.counters.handoffs.lock().unwrap().clone())
+        .collect();
+    handoffs.sort_unstable();
+    let pct = |q: f64| {
+        handoffs
+            .get(((handoffs.len() as f64 * q) as usize).min(handoffs.len().saturating_sub(1)))
+            .map_or(0.0, |&us| us as f64 / 1000.0)
+    };
+    let handoff = (pct(0.5), pct(0.9));
+    eprintln!(
+        "  CAS conflicts: {conflicts}; releases handed to the queue's head: {} (median {:.1} ms, p90 {:.1} ms)",
+        handoffs.len(),
+        handoff.0,
+        handoff.1
+    );
     for l in counters.lock().unwrap().iter() {
         let k = l.counters.keepalives.load(SeqCst);
         keepalives += k;
@@ -281,6 +306,9 @@ fn scenario(n: usize, slots: u64, faults: bool) -> Row {
         nodes: n,
         slots,
         faults,
+        arrivals,
+        conflicts,
+        handoff,
         max_nodes: sh.max_holding.load(SeqCst),
         max_etcd: sh.max_in_etcd.load(SeqCst),
         makespan,
@@ -299,34 +327,47 @@ fn main() {
     if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let scenarios: Vec<(usize, u64, bool)> = if args.is_empty() {
-        [(1000, 50), (1000, 5), (200, 1)]
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let arrivals = match args.iter().position(|a| a == "--arrivals") {
+        Some(i) => {
+            let s = args.get(i + 1).and_then(|v| v.parse().ok()).expect("--arrivals SECONDS");
+            args.drain(i..i + 2);
+            Some(s)
+        }
+        None => None,
+    };
+    let scenarios: Vec<(usize, u64, bool, f64)> = if args.is_empty() {
+        // The six, then the 50-slot pair again with arrivals over 5 s.
+        let mut v: Vec<_> = [(1000, 50), (1000, 5), (200, 1)]
             .iter()
-            .flat_map(|&(n, s)| [(n, s, false), (n, s, true)])
-            .collect()
+            .flat_map(|&(n, s)| [(n, s, false, ARRIVALS), (n, s, true, ARRIVALS)])
+            .collect();
+        v.extend([(1000, 50, false, 5.0), (1000, 50, true, 5.0)]);
+        v.into_iter().map(|(n, s, f, a)| (n, s, f, arrivals.unwrap_or(a))).collect()
     } else {
         vec![(
             args[0].parse().expect("NODES"),
             args[1].parse().expect("SLOTS"),
             args.get(2).is_some_and(|a| a == "faults"),
+            arrivals.unwrap_or(ARRIVALS),
         )]
     };
     let mut rows = Vec::new();
-    for (n, s, f) in scenarios {
-        eprintln!("scenario: {n} nodes, {s} slots, faults: {f}");
-        rows.push(scenario(n, s, f));
+    for (n, s, f, a) in scenarios {
+        eprintln!("scenario: {n} nodes, {s} slots, faults: {f}, arrivals over {a} s");
+        rows.push(scenario(n, s, f, a));
     }
     println!();
-    println!("| nodes | slots | faults | max holders (nodes / etcd) | violations | makespan | ideal | ratio | released + reaped | lock requests / slot | keepalives / slot | errors |");
-    println!("|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| nodes | slots | arrivals | faults | max holders (nodes / etcd) | violations | makespan | ideal | ratio | released + reaped | lock requests / slot | keepalives / slot | release hand-over p50 / p90 | CAS conflicts | errors |");
+    println!("|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let slots_freed = (r.releases + r.reaped).max(1) as f64;
         let violations = (r.max_nodes.max(r.max_etcd) as u64).saturating_sub(r.slots);
         println!(
-            "| {} | {} | {} | {} / {} | {} | {:.1}s | {:.0}s | {:.3} | {} + {} | {:.1} | {:.2} | {} |",
+            "| {} | {} | {:.0}s | {} | {} / {} | {} | {:.1}s | {:.0}s | {:.3} | {} + {} | {:.1} | {:.2} | {:.0} / {:.0} ms | {} | {} |",
             r.nodes,
             r.slots,
+            r.arrivals,
             if r.faults {
                 format!("1 etcd member killed, {} nodes died holding", r.dead)
             } else {
@@ -342,6 +383,9 @@ fn main() {
             r.reaped,
             r.lock_requests as f64 / slots_freed,
             r.keepalives as f64 / slots_freed,
+            r.handoff.0,
+            r.handoff.1,
+            r.conflicts,
             r.errors,
         );
     }

@@ -36,7 +36,7 @@ pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::R
             None => println!("{}: no semaphore yet (created on first acquire)", l.key()),
         },
         LockCmd::Release { id } => {
-            let held = l.release(id, cx.config.reboot.etcd.slots.unwrap_or(1))?;
+            let held = l.release_now(id, cx.config.reboot.etcd.slots.unwrap_or(1))?;
             l.set_status(id, None)?;
             println!("{}: {id} {}", l.key(), if held { "released" } else { "held no slot" });
         }
@@ -51,7 +51,7 @@ pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::R
                     continue;
                 }
                 if crate::facts::ec2::instance_gone(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref(), h)? {
-                    l.release(h, cx.config.reboot.etcd.slots.unwrap_or(1))?;
+                    l.release_now(h, cx.config.reboot.etcd.slots.unwrap_or(1))?;
                     println!("removed {h}: instance terminated or unknown");
                 } else {
                     println!("kept {h}: instance exists");

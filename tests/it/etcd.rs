@@ -320,6 +320,100 @@ fn waiters_take_the_slot_in_queue_order_without_polling() {
     );
 }
 
+/// A wave of releases while nodes wait: each releaser leaves a request, the head of the queue
+/// applies them and grants the freed slots in queue order; nobody fights over the semaphore, and
+/// no slot is ever given twice.
+#[test]
+fn a_wave_of_releases_goes_through_the_queue_head() {
+    let etcd = Etcd::start(1);
+    let admin = etcd.lock("wave");
+    admin.set_slots(5).unwrap();
+    let first: Vec<String> = (0..5).map(|i| format!("h{i}")).collect();
+    for h in &first {
+        assert_eq!(admin.acquire(h, 5).unwrap(), Acquire::Acquired);
+    }
+    let granted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut waiters = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<String>();
+    // The first five granted waiters hold their slot until the test lets them go.
+    let release_now = std::sync::Arc::new(std::sync::Barrier::new(6));
+    for i in 0..10 {
+        let (l, granted, done_tx, barrier) = (etcd.lock("wave"), granted.clone(), done_tx.clone(), release_now.clone());
+        waiters.push(std::thread::spawn(move || {
+            let id = format!("w{i}");
+            assert_eq!(l.wait_acquire(&id, 5, Instant::now() + Duration::from_secs(60)).unwrap(), Waited::Acquired);
+            let holders = l.get().unwrap().unwrap().0.holders;
+            assert!(holders.len() <= 5 && holders.contains(&id), "{holders:?}");
+            granted.lock().unwrap().push(id.clone());
+            done_tx.send(id.clone()).unwrap();
+            if i < 5 {
+                barrier.wait();
+            }
+            assert!(l.release(&id, 5).unwrap());
+        }));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = || etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/queue/"]);
+    assert_eq!(queued().split_whitespace().count(), 10, "{}", queued());
+    // The five holders come back at the same moment and release.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(5));
+    let releasers: Vec<_> = first
+        .iter()
+        .map(|h| {
+            let (l, h, b) = (etcd.lock("wave"), h.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                assert!(l.release(&h, 5).unwrap());
+                l.counters.handoffs.lock().unwrap().len()
+            })
+        })
+        .collect();
+    let handed: usize = releasers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(handed, 5, "every release was applied by the head of the queue");
+    let mut got: Vec<String> = (0..5).map(|_| done_rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+    got.sort();
+    assert_eq!(got, ["w0", "w1", "w2", "w3", "w4"], "the first five in queue order");
+    let mut sem = admin.get().unwrap().unwrap().0.holders;
+    sem.sort();
+    assert_eq!(sem, got, "the holders are exactly the granted waiters");
+    assert_eq!(
+        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"]).trim(),
+        ""
+    );
+    // Then the second wave.
+    release_now.wait();
+    for w in waiters {
+        w.join().unwrap();
+    }
+    assert_eq!(granted.lock().unwrap().len(), 10);
+    assert!(admin.get().unwrap().unwrap().0.holders.is_empty());
+    assert_eq!(queued().trim(), "");
+    assert_eq!(
+        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"]).trim(),
+        ""
+    );
+}
+
+/// A release request nobody applies (the only waiter is gone without its lease expiring yet)
+/// does not strand the slot: after the hand-off timeout the releaser writes the semaphore
+/// itself and hands the slot to that waiter, as a direct release would.
+#[test]
+fn a_release_the_queue_does_not_pick_up_is_written_directly() {
+    let etcd = Etcd::start(1);
+    let l = etcd.lock("stuck");
+    assert_eq!(l.acquire("h", 1).unwrap(), Acquire::Acquired);
+    etcdctl(&etcd, &["put", "com.coreos.airlock/groups/stuck/v1/queue/ghost", "ghost"]);
+    let start = Instant::now();
+    assert!(l.release("h", 1).unwrap());
+    assert!(start.elapsed() >= Duration::from_secs(4), "waited for the head first: {:?}", start.elapsed());
+    assert_eq!(l.get().unwrap().unwrap().0.holders, ["ghost"]);
+    assert_eq!(
+        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/stuck/v1/"]).trim(),
+        "com.coreos.airlock/groups/stuck/v1/semaphore"
+    );
+    assert!(l.counters.handoffs.lock().unwrap().is_empty());
+}
+
 /// The deadline (the end of the window) ends the wait: no slot, and the queue entry is gone
 /// so the next waiter moves up at once.
 #[test]
