@@ -149,8 +149,8 @@ type Cas = Result<(), Option<(Semaphore, String)>>;
 /// How a watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Woke {
-    /// An event the caller waited for.
-    Hit,
+    /// An event the caller waited for, seen at this store revision (or later).
+    Hit(i64),
     /// Cancelled, compacted or ended early: look again.
     Reset,
     Deadline,
@@ -380,7 +380,7 @@ impl EtcdLock {
             // The head deletes the request in the write that applies it.
             let at = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
             let asked = Instant::now();
-            if let Ok(Woke::Hit) = self.wait_for(&rkey, None, WaitFor::Deleted, at, false, Instant::now() + HANDOFF) {
+            if let Ok(Woke::Hit(_)) = self.wait_for(&rkey, None, WaitFor::Deleted, at, false, Instant::now() + HANDOFF) {
                 let us = asked.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 self.counters.handoffs.lock().unwrap_or_else(|e| e.into_inner()).push(us);
                 return Ok(true);
@@ -536,7 +536,23 @@ impl EtcdLock {
     /// queue's length, so a newly queued waiter, far back, looks only for its predecessor; a
     /// waiter woken by its predecessor leaving is likely the head now and reads both; the head
     /// (`my_rev` None) needs no predecessor: later keys queue behind it.
-    fn look(&self, me: &str, my_rev: Option<i64>, head: bool) -> Result<View, LockError> {
+    ///
+    /// `seen`: a store revision this client has already seen on the member it talks to (its own
+    /// write, or the watch event that woke it). Then the read is served by that member without
+    /// a round of raft (`serializable`): under load a linearizable read waits for the member to
+    /// apply everything proposed before it, which is the latency a hand-over should not pay. It
+    /// is as fresh as what prompted it: an answer older than `seen` (another member answered)
+    /// is read again linearizably. Writes stay compare-and-swaps, so a read that is a little
+    /// old can cost a retry, never a slot.
+    fn look(&self, me: &str, my_rev: Option<i64>, head: bool, seen: Option<i64>) -> Result<View, LockError> {
+        let v = self.look_once(me, my_rev, head, seen.is_some())?;
+        match seen {
+            Some(r) if v.rev < r => self.look_once(me, my_rev, head, false),
+            _ => Ok(v),
+        }
+    }
+
+    fn look_once(&self, me: &str, my_rev: Option<i64>, head: bool, serializable: bool) -> Result<View, LockError> {
         let pred = !head || my_rev.is_some();
         let (queue, release) = (self.queue_dir(), self.release_dir());
         let mut ops = vec![
@@ -558,6 +574,11 @@ impl EtcdLock {
                 "key": B64.encode(&queue), "range_end": B64.encode(prefix_end(&queue)), "keys_only": true,
                 "max_create_revision": (mine - 1).to_string(), "sort_order": "DESCEND", "sort_target": "CREATE", "limit": "1",
             } }));
+        }
+        if serializable {
+            for op in &mut ops {
+                op["request_range"]["serializable"] = true.into();
+            }
         }
         let r: serde_json::Value = self.post("/v3/kv/txn", serde_json::json!({ "success": ops }))?;
         let range = |i: usize| -> Result<Vec<Kv>, LockError> {
@@ -622,14 +643,17 @@ impl EtcdLock {
             }
             if res["created"] == true {
                 let start = res["header"]["revision"].as_str().and_then(|v| v.parse::<i64>().ok()).unwrap_or(i64::MAX);
-                if !from_past && start > after && self.happened(key, range_end, what, after)? {
-                    return Ok(Woke::Hit);
+                if !from_past && start > after {
+                    if let Some(at) = self.happened(key, range_end, what, after)? {
+                        return Ok(Woke::Hit(at));
+                    }
                 }
                 continue;
             }
             let events = res["events"].as_array().map(Vec::as_slice).unwrap_or_default();
             if events.iter().any(|e| what == WaitFor::Changed || e["type"] == "DELETE") {
-                return Ok(Woke::Hit);
+                let at = res["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+                return Ok(Woke::Hit(at));
             }
         }
         Ok(if Instant::now() + Duration::from_millis(50) < until {
@@ -639,9 +663,9 @@ impl EtcdLock {
         })
     }
 
-    /// Whether what `wait_for` waits for already happened after revision `after`: the key is
-    /// gone, or a key in the range was written since.
-    fn happened(&self, key: &str, range_end: Option<&[u8]>, what: WaitFor, after: i64) -> Result<bool, LockError> {
+    /// Whether what `wait_for` waits for already happened after revision `after` (the key is
+    /// gone, or a key in the range was written since), and the revision this read saw.
+    fn happened(&self, key: &str, range_end: Option<&[u8]>, what: WaitFor, after: i64) -> Result<Option<i64>, LockError> {
         let mut q = serde_json::json!({ "key": B64.encode(key), "count_only": true });
         if let Some(end) = range_end {
             q["range_end"] = B64.encode(end).into();
@@ -651,10 +675,12 @@ impl EtcdLock {
         }
         let r: serde_json::Value = self.post("/v3/kv/range", q)?;
         let count = r["count"].as_str().and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
+        let at = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(match what {
             WaitFor::Deleted => count == 0,
             WaitFor::Changed => count > 0,
-        })
+        }
+        .then_some(at))
     }
 
     /// Wait in the queue until `id` holds a slot or `deadline` passes. Transient etcd errors
@@ -666,18 +692,17 @@ impl EtcdLock {
         // a waiter needs next are not in a transaction with this write: reads inside a write run
         // in etcd's apply loop, one at a time on every member, and a sorted read of the queue is
         // linear in its length; as a read of its own it is served in parallel.)
-        let enqueue = || -> Result<i64, LockError> {
+        // Returns the key's create revision and the revision of this write.
+        let enqueue = || -> Result<(i64, i64), LockError> {
             let r: serde_json::Value = self.post(
                 "/v3/kv/put",
                 serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease, "prev_kv": true }),
             )?;
-            let rev = match r["prev_kv"]["create_revision"].as_str() {
-                Some(created) => created,
-                None => r["header"]["revision"].as_str().unwrap_or("0"),
-            };
-            Ok(rev.parse().unwrap_or(0))
+            let written: i64 = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let created = r["prev_kv"]["create_revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(written);
+            Ok((created, written))
         };
-        let queued_at = enqueue()?;
+        let queued = enqueue()?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let keeper = {
             let this = self.clone();
@@ -691,7 +716,7 @@ impl EtcdLock {
             })
         };
         let left = Cell::new(false);
-        let result = self.wait_in_queue(id, &me, queued_at, default_slots, deadline, &enqueue, &left);
+        let result = self.wait_in_queue(id, &me, queued, default_slots, deadline, &enqueue, &left);
         drop(stop);
         let _ = keeper.join();
         // A slot granted by the waiter ahead just as our deadline passed goes back at once.
@@ -718,13 +743,15 @@ impl EtcdLock {
     /// granted becomes the head. While the semaphore is full the head watches the release
     /// requests and the semaphore, nothing else.
     fn lead(&self, id: &str, me: &str, mut seen: Option<View>, default_slots: u64, deadline: Instant, left: &Cell<bool>) -> Result<Option<Waited>, LockError> {
+        // The revision of the event that woke us, for the next look (see `look`).
+        let mut woke_at = None;
         loop {
             if Instant::now() >= deadline {
                 return Ok(Some(Waited::Deadline));
             }
             let v = match seen.take() {
                 Some(v) => v,
-                None => self.look(me, None, true)?,
+                None => self.look(me, None, true, woke_at.take())?,
             };
             let (mut s, sem_rev) = or_new(v.sem, default_slots);
             if s.holders.iter().any(|h| h == id) {
@@ -747,7 +774,9 @@ impl EtcdLock {
                 // The watch covers [release/, semaphore]: the release requests and the semaphore.
                 let mut end = self.key.clone().into_bytes();
                 end.push(0);
-                self.wait_for(&self.release_dir(), Some(&end), WaitFor::Changed, v.rev, false, deadline)?;
+                if let Woke::Hit(at) = self.wait_for(&self.release_dir(), Some(&end), WaitFor::Changed, v.rev, false, deadline)? {
+                    woke_at = Some(at);
+                }
                 continue;
             }
             if self.cas_with(sem_rev.as_deref(), &s, &ops)?.is_ok() && acquired {
@@ -762,22 +791,25 @@ impl EtcdLock {
         &self,
         id: &str,
         me: &str,
-        queued_at: i64,
+        queued: (i64, i64),
         default_slots: u64,
         deadline: Instant,
-        enqueue: &dyn Fn() -> Result<i64, LockError>,
+        enqueue: &dyn Fn() -> Result<(i64, i64), LockError>,
         left: &Cell<bool>,
     ) -> Result<Waited, LockError> {
         let mut backoff = Duration::from_millis(200);
         let mut first = true;
-        let mut my_rev = Some(queued_at);
+        let mut my_rev = Some(queued.0);
+        // A revision seen on the member we talk to (our write, the event that woke us): the
+        // next look may be served by it alone (see `look`).
+        let mut seen = Some(queued.1);
         let mut woken = false;
         loop {
             if Instant::now() >= deadline {
                 return Ok(Waited::Deadline);
             }
             let step = (|| -> Result<Option<Waited>, LockError> {
-                let v = self.look(me, my_rev, woken)?;
+                let v = self.look(me, my_rev, woken, seen.take())?;
                 woken = false;
                 // Holding already: we were killed after acquiring (first look), or the waiter
                 // ahead of us granted us a slot (it hands out every free slot at once).
@@ -788,12 +820,13 @@ impl EtcdLock {
                 first = false;
                 if v.my_rev.is_none() {
                     // Our lease expired (etcd unreachable for a minute): to the back of the queue.
-                    my_rev = Some(enqueue()?);
+                    let (created, written) = enqueue()?;
+                    (my_rev, seen) = (Some(created), Some(written));
                     return Ok(None);
                 }
                 if v.my_rev != my_rev {
                     // Learn our place, then look again with it.
-                    my_rev = v.my_rev;
+                    (my_rev, seen) = (v.my_rev, Some(v.rev));
                     return Ok(None);
                 }
                 match v.pred.clone() {
@@ -803,7 +836,9 @@ impl EtcdLock {
                     }
                     Some(pred) => {
                         // Newly queued, likely far back: no hurry, so no catch-up read either.
-                        woken = self.wait_for(&pred, None, WaitFor::Deleted, v.rev, !woken, deadline)? == Woke::Hit;
+                        if let Woke::Hit(at) = self.wait_for(&pred, None, WaitFor::Deleted, v.rev, !woken, deadline)? {
+                            (woken, seen) = (true, Some(at));
+                        }
                         Ok(None)
                     }
                 }
