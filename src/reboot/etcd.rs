@@ -40,6 +40,10 @@ const CAS_DEADLINE: Duration = Duration::from_secs(60);
 /// put, the head's own two deletes and a delete per granted waiter, a write stays within
 /// `MAX_TXN_OPS`.
 const RELEASE_BATCH: u64 = 64;
+/// A newly queued waiter watches the waiter before it (named by the queue's tail pointer) from
+/// the revision that one was queued at, when that is at most this many revisions ago; otherwise
+/// it looks first (a watch that starts far in the past replays that history).
+const TAIL_REPLAY: i64 = 1000;
 /// How long a releasing node waits for the head of the queue to apply its release request
 /// before writing the semaphore itself.
 const HANDOFF: Duration = Duration::from_secs(5);
@@ -178,6 +182,9 @@ struct View {
     waiters: Vec<String>,
     /// The store revision the look was taken at.
     rev: i64,
+    /// When `pred` came from the queue's tail pointer (see `wait_acquire`): the revision it was
+    /// queued at, from which its deletion is watched.
+    pred_since: Option<i64>,
 }
 
 fn num(s: &Option<String>) -> i64 {
@@ -597,6 +604,7 @@ impl EtcdLock {
             releases: if head { keys(2)? } else { Vec::new() },
             waiters: if head { keys(3)? } else { Vec::new() },
             rev: r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0),
+            pred_since: None,
         })
     }
 
@@ -609,9 +617,10 @@ impl EtcdLock {
     /// that much to every hand-over (measured: median 45 ms a release, 14 ms this way). What
     /// happened between `after` and the watch's start is read once instead (a count, bounded).
     /// `from_past`: start at `after + 1` after all, for a waiter in no hurry (newly queued,
-    /// likely far back), which saves that read: a herd of arrivals costs etcd four requests
-    /// each instead of five (fleet simulation, 1000 nodes arriving within a second, 50 slots:
-    /// median of 10 runs 1.13 × ideal, against 1.17 before).
+    /// likely far back), which saves that read. With the queue's tail pointer (see
+    /// `wait_acquire`) an arrival costs etcd three requests: lease, enqueue, watch (fleet
+    /// simulation, 1000 nodes arriving within a second, 50 slots: median 1.10 × ideal, against
+    /// 1.12 with a look per arrival and 1.17 with a catch-up read as well).
     #[allow(clippy::too_many_arguments)]
     fn wait_for(&self, key: &str, range_end: Option<&[u8]>, what: WaitFor, after: i64, from_past: bool, deadline: Instant) -> Result<Woke, LockError> {
         let left = deadline.saturating_duration_since(Instant::now()).min(WATCH_CAP);
@@ -688,19 +697,47 @@ impl EtcdLock {
     pub fn wait_acquire(&self, id: &str, default_slots: u64, deadline: Instant) -> Result<Waited, LockError> {
         let lease = self.lease_grant(QUEUE_LEASE_TTL)?;
         let me = format!("{}{id}", self.queue_dir());
-        // Queue (or refresh our key's lease); our place is the key's create revision. (The reads
-        // a waiter needs next are not in a transaction with this write: reads inside a write run
-        // in etcd's apply loop, one at a time on every member, and a sorted read of the queue is
-        // linear in its length; as a read of its own it is served in parallel.)
-        // Returns the key's create revision and the revision of this write.
-        let enqueue = || -> Result<(i64, i64), LockError> {
+        // Queue (or refresh our key's lease) in one write that also moves the queue's tail
+        // pointer to us and reads the semaphore. Our place is the key's create revision; the
+        // tail's previous value is the waiter queued just before us, so finding it costs etcd
+        // nothing (a read sorted by create revision would scan the whole queue, and a burst of
+        // arrivals would scan it once each).
+        let tail = format!("{}/tail", self.base);
+        let enqueue = || -> Result<View, LockError> {
             let r: serde_json::Value = self.post(
-                "/v3/kv/put",
-                serde_json::json!({ "key": B64.encode(&me), "value": B64.encode(id), "lease": lease, "prev_kv": true }),
+                "/v3/kv/txn",
+                serde_json::json!({ "success": [
+                    { "request_put": { "key": B64.encode(&me), "value": B64.encode(id), "lease": lease, "prev_kv": true } },
+                    { "request_put": { "key": B64.encode(&tail), "value": B64.encode(&me), "prev_kv": true } },
+                    { "request_range": { "key": B64.encode(&self.key) } },
+                ] }),
             )?;
-            let written: i64 = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
-            let created = r["prev_kv"]["create_revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(written);
-            Ok((created, written))
+            let rev: i64 = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let prev = |i: usize| -> Option<Kv> { serde_json::from_value(r["responses"][i]["response_put"]["prev_kv"].clone()).ok() };
+            let sem = serde_json::from_value::<RangeResp>(r["responses"][2]["response_range"].clone())
+                .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))?
+                .kvs
+                .into_iter()
+                .next()
+                .map(|kv| self.decode(kv))
+                .transpose()?;
+            let (pred, pred_since) = match prev(1) {
+                Some(kv) => {
+                    let since = num(&kv.mod_revision);
+                    let key = String::from_utf8_lossy(&B64.decode(kv.value.unwrap_or_default()).unwrap_or_default()).to_string();
+                    (Some(key).filter(|k| *k != me), Some(since))
+                }
+                None => (None, None),
+            };
+            Ok(View {
+                my_rev: Some(prev(0).map(|kv| num(&kv.create_revision)).unwrap_or(rev)),
+                pred,
+                sem,
+                releases: Vec::new(),
+                waiters: Vec::new(),
+                rev,
+                pred_since,
+            })
         };
         let queued = enqueue()?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -791,25 +828,35 @@ impl EtcdLock {
         &self,
         id: &str,
         me: &str,
-        queued: (i64, i64),
+        queued: View,
         default_slots: u64,
         deadline: Instant,
-        enqueue: &dyn Fn() -> Result<(i64, i64), LockError>,
+        enqueue: &dyn Fn() -> Result<View, LockError>,
         left: &Cell<bool>,
     ) -> Result<Waited, LockError> {
         let mut backoff = Duration::from_millis(200);
         let mut first = true;
-        let mut my_rev = Some(queued.0);
+        let mut my_rev = queued.my_rev;
         // A revision seen on the member we talk to (our write, the event that woke us): the
         // next look may be served by it alone (see `look`).
-        let mut seen = Some(queued.1);
+        let mut seen = Some(queued.rev);
+        // The enqueue's answer, which serves as the first look when it names the waiter before us.
+        let mut ready = Some(queued);
         let mut woken = false;
         loop {
             if Instant::now() >= deadline {
                 return Ok(Waited::Deadline);
             }
             let step = (|| -> Result<Option<Waited>, LockError> {
-                let v = self.look(me, my_rev, woken, seen.take())?;
+                let v = match ready.take() {
+                    // Unless that waiter was queued so long ago that watching its key from then
+                    // would replay much history: then a look finds it, as it does after a wake.
+                    Some(v) if v.pred.is_some() && v.pred_since.is_some_and(|p| v.rev - p <= TAIL_REPLAY) => {
+                        seen = None;
+                        v
+                    }
+                    _ => self.look(me, my_rev, woken, seen.take())?,
+                };
                 woken = false;
                 // Holding already: we were killed after acquiring (first look), or the waiter
                 // ahead of us granted us a slot (it hands out every free slot at once).
@@ -820,8 +867,9 @@ impl EtcdLock {
                 first = false;
                 if v.my_rev.is_none() {
                     // Our lease expired (etcd unreachable for a minute): to the back of the queue.
-                    let (created, written) = enqueue()?;
-                    (my_rev, seen) = (Some(created), Some(written));
+                    let q = enqueue()?;
+                    (my_rev, seen) = (q.my_rev, Some(q.rev));
+                    ready = Some(q);
                     return Ok(None);
                 }
                 if v.my_rev != my_rev {
@@ -836,7 +884,8 @@ impl EtcdLock {
                     }
                     Some(pred) => {
                         // Newly queued, likely far back: no hurry, so no catch-up read either.
-                        if let Woke::Hit(at) = self.wait_for(&pred, None, WaitFor::Deleted, v.rev, !woken, deadline)? {
+                        let after = v.pred_since.unwrap_or(v.rev);
+                        if let Woke::Hit(at) = self.wait_for(&pred, None, WaitFor::Deleted, after, !woken, deadline)? {
                             (woken, seen) = (true, Some(at));
                         }
                         Ok(None)

@@ -456,3 +456,52 @@ fn etcd_over_tls_with_client_certificates() {
     assert!(err.contains("certificate"), "{err}");
     assert_eq!(good.get().unwrap().unwrap().0.holders, ["i-a"]);
 }
+
+/// The queue's tail pointer names the waiter queued last; a new waiter watches that one. When it
+/// has already left (gave up at its deadline), shortly before or more than a thousand revisions
+/// before (the watch would replay that history, so the waiter looks up its place instead), the
+/// new waiter still gets the slot when it frees, and does not take it while it is held.
+#[test]
+fn a_waiter_whose_tail_predecessor_left_still_gets_the_slot() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let etcd = Etcd::start(1);
+    let l = etcd.lock("t");
+    let tail = "com.coreos.airlock/groups/t/v1/tail";
+    let http = reqwest::blocking::Client::new();
+    let url = format!("{}/v3/kv/put", etcd.endpoints()[0]);
+    for (round, filler) in [(0, 0), (1, 1100)] {
+        let (holder, gone, next) = (format!("holder{round}"), format!("gone{round}"), format!("next{round}"));
+        if round == 0 {
+            assert_eq!(l.acquire(&holder, 1).unwrap(), Acquire::Acquired);
+        }
+        assert_eq!(l.wait_acquire(&gone, 1, Instant::now() + Duration::from_millis(300)).unwrap(), Waited::Deadline);
+        assert!(etcdctl(&etcd, &["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{gone}")));
+        for i in 0..filler {
+            let r = http
+                .post(&url)
+                .json(&serde_json::json!({ "key": b64("unrelated"), "value": b64(&i.to_string()) }))
+                .send()
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        let w = {
+            let l = etcd.lock("t");
+            let next = next.clone();
+            std::thread::spawn(move || l.wait_acquire(&next, 1, Instant::now() + Duration::from_secs(20)).unwrap())
+        };
+        // Queued, pointing the tail at itself, and not holding while the slot is taken.
+        let queued = Instant::now();
+        while !etcdctl(&etcd, &["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{next}")) {
+            assert!(queued.elapsed() < Duration::from_secs(10), "{next} never queued");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!w.is_finished(), "{next} returned while the only slot was held");
+        let held = if round == 0 { holder } else { "next0".to_string() };
+        assert_eq!(l.get().unwrap().unwrap().0.holders, [held.as_str()]);
+        l.release(&held, 1).unwrap();
+        assert_eq!(w.join().unwrap(), Waited::Acquired);
+        assert_eq!(l.get().unwrap().unwrap().0.holders, [next.as_str()]);
+    }
+}
