@@ -23,10 +23,7 @@ pub fn run(a: &RunArgs) -> Result<u8> {
     let start = std::time::Instant::now();
     let cx = Context::gather(&root, &a.naming, true)?;
     let code = apply::converge(&cx, a, Mode::Apply).inspect_err(|e| apply::failed_metrics(&cx, e, start))?;
-    let ok = match (a.detailed_exitcodes, code) {
-        (true, 0 | 2) | (false, 0) => true,
-        _ => false,
-    };
+    let ok = matches!((a.detailed_exitcodes, code), (true, 0 | 2) | (false, 0));
     if !ok {
         return Ok(code);
     }

@@ -119,8 +119,7 @@ pub fn verify_signature(bytes: &[u8], signature: &str, public_key: &str) -> Resu
     let pk = public_key
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
-        .last()
+        .rfind(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
         .unwrap_or_default();
     let pk = minisign_verify::PublicKey::from_base64(pk).map_err(|e| BundleError::BadSignature(format!("public key: {e}")))?;
     let sig = minisign_verify::Signature::decode(signature).map_err(|e| BundleError::BadSignature(format!("signature: {e}")))?;

@@ -77,7 +77,7 @@ impl Dockerd {
 
     /// `docker import` of the test rootfs as `name`.
     pub fn import_rootfs(&self, name: &str) {
-        let tar = Command::new("tar")
+        let mut tar = Command::new("tar")
             .args(["-C", crate::node::rootfs().to_str().unwrap(), "-c", "."])
             .stdout(Stdio::piped())
             .spawn()
@@ -85,10 +85,11 @@ impl Dockerd {
         let st = Command::new("docker")
             .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
             .args(["import", "-", name])
-            .stdin(tar.stdout.unwrap())
+            .stdin(tar.stdout.take().unwrap())
             .stdout(Stdio::null())
             .status()
             .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the test rootfs");
         assert!(st.success(), "docker import");
     }
 }

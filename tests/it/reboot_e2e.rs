@@ -29,14 +29,14 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
     // Node A takes the slot and reboots (nspawn exits 133).
     let _ = nodes[0].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(nodes[0].wait_exit(Duration::from_secs(60)), 133, "node A did not reboot");
-    assert_eq!(holders(), [a_id.clone()]);
+    assert_eq!(holders(), std::slice::from_ref(&a_id));
     // Node B finds no free slot: reboot pending, success, no reboot.
     let r = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let rep = nodes[1].report();
     assert_eq!(rep["reboot_pending"], true, "{rep:#}");
     assert_eq!(rep["reboot"]["action"], "pending");
-    assert_eq!(holders(), [a_id.clone()]);
+    assert_eq!(holders(), std::slice::from_ref(&a_id));
 
     // A comes back but its run fails (a broken role): it keeps the slot, the rollout halts,
     // and B (whose own runs succeed) still may not reboot.
@@ -53,7 +53,7 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
     let rep = nodes[0].report();
     assert_eq!(rep["reboot"]["action"], "halted", "{rep:#}");
     assert!(rep["reboot"]["detail"].as_str().unwrap().contains("unhealthy after reboot"));
-    assert_eq!(holders(), [a_id.clone()]);
+    assert_eq!(holders(), std::slice::from_ref(&a_id));
     std::fs::write(&role, good_role).unwrap();
     let r = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -69,7 +69,7 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
     // B's next run takes the slot and reboots.
     let _ = nodes[1].run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(nodes[1].wait_exit(Duration::from_secs(60)), 133, "node B did not reboot");
-    assert_eq!(holders(), [b_id.clone()]);
+    assert_eq!(holders(), std::slice::from_ref(&b_id));
 
     (nodes, a_id, b_id, b)
 }
