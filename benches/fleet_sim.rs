@@ -18,7 +18,7 @@ mod etcd_harness;
 
 use bootstrap::reboot::decide::{decide, Decision, Inputs, LockAnswer, RebootState};
 use bootstrap::reboot::etcd::{EtcdLock, Waited};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,9 +36,11 @@ const PREFIX: &str = "sim";
 const ARRIVALS: f64 = 1.0;
 
 struct Shared {
-    /// Nodes that believe they hold a slot right now (dead holders count until reaped).
-    holding: AtomicUsize,
+    /// Nodes that believe they hold a slot right now (a dead node counts until the reaper takes it).
+    holding: Mutex<HashSet<String>>,
     max_holding: AtomicUsize,
+    /// Who believed they held a slot, and what etcd listed, when more did than there are slots.
+    over: Mutex<Vec<String>>,
     max_in_etcd: AtomicUsize,
     releases: AtomicU64,
     reaped: AtomicU64,
@@ -104,8 +106,18 @@ fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shar
         }
     }
     sh.acquired_at.lock().unwrap().push(sh.start.elapsed().as_secs_f64());
-    let now = sh.holding.fetch_add(1, SeqCst) + 1;
+    let now = {
+        let mut h = sh.holding.lock().unwrap();
+        h.insert(id.clone());
+        h.len()
+    };
     sh.max_holding.fetch_max(now, SeqCst);
+    if now as u64 > slots {
+        let mut who: Vec<String> = sh.holding.lock().unwrap().iter().cloned().collect();
+        who.sort();
+        let etcd = lock.get().map(|s| s.map(|(s, _)| s.holders));
+        sh.over.lock().unwrap().push(format!("{now} > {slots} slots at {:.2}s: nodes {who:?}; etcd {etcd:?}", sh.start.elapsed().as_secs_f64()));
+    }
     std::thread::sleep(REBOOT);
     if dies {
         sh.dead.lock().unwrap().insert(id, Instant::now());
@@ -135,7 +147,7 @@ fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shar
             d => return Err(format!("{id}: unexpected decision {d:?} after the reboot")),
         }
     }
-    sh.holding.fetch_sub(1, SeqCst);
+    sh.holding.lock().unwrap().remove(&id);
     let mut backoff = Duration::from_millis(100);
     let t0 = Instant::now();
     let at = sh.start.elapsed().as_secs_f64();
@@ -180,7 +192,8 @@ fn scenario(n: usize, slots: u64, faults: bool, arrivals: f64) -> Row {
     // clients at once would measure this machine's two cores, not the protocol.
     let locks: Vec<EtcdLock> = (0..n).map(|_| EtcdLock::new(&eps, PREFIX, &group).unwrap()).collect();
     let sh = Arc::new(Shared {
-        holding: AtomicUsize::new(0),
+        holding: Mutex::new(HashSet::new()),
+        over: Mutex::new(Vec::new()),
         max_holding: AtomicUsize::new(0),
         max_in_etcd: AtomicUsize::new(0),
         releases: AtomicU64::new(0),
@@ -217,9 +230,13 @@ fn scenario(n: usize, slots: u64, faults: bool, arrivals: f64) -> Row {
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in due {
+                    // The node is gone: it stops counting as a holder before its slot is freed,
+                    // as a live node does before its release (the write that frees the slot
+                    // also grants it, and its answer can come late: a lost answer costs the
+                    // request timeout).
+                    sh.holding.lock().unwrap().remove(&id);
                     if l.release_now(&id, slots).is_ok() {
                         sh.dead.lock().unwrap().remove(&id);
-                        sh.holding.fetch_sub(1, SeqCst);
                         sh.reaped.fetch_add(1, SeqCst);
                     }
                 }
@@ -277,6 +294,9 @@ fn scenario(n: usize, slots: u64, faults: bool, arrivals: f64) -> Row {
         }
     }
     let makespan = start.elapsed().as_secs_f64();
+    for o in sh.over.lock().unwrap().iter() {
+        eprintln!("  OVER: {o}");
+    }
     let mut at = sh.acquired_at.lock().unwrap().clone();
     at.sort_by(f64::total_cmp);
     let step = std::env::var("SIM_STEP").ok().and_then(|s| s.parse().ok()).unwrap_or((at.len() / 10).max(1));
