@@ -32,6 +32,19 @@ pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::R
                         None => println!("  {h}  rebooting or coming back"),
                     }
                 }
+                let b = l.backlog(10)?;
+                let more = |shown: usize, total: u64| match total.saturating_sub(shown as u64) {
+                    0 => String::new(),
+                    n => format!(" (and {n} more)"),
+                };
+                if b.waiting > 0 {
+                    println!("{} waiting for a slot (reboot --wait), in queue order:", b.waiting);
+                    println!("  {}{}", b.first_waiters.join(" "), more(b.first_waiters.len(), b.waiting));
+                }
+                if b.releases_pending > 0 {
+                    println!("{} release requests not yet applied by the queue head:", b.releases_pending);
+                    println!("  {}{}", b.first_releases.join(" "), more(b.first_releases.len(), b.releases_pending));
+                }
             }
             None => println!("{}: no semaphore yet (created on first acquire)", l.key()),
         },

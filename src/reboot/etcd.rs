@@ -142,6 +142,9 @@ pub enum Waited {
 struct RangeResp {
     #[serde(default)]
     kvs: Vec<Kv>,
+    /// Every key in the range, whatever the limit (int64 as a string).
+    #[serde(default)]
+    count: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -190,6 +193,15 @@ struct View {
     /// When `pred` came from the queue's tail pointer (see `wait_acquire`): the revision it was
     /// queued at, from which its deletion is watched.
     pred_since: Option<i64>,
+}
+
+/// The waiting queue and pending release requests, for `lock status`.
+#[derive(Debug)]
+pub struct Backlog {
+    pub waiting: u64,
+    pub first_waiters: Vec<String>,
+    pub releases_pending: u64,
+    pub first_releases: Vec<String>,
 }
 
 fn num(s: &Option<String>) -> i64 {
@@ -263,6 +275,9 @@ impl EtcdLock {
                 }
                 Ok(r) => last = format!("{ep}{path}: HTTP {} {}", r.status(), r.text().unwrap_or_default().trim()),
                 Err(e) => last = format!("{ep}{path}: {}", error_chain(&e)),
+            }
+            if k + 1 < n {
+                tracing::debug!("etcd: {last}; asking the next endpoint");
             }
         }
         Err(LockError::Unavailable(last))
@@ -509,6 +524,36 @@ impl EtcdLock {
             out.push((key.trim_start_matches(&dir).to_string(), v));
         }
         Ok(out)
+    }
+
+    /// What `lock status` shows besides the holders: how many nodes wait (`--wait`), the first
+    /// `first` of them in queue order, and the release requests the queue head has not applied
+    /// yet. Two bounded reads, whatever the queue's length.
+    pub fn backlog(&self, first: usize) -> Result<Backlog, LockError> {
+        let (queue, release) = (self.queue_dir(), self.release_dir());
+        let q: RangeResp = self.post(
+            "/v3/kv/range",
+            serde_json::json!({
+                "key": B64.encode(&queue), "range_end": B64.encode(prefix_end(&queue)), "keys_only": true,
+                "sort_order": "ASCEND", "sort_target": "CREATE", "limit": first.max(1).to_string(),
+            }),
+        )?;
+        let r: RangeResp = self.post(
+            "/v3/kv/range",
+            serde_json::json!({
+                "key": B64.encode(&release), "range_end": B64.encode(prefix_end(&release)), "keys_only": true,
+                "limit": first.max(1).to_string(),
+            }),
+        )?;
+        let strip = |dir: &str, kvs: Vec<Kv>| -> Vec<String> {
+            kvs.into_iter().map(|kv| key_of(kv).trim_start_matches(dir).to_string()).take(first).collect()
+        };
+        Ok(Backlog {
+            waiting: num(&q.count) as u64,
+            first_waiters: strip(&queue, q.kvs),
+            releases_pending: num(&r.count) as u64,
+            first_releases: strip(&release, r.kvs),
+        })
     }
 
     fn queue_dir(&self) -> String {

@@ -361,6 +361,12 @@ fn reboot_wait_takes_the_slot_when_it_frees() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let r = node.agent(&["lock", "status", "--group", "production-web"]);
+    assert!(
+        r.stdout.contains(&format!("1 waiting for a slot (reboot --wait), in queue order:\n  {id}\n")),
+        "{}",
+        r.all()
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert!(node.still_up(&boot_id), "no reboot while the slot is taken");
     assert_eq!(holders(&etcd), ["other"]);
