@@ -116,7 +116,10 @@ fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shar
         let mut who: Vec<String> = sh.holding.lock().unwrap().iter().cloned().collect();
         who.sort();
         let etcd = lock.get().map(|s| s.map(|(s, _)| s.holders));
-        sh.over.lock().unwrap().push(format!("{now} > {slots} slots at {:.2}s: nodes {who:?}; etcd {etcd:?}", sh.start.elapsed().as_secs_f64()));
+        sh.over.lock().unwrap().push(format!(
+            "{now} > {slots} slots at {:.2}s: nodes {who:?}; etcd {etcd:?}",
+            sh.start.elapsed().as_secs_f64()
+        ));
     }
     std::thread::sleep(REBOOT);
     if dies {

@@ -545,9 +545,7 @@ impl EtcdLock {
                 "limit": first.max(1).to_string(),
             }),
         )?;
-        let strip = |dir: &str, kvs: Vec<Kv>| -> Vec<String> {
-            kvs.into_iter().map(|kv| key_of(kv).trim_start_matches(dir).to_string()).take(first).collect()
-        };
+        let strip = |dir: &str, kvs: Vec<Kv>| -> Vec<String> { kvs.into_iter().map(|kv| key_of(kv).trim_start_matches(dir).to_string()).take(first).collect() };
         Ok(Backlog {
             waiting: num(&q.count) as u64,
             first_waiters: strip(&queue, q.kvs),

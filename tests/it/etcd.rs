@@ -308,7 +308,11 @@ fn waiters_take_the_slot_in_queue_order_without_polling() {
     assert_eq!((b.releases_pending, b.first_releases.len()), (0, 0), "{b:?}");
     etcdctl(&etcd, &["put", "com.coreos.airlock/groups/idle/v1/release/ghost", ""]);
     let b = etcd.lock("idle").backlog(3).unwrap();
-    assert_eq!((b.waiting, b.releases_pending, b.first_releases.join(" ")), (0, 1, "ghost".to_string()), "{b:?}");
+    assert_eq!(
+        (b.waiting, b.releases_pending, b.first_releases.join(" ")),
+        (0, 1, "ghost".to_string()),
+        "{b:?}"
+    );
     let count = |ls: &[EtcdLock]| ls.iter().map(|l| l.counters.requests.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
     let before = count(&locks);
     std::thread::sleep(Duration::from_secs(2));
