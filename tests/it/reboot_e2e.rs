@@ -407,3 +407,36 @@ fn reboot_wait_gives_up_when_the_window_closes() {
     assert_eq!(holders(&etcd), ["other"]);
     assert_eq!(queued(&etcd), "");
 }
+
+/// RHEL-family detection: `needs-restarting -r` (dnf-utils) exits 1 when a reboot is needed and
+/// 0 when not. No RHEL image can be built here, so a booted Debian node is given a Rocky
+/// `/etc/os-release` and a `needs-restarting` that keeps that protocol; on the unchanged Debian
+/// node the same tool is never asked.
+#[test]
+fn needs_restarting_decides_on_a_rhel_family_node() {
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let node = Node::boot_host_net(b.path());
+    let tool = "#!/bin/sh\n[ \"$1\" = -r ] || { echo \"usage: needs-restarting -r\" >&2; exit 2; }\n\
+                if [ -e /var/tmp/kernel-updated ]; then echo 'Reboot is required to fully utilize these updates.'; exit 1; fi\n\
+                echo 'No core libraries or services have been updated since boot-up.'\n";
+    let bin = node.merged.join("usr/local/sbin/needs-restarting");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::write(&bin, tool).unwrap();
+    assert!(node
+        .sh("chmod 755 /usr/local/sbin/needs-restarting && touch /var/tmp/kernel-updated && echo ok")
+        .stdout
+        .contains("ok"));
+    let check = || node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim().to_string();
+    assert_eq!(check(), "no reboot needed", "a Debian node does not ask needs-restarting");
+
+    let os_release = node.merged.join("etc/os-release");
+    let _ = std::fs::remove_file(&os_release);
+    std::fs::write(
+        &os_release,
+        "NAME=\"Rocky Linux\"\nID=\"rocky\"\nID_LIKE=\"rhel centos fedora\"\nVERSION_ID=\"9.4\"\n",
+    )
+    .unwrap();
+    assert_eq!(check(), "reboot needed: needs-restarting -r says so");
+    assert!(node.sh("rm /var/tmp/kernel-updated && echo ok").stdout.contains("ok"));
+    assert_eq!(check(), "no reboot needed");
+}
