@@ -517,3 +517,47 @@ fn a_waiter_whose_tail_predecessor_left_still_gets_the_slot() {
         assert_eq!(l.get().unwrap().unwrap().0.holders, [next.as_str()]);
     }
 }
+
+/// A member that accepts connections and never answers (hung, or the leader a follower forwarded
+/// to just died): each request gives up on it after the request timeout and asks the next
+/// endpoint, which it then prefers, so only the first request pays.
+#[test]
+fn a_member_that_never_answers_is_skipped_after_the_request_timeout() {
+    let etcd = Etcd::start(1);
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut endpoints = vec![format!("http://{}", hung.local_addr().unwrap())];
+    endpoints.extend(etcd.endpoints());
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held = accepted.clone();
+    std::thread::spawn(move || {
+        for s in hung.incoming() {
+            held.lock().unwrap().push(s.unwrap()); // read nothing, answer nothing, keep it open
+        }
+    });
+    // A client starts at a random endpoint: new clients until one starts at the hung member.
+    let mut tried_hung = false;
+    for _ in 0..30 {
+        let before = accepted.lock().unwrap().len();
+        let l = EtcdLock::new(&endpoints, "com.coreos.airlock", "hung").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let got = l.acquire("a", 1);
+            let released = l.release("a", 1);
+            tx.send((got, released)).unwrap();
+        });
+        // The request timeout (2 s) is what ends the wait: reqwest's own default would be 30 s.
+        let (got, released) = rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("the hung member held the client past its request timeout");
+        assert_eq!(got.unwrap(), Acquire::Acquired);
+        assert!(released.unwrap());
+        let hung_requests = accepted.lock().unwrap().len() - before;
+        assert!(hung_requests <= 1, "{hung_requests} requests went to the hung member: only the first may");
+        if hung_requests == 1 {
+            tried_hung = true;
+            break;
+        }
+    }
+    assert!(tried_hung, "no client started at the hung member");
+    assert!(etcd.lock("hung").get().unwrap().unwrap().0.holders.is_empty());
+}
