@@ -6,6 +6,9 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+mod root;
+pub use root::{Kind as FileKind, Parent, Root, Stat};
+
 /// Suffix of the temporary files an atomic write leaves behind if it is killed.
 pub const TMP_MARK: &str = ".bootstrap-tmp.";
 
@@ -87,13 +90,13 @@ pub fn gid_name(root: &Path, gid: u32) -> String {
 
 /// Rows of a colon-separated account file. A missing file is an empty database, except that
 /// `root` (0) always exists so that a fresh image root can hold root-owned files.
+/// Read through the root like every other host path (an image's `/etc` may be a link).
 pub fn read_db(root: &Path, rel: &str) -> Result<Vec<Vec<String>>> {
-    let path = root.join(rel);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![vec!["root".into(), "x".into(), "0".into(), "0".into()]]),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let bytes = Root::open(root)?.read(&format!("/{rel}"))?;
+    let Some(bytes) = bytes else {
+        return Ok(vec![vec!["root".into(), "x".into(), "0".into(), "0".into()]]);
     };
+    let text = String::from_utf8_lossy(&bytes);
     Ok(text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))

@@ -95,14 +95,12 @@ pub fn render(m: &RunMetrics<'_>, now_unix: f64) -> String {
 
 /// Write the metrics file (atomically, 0644). `configured`: the `[metrics] textfile` setting.
 pub fn write(root: &Path, configured: Option<&str>, m: &RunMetrics<'_>) -> anyhow::Result<()> {
-    let path = crate::fsutil::host_path(root, configured.unwrap_or(DEFAULT_TEXTFILE))?;
-    match configured {
-        Some(_) => crate::fsutil::create_parents(&path)?,
-        // No node_exporter here: nothing to feed.
-        None if !path.parent().is_some_and(Path::is_dir) => return Ok(()),
-        None => {}
-    }
+    let path = configured.unwrap_or(DEFAULT_TEXTFILE);
+    // Configured: its directory is made; the default: no node_exporter here, nothing to feed.
+    let Some(at) = crate::fsutil::Root::open(root)?.parent(path, configured.is_some())? else {
+        return Ok(());
+    };
     let now = time::OffsetDateTime::now_utc();
     let unix = now.unix_timestamp() as f64 + now.nanosecond() as f64 / 1e9;
-    crate::fsutil::atomic_write(&path, render(m, unix).as_bytes(), 0o644, None)
+    at.write(render(m, unix).as_bytes(), 0o644, None)
 }

@@ -44,7 +44,6 @@ fn install_units(cx: &Context) -> Result<()> {
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
     };
-    let dir = crate::fsutil::host_path(&cx.root, "/etc/systemd/system")?;
     for (name, text) in UNITS {
         let content = text.replace("/usr/local/bin/bootstrap", &exe).into_bytes();
         let (enabled, active) = match name {
@@ -56,7 +55,6 @@ fn install_units(cx: &Context) -> Result<()> {
             name: name.to_string(),
             files: vec![UnitFile {
                 display: format!("/etc/systemd/system/{name}"),
-                path: dir.join(name),
                 content,
                 field: "content".into(),
             }],

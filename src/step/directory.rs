@@ -1,13 +1,10 @@
 //! `directory`: a directory with mode, owner and group; `absent` removes it only when empty.
 
-use super::file::describe_type;
 use super::{apply_meta, check_abs_path, meta_changes, parse_mode, wanted_ids, Change, Host, Kind, LoadCtx, Meta, PrepCtx, State};
 use crate::error::ConfigError;
 use crate::fsutil::{self, Mode};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::PathBuf;
 use toml::Spanned;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,7 +32,6 @@ impl Spec {
     pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<DirStep, ConfigError> {
         Ok(DirStep {
             display: self.path.get_ref().clone(),
-            path: fsutil::host_path(cx.root, self.path.get_ref()).map_err(|e| cx.load.err(&self.path, e))?,
             mode: parse_mode(&cx.load, &self.mode)?,
             owner: self.owner.clone(),
             group: self.group.clone(),
@@ -46,8 +42,8 @@ impl Spec {
 
 #[derive(Debug, Clone)]
 pub struct DirStep {
+    /// The path as the role names it.
     pub display: String,
-    pub path: PathBuf,
     pub mode: Option<Mode>,
     pub owner: Option<String>,
     pub group: Option<String>,
@@ -58,11 +54,10 @@ impl Kind for DirStep {
     type Observed = Option<Meta>;
 
     fn check(&self, host: &Host) -> Result<Option<Meta>> {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(md) if md.is_dir() => Ok(Some(Meta::read(&host.root, &md))),
-            Ok(md) => bail!("{} exists and is {}, not a directory", self.display, describe_type(&md)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        match host.fs()?.lstat(&self.display)? {
+            Some(st) if st.kind == fsutil::FileKind::Dir => Ok(Some(Meta::read(&host.root, &st))),
+            Some(st) => bail!("{} exists and is {}, not a directory", self.display, st.kind.describe()),
+            None => Ok(None),
         }
     }
 
@@ -82,26 +77,18 @@ impl Kind for DirStep {
     }
 
     fn apply(&self, host: &Host, observed: &Option<Meta>, changes: &[Change]) -> Result<()> {
+        let at = host
+            .fs()?
+            .parent(&self.display, self.state == State::Present)?
+            .with_context(|| format!("{} vanished", self.display))?;
         match (self.state, observed) {
-            (State::Absent, _) => {
-                std::fs::remove_dir(&self.path).with_context(|| format!("removing directory {} (only an empty directory is removed)", self.display))
-            }
-            (State::Present, Some(_)) => apply_meta(host, &self.path, changes, self.mode, &self.owner, &self.group),
+            (State::Absent, _) => at.remove_dir(),
+            (State::Present, Some(_)) => apply_meta(host, &at, changes, self.mode, &self.owner, &self.group),
             (State::Present, None) => {
-                fsutil::create_parents(&self.path)?;
                 let ids = wanted_ids(&host.root, &self.owner, &self.group)?;
-                let mode = self.mode.unwrap_or(DEFAULT_MODE).0;
                 // Created with no access for others, then owned and moded, so it is never
                 // briefly more open than the role says.
-                std::fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&self.path)
-                    .with_context(|| format!("creating {}", self.path.display()))?;
-                if let Some((uid, gid)) = ids {
-                    std::os::unix::fs::lchown(&self.path, Some(uid), Some(gid)).with_context(|| format!("chown {}", self.path.display()))?;
-                }
-                std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", self.path.display()))?;
-                fsutil::fsync_dir(self.path.parent().unwrap_or(&self.path))
+                at.mkdir(self.mode.unwrap_or(DEFAULT_MODE).0, ids)
             }
         }
     }
@@ -115,7 +102,6 @@ mod tests {
     fn plan_table() {
         let s = DirStep {
             display: "/d".into(),
-            path: "/x/d".into(),
             mode: Some(Mode(0o750)),
             owner: None,
             group: Some("adm".into()),

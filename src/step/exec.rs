@@ -3,7 +3,6 @@
 
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
-use crate::fsutil;
 use crate::runner::{self, Cmd};
 use anyhow::{bail, Result};
 use serde::Deserialize;
@@ -77,11 +76,7 @@ impl Spec {
         command.env.insert("BOOTSTRAP_ROOT".into(), cx.root.to_string_lossy().into_owned());
         Ok(ExecStep {
             command,
-            creates: self
-                .creates
-                .as_ref()
-                .map(|c| fsutil::host_path(cx.root, c.get_ref()).map_err(|e| l.err(c, e)))
-                .transpose()?,
+            creates: self.creates.as_ref().map(|c| c.get_ref().clone()),
             unless: self.unless.as_ref().map(|u| cmd(u.get_ref())),
             onlyif: self.onlyif.as_ref().map(|o| cmd(o.get_ref())),
             sensitive: false,
@@ -92,7 +87,8 @@ impl Spec {
 #[derive(Debug, Clone)]
 pub struct ExecStep {
     pub command: Cmd,
-    pub creates: Option<PathBuf>,
+    /// A path on the node (resolved under the root by `Host::fs`).
+    pub creates: Option<String>,
     pub unless: Option<Cmd>,
     pub onlyif: Option<Cmd>,
     /// Set for `sensitive` steps: argv and output stay out of errors.
@@ -129,8 +125,11 @@ impl ExecStep {
 impl Kind for ExecStep {
     type Observed = Guards;
 
-    fn check(&self, _host: &Host) -> Result<Guards> {
-        let created = self.creates.as_ref().is_some_and(|p| std::fs::symlink_metadata(p).is_ok());
+    fn check(&self, host: &Host) -> Result<Guards> {
+        let created = match &self.creates {
+            Some(p) => host.fs()?.exists(p)?,
+            None => false,
+        };
         // Guards are skipped once the outcome is known: `creates` is cheapest.
         let unless_ok = match (&self.unless, created) {
             (Some(u), false) => Some(self.guard(u, "unless")?),

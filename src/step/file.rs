@@ -5,7 +5,6 @@ use crate::error::ConfigError;
 use crate::fsutil::{self, Mode};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::path::PathBuf;
 use toml::Spanned;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,7 +50,6 @@ impl Spec {
         }
         Ok(FileStep {
             display: self.path.get_ref().clone(),
-            path: fsutil::host_path(cx.root, self.path.get_ref()).map_err(|e| l.err(&self.path, e))?,
             content,
             mode,
             owner: self.owner.clone(),
@@ -63,10 +61,8 @@ impl Spec {
 
 #[derive(Debug, Clone)]
 pub struct FileStep {
-    /// The path as the role names it.
+    /// The path as the role names it (resolved under the root by `Host::fs`).
     pub display: String,
-    /// The path on the host (under the root).
-    pub path: PathBuf,
     pub content: Option<Vec<u8>>,
     pub mode: Option<Mode>,
     pub owner: Option<String>,
@@ -123,28 +119,24 @@ impl Kind for FileStep {
     type Observed = Observed;
 
     fn check(&self, host: &Host) -> Result<Observed> {
-        let md = match std::fs::symlink_metadata(&self.path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Observed::Missing),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        let Some(at) = host.fs()?.parent(&self.display, false)? else {
+            return Ok(Observed::Missing);
         };
-        if !md.file_type().is_file() {
+        let Some(st) = at.lstat()? else { return Ok(Observed::Missing) };
+        if st.kind != fsutil::FileKind::File {
             bail!(
                 "{} exists and is not a regular file ({}); refusing to replace it",
                 self.display,
-                describe_type(&md)
+                st.kind.describe()
             );
         }
-        if self.state == State::Absent {
-            return Ok(Observed::File {
-                content: Vec::new(),
-                meta: Meta::read(&host.root, &md),
-            });
-        }
-        let content = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+        let content = match self.state {
+            State::Absent => Vec::new(),
+            State::Present => at.read()?.with_context(|| format!("{} vanished while it was read", self.display))?,
+        };
         Ok(Observed::File {
             content,
-            meta: Meta::read(&host.root, &md),
+            meta: Meta::read(&host.root, &st),
         })
     }
 
@@ -184,13 +176,17 @@ impl Kind for FileStep {
     }
 
     fn apply(&self, host: &Host, observed: &Observed, changes: &[Change]) -> Result<()> {
+        let fs = host.fs()?;
         if self.state == State::Absent {
-            std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
-            return fsutil::fsync_dir(self.path.parent().unwrap_or(&self.path));
+            return fs
+                .parent(&self.display, false)?
+                .with_context(|| format!("{} vanished", self.display))?
+                .remove_file();
         }
+        let at = fs.parent(&self.display, true)?.with_context(|| format!("no directory for {}", self.display))?;
         let content_changes = changes.iter().any(|c| c.field == "content");
         match observed {
-            Observed::File { .. } if !content_changes => apply_meta(host, &self.path, changes, self.mode, &self.owner, &self.group),
+            Observed::File { .. } if !content_changes => apply_meta(host, &at, changes, self.mode, &self.owner, &self.group),
             _ => {
                 // New content: write a fresh file that has its final owner and mode before any byte lands.
                 let (mode, ids) = match observed {
@@ -207,23 +203,9 @@ impl Kind for FileStep {
                     }
                     Observed::Missing => (self.mode.unwrap_or(DEFAULT_MODE).0, wanted_ids(&host.root, &self.owner, &self.group)?),
                 };
-                fsutil::create_parents(&self.path)?;
-                fsutil::atomic_write(&self.path, self.content.as_deref().unwrap_or_default(), mode, ids)
+                at.write(self.content.as_deref().unwrap_or_default(), mode, ids)
             }
         }
-    }
-}
-
-pub fn describe_type(md: &std::fs::Metadata) -> &'static str {
-    let t = md.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symlink"
-    } else if t.is_file() {
-        "a regular file"
-    } else {
-        "a special file"
     }
 }
 
@@ -234,7 +216,6 @@ mod tests {
     fn step(content: &str, mode: Option<u32>) -> FileStep {
         FileStep {
             display: "/etc/x".into(),
-            path: "/nonexistent/etc/x".into(),
             content: Some(content.as_bytes().to_vec()),
             mode: mode.map(Mode),
             owner: Some("root".into()),

@@ -1,12 +1,10 @@
 //! `link`: a symbolic link, replaced atomically when its target differs.
 
-use super::file::describe_type;
 use super::{check_abs_path, Change, Host, Kind, LoadCtx, PrepCtx, State};
 use crate::error::ConfigError;
 use crate::fsutil;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::path::PathBuf;
 use toml::Spanned;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -28,10 +26,9 @@ impl Spec {
         }
     }
 
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<LinkStep, ConfigError> {
+    pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<LinkStep, ConfigError> {
         Ok(LinkStep {
             display: self.path.get_ref().clone(),
-            path: fsutil::host_path(cx.root, self.path.get_ref()).map_err(|e| cx.load.err(&self.path, e))?,
             target: self.target.as_ref().map(|t| t.get_ref().clone()),
             state: self.state,
         })
@@ -40,8 +37,8 @@ impl Spec {
 
 #[derive(Debug, Clone)]
 pub struct LinkStep {
+    /// The path as the role names it.
     pub display: String,
-    pub path: PathBuf,
     /// Written into the link as is (a relative target stays relative).
     pub target: Option<String>,
     pub state: State,
@@ -51,17 +48,12 @@ impl Kind for LinkStep {
     /// The current link target, when a link exists.
     type Observed = Option<String>;
 
-    fn check(&self, _host: &Host) -> Result<Option<String>> {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(md) if md.file_type().is_symlink() => Ok(Some(
-                std::fs::read_link(&self.path)
-                    .with_context(|| format!("reading link {}", self.display))?
-                    .to_string_lossy()
-                    .into_owned(),
-            )),
-            Ok(md) => bail!("{} exists and is {}, not a symlink; refusing to replace it", self.display, describe_type(&md)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+    fn check(&self, host: &Host) -> Result<Option<String>> {
+        let fs = host.fs()?;
+        match fs.lstat(&self.display)? {
+            Some(st) if st.kind == fsutil::FileKind::Symlink => fs.read_link(&self.display),
+            Some(st) => bail!("{} exists and is {}, not a symlink; refusing to replace it", self.display, st.kind.describe()),
+            None => Ok(None),
         }
     }
 
@@ -74,21 +66,16 @@ impl Kind for LinkStep {
         }
     }
 
-    fn apply(&self, _host: &Host, _observed: &Option<String>, _changes: &[Change]) -> Result<()> {
-        let dir = self.path.parent().context("link path has no parent")?;
+    fn apply(&self, host: &Host, _observed: &Option<String>, _changes: &[Change]) -> Result<()> {
+        let at = host
+            .fs()?
+            .parent(&self.display, self.state == State::Present)?
+            .with_context(|| format!("{} vanished", self.display))?;
         match (&self.target, self.state) {
-            (_, State::Absent) => std::fs::remove_file(&self.path).with_context(|| format!("removing link {}", self.display))?,
-            (Some(target), State::Present) => {
-                fsutil::create_parents(&self.path)?;
-                let name = self.path.file_name().context("link has no name")?.to_string_lossy();
-                let tmp = dir.join(format!(".{name}{}{}", fsutil::TMP_MARK, std::process::id()));
-                let _ = std::fs::remove_file(&tmp);
-                std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("creating link {}", tmp.display()))?;
-                std::fs::rename(&tmp, &self.path).with_context(|| format!("renaming link into {}", self.display))?;
-            }
-            (None, State::Present) => unreachable!("validated: present links have a target"),
+            (_, State::Absent) => at.remove_file(),
+            (Some(target), State::Present) => at.symlink(target),
+            (None, State::Present) => bail!("link {} has no target", self.display),
         }
-        fsutil::fsync_dir(dir)
     }
 }
 
@@ -100,7 +87,6 @@ mod tests {
     fn plan_table() {
         let s = LinkStep {
             display: "/l".into(),
-            path: "/x/l".into(),
             target: Some("/t".into()),
             state: State::Present,
         };

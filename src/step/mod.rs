@@ -133,8 +133,10 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn path(&self, p: &str) -> Result<PathBuf> {
-        crate::fsutil::host_path(&self.root, p)
+    /// The root, opened: every host path a step touches is resolved through it, chroot-style
+    /// and one directory descriptor at a time (see `fsutil::Root`).
+    pub fn fs(&self) -> Result<crate::fsutil::Root> {
+        crate::fsutil::Root::open(&self.root)
     }
 
     /// True when changes go to the running system (not an image root).
@@ -369,12 +371,6 @@ pub fn parse_mode(cx: &LoadCtx<'_>, m: &Option<Spanned<String>>) -> Result<Optio
         .transpose()
 }
 
-/// Owner and group of an existing path, as names from the root's account files.
-pub fn owner_names(root: &Path, md: &std::fs::Metadata) -> (String, String) {
-    use std::os::unix::fs::MetadataExt;
-    (crate::fsutil::uid_name(root, md.uid()), crate::fsutil::gid_name(root, md.gid()))
-}
-
 /// Does an actual owner (name, resolved from the uid) match a wanted one (name or number)?
 pub fn same_owner(want: &str, actual_name: &str, actual_id: u32) -> bool {
     want == actual_name || want.parse::<u32>().ok() == Some(actual_id)
@@ -412,30 +408,28 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn read(root: &Path, md: &std::fs::Metadata) -> Meta {
-        use std::os::unix::fs::MetadataExt;
-        let (owner, group) = owner_names(root, md);
+    /// Mode and owner of what `lstat` saw, with names from the root's account files.
+    pub fn read(root: &Path, st: &crate::fsutil::Stat) -> Meta {
         Meta {
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            owner,
-            group,
+            mode: st.mode,
+            uid: st.uid,
+            gid: st.gid,
+            owner: crate::fsutil::uid_name(root, st.uid),
+            group: crate::fsutil::gid_name(root, st.gid),
         }
     }
 }
 
-/// Apply mode/owner/group changes to an existing path in place.
+/// Apply mode/owner/group changes to an existing file or directory in place, through a
+/// descriptor of it opened without following links.
 pub fn apply_meta(
     host: &Host,
-    path: &Path,
+    path: &crate::fsutil::Parent,
     changes: &[Change],
     mode: Option<crate::fsutil::Mode>,
     owner: &Option<String>,
     group: &Option<String>,
 ) -> Result<()> {
-    use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
     let has = |f: &str| changes.iter().any(|c| c.field == f);
     if has("owner") || has("group") {
         let uid = match owner {
@@ -446,10 +440,10 @@ pub fn apply_meta(
             Some(g) if has("group") => Some(crate::fsutil::require_gid(&host.root, g)?),
             _ => None,
         };
-        std::os::unix::fs::lchown(path, uid, gid).with_context(|| format!("chown {}", path.display()))?;
+        path.set_meta(None, uid, gid)?;
     }
     if let (Some(m), true) = (mode, has("mode")) {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m.0)).with_context(|| format!("chmod {}", path.display()))?;
+        path.set_meta(Some(m.0), None, None)?;
     }
     Ok(())
 }

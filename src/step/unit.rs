@@ -10,7 +10,6 @@ use crate::systemd::UnitState;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use toml::Spanned;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,15 +66,12 @@ impl Spec {
     }
 
     pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<UnitStep, ConfigError> {
-        let l = &cx.load;
         let name = self.name.get_ref().clone();
-        let dir = fsutil::host_path(cx.root, UNIT_DIR).map_err(|e| l.err(&self.name, e))?;
         let content = super::render_body(cx, &self.content, &self.source, self.template)?;
         let mut files = Vec::new();
         if let Some(c) = content {
             files.push(UnitFile {
                 display: format!("{UNIT_DIR}/{name}"),
-                path: dir.join(&name),
                 content: c,
                 field: "content".into(),
             });
@@ -83,7 +79,6 @@ impl Spec {
         for (file, body) in &self.dropins {
             files.push(UnitFile {
                 display: format!("{UNIT_DIR}/{name}.d/{file}"),
-                path: dir.join(format!("{name}.d")).join(file),
                 content: super::render_body(cx, &Some(body.clone()), &None, self.template)?.unwrap_or_default(),
                 field: format!("dropin:{file}"),
             });
@@ -100,8 +95,8 @@ impl Spec {
 
 #[derive(Debug, Clone)]
 pub struct UnitFile {
+    /// The path on the node (resolved under the root by `Host::fs`).
     pub display: String,
-    pub path: PathBuf,
     pub content: Vec<u8>,
     /// The change field: `content` or `dropin:NAME`.
     pub field: String,
@@ -128,13 +123,10 @@ impl Kind for UnitStep {
     type Observed = Observed;
 
     fn check(&self, host: &Host) -> Result<Observed> {
+        let fs = host.fs()?;
         let mut files = Vec::new();
         for f in &self.files {
-            files.push(match std::fs::read(&f.path) {
-                Ok(b) => Some(b),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(e).with_context(|| format!("reading {}", f.path.display())),
-            });
+            files.push(fs.read(&f.display)?);
         }
         let wants_state = self.enabled.is_some() || self.active.is_some() || self.masked.is_some();
         let state = if host.is_live() && wants_state {
@@ -172,11 +164,11 @@ impl Kind for UnitStep {
 
     fn apply(&self, host: &Host, _o: &Observed, changes: &[Change]) -> Result<()> {
         let has = |f: &str| changes.iter().any(|c| c.field == f);
+        let fs = host.fs()?;
         let mut files_changed = false;
         for f in &self.files {
             if has(&f.field) {
-                fsutil::create_parents(&f.path)?;
-                fsutil::atomic_write(&f.path, &f.content, 0o644, None)?;
+                fs.write(&f.display, &f.content, 0o644, None)?;
                 files_changed = true;
             }
         }
@@ -195,9 +187,11 @@ impl Kind for UnitStep {
                 // Stop before masking, as `systemctl mask --now` does. systemd refuses to mask
                 // over a unit file in /etc/systemd/system, so a local file gives way to the mask.
                 sd.stop(&self.name)?;
-                let local = host.path(UNIT_DIR)?.join(&self.name);
-                if std::fs::symlink_metadata(&local).is_ok_and(|m| m.is_file()) {
-                    std::fs::remove_file(&local).with_context(|| format!("removing {} to mask it", local.display()))?;
+                let local = format!("{UNIT_DIR}/{}", self.name);
+                if let Some(at) = fs.parent(&local, false)? {
+                    if at.lstat()?.is_some_and(|st| st.kind == fsutil::FileKind::File) {
+                        at.remove_file().with_context(|| format!("removing {local} to mask it"))?;
+                    }
                 }
                 sd.mask(&self.name, true)?;
             }

@@ -1,0 +1,74 @@
+//! `--root` contains every write, and a symlink in a directory not owned by root is not
+//! followed on the live system (issue: trust, finding 2).
+
+use crate::node::Node;
+use crate::support::*;
+
+/// An image root whose `/var/run` is the absolute link `/run` (every Debian image has one):
+/// the steps write into the image's `/run`, never into the host's.
+#[test]
+fn root_with_absolute_var_run_link_writes_inside_the_root() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("run")).unwrap();
+    std::fs::create_dir_all(root.path().join("var")).unwrap();
+    std::os::unix::fs::symlink("/run", root.path().join("var/run")).unwrap();
+    // A name of this test's own on the host, so that the check below cannot see another's file.
+    let name = format!("bootstrap-root-test-{}", std::process::id());
+    let role = format!(
+        "schema = 1\n\
+         [[step]]\nkind = \"file\"\npath = \"/var/run/{name}.conf\"\ncontent = \"x\\n\"\n\
+         [[step]]\nkind = \"directory\"\npath = \"/var/run/{name}.d\"\n\
+         [[step]]\nkind = \"link\"\npath = \"/var/run/{name}.link\"\ntarget = \"/etc/hostname\"\n\
+         [[step]]\nkind = \"unit\"\nname = \"{name}.service\"\ncontent = \"[Service]\\nExecStart=/bin/true\\n\"\n"
+    );
+    // The image's /etc/systemd/system is a link to its /run too: unit files follow it inside.
+    std::fs::create_dir_all(root.path().join("etc/systemd")).unwrap();
+    std::fs::create_dir_all(root.path().join("run/units")).unwrap();
+    std::os::unix::fs::symlink("/run/units", root.path().join("etc/systemd/system")).unwrap();
+    let b = bundle(&[("roles/r/role.toml", &role)]);
+    let host_paths = [
+        format!("/run/{name}.conf"),
+        format!("/run/{name}.d"),
+        format!("/run/{name}.link"),
+        format!("/run/units/{name}.service"),
+    ];
+    let r = run_role("apply", root.path(), b.path(), "r", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    for p in &host_paths {
+        assert!(std::fs::symlink_metadata(p).is_err(), "{p} was written on the HOST by an apply under --root");
+    }
+    assert_eq!(std::fs::read_to_string(root.path().join(format!("run/{name}.conf"))).unwrap(), "x\n");
+    assert!(root.path().join(format!("run/{name}.d")).is_dir());
+    assert_eq!(
+        std::fs::read_link(root.path().join(format!("run/{name}.link"))).unwrap(),
+        std::path::Path::new("/etc/hostname")
+    );
+    assert!(root.path().join(format!("run/units/{name}.service")).is_file());
+    // The link itself is untouched, and a second run finds everything in sync.
+    assert_eq!(std::fs::read_link(root.path().join("var/run")).unwrap(), std::path::Path::new("/run"));
+    let r = run_role("apply", root.path(), b.path(), "r", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "second apply changes nothing\n{}", r.all());
+}
+
+/// On a booted node, `/srv/app` belongs to an unprivileged user who made `conf -> /etc`: a
+/// file step for `/srv/app/conf/evil.conf` is refused and nothing is written.
+#[test]
+fn symlink_in_a_user_owned_directory_is_refused_on_a_booted_node() {
+    let b = bundle(&[(
+        "roles/app/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/srv/app/conf/evil.conf\"\ncontent = \"owned\\n\"\n\
+         [[step]]\nkind = \"directory\"\npath = \"/srv/app/conf/evil.d\"\n",
+    )]);
+    let node = Node::boot(b.path());
+    let s = node.sh("mkdir -p /srv/app && chown 1000:1000 /srv/app && setpriv --reuid 1000 --regid 1000 --clear-groups ln -s /etc /srv/app/conf && stat -c %u /srv/app/conf");
+    assert_eq!(s.stdout.trim(), "1000", "{}", s.all());
+    let r = node.run_role("apply", "app", &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("unsafe path transition"), "{}", r.all());
+    assert!(r.all().contains("/srv/app/conf/evil.conf"), "the error names the path\n{}", r.all());
+    assert!(!node.merged.join("etc/evil.conf").exists(), "the step wrote through the user's link");
+    assert!(!node.merged.join("etc/evil.d").exists());
+    let rep = node.report();
+    assert_eq!(rep["steps"][0]["status"], "failed", "{rep:#}");
+    assert_eq!(rep["steps"][1]["status"], "not_run", "{rep:#}");
+}
