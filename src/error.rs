@@ -88,6 +88,19 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// Deserialize a spanned TOML value; errors name the position of the offending key or value.
+pub fn de<T: serde::de::DeserializeOwned>(v: toml::Spanned<toml::de::DeValue<'_>>, file: &Path, src: &str) -> Result<T, ConfigError> {
+    T::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|e| toml_err(e, file, src))
+}
+
+/// A TOML error at its position in `file`.
+pub fn toml_err(e: toml::de::Error, file: &Path, src: &str) -> ConfigError {
+    match e.span() {
+        Some(s) => ConfigError::at(file, src, s.start, e.message().trim_end()),
+        None => ConfigError::file(file, e.message().trim_end()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

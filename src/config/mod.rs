@@ -214,7 +214,7 @@ impl Config {
     }
 
     pub fn parse(file: &Path, src: &str) -> Result<Config, ConfigError> {
-        toml::from_str(src).map_err(|e| crate::role::toml_err(e, file, src))
+        toml::from_str(src).map_err(|e| crate::error::toml_err(e, file, src))
     }
 
     /// Read the config under `root`; no files at all is an empty config.

@@ -5,10 +5,9 @@
 //! Any error here is a `ConfigError` (exit 78) naming file, line and column, and happens
 //! before the host is touched.
 
-use crate::error::{ConfigError, Pos};
+use crate::error::{de, toml_err, ConfigError, Pos};
 use crate::facts::Facts;
 use crate::step::{Common, LoadCtx, PrepCtx, Spec, Step, COMMON_KEYS};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,18 +15,6 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 pub const SCHEMA: u32 = 1;
-
-/// Deserialize a spanned TOML value; errors name the position of the offending key or value.
-pub fn de<T: DeserializeOwned>(v: Spanned<DeValue<'_>>, file: &Path, src: &str) -> Result<T, ConfigError> {
-    T::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|e| toml_err(e, file, src))
-}
-
-pub fn toml_err(e: toml::de::Error, file: &Path, src: &str) -> ConfigError {
-    match e.span() {
-        Some(s) => ConfigError::at(file, src, s.start, e.message().trim_end()),
-        None => ConfigError::file(file, e.message().trim_end()),
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

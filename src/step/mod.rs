@@ -228,7 +228,7 @@ impl Spec {
 
     /// Parse a step table of the given kind (errors carry the key's position).
     pub fn parse(kind: &Spanned<String>, table: Spanned<toml::de::DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<Spec, ConfigError> {
-        use crate::role::de;
+        use crate::error::de;
         let (f, s) = (cx.file, cx.src);
         Ok(match kind.get_ref().as_str() {
             "file" => Spec::File(de(table, f, s)?),
