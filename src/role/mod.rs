@@ -307,8 +307,8 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, e
             };
             let step = if active {
                 let mut s = rs.spec.prepare(&PrepCtx { load, vars: &ctx, root })?;
-                if let Step::Exec(e) = &mut s {
-                    e.sensitive = rs.common.sensitive;
+                if rs.common.sensitive {
+                    s.mark_sensitive();
                 }
                 Some(s)
             } else {

@@ -92,8 +92,14 @@ fn parse_port(p: &str) -> Result<(String, String, String), String> {
     Ok((ip.to_string(), host.to_string(), format!("{cont}/{proto}")))
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = ContainerStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.name.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         let n = self.name.get_ref();
         if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
             return Err(cx.err(&self.name, format!("container name {n:?}: use letters, digits, _ . -")));
@@ -121,7 +127,7 @@ impl Spec {
         Ok(())
     }
 
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<ContainerStep, ConfigError> {
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<ContainerStep, ConfigError> {
         let l = &cx.load;
         let mut env = BTreeMap::new();
         for (k, v) in &self.env {
@@ -244,6 +250,10 @@ impl ContainerStep {
 
 impl Kind for ContainerStep {
     type Observed = Observed;
+
+    fn needs_live_system(&self) -> bool {
+        true
+    }
 
     fn check(&self, _host: &Host) -> Result<Observed> {
         let docker = Docker::from_env();

@@ -20,8 +20,14 @@ pub struct Spec {
 
 const DEFAULT_MODE: Mode = Mode(0o755);
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = DirStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.path.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_abs_path(cx, &self.path)?;
         if self.path.get_ref().trim_end_matches('/').is_empty() {
             return Err(cx.err(&self.path, "a directory step cannot manage /"));
@@ -29,7 +35,7 @@ impl Spec {
         parse_mode(cx, &self.mode).map(|_| ())
     }
 
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<DirStep, ConfigError> {
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<DirStep, ConfigError> {
         Ok(DirStep {
             display: self.path.get_ref().clone(),
             mode: parse_mode(&cx.load, &self.mode)?,

@@ -25,8 +25,14 @@ pub struct Spec {
     pub cwd: Option<Spanned<String>>,
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = ExecStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.command.get_ref().join(" "))
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         if self.command.get_ref().is_empty() || self.command.get_ref()[0].is_empty() {
             return Err(cx.err(
                 &self.command,
@@ -53,16 +59,7 @@ impl Spec {
         self.parse_timeout(cx).map(|_| ())
     }
 
-    fn parse_timeout(&self, cx: &LoadCtx<'_>) -> Result<Option<Duration>, ConfigError> {
-        self.timeout
-            .as_ref()
-            .map(|t| {
-                humantime::parse_duration(t.get_ref()).map_err(|e| cx.err(t, format!("invalid timeout {:?}: {e} (use e.g. \"30s\", \"5m\")", t.get_ref())))
-            })
-            .transpose()
-    }
-
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<ExecStep, ConfigError> {
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<ExecStep, ConfigError> {
         let l = &cx.load;
         let cmd = |argv: &[String]| Cmd {
             argv: argv.to_vec(),
@@ -81,6 +78,17 @@ impl Spec {
             onlyif: self.onlyif.as_ref().map(|o| cmd(o.get_ref())),
             sensitive: false,
         })
+    }
+}
+
+impl Spec {
+    fn parse_timeout(&self, cx: &LoadCtx<'_>) -> Result<Option<Duration>, ConfigError> {
+        self.timeout
+            .as_ref()
+            .map(|t| {
+                humantime::parse_duration(t.get_ref()).map_err(|e| cx.err(t, format!("invalid timeout {:?}: {e} (use e.g. \"30s\", \"5m\")", t.get_ref())))
+            })
+            .transpose()
     }
 }
 
@@ -124,6 +132,10 @@ impl ExecStep {
 
 impl Kind for ExecStep {
     type Observed = Guards;
+
+    fn mark_sensitive(&mut self) {
+        self.sensitive = true;
+    }
 
     fn check(&self, host: &Host) -> Result<Guards> {
         let created = match &self.creates {

@@ -25,8 +25,14 @@ pub struct Spec {
 /// Mode of a new file when the role names none.
 const DEFAULT_MODE: Mode = Mode(0o644);
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = FileStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.path.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_abs_path(cx, &self.path)?;
         parse_mode(cx, &self.mode)?;
         match (&self.content, &self.source, self.state) {
@@ -39,7 +45,7 @@ impl Spec {
         super::validate_body(cx, &self.content, &self.source, self.template)
     }
 
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<FileStep, ConfigError> {
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<FileStep, ConfigError> {
         let l = &cx.load;
         let content = super::render_body(cx, &self.content, &self.source, self.template)?;
         // A file holding a secret and no mode of its own is private to its owner (0600), not

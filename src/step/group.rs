@@ -20,12 +20,18 @@ pub struct Spec {
     pub state: State,
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = GroupStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.name.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_account_name(self.name.get_ref()).map_err(|e| cx.err(&self.name, e))
     }
 
-    pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<GroupStep, ConfigError> {
+    fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<GroupStep, ConfigError> {
         Ok(GroupStep {
             name: self.name.get_ref().clone(),
             gid: self.gid,

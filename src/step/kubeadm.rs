@@ -31,8 +31,14 @@ pub struct Spec {
     pub timeout: Option<Spanned<String>>,
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = JoinStep;
+
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         use crate::template::{check_syntax, Origin};
         match (&self.config, &self.api_server, &self.token, &self.ca_cert_hash) {
             (Some(c), None, None, None) => check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?,
@@ -65,7 +71,7 @@ impl Spec {
         Ok(())
     }
 
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<JoinStep, ConfigError> {
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<JoinStep, ConfigError> {
         let l = &cx.load;
         let r = |f: &Spanned<String>| crate::template::render(l.env, &crate::template::Origin::Inline(l.pos(f)), f.get_ref(), cx.vars);
         let token = self.token.as_ref().map(r).transpose()?;
@@ -131,6 +137,10 @@ impl JoinStep {
 impl Kind for JoinStep {
     /// Joined already?
     type Observed = bool;
+
+    fn needs_live_system(&self) -> bool {
+        true
+    }
 
     fn check(&self, _host: &Host) -> Result<bool> {
         Ok(self.kubelet_conf.exists())

@@ -16,8 +16,14 @@ pub struct Spec {
     pub state: State,
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = LinkStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.path.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_abs_path(cx, &self.path)?;
         match (&self.target, self.state) {
             (None, State::Present) => Err(cx.err(&self.path, "a link step needs `target`")),
@@ -26,7 +32,7 @@ impl Spec {
         }
     }
 
-    pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<LinkStep, ConfigError> {
+    fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<LinkStep, ConfigError> {
         Ok(LinkStep {
             display: self.path.get_ref().clone(),
             target: self.target.as_ref().map(|t| t.get_ref().clone()),

@@ -2,37 +2,12 @@
 //! prepared (templates rendered) into a runnable step, and then runs `check` (read-only I/O)
 //! → `plan` (pure: the list of field changes) → `apply` (only when the plan is not empty).
 
-pub mod container;
-pub mod directory;
-pub mod exec;
-pub mod file;
-pub mod group;
-pub mod kubeadm;
-pub mod link;
-pub mod package;
-pub mod unit;
-pub mod user;
-
 use crate::error::{ConfigError, Pos};
 use crate::facts::Facts;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::Spanned;
-
-/// The step kinds this version runs.
-pub const KINDS: &[&str] = &[
-    "file",
-    "directory",
-    "link",
-    "user",
-    "group",
-    "exec",
-    "package",
-    "unit",
-    "container",
-    "kubeadm_join",
-];
 
 /// What every step kind shares.
 #[derive(Debug, Clone, Deserialize)]
@@ -58,34 +33,116 @@ pub enum State {
     Absent,
 }
 
-/// The parsed, validated table of one step (before templating).
-#[derive(Debug, Clone)]
-pub enum Spec {
-    File(file::Spec),
-    Directory(directory::Spec),
-    Link(link::Spec),
-    User(user::Spec),
-    Group(group::Spec),
-    Exec(exec::Spec),
-    Package(package::Spec),
-    Unit(unit::Spec),
-    Container(container::Spec),
-    KubeadmJoin(kubeadm::Spec),
+/// The registry of step kinds: one line per kind, `"name" => Variant(module)`. It declares the
+/// kind's module and generates the kind list, the `Spec` and `Step` enums and their dispatch.
+/// A new kind is its own file (a `Spec` implementing [`KindSpec`], a step implementing
+/// [`Kind`]) plus one line here.
+macro_rules! kinds {
+    ($($name:literal => $variant:ident($module:ident),)*) => {
+        $(pub mod $module;)*
+
+        /// The step kinds this version runs.
+        pub const KINDS: &[&str] = &[$($name),*];
+
+        /// The parsed, validated table of one step (before templating).
+        #[derive(Debug, Clone)]
+        pub enum Spec {
+            $($variant($module::Spec),)*
+        }
+
+        /// A step ready to run: templates rendered.
+        #[derive(Debug, Clone)]
+        pub enum Step {
+            $($variant(<$module::Spec as KindSpec>::Step),)*
+        }
+
+        impl Spec {
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Spec::$variant(_) => $name,)*
+                }
+            }
+
+            /// Parse a step table of the given kind (errors carry the key's position).
+            pub fn parse(kind: &Spanned<String>, table: Spanned<toml::de::DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<Spec, ConfigError> {
+                Ok(match kind.get_ref().as_str() {
+                    $($name => Spec::$variant(crate::error::de(table, cx.file, cx.src)?),)*
+                    k => return Err(cx.err(kind, format!("unknown step kind `{k}`; expected one of {}", KINDS.join(", ")))),
+                })
+            }
+
+            /// Static checks that need no facts (modes, paths, guards, template syntax, source files).
+            pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+                match self {
+                    $(Spec::$variant(s) => s.validate(cx),)*
+                }
+            }
+
+            /// `kind:identity`, the default step id.
+            pub fn identity(&self) -> String {
+                let (kind, tail) = match self {
+                    $(Spec::$variant(s) => ($name, s.identity()),)*
+                };
+                match tail {
+                    Some(t) => format!("{kind}:{t}"),
+                    None => kind.to_string(),
+                }
+            }
+
+            pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<Step, ConfigError> {
+                Ok(match self {
+                    $(Spec::$variant(s) => Step::$variant(s.prepare(cx)?),)*
+                })
+            }
+        }
+
+        impl Step {
+            /// check → plan, and when `apply` is given and something differs: `apply(plan)`, then
+            /// the step's apply. Returns the plan.
+            pub fn run(&self, host: &Host, apply: Option<BeforeApply<'_>>) -> Result<Vec<Change>> {
+                match self {
+                    $(Step::$variant(s) => converge(s, host, apply),)*
+                }
+            }
+
+            /// Steps that only make sense on the running system (skipped under `--root`).
+            pub fn needs_live_system(&self) -> bool {
+                match self {
+                    $(Step::$variant(s) => s.needs_live_system(),)*
+                }
+            }
+
+            /// The role marked the step `sensitive`: values stay out of errors and output.
+            pub fn mark_sensitive(&mut self) {
+                match self {
+                    $(Step::$variant(s) => s.mark_sensitive(),)*
+                }
+            }
+        }
+    };
 }
 
-/// A step ready to run: templates rendered, paths mapped under the root.
-#[derive(Debug, Clone)]
-pub enum Step {
-    File(file::FileStep),
-    Directory(directory::DirStep),
-    Link(link::LinkStep),
-    User(user::UserStep),
-    Group(group::GroupStep),
-    Exec(exec::ExecStep),
-    Package(package::PackageStep),
-    Unit(unit::UnitStep),
-    Container(container::ContainerStep),
-    KubeadmJoin(kubeadm::JoinStep),
+kinds! {
+    "file" => File(file),
+    "directory" => Directory(directory),
+    "link" => Link(link),
+    "user" => User(user),
+    "group" => Group(group),
+    "exec" => Exec(exec),
+    "package" => Package(package),
+    "unit" => Unit(unit),
+    "container" => Container(container),
+    "kubeadm_join" => KubeadmJoin(kubeadm),
+}
+
+/// A kind's parsed table: checked at load, prepared (templates rendered) into its step.
+pub trait KindSpec {
+    type Step: Kind;
+    /// The default id's part after `kind:` (None: the kind alone, for a kind a node has once).
+    fn identity(&self) -> Option<String>;
+    /// Static checks that need no facts.
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError>;
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<Self::Step, ConfigError>;
 }
 
 /// One field that differs between the host and the role.
@@ -195,6 +252,12 @@ pub trait Kind {
     fn plan(&self, observed: &Self::Observed) -> Vec<Change>;
     /// Make the host match. Called only when `plan` was not empty.
     fn apply(&self, host: &Host, observed: &Self::Observed, changes: &[Change]) -> Result<()>;
+    /// Only makes sense on the running system (skipped under `--root`).
+    fn needs_live_system(&self) -> bool {
+        false
+    }
+    /// The role marked the step `sensitive` (kinds whose errors would show values hide them).
+    fn mark_sensitive(&mut self) {}
 }
 
 /// Called with the plan just before a step applies it; an error stops the step.
@@ -208,113 +271,6 @@ fn converge<K: Kind>(k: &K, host: &Host, apply: Option<BeforeApply<'_>>) -> Resu
         k.apply(host, &observed, &changes)?;
     }
     Ok(changes)
-}
-
-impl Spec {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Spec::File(_) => "file",
-            Spec::Directory(_) => "directory",
-            Spec::Link(_) => "link",
-            Spec::User(_) => "user",
-            Spec::Group(_) => "group",
-            Spec::Exec(_) => "exec",
-            Spec::Package(_) => "package",
-            Spec::Unit(_) => "unit",
-            Spec::Container(_) => "container",
-            Spec::KubeadmJoin(_) => "kubeadm_join",
-        }
-    }
-
-    /// Parse a step table of the given kind (errors carry the key's position).
-    pub fn parse(kind: &Spanned<String>, table: Spanned<toml::de::DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<Spec, ConfigError> {
-        use crate::error::de;
-        let (f, s) = (cx.file, cx.src);
-        Ok(match kind.get_ref().as_str() {
-            "file" => Spec::File(de(table, f, s)?),
-            "directory" => Spec::Directory(de(table, f, s)?),
-            "link" => Spec::Link(de(table, f, s)?),
-            "user" => Spec::User(de(table, f, s)?),
-            "group" => Spec::Group(de(table, f, s)?),
-            "exec" => Spec::Exec(de(table, f, s)?),
-            "package" => Spec::Package(de(table, f, s)?),
-            "unit" => Spec::Unit(de(table, f, s)?),
-            "container" => Spec::Container(de(table, f, s)?),
-            "kubeadm_join" => Spec::KubeadmJoin(de(table, f, s)?),
-            k => return Err(cx.err(kind, format!("unknown step kind `{k}`; expected one of {}", KINDS.join(", ")))),
-        })
-    }
-
-    /// Static checks that need no facts (modes, paths, guards, template syntax, source files).
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
-        match self {
-            Spec::File(s) => s.validate(cx),
-            Spec::Directory(s) => s.validate(cx),
-            Spec::Link(s) => s.validate(cx),
-            Spec::User(s) => s.validate(cx),
-            Spec::Group(s) => s.validate(cx),
-            Spec::Exec(s) => s.validate(cx),
-            Spec::Package(s) => s.validate(cx),
-            Spec::Unit(s) => s.validate(cx),
-            Spec::Container(s) => s.validate(cx),
-            Spec::KubeadmJoin(s) => s.validate(cx),
-        }
-    }
-
-    /// `kind:identity`, the default step id.
-    pub fn identity(&self) -> String {
-        match self {
-            Spec::File(s) => format!("file:{}", s.path.get_ref()),
-            Spec::Directory(s) => format!("directory:{}", s.path.get_ref()),
-            Spec::Link(s) => format!("link:{}", s.path.get_ref()),
-            Spec::User(s) => format!("user:{}", s.name.get_ref()),
-            Spec::Group(s) => format!("group:{}", s.name.get_ref()),
-            Spec::Exec(s) => format!("exec:{}", s.command.get_ref().join(" ")),
-            Spec::Package(s) => format!("package:{}", s.names.iter().map(|n| n.get_ref().as_str()).collect::<Vec<_>>().join(",")),
-            Spec::Unit(s) => format!("unit:{}", s.name.get_ref()),
-            Spec::Container(s) => format!("container:{}", s.name.get_ref()),
-            Spec::KubeadmJoin(_) => "kubeadm_join".to_string(),
-        }
-    }
-
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<Step, ConfigError> {
-        Ok(match self {
-            Spec::File(s) => Step::File(s.prepare(cx)?),
-            Spec::Directory(s) => Step::Directory(s.prepare(cx)?),
-            Spec::Link(s) => Step::Link(s.prepare(cx)?),
-            Spec::User(s) => Step::User(s.prepare(cx)?),
-            Spec::Group(s) => Step::Group(s.prepare(cx)?),
-            Spec::Exec(s) => Step::Exec(s.prepare(cx)?),
-            Spec::Package(s) => Step::Package(s.prepare(cx)?),
-            Spec::Unit(s) => Step::Unit(s.prepare(cx)?),
-            Spec::Container(s) => Step::Container(s.prepare(cx)?),
-            Spec::KubeadmJoin(s) => Step::KubeadmJoin(s.prepare(cx)?),
-        })
-    }
-}
-
-impl Step {
-    /// check → plan, and when `apply` is given and something differs: `apply(plan)`, then
-    /// the step's apply. Returns the plan.
-    pub fn run(&self, host: &Host, apply: Option<BeforeApply<'_>>) -> Result<Vec<Change>> {
-        match self {
-            Step::File(s) => converge(s, host, apply),
-            Step::Directory(s) => converge(s, host, apply),
-            Step::Link(s) => converge(s, host, apply),
-            Step::User(s) => converge(s, host, apply),
-            Step::Group(s) => converge(s, host, apply),
-            Step::Exec(s) => converge(s, host, apply),
-            Step::Package(s) => converge(s, host, apply),
-            Step::Unit(s) => converge(s, host, apply),
-            Step::Container(s) => converge(s, host, apply),
-            Step::KubeadmJoin(s) => converge(s, host, apply),
-        }
-    }
-
-    /// Steps that only make sense on the running system (skipped under `--root`).
-    pub fn needs_live_system(&self) -> bool {
-        matches!(self, Step::Package(_) | Step::Container(_) | Step::KubeadmJoin(_))
-    }
 }
 
 /// Check a step's `content`/`source` body: the source exists inside the role's files/, and

@@ -36,8 +36,14 @@ pub const DPKG_LOCK_WAIT: Duration = Duration::from_secs(300);
 /// Package lists older than this are refreshed before an install.
 const LISTS_MAX_AGE: Duration = Duration::from_secs(3600);
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = PackageStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.names.iter().map(|n| n.get_ref().as_str()).collect::<Vec<_>>().join(","))
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         if self.names.is_empty() {
             return Err(ConfigError(format!("{}: a package step needs at least one name in `names`", cx.file.display())));
         }
@@ -56,7 +62,7 @@ impl Spec {
         Ok(())
     }
 
-    pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<PackageStep, ConfigError> {
+    fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<PackageStep, ConfigError> {
         Ok(PackageStep {
             packages: self
                 .names
@@ -228,6 +234,10 @@ fn apt(args: &[&str]) -> Result<runner::Output> {
 
 impl Kind for PackageStep {
     type Observed = Observed;
+
+    fn needs_live_system(&self) -> bool {
+        true
+    }
 
     fn check(&self, host: &Host) -> Result<Observed> {
         let manager = Manager::for_family(&host.facts.os.family, &host.facts.os.id)?;

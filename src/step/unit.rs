@@ -42,8 +42,14 @@ pub fn check_unit_name(name: &str) -> std::result::Result<(), String> {
     }
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = UnitStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.name.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_unit_name(self.name.get_ref()).map_err(|e| cx.err(&self.name, e))?;
         if let (Some(_), Some(s)) = (&self.content, &self.source) {
             return Err(cx.err(s, "a unit step takes `content` or `source`, not both"));
@@ -65,7 +71,7 @@ impl Spec {
         super::validate_body(cx, &self.content, &self.source, self.template)
     }
 
-    pub fn prepare(&self, cx: &PrepCtx<'_>) -> Result<UnitStep, ConfigError> {
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<UnitStep, ConfigError> {
         let name = self.name.get_ref().clone();
         let content = super::render_body(cx, &self.content, &self.source, self.template)?;
         let mut files = Vec::new();

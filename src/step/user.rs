@@ -24,8 +24,14 @@ pub struct Spec {
     pub state: State,
 }
 
-impl Spec {
-    pub fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+impl super::KindSpec for Spec {
+    type Step = UserStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.name.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_account_name(self.name.get_ref()).map_err(|e| cx.err(&self.name, e))?;
         for g in &self.groups {
             check_account_name(g.get_ref()).map_err(|e| cx.err(g, e))?;
@@ -36,7 +42,7 @@ impl Spec {
         Ok(())
     }
 
-    pub fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<UserStep, ConfigError> {
+    fn prepare(&self, _cx: &PrepCtx<'_>) -> Result<UserStep, ConfigError> {
         Ok(UserStep {
             name: self.name.get_ref().clone(),
             uid: self.uid,
