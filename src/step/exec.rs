@@ -66,6 +66,7 @@ impl super::KindSpec for Spec {
             env: self.env.clone(),
             cwd: Some(self.cwd.as_ref().map(|c| PathBuf::from(c.get_ref())).unwrap_or_else(|| PathBuf::from("/"))),
             timeout: None,
+            root: None,
         };
         let timeout = self.parse_timeout(l)?;
         let mut command = cmd(self.command.get_ref());

@@ -119,6 +119,7 @@ fn run(argv: &[&str], env: &[(&str, &str)], timeout: Duration) -> Result<runner:
         env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cwd: None,
         timeout: Some(timeout),
+        root: None,
     })
 }
 
