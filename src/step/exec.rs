@@ -4,7 +4,7 @@
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
 use crate::runner::{self, Cmd};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -71,7 +71,9 @@ impl super::KindSpec for Spec {
         let timeout = self.parse_timeout(l)?;
         let mut command = cmd(self.command.get_ref());
         command.timeout = timeout;
-        command.env.insert("BOOTSTRAP_ROOT".into(), cx.root.to_string_lossy().into_owned());
+        // The command sees the node (or, under --root, the image chrooted) as `/`; kept for roles
+        // that name paths as "$BOOTSTRAP_ROOT/etc/...".
+        command.env.insert("BOOTSTRAP_ROOT".into(), "/".into());
         Ok(ExecStep {
             command,
             creates: self.creates.as_ref().map(|c| c.get_ref().clone()),
@@ -114,8 +116,24 @@ pub struct Guards {
 }
 
 impl ExecStep {
-    fn guard(&self, c: &Cmd, which: &str) -> Result<bool> {
-        let out = runner::run(c)?;
+    /// Run `c` on the node: under `--root`, chrooted into the image root (its program, `cwd`
+    /// and every path it names are the image's, never the host's).
+    fn run(&self, c: &Cmd, host: &Host) -> Result<runner::Output> {
+        if host.is_live() {
+            return runner::run(c);
+        }
+        let mut c = c.clone();
+        c.root = Some(host.root.clone());
+        runner::run(&c).with_context(|| {
+            format!(
+                "under --root the command runs chrooted into {}: its program must exist inside that root",
+                host.root.display()
+            )
+        })
+    }
+
+    fn guard(&self, c: &Cmd, which: &str, host: &Host) -> Result<bool> {
+        let out = self.run(c, host)?;
         if out.timed_out {
             bail!("`{which}` guard {} timed out", self.show(c));
         }
@@ -145,11 +163,11 @@ impl Kind for ExecStep {
         };
         // Guards are skipped once the outcome is known: `creates` is cheapest.
         let unless_ok = match (&self.unless, created) {
-            (Some(u), false) => Some(self.guard(u, "unless")?),
+            (Some(u), false) => Some(self.guard(u, "unless", host)?),
             _ => None,
         };
         let onlyif_ok = match (&self.onlyif, created || unless_ok == Some(true)) {
-            (Some(o), false) => Some(self.guard(o, "onlyif")?),
+            (Some(o), false) => Some(self.guard(o, "onlyif", host)?),
             _ => None,
         };
         Ok(Guards { created, unless_ok, onlyif_ok })
@@ -172,8 +190,8 @@ impl Kind for ExecStep {
         }
     }
 
-    fn apply(&self, _host: &Host, _g: &Guards, _changes: &[Change]) -> Result<()> {
-        let out = runner::run(&self.command)?;
+    fn apply(&self, host: &Host, _g: &Guards, _changes: &[Change]) -> Result<()> {
+        let out = self.run(&self.command, host)?;
         if !out.success() {
             if self.sensitive {
                 bail!("command {} {}", Change::REDACTED, out.describe());

@@ -72,3 +72,35 @@ fn symlink_in_a_user_owned_directory_is_refused_on_a_booted_node() {
     assert_eq!(rep["steps"][0]["status"], "failed", "{rep:#}");
     assert_eq!(rep["steps"][1]["status"], "not_run", "{rep:#}");
 }
+
+/// Under `--root`, an `exec` step and its guards run chrooted into the root: the file its
+/// command writes to `/` lands in the image, `creates` and `cwd` resolve inside it, and a
+/// program the image does not have is a clear error.
+#[test]
+fn exec_under_root_runs_chrooted() {
+    let root = shell_root();
+    let name = format!("bootstrap-chroot-test-{}", std::process::id());
+    std::fs::create_dir_all(root.path().join("work")).unwrap();
+    let role = format!(
+        "schema = 1\n\
+         [[step]]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", \"pwd > /{name}; test -e /bin/sh\"]\ncwd = \"/work\"\ncreates = \"/{name}\"\n\
+         [[step]]\nkind = \"exec\"\ncommand = [\"touch\", \"/{name}.guarded\"]\nunless = [\"test\", \"-e\", \"/{name}.guarded\"]\n"
+    );
+    let b = bundle(&[("roles/r/role.toml", &role)]);
+    let r = run_role("apply", root.path(), b.path(), "r", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(!std::path::Path::new(&format!("/{name}")).exists(), "the command wrote on the HOST");
+    assert!(!std::path::Path::new(&format!("/{name}.guarded")).exists(), "the command wrote on the HOST");
+    assert_eq!(std::fs::read_to_string(root.path().join(&name)).unwrap(), "/work\n", "cwd inside the root");
+    assert!(root.path().join(format!("{name}.guarded")).exists());
+    let r = run_role("apply", root.path(), b.path(), "r", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "guards see the root: nothing to do\n{}", r.all());
+
+    let missing = bundle(&[(
+        "roles/m/role.toml",
+        "schema = 1\n[[step]]\nkind = \"exec\"\ncommand = [\"/usr/bin/no-such-tool\"]\ncreates = \"/never\"\n",
+    )]);
+    let r = run_role("apply", root.path(), missing.path(), "m", &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("chrooted into"), "{}", r.all());
+}

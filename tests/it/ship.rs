@@ -26,7 +26,7 @@ print(json.dumps(out))
 /// including a run that fails before its steps (the bundle source is gone).
 #[test]
 fn metrics_follow_failed_and_successful_runs() {
-    let root = tempfile::tempdir().unwrap();
+    let root = shell_root(); // its exec step runs chrooted into it
     std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
     std::fs::write(
         root.path().join("etc/bootstrap/config.toml"),

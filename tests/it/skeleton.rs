@@ -260,7 +260,7 @@ fn sensitive_content_never_reaches_output_or_report() {
         "schema = 1\n[vars]\ntoken = \"{SECRET}\"\n\n[[step]]\nkind = \"file\"\npath = \"/etc/app/token\"\ncontent = \"token={{{{ token }}}}\\n\"\ntemplate = true\nmode = \"0600\"\nsensitive = true\n\n[[step]]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", \"echo {SECRET}; echo {SECRET} >&2; exit 3\"]\nonlyif = [\"test\", \"-e\", \"/nonexistent-{SECRET}\"]\nsensitive = true\n"
     );
     let b = bundle(&[("roles/s/role.toml", &role)]);
-    let root = tempfile::tempdir().unwrap();
+    let root = shell_root(); // exec steps run chrooted into it
     let mut seen = String::new();
     let r = run_role("apply", root.path(), b.path(), "s", &["-vv"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -377,7 +377,7 @@ fn concurrent_applies_wait_for_each_other() {
     // Each run appends start/end around a sleep to a log; interleaving would show.
     let role = "schema = 1\n[[step]]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", \"echo start $$ >> \\\"$BOOTSTRAP_ROOT/log\\\"; sleep 1.5; echo end $$ >> \\\"$BOOTSTRAP_ROOT/log\\\"\"]\nonlyif = [\"true\"]\n";
     let b = bundle(&[("roles/c/role.toml", role)]);
-    let root = tempfile::tempdir().unwrap();
+    let root = shell_root(); // exec steps run chrooted into it
     let args = |extra: &'static [&'static str]| {
         let mut a: Vec<String> = [
             "apply",
@@ -457,7 +457,7 @@ fn failed_step_stops_the_run_and_reports_it() {
         "roles/f/role.toml",
         "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/one\"\ncontent = \"1\"\n[[step]]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", \"echo boom >&2; exit 7\"]\ncreates = \"/never\"\n[[step]]\nkind = \"file\"\npath = \"/three\"\ncontent = \"3\"\n",
     )]);
-    let root = tempfile::tempdir().unwrap();
+    let root = shell_root(); // exec steps run chrooted into it
     let r = run_role("apply", root.path(), b.path(), "f", &["--detailed-exitcodes"]);
     assert_eq!(r.code, 6, "changes and failures\n{}", r.all());
     assert!(!root.path().join("three").exists(), "a step after the failure ran");

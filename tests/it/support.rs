@@ -140,3 +140,27 @@ pub fn bundle(files: &[(&str, &str)]) -> tempfile::TempDir {
     }
     d
 }
+
+/// An image root holding a shell and a few tools with their libraries (copied from the host by
+/// `ldd`), for `exec` steps, which run chrooted into the root under `--root`.
+pub fn shell_root() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let bin = d.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["sh", "true", "false", "test", "sleep", "cat", "touch"] {
+        let host = Path::new("/bin").join(tool);
+        let real = std::fs::canonicalize(&host).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+        std::fs::copy(&real, bin.join(tool)).unwrap();
+        let ldd = Command::new("ldd").arg(&real).output().expect("ldd (libc-bin)");
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+            let lib = line.split("=>").last().unwrap().trim().split(' ').next().unwrap();
+            if lib.starts_with('/') {
+                let dst = d.path().join(lib.trim_start_matches('/'));
+                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+                std::fs::copy(lib, &dst).unwrap();
+            }
+        }
+    }
+    d
+}
