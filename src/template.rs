@@ -6,6 +6,12 @@ use crate::error::{line_col, ConfigError, Pos};
 use minijinja::{Environment, UndefinedBehavior, Value};
 use std::path::Path;
 
+/// How many instructions one render (or one `when` expression) may execute. Ample for any
+/// config (a loop writing 100,000 backend lines renders); an endless or huge loop stops here
+/// (after 0.9 s of CPU in a debug build) with an error naming the template, instead of hanging
+/// the run.
+pub const FUEL: u64 = 5_000_000;
+
 /// Where a template's text came from, so errors can name it.
 #[derive(Debug, Clone)]
 pub enum Origin {
@@ -19,6 +25,7 @@ pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
+    env.set_fuel(Some(FUEL));
     // secret("ssm:/path") | secret("file:/path"): the value, remembered for redaction.
     env.add_function("secret", |uri: String| -> Result<String, minijinja::Error> {
         crate::secrets::resolve(&uri).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("{e:#}")))
@@ -35,6 +42,9 @@ pub fn context(vars: &toml::Table, facts: &crate::facts::Facts) -> Value {
 
 fn describe(origin: &Origin, src: &str, e: &minijinja::Error) -> ConfigError {
     let what = match e.detail() {
+        _ if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+            format!("template error: stopped after {FUEL} instructions (an endless or too large loop?)")
+        }
         Some(d) => format!("template error: {} ({d})", e.kind()),
         None => format!("template error: {}", e.kind()),
     };
@@ -108,5 +118,23 @@ mod tests {
         };
         assert!(eval_when(&env, &pos, "a == 1", &ctx).unwrap());
         assert!(eval_when(&env, &pos, "nope == 1", &ctx).is_err());
+    }
+
+    /// A template with a loop too large to finish stops with an error that names it, instead
+    /// of hanging the run (10^10 iterations, each well inside minijinja's range limit).
+    #[test]
+    fn an_endless_template_stops_with_an_error_naming_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let env = environment();
+            let ctx = Value::from_serialize(serde_json::json!({}));
+            let src = "ok\n{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n";
+            let _ = tx.send(render(&env, &Origin::File("roles/x/files/loop.j2".into()), src, &ctx));
+        });
+        // Not a timing goal: without a limit the render runs for hours; a minute means "hangs".
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the template hung");
+        let err = got.expect_err("a 10^10-step template must fail").to_string();
+        assert!(err.starts_with("roles/x/files/loop.j2:2:"), "{err}");
+        assert!(err.contains("stopped after") && err.contains("loop"), "{err}");
     }
 }
