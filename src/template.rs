@@ -4,6 +4,7 @@
 
 use crate::error::{line_col, ConfigError, Pos};
 use minijinja::{Environment, UndefinedBehavior, Value};
+use std::cell::Cell;
 use std::path::Path;
 
 /// How many instructions one render (or one `when` expression) may execute. Ample for any
@@ -11,6 +12,27 @@ use std::path::Path;
 /// (after 0.9 s of CPU in a debug build) with an error naming the template, instead of hanging
 /// the run.
 pub const FUEL: u64 = 5_000_000;
+
+thread_local! {
+    /// `secret()` calls on this thread so far (see [`SecretCalls`]).
+    static SECRET_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Did rendering call `secret()`? Take a mark before rendering a step's templates and ask
+/// after: any call in between, through any filter or macro, counts (the value itself is never
+/// looked at, so a secret that a filter reshapes is still known).
+#[derive(Debug, Clone, Copy)]
+pub struct SecretCalls(u64);
+
+impl SecretCalls {
+    pub fn mark() -> SecretCalls {
+        SecretCalls(SECRET_CALLS.with(Cell::get))
+    }
+
+    pub fn called_since(self) -> bool {
+        SECRET_CALLS.with(Cell::get) != self.0
+    }
+}
 
 /// Where a template's text came from, so errors can name it.
 #[derive(Debug, Clone)]
@@ -26,8 +48,10 @@ pub fn environment() -> Environment<'static> {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
     env.set_fuel(Some(FUEL));
-    // secret("ssm:/path") | secret("file:/path"): the value, remembered for redaction.
+    // secret("ssm:/path") | secret("file:/path"): the value, remembered for redaction; the
+    // call is counted, so the step that rendered it is sensitive as a whole.
     env.add_function("secret", |uri: String| -> Result<String, minijinja::Error> {
+        SECRET_CALLS.with(|c| c.set(c.get().wrapping_add(1)));
         crate::secrets::resolve(&uri).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("{e:#}")))
     });
     env
@@ -118,6 +142,29 @@ mod tests {
         };
         assert!(eval_when(&env, &pos, "a == 1", &ctx).unwrap());
         assert!(eval_when(&env, &pos, "nope == 1", &ctx).is_err());
+    }
+
+    /// A render that calls `secret()` is known as such, whatever filter reshapes the value;
+    /// one that does not is not.
+    #[test]
+    fn a_render_that_calls_secret_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "line-one-4hQ\nline-two-9Zx\n").unwrap();
+        let env = environment();
+        let ctx = Value::from_serialize(serde_json::json!({"a": 1}));
+        let origin = Origin::File("t.j2".into());
+        let mark = SecretCalls::mark();
+        assert_eq!(render(&env, &origin, "x={{ a }}\n", &ctx).unwrap(), "x=1\n");
+        assert!(!mark.called_since(), "no secret() in that render");
+        let src = format!("k:\n  {{{{ secret('file:{}') | indent(2) | upper }}}}\n", key.display());
+        let mark = SecretCalls::mark();
+        assert_eq!(render(&env, &origin, &src, &ctx).unwrap(), "k:\n  LINE-ONE-4HQ\n  LINE-TWO-9ZX\n");
+        assert!(mark.called_since(), "secret() through filters is seen");
+        // A second call (the value now cached) counts as well.
+        let mark = SecretCalls::mark();
+        render(&env, &origin, &format!("{{% if secret('file:{}') %}}x{{% endif %}}", key.display()), &ctx).unwrap();
+        assert!(mark.called_since());
     }
 
     /// A template with a loop too large to finish stops with an error that names it, instead

@@ -96,9 +96,12 @@ pub struct Change {
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
-    /// Unified diff for file content.
+    /// Unified diff for file content (or, for a sensitive step, a summary without content).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<String>,
+    /// `diff` is a summary that shows no content (only hashes): redaction keeps it.
+    #[serde(skip)]
+    pub summary: bool,
 }
 
 impl Change {
@@ -108,21 +111,42 @@ impl Change {
             from: from.map(|s| s.to_string()),
             to: to.map(|s| s.to_string()),
             diff: None,
+            summary: false,
+        }
+    }
+
+    /// A content change shown without its content (a sensitive step): "content changed,
+    /// sha256 a→b" (`(none)` for a new file).
+    pub fn content_summary(field: &str, old: Option<&[u8]>, new: &[u8]) -> Change {
+        let old = old.map(short_sha).unwrap_or_else(|| "(none)".into());
+        let diff = format!("content changed, sha256 {old}→{} (sensitive: not shown)\n", short_sha(new));
+        Change {
+            diff: Some(diff),
+            summary: true,
+            ..Change::new::<&str, &str>(field, None, None)
         }
     }
 
     pub const REDACTED: &'static str = "<redacted>";
 
-    /// The same change with every value replaced (for `sensitive` steps).
+    /// The same change with every value replaced (for `sensitive` steps); a content summary,
+    /// which holds no content, is kept.
     pub fn redacted(&self) -> Change {
         let r = |o: &Option<String>| o.as_ref().map(|_| Self::REDACTED.to_string());
         Change {
             field: self.field.clone(),
             from: r(&self.from),
             to: r(&self.to),
-            diff: r(&self.diff),
+            diff: if self.summary { self.diff.clone() } else { r(&self.diff) },
+            summary: self.summary,
         }
     }
+}
+
+/// The first 12 hex digits of a sha256, as diffs and summaries show it.
+pub fn short_sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))[..12].to_string()
 }
 
 /// What a step needs from the host it runs on.
@@ -306,6 +330,19 @@ impl Step {
             Step::Unit(s) => converge(s, host, apply),
             Step::Container(s) => converge(s, host, apply),
             Step::KubeadmJoin(s) => converge(s, host, apply),
+        }
+    }
+
+    /// The step's rendering called `secret()` (or the role says `sensitive = true`): it is
+    /// sensitive as a whole. Files and units show no content diff, only a summary; a file
+    /// without a mode of its own is 0600; an exec step keeps its argv and output out of errors.
+    /// (The engine redacts every change value of such a step.)
+    pub fn mark_sensitive(&mut self) {
+        match self {
+            Step::File(f) => f.mark_sensitive(),
+            Step::Unit(u) => u.sensitive = true,
+            Step::Exec(e) => e.sensitive = true,
+            Step::Directory(_) | Step::Link(_) | Step::User(_) | Step::Group(_) | Step::Package(_) | Step::Container(_) | Step::KubeadmJoin(_) => {}
         }
     }
 

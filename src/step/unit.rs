@@ -94,6 +94,7 @@ impl Spec {
             enabled: self.enabled,
             active: self.active,
             masked: self.masked,
+            sensitive: false,
         })
     }
 }
@@ -114,6 +115,19 @@ pub struct UnitStep {
     pub enabled: Option<bool>,
     pub active: Option<bool>,
     pub masked: Option<bool>,
+    /// Its files hold a secret: changes are summarised, never diffed, and the files are 0600.
+    pub sensitive: bool,
+}
+
+impl UnitStep {
+    /// Mode of the unit files and drop-ins written.
+    fn file_mode(&self) -> u32 {
+        if self.sensitive {
+            0o600
+        } else {
+            0o644
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,10 +163,13 @@ impl Kind for UnitStep {
         let mut c = Vec::new();
         for (f, have) in self.files.iter().zip(&o.files) {
             if have.as_deref() != Some(f.content.as_slice()) {
-                let old = have.as_deref().unwrap_or_default();
-                c.push(Change {
-                    diff: Some(content_diff(&f.display, old, &f.content)),
-                    ..Change::new::<&str, &str>(&f.field, None, None)
+                c.push(if self.sensitive {
+                    Change::content_summary(&f.field, have.as_deref(), &f.content)
+                } else {
+                    Change {
+                        diff: Some(content_diff(&f.display, have.as_deref().unwrap_or_default(), &f.content)),
+                        ..Change::new::<&str, &str>(&f.field, None, None)
+                    }
                 });
             }
         }
@@ -176,7 +193,7 @@ impl Kind for UnitStep {
         for f in &self.files {
             if has(&f.field) {
                 fsutil::create_parents(&f.path)?;
-                fsutil::atomic_write(&f.path, &f.content, 0o644, None)?;
+                fsutil::atomic_write(&f.path, &f.content, self.file_mode(), None)?;
                 files_changed = true;
             }
         }
@@ -230,6 +247,7 @@ mod tests {
             enabled: Some(true),
             active: Some(true),
             masked: None,
+            sensitive: false,
         };
         let st = |f: &str, a: &str| Observed {
             files: vec![],
