@@ -213,3 +213,62 @@ fn a_short_secret_keeps_the_report_valid_and_the_step_sensitive() {
     assert_eq!(change["field"], "content", "{doc:#}");
     assert!(change["diff"].as_str().unwrap().starts_with("content changed, sha256 "), "{doc:#}");
 }
+
+/// The structural rule does not depend on finding the value in the text: a secret reshaped by a
+/// filter (`upper`, `replace`), in a `source` template or a unit's drop-in, cannot be matched
+/// by any redaction, and still never shows: the steps that rendered it are sensitive as a
+/// whole (a content summary instead of a diff, every file they write 0600).
+#[test]
+fn a_secret_reshaped_by_a_filter_is_still_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("s");
+    std::fs::write(&secret, "lower-secret-value-x1\n").unwrap();
+    let s = secret.display();
+    let role = format!(
+        "schema = 1\n\
+         [[step]]\nkind = \"file\"\npath = \"/etc/app/upper.conf\"\nsource = \"upper.conf.j2\"\ntemplate = true\n\
+         [[step]]\nkind = \"unit\"\nname = \"app.service\"\ncontent = \"[Service]\\nExecStart=/bin/true\\n\"\ntemplate = true\n\
+         [step.dropins]\n\"10-env.conf\" = \"[Service]\\nEnvironment=KEY={{{{ secret('file:{s}') | replace('-', '_') }}}}\\n\"\n\
+         [[step]]\nkind = \"file\"\npath = \"/etc/app/public.conf\"\ncontent = \"public-line\\n\"\n"
+    );
+    let b = bundle(&[
+        ("roles/f/role.toml", &role),
+        ("roles/f/files/upper.conf.j2", &format!("KEY={{{{ secret('file:{s}') | upper }}}}\n")),
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let mut seen = String::new();
+    let r = run_role("apply", root.path(), b.path(), "f", &["-vv"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    seen += &r.all();
+    seen += &std::fs::read_to_string(root.path().join("var/lib/bootstrap/last-run.json")).unwrap();
+    let upper = std::fs::read_to_string(root.path().join("etc/app/upper.conf")).unwrap();
+    assert_eq!(upper, "KEY=LOWER-SECRET-VALUE-X1\n", "the test can see the reshaped secret");
+
+    std::fs::write(&secret, "other-secret-value-y2\n").unwrap();
+    let plan = run_role("plan", root.path(), b.path(), "f", &["-vv"]);
+    assert_eq!(plan.code, 0, "{}", plan.all());
+    let plan_text = plan.stdout.clone();
+    seen += &plan.all();
+    seen += &run_role("plan", root.path(), b.path(), "f", &["--json"]).all();
+    let r = run_role("apply", root.path(), b.path(), "f", &["-vv", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    seen += &r.all();
+    seen += &std::fs::read_to_string(root.path().join("var/lib/bootstrap/last-run.json")).unwrap();
+    let leaked: Vec<&str> = [
+        "LOWER-SECRET-VALUE-X1",
+        "lower_secret_value_x1",
+        "OTHER-SECRET-VALUE-Y2",
+        "other_secret_value_y2",
+    ]
+    .into_iter()
+    .filter(|v| seen.contains(v))
+    .collect();
+    assert!(leaked.is_empty(), "leaked: {leaked:?}\n{seen}");
+    assert_eq!(plan_text.matches("content changed, sha256 ").count(), 2, "{plan_text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(root.path().join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("etc/app/upper.conf"), 0o600);
+    assert_eq!(mode("etc/systemd/system/app.service.d/10-env.conf"), 0o600);
+    assert_eq!(mode("etc/systemd/system/app.service"), 0o600, "the whole unit step is sensitive");
+    assert_eq!(mode("etc/app/public.conf"), 0o644, "a step without a secret is not");
+}
