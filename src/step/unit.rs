@@ -266,4 +266,35 @@ mod tests {
         assert!(check_unit_name("haproxy.service").is_ok() && check_unit_name("getty@tty1.service").is_ok());
         assert!(check_unit_name("haproxy").is_err() && check_unit_name(".service").is_err() && check_unit_name("a/b.service").is_err());
     }
+
+    /// A unit step whose rendering used a secret: its files' changes are summaries, and the
+    /// files are written 0600.
+    #[test]
+    fn a_sensitive_unit_plans_without_its_content() {
+        let mut s = UnitStep {
+            name: "x.service".into(),
+            files: vec![UnitFile {
+                display: "/etc/systemd/system/x.service.d/10-env.conf".into(),
+                path: "/nonexistent/10-env.conf".into(),
+                content: b"[Service]\nEnvironment=KEY=new-secret-value\n".to_vec(),
+                field: "dropin:10-env.conf".into(),
+            }],
+            enabled: None,
+            active: None,
+            masked: None,
+            sensitive: false,
+        };
+        let have = Observed {
+            files: vec![Some(b"[Service]\nEnvironment=KEY=old-secret-value\n".to_vec())],
+            state: None,
+        };
+        assert!(s.plan(&have)[0].diff.as_deref().unwrap().contains("+Environment=KEY=new-secret-value"));
+        assert_eq!(s.file_mode(), 0o644);
+        s.sensitive = true;
+        let plan = s.plan(&have);
+        assert_eq!(plan[0].field, "dropin:10-env.conf");
+        let d = plan[0].diff.as_deref().unwrap();
+        assert!(d.starts_with("content changed, sha256 ") && !d.contains("secret-value"), "{d}");
+        assert_eq!(s.file_mode(), 0o600);
+    }
 }
