@@ -4,7 +4,35 @@
 
 use crate::error::{line_col, ConfigError, Pos};
 use minijinja::{Environment, UndefinedBehavior, Value};
+use std::cell::Cell;
 use std::path::Path;
+
+/// How many instructions one render (or one `when` expression) may execute. Ample for any
+/// config (a loop writing 100,000 backend lines renders); an endless or huge loop stops here
+/// (after 0.9 s of CPU in a debug build) with an error naming the template, instead of hanging
+/// the run.
+pub const FUEL: u64 = 5_000_000;
+
+thread_local! {
+    /// `secret()` calls on this thread so far (see [`SecretCalls`]).
+    static SECRET_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Did rendering call `secret()`? Take a mark before rendering a step's templates and ask
+/// after: any call in between, through any filter or macro, counts (the value itself is never
+/// looked at, so a secret that a filter reshapes is still known).
+#[derive(Debug, Clone, Copy)]
+pub struct SecretCalls(u64);
+
+impl SecretCalls {
+    pub fn mark() -> SecretCalls {
+        SecretCalls(SECRET_CALLS.with(Cell::get))
+    }
+
+    pub fn called_since(self) -> bool {
+        SECRET_CALLS.with(Cell::get) != self.0
+    }
+}
 
 /// Where a template's text came from, so errors can name it.
 #[derive(Debug, Clone)]
@@ -19,8 +47,11 @@ pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
-    // secret("ssm:/path") | secret("file:/path"): the value, remembered for redaction.
+    env.set_fuel(Some(FUEL));
+    // secret("ssm:/path") | secret("file:/path"): the value, remembered for redaction; the
+    // call is counted, so the step that rendered it is sensitive as a whole.
     env.add_function("secret", |uri: String| -> Result<String, minijinja::Error> {
+        SECRET_CALLS.with(|c| c.set(c.get().wrapping_add(1)));
         crate::secrets::resolve(&uri).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("{e:#}")))
     });
     env
@@ -35,6 +66,9 @@ pub fn context(vars: &toml::Table, facts: &crate::facts::Facts) -> Value {
 
 fn describe(origin: &Origin, src: &str, e: &minijinja::Error) -> ConfigError {
     let what = match e.detail() {
+        _ if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+            format!("template error: stopped after {FUEL} instructions (an endless or too large loop?)")
+        }
         Some(d) => format!("template error: {} ({d})", e.kind()),
         None => format!("template error: {}", e.kind()),
     };
@@ -108,5 +142,46 @@ mod tests {
         };
         assert!(eval_when(&env, &pos, "a == 1", &ctx).unwrap());
         assert!(eval_when(&env, &pos, "nope == 1", &ctx).is_err());
+    }
+
+    /// A render that calls `secret()` is known as such, whatever filter reshapes the value;
+    /// one that does not is not.
+    #[test]
+    fn a_render_that_calls_secret_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "line-one-4hQ\nline-two-9Zx\n").unwrap();
+        let env = environment();
+        let ctx = Value::from_serialize(serde_json::json!({"a": 1}));
+        let origin = Origin::File("t.j2".into());
+        let mark = SecretCalls::mark();
+        assert_eq!(render(&env, &origin, "x={{ a }}\n", &ctx).unwrap(), "x=1\n");
+        assert!(!mark.called_since(), "no secret() in that render");
+        let src = format!("k:\n  {{{{ secret('file:{}') | indent(2) | upper }}}}\n", key.display());
+        let mark = SecretCalls::mark();
+        assert_eq!(render(&env, &origin, &src, &ctx).unwrap(), "k:\n  LINE-ONE-4HQ\n  LINE-TWO-9ZX\n");
+        assert!(mark.called_since(), "secret() through filters is seen");
+        // A second call (the value now cached) counts as well.
+        let mark = SecretCalls::mark();
+        render(&env, &origin, &format!("{{% if secret('file:{}') %}}x{{% endif %}}", key.display()), &ctx).unwrap();
+        assert!(mark.called_since());
+    }
+
+    /// A template with a loop too large to finish stops with an error that names it, instead
+    /// of hanging the run (10^10 iterations, each well inside minijinja's range limit).
+    #[test]
+    fn an_endless_template_stops_with_an_error_naming_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let env = environment();
+            let ctx = Value::from_serialize(serde_json::json!({}));
+            let src = "ok\n{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n";
+            let _ = tx.send(render(&env, &Origin::File("roles/x/files/loop.j2".into()), src, &ctx));
+        });
+        // Not a timing goal: without a limit the render runs for hours; a minute means "hangs".
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the template hung");
+        let err = got.expect_err("a 10^10-step template must fail").to_string();
+        assert!(err.starts_with("roles/x/files/loop.j2:2:"), "{err}");
+        assert!(err.contains("stopped after") && err.contains("loop"), "{err}");
     }
 }

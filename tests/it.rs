@@ -53,3 +53,6 @@ mod ship;
 
 #[path = "it/root_paths.rs"]
 mod root_paths;
+
+#[path = "it/secrets.rs"]
+mod secrets;

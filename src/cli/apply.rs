@@ -126,7 +126,7 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         }
     }
     if a.json {
-        println!("{}", crate::secrets::redact(&serde_json::to_string_pretty(&report)?));
+        println!("{}", engine::report_json(&report)?);
     } else if std::io::stdout().is_terminal() || mode == Mode::Plan || report.failed() || report.summary.changed > 0 {
         print!("{}", crate::secrets::redact(&report.human()));
     } else {

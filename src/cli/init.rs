@@ -61,6 +61,7 @@ fn install_units(cx: &Context) -> Result<()> {
             enabled,
             active,
             masked: None,
+            sensitive: false,
         });
         let mut noop = |_: &[crate::step::Change]| Ok(());
         let changes = step.run(&host, Some(&mut noop)).with_context(|| format!("installing {name}"))?;

@@ -305,9 +305,15 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, e
                 Some(w) => crate::template::eval_when(env, &load.pos(w), w.get_ref(), &ctx)?,
                 None => true,
             };
+            // A step whose rendering called secret() (any of its templates, through any
+            // filter) is sensitive as a whole, as if the role said `sensitive = true`.
+            let mut sensitive = rs.common.sensitive;
             let step = if active {
+                let mark = crate::template::SecretCalls::mark();
                 let mut s = rs.spec.prepare(&PrepCtx { load, vars: &ctx, root })?;
-                if rs.common.sensitive {
+                // (A file whose content holds a value known as secret marks itself.)
+                sensitive |= mark.called_since() || s.is_sensitive();
+                if sensitive {
                     s.mark_sensitive();
                 }
                 Some(s)
@@ -326,7 +332,7 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, e
                     .map(|n| Notify::parse(n.get_ref()).expect("validated at load"))
                     .collect(),
                 reboot_required: rs.common.reboot_required,
-                sensitive: rs.common.sensitive,
+                sensitive,
                 step,
             });
         }

@@ -48,20 +48,21 @@ impl super::KindSpec for Spec {
     fn prepare(&self, cx: &PrepCtx<'_>) -> Result<FileStep, ConfigError> {
         let l = &cx.load;
         let content = super::render_body(cx, &self.content, &self.source, self.template)?;
-        // A file holding a secret and no mode of its own is private to its owner (0600), not
-        // the usual 0644.
-        let mut mode = parse_mode(l, &self.mode)?;
-        if mode.is_none() && content.as_deref().is_some_and(|c| crate::secrets::is_secret(&String::from_utf8_lossy(c))) {
-            mode = Some(fsutil::Mode(0o600));
-        }
-        Ok(FileStep {
+        let mut step = FileStep {
             display: self.path.get_ref().clone(),
             content,
-            mode,
+            mode: parse_mode(l, &self.mode)?,
             owner: self.owner.clone(),
             group: self.group.clone(),
             state: self.state,
-        })
+            sensitive: false,
+        };
+        // A step whose templates called secret() is made sensitive by `role::prepare`. Second
+        // net: content that holds a value known as secret (a kubeadm token seen earlier, say).
+        if step.content.as_deref().is_some_and(|c| crate::secrets::is_secret(&String::from_utf8_lossy(c))) {
+            step.mark_sensitive();
+        }
+        Ok(step)
     }
 }
 
@@ -74,6 +75,8 @@ pub struct FileStep {
     pub owner: Option<String>,
     pub group: Option<String>,
     pub state: State,
+    /// Holds a secret: content changes are summarised (sha256), never diffed.
+    pub sensitive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +96,9 @@ pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
         return format!(
             "content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {}); too large to diff\n",
             old.len(),
-            sha(old),
+            super::short_sha(old),
             new.len(),
-            sha(new)
+            super::short_sha(new)
         );
     }
     match (std::str::from_utf8(old), std::str::from_utf8(new)) {
@@ -109,20 +112,40 @@ pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
         _ => format!(
             "binary content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {})\n",
             old.len(),
-            sha(old),
+            super::short_sha(old),
             new.len(),
-            sha(new)
+            super::short_sha(new)
         ),
     }
 }
 
-fn sha(b: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(b))[..12].to_string()
+impl FileStep {
+    /// Holds a secret: no content diff, and private (0600) when the role names no mode.
+
+    /// The `content` change: a unified diff, or for a sensitive file a summary without content.
+    fn content_change(&self, old: Option<&[u8]>, new: &[u8]) -> Change {
+        if self.sensitive {
+            return Change::content_summary("content", old, new);
+        }
+        Change {
+            diff: Some(content_diff(&self.display, old.unwrap_or_default(), new)),
+            ..Change::new::<&str, &str>("content", None, None)
+        }
+    }
 }
 
 impl Kind for FileStep {
     type Observed = Observed;
+
+    /// No content diff (a summary instead), and a file without a mode of its own is 0600.
+    fn mark_sensitive(&mut self) {
+        self.sensitive = true;
+        self.mode.get_or_insert(Mode(0o600));
+    }
+
+    fn is_sensitive(&self) -> bool {
+        self.sensitive
+    }
 
     fn check(&self, host: &Host) -> Result<Observed> {
         let Some(at) = host.fs()?.parent(&self.display, false)? else {
@@ -153,10 +176,7 @@ impl Kind for FileStep {
             (State::Present, Observed::Missing) => {
                 let new = self.content.as_deref().unwrap_or_default();
                 let mut c = vec![Change::new("state", Some("absent"), Some("present"))];
-                c.push(Change {
-                    diff: Some(content_diff(&self.display, b"", new)),
-                    ..Change::new::<&str, &str>("content", None, None)
-                });
+                c.push(self.content_change(None, new));
                 c.push(Change::new("mode", None::<&str>, Some(self.mode.unwrap_or(DEFAULT_MODE))));
                 if let Some(o) = &self.owner {
                     c.push(Change::new("owner", None::<&str>, Some(o)));
@@ -170,10 +190,7 @@ impl Kind for FileStep {
                 let mut c = Vec::new();
                 let new = self.content.as_deref().unwrap_or_default();
                 if content.as_slice() != new {
-                    c.push(Change {
-                        diff: Some(content_diff(&self.display, content, new)),
-                        ..Change::new::<&str, &str>("content", None, None)
-                    });
+                    c.push(self.content_change(Some(content), new));
                 }
                 c.extend(meta_changes(self.mode, &self.owner, &self.group, meta));
                 c
@@ -227,6 +244,7 @@ mod tests {
             owner: Some("root".into()),
             group: None,
             state: State::Present,
+            sensitive: false,
         }
     }
 
@@ -259,6 +277,31 @@ mod tests {
         let mut numeric = step("a\n", None);
         numeric.owner = Some("0".into());
         assert!(fields(&numeric, &have("a\n", 0o644)).is_empty());
+    }
+
+    /// A file whose rendering used a secret: no content in its plan (a summary that the
+    /// engine's redaction keeps), and private when the role names no mode.
+    #[test]
+    fn a_sensitive_file_plans_without_its_content() {
+        let mut s = step("new-secret-line\n", None);
+        s.mark_sensitive();
+        assert_eq!(s.mode, Some(Mode(0o600)));
+        let have = Observed::File {
+            content: b"old-secret-line\n".to_vec(),
+            meta: meta(0o644),
+        };
+        let plan = s.plan(&have);
+        assert_eq!(plan.iter().map(|c| c.field.as_str()).collect::<Vec<_>>(), ["content", "mode"]);
+        let d = plan[0].diff.clone().unwrap();
+        assert!(d.starts_with("content changed, sha256 ") && !d.contains("secret-line"), "{d}");
+        assert_eq!(plan[0].redacted().diff, Some(d));
+        assert_eq!(plan[1].redacted().to.as_deref(), Some("<redacted>"));
+        let new = s.plan(&Observed::Missing);
+        assert!(new[1].diff.as_deref().unwrap().starts_with("content changed, sha256 (none)→"), "{new:?}");
+        // A mode of its own is kept.
+        let mut own = step("x\n", Some(0o640));
+        own.mark_sensitive();
+        assert_eq!(own.mode, Some(Mode(0o640)));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `kubeadm_join`: join this node to a Kubernetes cluster once. A node with
 //! `/etc/kubernetes/kubelet.conf` is joined and never joined again. The token is always treated
-//! as a secret: it never appears in a log, report, error or the echoed argv.
+//! as a secret: it never appears in a log, report, error or argv. kubeadm always reads it from
+//! a JoinConfiguration file (mode 0600, removed after the join), never from its command line,
+//! which any local user can read in `ps` while the join runs.
 
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
@@ -13,6 +15,22 @@ use toml::Spanned;
 
 pub const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The JoinConfiguration kubeadm reads (0600, removed after the join; the run lock makes one
+/// fixed name safe, and a name that does not change keeps the argv golden).
+pub const JOIN_CONFIG: &str = "/run/bootstrap/kubeadm-join.yaml";
+/// kubeadm join's flags that it accepts beside `--config` (kubeadm's `isAllowedFlag`, 1.30),
+/// and every `--skip-*`. Any other must go into the JoinConfiguration (and `--config` is ours).
+const MIXABLE_FLAGS: &[&str] = &[
+    "ignore-preflight-errors",
+    "dry-run",
+    "kubeconfig",
+    "node-name",
+    "upload-certs",
+    "print-join-command",
+    "rootfs",
+    "v",
+    "log-file",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +82,21 @@ impl super::KindSpec for Spec {
         }
         for a in &self.extra_args {
             check_syntax(cx.env, &Origin::Inline(cx.pos(a)), a.get_ref())?;
+            if let Some(flag) = a.get_ref().strip_prefix('-').filter(|_| !a.get_ref().contains("{{")) {
+                let name = flag.trim_start_matches('-').split('=').next().unwrap_or_default();
+                if !MIXABLE_FLAGS.contains(&name) && !name.starts_with("skip-") {
+                    return Err(cx.err(
+                        a,
+                        format!(
+                            "kubeadm join does not take `{}` beside --config, and the join token is always passed in a \
+                             JoinConfiguration (never on the command line, where `ps` shows it): set it in `config` \
+                             instead; extra_args may hold {}, --skip-*",
+                            a.get_ref(),
+                            MIXABLE_FLAGS.iter().map(|f| format!("--{f}")).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
         }
         if let Some(t) = &self.timeout {
             humantime::parse_duration(t.get_ref()).map_err(|e| cx.err(t, format!("invalid timeout {:?}: {e}", t.get_ref())))?;
@@ -118,19 +151,37 @@ pub struct JoinStep {
 }
 
 impl JoinStep {
-    /// kubeadm's argv; `config_path` when joining from a JoinConfiguration file.
-    pub fn argv(&self, config_path: Option<&str>) -> Vec<String> {
-        let mut a = vec!["kubeadm".to_string(), "join".to_string()];
-        match config_path {
-            Some(p) => a.extend(["--config".to_string(), p.to_string()]),
-            None => {
-                a.push(self.api_server.clone().unwrap_or_default());
-                a.extend(["--token".to_string(), self.token.clone().unwrap_or_default()]);
-                a.extend(["--discovery-token-ca-cert-hash".to_string(), self.ca_cert_hash.clone().unwrap_or_default()]);
-            }
+    /// The JoinConfiguration kubeadm reads: the role's `config`, or one made from
+    /// `api_server`, `token` and `ca_cert_hash` (values quoted as JSON strings, which YAML reads
+    /// as they are, whatever they hold).
+    pub fn join_config(&self) -> String {
+        if let Some(c) = &self.config {
+            return c.clone();
         }
+        let q = |v: &Option<String>| serde_json::to_string(v.as_deref().unwrap_or_default()).unwrap_or_default();
+        format!(
+            "apiVersion: kubeadm.k8s.io/v1beta3\nkind: JoinConfiguration\ndiscovery:\n  bootstrapToken:\n    \
+             apiServerEndpoint: {}\n    token: {}\n    caCertHashes:\n      - {}\n",
+            q(&self.api_server),
+            q(&self.token),
+            q(&self.ca_cert_hash)
+        )
+    }
+
+    /// kubeadm's argv: the JoinConfiguration file and the extra arguments, never the token.
+    pub fn argv(&self, config_path: &str) -> Vec<String> {
+        let mut a = vec!["kubeadm".to_string(), "join".to_string(), "--config".to_string(), config_path.to_string()];
         a.extend(self.extra_args.iter().cloned());
         a
+    }
+}
+
+/// Removes the JoinConfiguration when the join is over, whatever its outcome.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -158,18 +209,12 @@ impl Kind for JoinStep {
     }
 
     fn apply(&self, _host: &Host, _joined: &bool, _changes: &[Change]) -> Result<()> {
-        // A JoinConfiguration holds the token: a 0600 file from its first byte, removed after.
-        let cfg_file = match &self.config {
-            Some(c) => {
-                let dir = crate::fsutil::host_path(&self.root, "/run/bootstrap")?;
-                std::fs::create_dir_all(&dir)?;
-                let mut f = tempfile::Builder::new().prefix("kubeadm-join-").suffix(".yaml").tempfile_in(&dir)?;
-                std::io::Write::write_all(&mut f, c.as_bytes())?;
-                Some(f)
-            }
-            None => None,
-        };
-        let argv = self.argv(cfg_file.as_ref().map(|f| f.path().to_str().unwrap_or_default()));
+        // The JoinConfiguration holds the token: a 0600 file from its first byte, removed after.
+        let path = crate::fsutil::host_path(&self.root, JOIN_CONFIG)?;
+        crate::fsutil::create_parents(&path)?;
+        let _remove = RemoveOnDrop(path.clone());
+        crate::fsutil::atomic_write(&path, self.join_config().as_bytes(), 0o600, None)?;
+        let argv = self.argv(&path.to_string_lossy());
         let out = runner::run(&Cmd {
             argv: argv.clone(),
             timeout: Some(self.timeout),
@@ -178,12 +223,72 @@ impl Kind for JoinStep {
         if out.success() {
             return Ok(());
         }
-        // The token is registered as a secret: redaction covers the argv and kubeadm's output.
+        // The token is registered as a secret: redaction covers kubeadm's output.
         let shown = crate::secrets::redact(&argv.join(" "));
         let tail = crate::secrets::redact(&out.tail(20));
         if out.timed_out {
             bail!("`{shown}` timed out after {:?}: {tail}", self.timeout);
         }
         bail!("`{shown}` {}: {tail}", out.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::step::KindSpec;
+
+    #[test]
+    fn the_token_goes_into_the_join_configuration_never_the_argv() {
+        let step = JoinStep {
+            api_server: Some("10.0.0.10:6443".into()),
+            token: Some("abcdef.0123456789abcdef".into()),
+            ca_cert_hash: Some("sha256:00ff".into()),
+            config: None,
+            extra_args: vec!["--node-name".into(), "node-1".into()],
+            timeout: DEFAULT_TIMEOUT,
+            kubelet_conf: KUBELET_CONF.into(),
+            root: "/".into(),
+        };
+        let argv = step.argv(JOIN_CONFIG);
+        assert_eq!(argv, ["kubeadm", "join", "--config", JOIN_CONFIG, "--node-name", "node-1"]);
+        let cfg = step.join_config();
+        assert_eq!(
+            cfg,
+            "apiVersion: kubeadm.k8s.io/v1beta3\nkind: JoinConfiguration\ndiscovery:\n  bootstrapToken:\n    \
+             apiServerEndpoint: \"10.0.0.10:6443\"\n    token: \"abcdef.0123456789abcdef\"\n    caCertHashes:\n      - \"sha256:00ff\"\n"
+        );
+        // A role's own JoinConfiguration is passed as written.
+        let own = JoinStep {
+            config: Some("kind: JoinConfiguration\n".into()),
+            ..step
+        };
+        assert_eq!(own.join_config(), "kind: JoinConfiguration\n");
+    }
+
+    /// kubeadm refuses most flags beside `--config`, which it now always gets: a role that
+    /// passes one is a config error at load (exit 78), not a failed join.
+    #[test]
+    fn extra_args_kubeadm_refuses_beside_config_are_config_errors() {
+        let env = crate::template::environment();
+        let check = |extra: &str| {
+            let src = format!("api_server = \"a:6443\"\ntoken = \"t\"\nca_cert_hash = \"sha256:00\"\nextra_args = {extra}\n");
+            let spec: Spec = toml::from_str(&src).unwrap();
+            let cx = LoadCtx {
+                file: std::path::Path::new("role.toml"),
+                src: &src,
+                role_dir: std::path::Path::new("."),
+                env: &env,
+            };
+            spec.validate(&cx).map_err(|e| e.to_string())
+        };
+        assert!(check(r#"["--node-name", "{{ facts.hostname }}", "--v=5", "--skip-phases=preflight", "--ignore-preflight-errors", "all"]"#).is_ok());
+        for bad in ["--cri-socket", "--config", "--token"] {
+            let err = check(&format!("[\"{bad}\", \"x\"]")).unwrap_err();
+            assert!(
+                err.starts_with("role.toml:4:") && err.contains(&format!("`{bad}`")) && err.contains("--node-name"),
+                "{err}"
+            );
+        }
     }
 }

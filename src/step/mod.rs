@@ -112,10 +112,16 @@ macro_rules! kinds {
                 }
             }
 
-            /// The role marked the step `sensitive`: values stay out of errors and output.
+            /// See [`Kind::mark_sensitive`].
             pub fn mark_sensitive(&mut self) {
                 match self {
                     $(Step::$variant(s) => s.mark_sensitive(),)*
+                }
+            }
+
+            pub fn is_sensitive(&self) -> bool {
+                match self {
+                    $(Step::$variant(s) => s.is_sensitive(),)*
                 }
             }
         }
@@ -153,9 +159,12 @@ pub struct Change {
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
-    /// Unified diff for file content.
+    /// Unified diff for file content (or, for a sensitive step, a summary without content).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<String>,
+    /// `diff` is a summary that shows no content (only hashes): redaction keeps it.
+    #[serde(skip)]
+    pub summary: bool,
 }
 
 impl Change {
@@ -165,21 +174,42 @@ impl Change {
             from: from.map(|s| s.to_string()),
             to: to.map(|s| s.to_string()),
             diff: None,
+            summary: false,
+        }
+    }
+
+    /// A content change shown without its content (a sensitive step): "content changed,
+    /// sha256 a→b" (`(none)` for a new file).
+    pub fn content_summary(field: &str, old: Option<&[u8]>, new: &[u8]) -> Change {
+        let old = old.map(short_sha).unwrap_or_else(|| "(none)".into());
+        let diff = format!("content changed, sha256 {old}→{} (sensitive: not shown)\n", short_sha(new));
+        Change {
+            diff: Some(diff),
+            summary: true,
+            ..Change::new::<&str, &str>(field, None, None)
         }
     }
 
     pub const REDACTED: &'static str = "<redacted>";
 
-    /// The same change with every value replaced (for `sensitive` steps).
+    /// The same change with every value replaced (for `sensitive` steps); a content summary,
+    /// which holds no content, is kept.
     pub fn redacted(&self) -> Change {
         let r = |o: &Option<String>| o.as_ref().map(|_| Self::REDACTED.to_string());
         Change {
             field: self.field.clone(),
             from: r(&self.from),
             to: r(&self.to),
-            diff: r(&self.diff),
+            diff: if self.summary { self.diff.clone() } else { r(&self.diff) },
+            summary: self.summary,
         }
     }
+}
+
+/// The first 12 hex digits of a sha256, as diffs and summaries show it.
+pub fn short_sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))[..12].to_string()
 }
 
 /// What a step needs from the host it runs on.
@@ -256,8 +286,15 @@ pub trait Kind {
     fn needs_live_system(&self) -> bool {
         false
     }
-    /// The role marked the step `sensitive` (kinds whose errors would show values hide them).
+    /// The step's rendering called `secret()` (or the role says `sensitive = true`): it is
+    /// sensitive as a whole. Files and units show no content diff, only a summary; a file
+    /// without a mode of its own is 0600; an exec step keeps its argv and output out of errors.
+    /// (The engine redacts every change value of such a step.)
     fn mark_sensitive(&mut self) {}
+    /// The step found a secret in what it prepared by itself.
+    fn is_sensitive(&self) -> bool {
+        false
+    }
 }
 
 /// Called with the plan just before a step applies it; an error stops the step.

@@ -95,6 +95,7 @@ impl super::KindSpec for Spec {
             enabled: self.enabled,
             active: self.active,
             masked: self.masked,
+            sensitive: false,
         })
     }
 }
@@ -115,6 +116,19 @@ pub struct UnitStep {
     pub enabled: Option<bool>,
     pub active: Option<bool>,
     pub masked: Option<bool>,
+    /// Its files hold a secret: changes are summarised, never diffed, and the files are 0600.
+    pub sensitive: bool,
+}
+
+impl UnitStep {
+    /// Mode of the unit files and drop-ins written.
+    fn file_mode(&self) -> u32 {
+        if self.sensitive {
+            0o600
+        } else {
+            0o644
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +141,10 @@ pub struct Observed {
 
 impl Kind for UnitStep {
     type Observed = Observed;
+
+    fn mark_sensitive(&mut self) {
+        self.sensitive = true;
+    }
 
     fn check(&self, host: &Host) -> Result<Observed> {
         let fs = host.fs()?;
@@ -147,10 +165,13 @@ impl Kind for UnitStep {
         let mut c = Vec::new();
         for (f, have) in self.files.iter().zip(&o.files) {
             if have.as_deref() != Some(f.content.as_slice()) {
-                let old = have.as_deref().unwrap_or_default();
-                c.push(Change {
-                    diff: Some(content_diff(&f.display, old, &f.content)),
-                    ..Change::new::<&str, &str>(&f.field, None, None)
+                c.push(if self.sensitive {
+                    Change::content_summary(&f.field, have.as_deref(), &f.content)
+                } else {
+                    Change {
+                        diff: Some(content_diff(&f.display, have.as_deref().unwrap_or_default(), &f.content)),
+                        ..Change::new::<&str, &str>(&f.field, None, None)
+                    }
                 });
             }
         }
@@ -174,7 +195,7 @@ impl Kind for UnitStep {
         let mut files_changed = false;
         for f in &self.files {
             if has(&f.field) {
-                fs.write(&f.display, &f.content, 0o644, None)?;
+                fs.write(&f.display, &f.content, self.file_mode(), None)?;
                 files_changed = true;
             }
         }
@@ -230,6 +251,7 @@ mod tests {
             enabled: Some(true),
             active: Some(true),
             masked: None,
+            sensitive: false,
         };
         let st = |f: &str, a: &str| Observed {
             files: vec![],
@@ -247,5 +269,35 @@ mod tests {
         assert!(s.plan(&Observed { files: vec![], state: None }).is_empty());
         assert!(check_unit_name("haproxy.service").is_ok() && check_unit_name("getty@tty1.service").is_ok());
         assert!(check_unit_name("haproxy").is_err() && check_unit_name(".service").is_err() && check_unit_name("a/b.service").is_err());
+    }
+
+    /// A unit step whose rendering used a secret: its files' changes are summaries, and the
+    /// files are written 0600.
+    #[test]
+    fn a_sensitive_unit_plans_without_its_content() {
+        let mut s = UnitStep {
+            name: "x.service".into(),
+            files: vec![UnitFile {
+                display: "/etc/systemd/system/x.service.d/10-env.conf".into(),
+                content: b"[Service]\nEnvironment=KEY=new-secret-value\n".to_vec(),
+                field: "dropin:10-env.conf".into(),
+            }],
+            enabled: None,
+            active: None,
+            masked: None,
+            sensitive: false,
+        };
+        let have = Observed {
+            files: vec![Some(b"[Service]\nEnvironment=KEY=old-secret-value\n".to_vec())],
+            state: None,
+        };
+        assert!(s.plan(&have)[0].diff.as_deref().unwrap().contains("+Environment=KEY=new-secret-value"));
+        assert_eq!(s.file_mode(), 0o644);
+        s.sensitive = true;
+        let plan = s.plan(&have);
+        assert_eq!(plan[0].field, "dropin:10-env.conf");
+        let d = plan[0].diff.as_deref().unwrap();
+        assert!(d.starts_with("content changed, sha256 ") && !d.contains("secret-value"), "{d}");
+        assert_eq!(s.file_mode(), 0o600);
     }
 }

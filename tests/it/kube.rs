@@ -20,6 +20,26 @@ fn node_with_ssm(moto: &Moto) -> (Node, tempfile::TempDir) {
     (node, b)
 }
 
+/// Ahead of the package's kubeadm on PATH: records the JoinConfiguration kubeadm is given (its
+/// mode, owner and content, while kubeadm runs), then runs the real one (the shim).
+const CONFIG_RECORDER: &str = r#"#!/bin/sh
+prev=
+for a in "$@"; do
+  if [ "$prev" = --config ]; then
+    { echo "config: $a"; stat -c 'mode: %a %U' "$a"; cat "$a"; } >> /var/log/kubeadm-config.log
+  fi
+  prev=$a
+done
+exec /usr/bin/kubeadm "$@"
+"#;
+
+fn record_join_config(node: &Node) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = node.merged.join("usr/local/bin/kubeadm");
+    std::fs::write(&p, CONFIG_RECORDER).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 fn apply(node: &Node, verb: &str, extra: &[&str]) -> Run {
     let mut args = vec![verb, "--source", "/srv/bundle", "--role", "kube-worker", "--name", "production-kube-worker"];
     args.extend_from_slice(extra);
@@ -29,11 +49,14 @@ fn apply(node: &Node, verb: &str, extra: &[&str]) -> Run {
 /// Show 3 and 4: the kube-worker role joins once with the token from SSM (argv golden); the
 /// second apply does not call kubeadm; a failing join shows kubeadm's output with the token
 /// redacted; the token is nowhere in the agent's output, plan, report or the node's journal.
+/// Issue 14 (finding 13): nor in kubeadm's argv (which `ps` shows to every local user while
+/// the join runs): kubeadm reads it from a 0600 JoinConfiguration, removed after the join.
 #[test]
 fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     let moto = Moto::start();
     moto.put_parameter("/kube/production/join-token", TOKEN);
     let (node, _b) = node_with_ssm(&moto);
+    record_join_config(&node);
     let mut seen = String::new();
 
     let plan = apply(&node, "plan", &[]);
@@ -47,7 +70,20 @@ fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     let shim = std::fs::read_to_string(node.merged.join("var/log/kubeadm-shim.log")).unwrap();
     let argv: Vec<&str> = shim.lines().filter(|l| l.starts_with("argv:")).collect();
     golden("kubeadm-join-argv.txt", &format!("{}\n", argv.join("\n")));
-    assert!(argv[0].contains(&format!("--token {TOKEN}")), "kubeadm got the token from SSM: {}", argv[0]);
+    assert!(!shim.contains(TOKEN), "the token is in kubeadm's argv or environment:\n{shim}");
+    // kubeadm got the token from SSM in its JoinConfiguration, a 0600 file of root's.
+    let config = std::fs::read_to_string(node.merged.join("var/log/kubeadm-config.log")).unwrap();
+    assert!(config.starts_with("config: /run/bootstrap/kubeadm-join.yaml\nmode: 600 root\n"), "{config}");
+    assert!(config.contains(&format!("    token: \"{TOKEN}\"\n")), "{config}");
+    assert!(config.contains("    apiServerEndpoint: \"10.0.0.10:6443\"\n"), "{config}");
+    assert!(
+        config.contains("    caCertHashes:\n      - \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n"),
+        "{config}"
+    );
+    assert!(
+        node.sh("test -e /run/bootstrap/kubeadm-join.yaml || echo removed").stdout.contains("removed"),
+        "the JoinConfiguration is removed after the join"
+    );
     assert!(node.merged.join("etc/kubernetes/kubelet.conf").exists());
     seen += &std::fs::read_to_string(node.merged.join("var/lib/bootstrap/last-run.json")).unwrap();
 
@@ -58,16 +94,15 @@ fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     let shim = std::fs::read_to_string(node.merged.join("var/log/kubeadm-shim.log")).unwrap();
     assert_eq!(shim.lines().filter(|l| l.starts_with("argv:")).count(), 1, "kubeadm ran once");
 
-    // A failing join: kubeadm prints its argv, token included; the agent shows it redacted.
+    // A failing join: the agent shows kubeadm's argv (no token in it) and output.
     std::fs::remove_file(node.merged.join("etc/kubernetes/kubelet.conf")).unwrap();
     std::fs::create_dir_all(node.merged.join("etc/kubeadm-shim")).unwrap();
     std::fs::write(node.merged.join("etc/kubeadm-shim/fail"), "").unwrap();
     let r = apply(&node, "apply", &["-vv", "--json"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
-        r.all()
-            .contains("kubeadm join 10.0.0.10:6443 --token <redacted> --discovery-token-ca-cert-hash"),
-        "the failure shows the argv, redacted: {}",
+        r.all().contains("`kubeadm join --config /run/bootstrap/kubeadm-join.yaml --node-name node`"),
+        "the failure shows the argv: {}",
         r.all()
     );
     assert!(
@@ -80,8 +115,11 @@ fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     let plan = apply(&node, "plan", &["-vv"]);
     seen += &plan.all();
     seen += &node.sh("journalctl --no-pager -o cat").stdout;
-    // The test can see the secret: the shim's own log holds it, so a leak would be found.
-    assert!(std::fs::read_to_string(node.merged.join("var/log/kubeadm-shim.log")).unwrap().contains(TOKEN));
+    // The test can see the secret: the recorded JoinConfiguration holds it, so a leak would be
+    // found; kubeadm's argv and environment never did.
+    assert!(std::fs::read_to_string(node.merged.join("var/log/kubeadm-config.log")).unwrap().contains(TOKEN));
+    assert!(!std::fs::read_to_string(node.merged.join("var/log/kubeadm-shim.log")).unwrap().contains(TOKEN));
+    assert!(node.sh("test -e /run/bootstrap/kubeadm-join.yaml || echo removed").stdout.contains("removed"));
     assert!(seen.len() > 1000, "collected the outputs");
     assert!(!seen.contains(TOKEN), "the SSM token leaked:\n{seen}");
     assert!(!seen.contains("0123456789abcdef"), "part of the token leaked");
