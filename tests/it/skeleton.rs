@@ -323,7 +323,9 @@ fn sigkill_mid_run_leaves_no_partial_file() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let delay = Duration::from_millis(20 + rng % 400);
+        // Killed a random while after its first write (a fixed delay from the start lands
+        // before the first write on a loaded machine, and after the last on an idle one).
+        let delay = Duration::from_millis(rng % 120);
         let mut child = cmd(&[
             "apply",
             "--root",
@@ -337,6 +339,12 @@ fn sigkill_mid_run_leaves_no_partial_file() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+        let first = root.path().join("data/f0");
+        let t = Instant::now();
+        while !std::fs::read(&first).unwrap_or_default().starts_with(b"new") && child.try_wait().unwrap().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(60), "the run never wrote its first file");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
