@@ -429,7 +429,15 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                             acquired_at: crate::engine::now_rfc3339(),
                             reason: needed.clone().unwrap_or_default(),
                         };
-                        write_json(&host.root, STATE_PATH, &st)?;
+                        if let Err(e) = write_json(&host.root, STATE_PATH, &st) {
+                            // Unrecorded, the slot would leak: give it back now.
+                            if let Some(l) = &lock {
+                                if let Err(r) = l.release(holder) {
+                                    return Err(e.context(format!("the slot of group {group} is held unrecorded: releasing it failed: {r}")));
+                                }
+                            }
+                            return Err(e.context("recording the reboot slot; it was released again"));
+                        }
                         recorded = true;
                     }
                     if let Some(w) = wait.as_mut() {

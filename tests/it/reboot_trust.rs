@@ -413,3 +413,22 @@ fn an_empty_or_uninitialized_machine_id_is_refused_for_coordination() {
         assert!(!node.merged.join("etc/web.conf").exists());
     }
 }
+
+/// Finding 4: the slot cannot be put on record (no inode left for /var/lib/bootstrap): it is
+/// given back at once instead of being held with no record of it; no reboot.
+#[test]
+fn a_slot_that_cannot_be_recorded_is_given_back() {
+    let etcd = Etcd::start(1);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let mut node = Node::boot_host_net(b.path());
+    let boot_id = node.boot_id();
+    configure(&node, &etcd_config(&etcd, "", ""));
+    reboot_flag(&node);
+    let r = node.sh("mkdir -p /var/lib/bootstrap && mount -t tmpfs -o nr_inodes=1 full /var/lib/bootstrap && echo ok");
+    assert!(r.stdout.contains("ok"), "{}", r.all());
+    let r = apply(&node);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    assert!(holders(&etcd).is_empty(), "an unrecorded slot leaked: {}", r.all());
+    assert!(node.still_up(&boot_id));
+}
