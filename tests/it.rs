@@ -39,6 +39,9 @@ mod etcd;
 #[path = "it/reboot_e2e.rs"]
 mod reboot_e2e;
 
+#[path = "it/reboot_trust.rs"]
+mod reboot_trust;
+
 #[path = "it/fleetlock_server.rs"]
 mod fleetlock_server;
 

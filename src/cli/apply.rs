@@ -15,7 +15,25 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     if let (Err(e), Mode::Apply) = (&result, mode) {
         failed_metrics(&cx, e, start);
     }
-    result
+    let c = result?;
+    if c.reboot_now {
+        reboot()?;
+    }
+    Ok(c.code)
+}
+
+/// What a converge ended with.
+pub struct Converged {
+    pub code: u8,
+    /// A reboot slot is held and the report written: the caller reboots once it has done
+    /// everything that must come before (`init` installs its units first).
+    pub reboot_now: bool,
+}
+
+/// Ask logind to reboot (the slot is held; see /var/lib/bootstrap/reboot.json).
+pub fn reboot() -> anyhow::Result<()> {
+    tracing::warn!("rebooting now (reboot slot held; see /var/lib/bootstrap/reboot.json)");
+    crate::systemd::Systemd::reboot(&crate::systemd::Dbus::default())
 }
 
 /// A run that failed before it had a report (bundle source down, a broken role) still updates
@@ -32,9 +50,12 @@ pub fn failed_metrics(cx: &super::Context, e: &anyhow::Error, start: std::time::
     }
 }
 
-/// Fetch the bundle, load and prepare the role, take the run lock, run, report.
-pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
+/// Validate the config, fetch the bundle, load and prepare the role, take the run lock, run,
+/// coordinate the reboot, report. Never reboots itself (see `Converged`).
+pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<Converged> {
     let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
+    // Every config error before anything else, so none is found after the steps ran.
+    let reboot = cx.reboot_settings()?;
     let role = facts
         .service
         .clone()
@@ -94,9 +115,17 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
     });
     let mut reboot_now = false;
     if mode == Mode::Apply {
-        let group = cx.reboot_group().unwrap_or_else(|_| format!("default-{role}"));
-        let holder = cx.holder_id();
-        match crate::reboot::coordinate(&host, &config.reboot, &group, &holder, !report.failed(), report.reboot_required, false) {
+        // The first step with reboot_required that changed the host (report.steps follows steps).
+        let changed = steps
+            .iter()
+            .zip(&report.steps)
+            .find(|(p, r)| p.reboot_required && r.status == engine::report::StepStatus::Changed)
+            .map(|(p, _)| p.id.clone());
+        let run = crate::reboot::RunResult {
+            ok: !report.failed(),
+            changed: changed.as_deref(),
+        };
+        match crate::reboot::coordinate(&host, &reboot, run, None) {
             Ok(o) => {
                 report.reboot_pending = o.action == "pending";
                 if o.action == "halted" || o.action == "hook_failed" {
@@ -135,9 +164,8 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
             crate::secrets::redact(&report.human().lines().last().map(|l| format!("{l}\n")).unwrap_or_default())
         );
     }
-    if reboot_now {
-        tracing::warn!("rebooting now (reboot slot held; see /var/lib/bootstrap/reboot.json)");
-        host.systemd.reboot()?;
-    }
-    Ok(report.exit_code(a.detailed_exitcodes))
+    Ok(Converged {
+        code: report.exit_code(a.detailed_exitcodes),
+        reboot_now,
+    })
 }

@@ -1,6 +1,8 @@
 //! `bootstrap init`: first boot. Gather facts (with the first-boot IMDS deadline), read the
 //! user-data config, fetch the bundle, apply the role, install and enable the agent's own
-//! units, and write `firstboot.done` only after all of that succeeded.
+//! units, and write `firstboot.done` only after all of that succeeded. A reboot the converge
+//! asked for comes last: the node must come back with its timer and its marker, or nothing
+//! would run `apply` to release its reboot slot.
 
 use super::{apply, Context, RunArgs};
 use crate::engine::Mode;
@@ -22,16 +24,21 @@ pub fn run(a: &RunArgs) -> Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let start = std::time::Instant::now();
     let cx = Context::gather(&root, &a.naming, true)?;
-    let code = apply::converge(&cx, a, Mode::Apply).inspect_err(|e| apply::failed_metrics(&cx, e, start))?;
-    let ok = matches!((a.detailed_exitcodes, code), (true, 0 | 2) | (false, 0));
+    let c = apply::converge(&cx, a, Mode::Apply).inspect_err(|e| apply::failed_metrics(&cx, e, start))?;
+    let ok = matches!((a.detailed_exitcodes, c.code), (true, 0 | 2) | (false, 0));
     if !ok {
-        return Ok(code);
+        return Ok(c.code);
     }
+    // If this fails with a slot held, reboot.json (this boot) keeps it on record: the next
+    // init resumes with it.
     install_units(&cx)?;
     let marker = root.join(FIRSTBOOT_DONE);
     crate::fsutil::create_parents(&marker)?;
     crate::fsutil::atomic_write(&marker, format!("{}\n", crate::engine::now_rfc3339()).as_bytes(), 0o644, None)?;
-    Ok(code)
+    if c.reboot_now {
+        apply::reboot()?;
+    }
+    Ok(c.code)
 }
 
 /// Write the units (ExecStart at this binary), enable the timer and firstboot unit, start

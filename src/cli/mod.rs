@@ -54,6 +54,9 @@ pub enum Command {
         /// trying once.
         #[arg(long, conflicts_with_all = ["check", "request"])]
         wait: bool,
+        /// How long to wait for a running apply to finish (the run lock).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        lock_timeout: std::time::Duration,
         #[command(flatten)]
         naming: NamingArgs,
     },
@@ -221,16 +224,53 @@ impl Context {
 
     /// The reboot group: `[reboot] group` (substituted), else `ENV-SERVICE`.
     pub fn reboot_group(&self) -> Result<String, crate::error::ConfigError> {
-        match (&self.config.reboot.group, &self.facts.env, &self.facts.service) {
-            (Some(g), _, _) => self.substitute(g),
-            (None, Some(e), Some(s)) => Ok(format!("{e}-{s}")),
-            _ => Err(crate::error::ConfigError::msg("no reboot group: set [reboot] group or name the node")),
+        self.reboot_group_opt()?
+            .ok_or_else(|| crate::error::ConfigError::msg("no reboot group: set [reboot] group in /etc/bootstrap/config.toml or name the node (ENV-SERVICE)"))
+    }
+
+    fn reboot_group_opt(&self) -> Result<Option<String>, crate::error::ConfigError> {
+        Ok(match (&self.config.reboot.group, &self.facts.env, &self.facts.service) {
+            (Some(g), _, _) => Some(self.substitute(g).map_err(|e| crate::error::ConfigError::msg(format!("[reboot] group: {e}")))?),
+            (None, Some(e), Some(s)) => Some(format!("{e}-{s}")),
+            _ => None,
+        })
+    }
+
+    /// This node's id in the semaphore: the EC2 instance id, else the machine id. An empty,
+    /// `uninitialized` or malformed machine id is no id: every node with it would believe it
+    /// holds the same slot.
+    pub fn holder_id(&self) -> Result<String, crate::error::ConfigError> {
+        if let Some(i) = &self.facts.instance_id {
+            return Ok(i.clone());
+        }
+        let m = self.facts.machine_id.as_str();
+        let why = if m.is_empty() {
+            Some("is empty")
+        } else if m == "uninitialized" {
+            Some("is \"uninitialized\" (first boot not committed)")
+        } else if m.len() != 32 || !m.chars().all(|c| c.is_ascii_hexdigit()) {
+            Some("is not 32 hexadecimal digits")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(crate::error::ConfigError::msg(format!(
+                "/etc/machine-id {why}: reboot coordination needs a unique id for this node (off EC2 the machine id); \
+                 give the node one (systemd-machine-id-setup) before using [reboot] strategy etcd or fleet_lock"
+            ))),
+            None => Ok(m.to_string()),
         }
     }
 
-    /// This node's id in the semaphore: the EC2 instance id, else the machine id.
-    pub fn holder_id(&self) -> String {
-        self.facts.instance_id.clone().unwrap_or_else(|| self.facts.machine_id.clone())
+    /// `[reboot]` validated into typed values, with the group and this node's holder id; every
+    /// mistake is a `ConfigError` (exit 78), found before any step runs.
+    pub fn reboot_settings(&self) -> Result<crate::reboot::Settings, crate::error::ConfigError> {
+        crate::reboot::Settings::new(
+            &self.config.reboot,
+            self.reboot_group_opt()?,
+            self.holder_id(),
+            self.root == std::path::Path::new("/"),
+        )
     }
 
     /// A config string with `${env}`, `${service}`, `${region}`, `${instance_id}` filled in.
@@ -256,7 +296,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(a) => apply::run(&a, crate::engine::Mode::Plan),
         Command::Validate { path } => validate::run(&path),
         Command::Bundle(BundleCmd::Build { dir, output, sign }) => bundle::build(&dir, &output, sign.as_deref()),
-        Command::Reboot { check, request, wait, naming } => reboot::run(check, request, wait, &naming),
+        Command::Reboot {
+            check,
+            request,
+            wait,
+            lock_timeout,
+            naming,
+        } => reboot::run(check, request, wait, lock_timeout, &naming),
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
         Command::Generate { what } => {

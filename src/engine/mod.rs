@@ -37,6 +37,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         version: report::REPORT_VERSION,
         command: if apply { "apply" } else { "plan" }.into(),
         started_at: now_rfc3339(),
+        boot_id: host.facts.boot_id.clone(),
         duration_ms: 0,
         role: info.role,
         env: host.facts.env.clone(),
@@ -53,7 +54,11 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         reboot: None,
         error: None,
     };
-    let mut pending: BTreeSet<Notify> = if apply && host.is_live() { read_pending(&host.root) } else { BTreeSet::new() };
+    let mut pending: BTreeSet<Notify> = if apply && host.is_live() {
+        read_pending(&host.root, steps)
+    } else {
+        BTreeSet::new()
+    };
     let mut failed = false;
     for p in steps {
         let t = Instant::now();
@@ -178,11 +183,28 @@ fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, report: &mut Report
     }
 }
 
-fn read_pending(root: &Path) -> BTreeSet<Notify> {
-    std::fs::read(root.join(PENDING_NOTIFY_PATH))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// The notify targets owed from earlier runs. A record that cannot be read or parsed does not
+/// mean "nothing owed": which handlers are owed is unknown, so every handler this role's steps
+/// name is run once (a restart too many is the safe side of a restart missed), and the record
+/// is rewritten clean after them.
+fn read_pending(root: &Path, steps: &[Prepared]) -> BTreeSet<Notify> {
+    let path = root.join(PENDING_NOTIFY_PATH);
+    let bad = match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeSet::new(),
+        Err(e) => e.to_string(),
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(p) => return p,
+            Err(e) => e.to_string(),
+        },
+    };
+    let all: BTreeSet<Notify> = steps.iter().flat_map(|p| p.notify.iter().cloned()).collect();
+    let names: Vec<String> = all.iter().map(|n| n.to_string()).collect();
+    tracing::warn!(
+        "{}: {bad}: the owed handlers are unknown, running every handler of the role: {}",
+        path.display(),
+        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+    );
+    all
 }
 
 fn write_pending(root: &Path, pending: &BTreeSet<Notify>) -> Result<()> {

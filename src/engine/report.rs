@@ -70,6 +70,8 @@ pub struct Report {
     /// apply | plan
     pub command: String,
     pub started_at: String,
+    /// The kernel boot id the run ran in: a report from before a reboot is no word on this boot.
+    pub boot_id: String,
     pub duration_ms: u64,
     pub role: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,11 +1,13 @@
 //! The reboot decision, pure: what to do next given the saved reboot state, this boot's id,
 //! whether a reboot is needed, whether the run succeeded, whether we are inside the window,
 //! the lock service's answer (once asked) and the health checks' verdict (once run). The
-//! driver (`mod.rs`) does the I/O and calls this again with each new answer.
+//! driver (`mod.rs`) does the I/O and calls this again with each new answer. `carry_need`
+//! decides, as purely, what a step-made reboot need of an earlier run still means.
 
 use serde::{Deserialize, Serialize};
 
-/// `/var/lib/bootstrap/reboot.json`: written after a slot is acquired, before rebooting.
+/// `/var/lib/bootstrap/reboot.json`: written as soon as a slot is acquired (before the
+/// pre-reboot hooks), removed only when the lock service confirmed the slot is gone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebootState {
     pub group: String,
@@ -38,8 +40,12 @@ pub enum Why {
 pub enum Decision {
     /// Nothing needed, nothing held.
     Nothing,
-    /// Needed but not now; nothing held (a stale reboot.json from this boot is dropped).
+    /// Needed but not now; nothing held. With reboot.json of this boot, the lock service has
+    /// just said the slot is not ours (`Full`), so the record is dropped.
     Pending(Why),
+    /// reboot.json of this boot says we hold a slot and the lock service cannot confirm or deny
+    /// it: keep the record, no reboot; a later run asks again.
+    Keep(Why),
     /// Ask the lock service for a slot (recursive: a slot we hold is confirmed).
     AskLock,
     /// Holding a slot: run the pre-reboot hooks, write reboot.json, reboot.
@@ -98,9 +104,48 @@ pub fn decide(i: &Inputs) -> Decision {
                 Some(LockAnswer::Got) => Reboot,
                 // A slot we had was taken away (an operator released it): start over.
                 Some(LockAnswer::Full) => Pending(Why::NoSlot),
+                Some(LockAnswer::Unavailable) if state.is_some() => Keep(Why::LockUnavailable),
                 Some(LockAnswer::Unavailable) => Pending(Why::LockUnavailable),
             }
         }
+    }
+}
+
+/// `/var/lib/bootstrap/reboot-needed.json`: a `reboot_required` step changed in this boot and
+/// no reboot has happened since. Later runs find the step in sync; this record keeps the need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    /// The step whose change asked for the reboot (the first one in this boot).
+    pub step: String,
+    pub since: String,
+    /// The boot it was needed in: any other boot id now means the reboot happened.
+    pub boot_id: String,
+}
+
+/// What to do with the need record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NeedRecord {
+    Keep,
+    Write(Need),
+    Remove,
+}
+
+/// The step-made reboot need that holds now, from the record of earlier runs and the
+/// `reboot_required` step this run changed (if any), and what becomes of the record. A record
+/// of this boot stands (the earliest reason is kept) until a boot with another id.
+pub fn carry_need(record: Option<&Need>, boot_id: &str, changed: Option<&str>, now: &str) -> (Option<Need>, NeedRecord) {
+    match (record, changed) {
+        (Some(r), _) if r.boot_id == boot_id => (Some(r.clone()), NeedRecord::Keep),
+        (_, Some(step)) => {
+            let n = Need {
+                step: step.to_string(),
+                since: now.to_string(),
+                boot_id: boot_id.to_string(),
+            };
+            (Some(n.clone()), NeedRecord::Write(n))
+        }
+        (Some(_), None) => (None, NeedRecord::Remove),
+        (None, None) => (None, NeedRecord::Keep),
     }
 }
 
@@ -168,6 +213,17 @@ mod tests {
                                 if matches!(d, GiveBack(_)) {
                                     assert!(state == Some(&this) || lock == Some(LockAnswer::Got), "{ctx}");
                                 }
+                                // reboot.json of this boot is dropped only when the lock service said
+                                // the slot is not ours; while it cannot answer, the record stays.
+                                if !rebooted && state == Some(&this) && matches!(d, Pending(_)) {
+                                    assert_eq!(lock, Some(LockAnswer::Full), "{ctx}");
+                                }
+                                if matches!(d, Keep(_)) {
+                                    assert!(state == Some(&this) && lock == Some(LockAnswer::Unavailable), "{ctx}");
+                                }
+                                if !rebooted && state == Some(&this) && lock == Some(LockAnswer::Unavailable) {
+                                    assert!(matches!(d, Keep(_) | GiveBack(_)), "{ctx}");
+                                }
                                 // Nothing needed and nothing held: nothing, whatever else.
                                 if state.is_none() && !needed && lock != Some(LockAnswer::Got) {
                                     assert_eq!(d, Nothing, "{ctx}");
@@ -209,6 +265,8 @@ mod tests {
             (i(Some(&this), false, true, true, Some(Got), None), Reboot),
             (i(Some(&this), true, false, true, None, None), GiveBack(Why::RunFailed)),
             (i(Some(&this), true, true, true, Some(Full), None), Pending(Why::NoSlot)),
+            (i(Some(&this), true, true, true, Some(Unavailable), None), Keep(Why::LockUnavailable)),
+            (i(Some(&this), false, true, true, Some(Unavailable), None), Keep(Why::LockUnavailable)),
             (i(Some(&other), false, true, true, None, None), CheckHealth),
             (i(Some(&other), true, true, true, None, Some(true)), Release),
             (i(Some(&other), false, true, true, None, Some(false)), Halt(Why::Unhealthy)),
@@ -216,6 +274,44 @@ mod tests {
         ];
         for (inp, want) in cases {
             assert_eq!(decide(&inp), want, "{inp:?}");
+        }
+    }
+
+    #[test]
+    fn a_step_made_need_lasts_until_a_reboot() {
+        let need = |step: &str, since: &str, boot: &str| Need {
+            step: step.into(),
+            since: since.into(),
+            boot_id: boot.into(),
+        };
+        let this = need("kernel", "t0", "boot-1");
+        let before = need("kernel", "t0", "boot-0");
+        let cases = [
+            // Nothing recorded, nothing changed.
+            (None, None, None, NeedRecord::Keep),
+            // A change is recorded.
+            (
+                None,
+                Some("grub"),
+                Some(need("grub", "t1", "boot-1")),
+                NeedRecord::Write(need("grub", "t1", "boot-1")),
+            ),
+            // Later runs of the same boot: the step is in sync, the need stands.
+            (Some(&this), None, Some(this.clone()), NeedRecord::Keep),
+            // A second change in the same boot keeps the first reason.
+            (Some(&this), Some("grub"), Some(this.clone()), NeedRecord::Keep),
+            // A boot since: the need was met.
+            (Some(&before), None, None, NeedRecord::Remove),
+            // ... and a new change after that boot is a new need.
+            (
+                Some(&before),
+                Some("grub"),
+                Some(need("grub", "t1", "boot-1")),
+                NeedRecord::Write(need("grub", "t1", "boot-1")),
+            ),
+        ];
+        for (record, changed, want, todo) in cases {
+            assert_eq!(carry_need(record, "boot-1", changed, "t1"), (want, todo), "{record:?} {changed:?}");
         }
     }
 }

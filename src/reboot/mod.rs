@@ -6,7 +6,10 @@
 pub mod decide;
 pub mod etcd;
 pub mod fleetlock;
+pub mod settings;
 pub mod window;
+
+pub use settings::Settings;
 
 /// The lock service a strategy uses.
 pub enum Backend {
@@ -15,18 +18,17 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn from_config(cfg: &RebootConfig, group: &str) -> anyhow::Result<Option<Backend>> {
-        Ok(match cfg.strategy.unwrap_or_default() {
-            RebootStrategy::Etcd => Some(Backend::Etcd(etcd_from_config(&cfg.etcd, group)?, cfg.etcd.slots.unwrap_or(1))),
-            RebootStrategy::FleetLock => {
-                let url = cfg
-                    .fleet_lock
-                    .url
-                    .as_deref()
-                    .ok_or_else(|| ConfigError::msg("[reboot] strategy = \"fleet_lock\" needs [reboot.fleet_lock] url"))?;
-                Some(Backend::Fleet(fleetlock::FleetLock::new(url, group)?))
-            }
-            _ => None,
+    /// The lock service of a validated `[reboot]` (None: `off` and `immediate` use none).
+    pub fn from_settings(s: &Settings) -> anyhow::Result<Option<Backend>> {
+        let group = || {
+            s.group
+                .as_deref()
+                .ok_or_else(|| ConfigError::msg("no reboot group: set [reboot] group in /etc/bootstrap/config.toml or name the node (ENV-SERVICE)"))
+        };
+        Ok(match &s.service {
+            settings::Service::None => None,
+            settings::Service::Etcd(e) => Some(Backend::Etcd(etcd_from_config(e, group()?)?, e.slots.unwrap_or(1))),
+            settings::Service::FleetLock(url) => Some(Backend::Fleet(fleetlock::FleetLock::new(url, group()?)?)),
         })
     }
 
@@ -109,18 +111,19 @@ pub fn etcd_from_config(e: &crate::config::EtcdConfig, group: &str) -> anyhow::R
     )
 }
 
-use crate::config::{RebootConfig, RebootStrategy};
+use crate::config::RebootStrategy;
 use crate::error::ConfigError;
 use crate::step::Host;
-use decide::{decide, Decision, Inputs, LockAnswer, RebootState, Why};
+use decide::{decide, Decision, Inputs, LockAnswer, Need, NeedRecord, RebootState, Why};
 use serde::Serialize;
+use settings::Check;
 use std::path::Path;
 
 pub const STATE_PATH: &str = "var/lib/bootstrap/reboot.json";
+/// A reboot a changed `reboot_required` step asked for and that has not happened yet.
+pub const NEED_PATH: &str = "var/lib/bootstrap/reboot-needed.json";
 /// Written by `bootstrap reboot --request`; removed after the reboot it asked for.
 pub const REQUEST_PATH: &str = "var/lib/bootstrap/reboot-requested";
-const HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
-const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the reboot part of a run decided, for the report.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -128,7 +131,7 @@ pub struct Outcome {
     /// Why a reboot is needed (None: it is not).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub needed: Option<String>,
-    /// acquired | pending | rebooting | released | halted | none
+    /// acquired | pending | rebooting | released | holding | halted | hook_failed | none
     pub action: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -137,10 +140,11 @@ pub struct Outcome {
     pub reboot_now: bool,
 }
 
-/// Debian/Ubuntu's flag files, RHEL's needs-restarting, or a changed `reboot_required` step.
-pub fn reboot_needed(root: &Path, os_family: &str, step_requested: bool) -> Option<String> {
-    if step_requested {
-        return Some("a step with reboot_required changed".into());
+/// A recorded step-made need (of this boot), Debian/Ubuntu's flag files, RHEL's
+/// needs-restarting, or `bootstrap reboot --request`.
+pub fn reboot_needed(root: &Path, os_family: &str, need: Option<&Need>) -> Option<String> {
+    if let Some(n) = need {
+        return Some(format!("step `{}` (reboot_required) changed at {}", n.step, n.since));
     }
     if root.join(REQUEST_PATH).exists() {
         return Some("requested with bootstrap reboot --request".into());
@@ -163,67 +167,114 @@ pub fn reboot_needed(root: &Path, os_family: &str, step_requested: bool) -> Opti
     None
 }
 
-fn duration(s: &Option<String>, default: std::time::Duration) -> anyhow::Result<std::time::Duration> {
-    match s {
-        Some(t) => humantime::parse_duration(t).map_err(|e| crate::error::ConfigError::msg(format!("[reboot] timeout {t:?}: {e}")).into()),
-        None => Ok(default),
-    }
+/// `bootstrap reboot --check`: is a reboot needed now (read-only; a need recorded in an
+/// earlier boot was met by that boot's end).
+pub fn check(root: &Path, os_family: &str, boot_id: &str) -> anyhow::Result<Option<String>> {
+    let need = read_json::<Need>(root, NEED_PATH)?.filter(|n| n.boot_id == boot_id);
+    Ok(reboot_needed(root, os_family, need.as_ref()))
 }
 
 /// Run the pre-reboot hooks in order; the first failure is returned.
-fn run_hooks(cfg: &RebootConfig) -> anyhow::Result<Option<String>> {
-    for h in &cfg.pre_hook {
+fn run_hooks(s: &Settings) -> Option<String> {
+    for h in &s.hooks {
         let cmd = crate::runner::Cmd {
-            argv: h.command.clone(),
-            timeout: Some(duration(&h.timeout, HOOK_TIMEOUT)?),
+            argv: h.argv.clone(),
+            timeout: Some(h.timeout),
             ..Default::default()
         };
-        let out = crate::runner::run(&cmd);
-        match out {
+        match crate::runner::run(&cmd) {
             Ok(o) if o.success() => {}
-            Ok(o) => return Ok(Some(format!("pre-reboot hook {:?} {}: {}", h.command, o.describe(), o.tail(5)))),
-            Err(e) => return Ok(Some(format!("pre-reboot hook {:?}: {e:#}", h.command))),
+            Ok(o) => return Some(format!("pre-reboot hook {:?} {}: {}", h.argv, o.describe(), o.tail(5))),
+            Err(e) => return Some(format!("pre-reboot hook {:?}: {e:#}", h.argv)),
         }
     }
-    Ok(None)
+    None
 }
 
 /// Every health check; the failures, described.
-fn failed_health(host: &Host, cfg: &RebootConfig) -> anyhow::Result<Vec<String>> {
+fn failed_health(host: &Host, s: &Settings) -> Vec<String> {
     let mut failed = Vec::new();
-    for c in &cfg.health {
-        let timeout = duration(&c.timeout, HEALTH_TIMEOUT)?;
-        match (&c.unit, &c.url, &c.command) {
-            (Some(u), None, None) => match host.systemd.unit_state(u) {
-                Ok(s) if s.active_state == "active" => {}
-                Ok(s) => failed.push(format!("unit {u} is {}", s.active_state)),
+    for c in &s.health {
+        match &c.check {
+            Check::Unit(u) => match host.systemd.unit_state(u) {
+                Ok(st) if st.active_state == "active" => {}
+                Ok(st) => failed.push(format!("unit {u} is {}", st.active_state)),
                 Err(e) => failed.push(format!("unit {u}: {e:#}")),
             },
-            (None, Some(url), None) => {
-                let r = reqwest::blocking::Client::builder().timeout(timeout).build()?.get(url).send();
+            Check::Url(url) => {
+                let r = reqwest::blocking::Client::builder()
+                    .timeout(c.timeout)
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|cl| cl.get(url).send().map_err(|e| e.to_string()));
                 match r {
                     Ok(r) if r.status().as_u16() == 200 => {}
                     Ok(r) => failed.push(format!("GET {url}: HTTP {}", r.status())),
                     Err(e) => failed.push(format!("GET {url}: {e}")),
                 }
             }
-            (None, None, Some(argv)) => match crate::runner::run(&crate::runner::Cmd {
+            Check::Command(argv) => match crate::runner::run(&crate::runner::Cmd {
                 argv: argv.clone(),
-                timeout: Some(timeout),
+                timeout: Some(c.timeout),
                 ..Default::default()
             }) {
                 Ok(o) if o.success() => {}
                 Ok(o) => failed.push(format!("{argv:?} {}", o.describe())),
                 Err(e) => failed.push(format!("{argv:?}: {e:#}")),
             },
-            _ => return Err(crate::error::ConfigError::msg("[[reboot.health]]: give exactly one of unit, url, command").into()),
         }
     }
-    Ok(failed)
+    failed
 }
 
-fn read_state(root: &Path) -> Option<RebootState> {
-    std::fs::read(root.join(STATE_PATH)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+/// A state file under `root`: None when absent; a file that cannot be read or parsed is an
+/// error naming it (never "nothing recorded").
+fn read_json<T: serde::de::DeserializeOwned>(root: &Path, rel: &str) -> anyhow::Result<Option<T>> {
+    let path = root.join(rel);
+    match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is corrupt ({e}); it is kept as it is: check the reboot slot with `bootstrap lock status`, \
+                 release it if it is this node's, then remove the file",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// The slot record (reboot.json): None when this node holds no slot by its own records.
+pub fn read_state(root: &Path) -> anyhow::Result<Option<RebootState>> {
+    read_json(root, STATE_PATH)
+}
+
+/// Written 0600: the reason can name a step.
+fn write_json<T: Serialize>(root: &Path, rel: &str, v: &T) -> anyhow::Result<()> {
+    let path = root.join(rel);
+    crate::fsutil::create_parents(&path)?;
+    crate::fsutil::atomic_write(&path, &serde_json::to_vec_pretty(v)?, 0o600, None)
+}
+
+fn remove(root: &Path, rel: &str) -> anyhow::Result<()> {
+    let path = root.join(rel);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!("removing {}: {e}", path.display())),
+        _ => Ok(()),
+    }
+}
+
+/// The step-made need that holds now, its record updated (written before anything else, so
+/// neither a closed window nor a killed run loses it; removed after a boot).
+fn carry_need(root: &Path, boot_id: &str, changed: Option<&str>) -> anyhow::Result<Option<Need>> {
+    let record = read_json::<Need>(root, NEED_PATH)?;
+    let (need, todo) = decide::carry_need(record.as_ref(), boot_id, changed, &crate::engine::now_rfc3339());
+    match todo {
+        NeedRecord::Keep => {}
+        NeedRecord::Write(n) => write_json(root, NEED_PATH, &n)?,
+        NeedRecord::Remove => remove(root, NEED_PATH)?,
+    }
+    Ok(need)
 }
 
 fn outcome(needed: &Option<String>, action: &str, detail: Option<String>) -> Outcome {
@@ -245,60 +296,65 @@ fn why_text(why: Why, group: &str) -> String {
     }
 }
 
-/// The window and this node's turn in it.
-struct Turn {
-    window: Option<window::Window>,
-    splay: std::time::Duration,
+/// Ok(end of the window, if any) when this node may go now; Err(why not) otherwise.
+fn turn_now(s: &Settings) -> Result<Option<time::OffsetDateTime>, String> {
+    let Some(w) = &s.window else { return Ok(None) };
+    let now = time::OffsetDateTime::now_utc();
+    let Some((start, end)) = w.current(now) else {
+        return Err("outside the reboot window".into());
+    };
+    let mine = window::Window::node_start(start, s.splay, &s.holder);
+    if now < mine {
+        return Err(format!("in the reboot window; this node's turn starts at {mine} (window_splay)"));
+    }
+    Ok(Some(end))
 }
 
-impl Turn {
-    fn from_config(cfg: &RebootConfig) -> anyhow::Result<Turn> {
-        let window = match (&cfg.window_start, &cfg.window_length) {
-            (Some(s), Some(l)) => Some(window::Window::parse(s, l).map_err(|e| ConfigError::msg(format!("[reboot] window: {e}")))?),
-            (None, None) => None,
-            _ => return Err(ConfigError::msg("[reboot] window_start and window_length go together").into()),
-        };
-        let splay = match (&cfg.window_splay, &window) {
-            (Some(s), _) => humantime::parse_duration(s).map_err(|e| ConfigError::msg(format!("[reboot] window_splay {s:?}: {e}")))?,
-            (None, Some(w)) => (w.length.unsigned_abs() / 4).min(std::time::Duration::from_secs(900)),
-            (None, None) => std::time::Duration::ZERO,
-        };
-        Ok(Turn { window, splay })
-    }
+/// `bootstrap reboot --wait`: the run lock is let go while blocked for a slot, and taken again
+/// once the slot is ours; then whether the last converge (finished meanwhile) succeeded.
+pub struct Waiting<'a> {
+    pub root: &'a Path,
+    pub lock_timeout: std::time::Duration,
+    /// The run lock: held, except while blocked for a slot.
+    pub guard: &'a mut Option<crate::runlock::RunLock>,
+    pub run_ok: &'a dyn Fn() -> anyhow::Result<bool>,
+}
 
-    /// Ok(end of the window, if any) when this node may go now; Err(why not) otherwise.
-    fn now(&self, holder: &str) -> Result<Option<time::OffsetDateTime>, String> {
-        let Some(w) = &self.window else { return Ok(None) };
-        let now = time::OffsetDateTime::now_utc();
-        let Some((start, end)) = w.current(now) else {
-            return Err("outside the reboot window".into());
-        };
-        let mine = window::Window::node_start(start, self.splay, holder);
-        if now < mine {
-            return Err(format!("in the reboot window; this node's turn starts at {mine} (window_splay)"));
-        }
-        Ok(Some(end))
-    }
+/// What the run being coordinated did.
+pub struct RunResult<'a> {
+    pub ok: bool,
+    /// The first `reboot_required` step this run changed.
+    pub changed: Option<&'a str>,
 }
 
 /// Decide and do everything but the reboot itself (the caller writes its report first, then
 /// calls `host.systemd.reboot()` when `reboot_now`). With `wait`, block for a slot until the
 /// window ends instead of trying once.
-pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, run_ok: bool, step_requested: bool, wait: bool) -> anyhow::Result<Outcome> {
-    let strategy = cfg.strategy.unwrap_or_default();
-    let needed = reboot_needed(&host.root, &host.facts.os.family, step_requested);
-    if strategy == RebootStrategy::Off || !host.is_live() {
+pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Waiting>) -> anyhow::Result<Outcome> {
+    let need = if host.is_live() {
+        carry_need(&host.root, &host.facts.boot_id, run.changed)?
+    } else {
+        None
+    };
+    let needed = match (&need, run.changed) {
+        (None, Some(step)) => Some(format!("step `{step}` (reboot_required) changed")),
+        _ => reboot_needed(&host.root, &host.facts.os.family, need.as_ref()),
+    };
+    if s.strategy == RebootStrategy::Off || !host.is_live() {
         return Ok(outcome(&needed, "none", needed.as_ref().map(|_| "reboot strategy is off".to_string())));
     }
-    let lock = Backend::from_config(cfg, group)?;
-    let turn = Turn::from_config(cfg)?;
-    let state = read_state(&host.root);
+    let state = read_state(&host.root)?;
+    let lock = Backend::from_settings(s)?;
+    let group = s.group.clone().unwrap_or_default();
+    let holder = s.holder.as_str();
+    let this_boot = |st: &Option<RebootState>| st.as_ref().is_some_and(|st| st.boot_id == host.facts.boot_id);
+    let mut recorded = state.is_some();
     let mut inputs = Inputs {
         state: state.as_ref(),
         boot_id: &host.facts.boot_id,
         needed: needed.is_some(),
-        run_ok,
-        in_window: turn.now(holder).is_ok(),
+        run_ok: run.ok,
+        in_window: turn_now(s).is_ok(),
         lock: None,
         healthy: None,
     };
@@ -308,12 +364,13 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
         match decide(&inputs) {
             Decision::Nothing => return Ok(outcome(&needed, "none", None)),
             Decision::Pending(why) => {
-                if state.as_ref().is_some_and(|s| s.boot_id == host.facts.boot_id) {
-                    let _ = std::fs::remove_file(host.root.join(STATE_PATH));
+                // Only the lock service's "not yours" drops a record of this boot.
+                if this_boot(&state) && inputs.lock == Some(LockAnswer::Full) {
+                    remove(&host.root, STATE_PATH)?;
                 }
-                let text = match (why, turn.now(holder)) {
+                let text = match (why, turn_now(s)) {
                     (Why::OutsideWindow, Err(w)) => w,
-                    _ => why_text(why, group),
+                    _ => why_text(why, &group),
                 };
                 let text = match &detail {
                     Some(d) => format!("{text}: {d}"),
@@ -321,11 +378,20 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                 };
                 return Ok(outcome(&needed, "pending", Some(text)));
             }
+            Decision::Keep(why) => {
+                let text = format!(
+                    "{}: {}; keeping the slot record {} until the lock service answers",
+                    why_text(why, &group),
+                    detail.as_deref().unwrap_or("no answer"),
+                    Path::new("/").join(STATE_PATH).display()
+                );
+                return Ok(outcome(&needed, "pending", Some(text)));
+            }
             Decision::AskLock => {
-                let answer = match &lock {
-                    None => Ok(Some(etcd::Acquire::Acquired)),
-                    Some(l) if wait => {
-                        let deadline = match turn.now(holder) {
+                let answer = match (&lock, wait.as_mut()) {
+                    (None, _) => Ok(Some(etcd::Acquire::Acquired)),
+                    (Some(l), Some(w)) => {
+                        let deadline = match turn_now(s) {
                             Ok(Some(end)) => {
                                 let left = (end - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
                                 std::time::Instant::now() + left.unsigned_abs()
@@ -333,9 +399,11 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                             // No window: wait as long as it takes (a year is "forever" here).
                             _ => std::time::Instant::now() + std::time::Duration::from_secs(365 * 86400),
                         };
+                        // Runs go on while this one queues.
+                        *w.guard = None;
                         l.wait(holder, deadline)
                     }
-                    Some(l) => l.acquire(holder).map(Some),
+                    (Some(l), None) => l.acquire(holder).map(Some),
                 };
                 inputs.lock = Some(match answer {
                     Ok(Some(etcd::Acquire::Acquired | etcd::Acquire::AlreadyHeld)) => LockAnswer::Got,
@@ -350,47 +418,64 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                         LockAnswer::Unavailable
                     }
                 });
+                if inputs.lock == Some(LockAnswer::Got) {
+                    // On record before anything else can fail or be killed (hooks, the run
+                    // lock): a later run finds the slot and uses or releases it.
+                    if !recorded {
+                        let st = RebootState {
+                            group: group.clone(),
+                            holder: holder.to_string(),
+                            boot_id: host.facts.boot_id.clone(),
+                            acquired_at: crate::engine::now_rfc3339(),
+                            reason: needed.clone().unwrap_or_default(),
+                        };
+                        if let Err(e) = write_json(&host.root, STATE_PATH, &st) {
+                            // Unrecorded, the slot would leak: give it back now.
+                            if let Some(l) = &lock {
+                                if let Err(r) = l.release(holder) {
+                                    return Err(e.context(format!("the slot of group {group} is held unrecorded: releasing it failed: {r}")));
+                                }
+                            }
+                            return Err(e.context("recording the reboot slot; it was released again"));
+                        }
+                        recorded = true;
+                    }
+                    if let Some(w) = wait.as_mut() {
+                        if w.guard.is_none() {
+                            *w.guard = Some(crate::runlock::acquire(w.root, w.lock_timeout)?);
+                            inputs.run_ok = (w.run_ok)()?;
+                        }
+                    }
+                }
                 // The window may have closed while we waited.
-                inputs.in_window = turn.now(holder).is_ok();
+                inputs.in_window = turn_now(s).is_ok();
             }
             Decision::GiveBack(why) => {
                 if let Some(l) = &lock {
                     l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
                 }
-                let _ = std::fs::remove_file(host.root.join(STATE_PATH));
+                remove(&host.root, STATE_PATH)?;
                 let text = match why {
                     Why::OutsideWindow if inputs.lock == Some(LockAnswer::Got) => "the reboot window closed while acquiring; slot released".to_string(),
-                    w => format!("{}; slot released", why_text(w, group)),
+                    w => format!("{}; slot released", why_text(w, &group)),
                 };
                 return Ok(outcome(&needed, "pending", Some(text)));
             }
             Decision::Reboot => {
-                if let Some(why) = run_hooks(cfg)? {
+                if let Some(why) = run_hooks(s) {
                     if let Some(l) = &lock {
                         l.release(holder)
-                            .map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook: {e}"))?;
+                            .map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook ({why}): {e}"))?;
                     }
-                    let _ = std::fs::remove_file(host.root.join(STATE_PATH));
+                    remove(&host.root, STATE_PATH)?;
                     return Ok(outcome(&needed, "hook_failed", Some(format!("{why}; slot released, not rebooting"))));
-                }
-                if state.is_none() {
-                    let st = RebootState {
-                        group: group.to_string(),
-                        holder: holder.to_string(),
-                        boot_id: host.facts.boot_id.clone(),
-                        acquired_at: crate::engine::now_rfc3339(),
-                        reason: needed.clone().unwrap_or_default(),
-                    };
-                    let path = host.root.join(STATE_PATH);
-                    crate::fsutil::create_parents(&path)?;
-                    crate::fsutil::atomic_write(&path, &serde_json::to_vec_pretty(&st)?, 0o644, None)?;
                 }
                 let mut o = outcome(&needed, "rebooting", Some(format!("holding a slot of group {group}")));
                 o.reboot_now = true;
                 return Ok(o);
             }
             Decision::CheckHealth => {
-                health_failures = failed_health(host, cfg)?;
+                health_failures = failed_health(host, s);
                 inputs.healthy = Some(health_failures.is_empty());
             }
             Decision::Release => {
@@ -399,7 +484,7 @@ pub fn coordinate(host: &Host, cfg: &RebootConfig, group: &str, holder: &str, ru
                     l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
                     l.set_status(holder, None);
                 }
-                std::fs::remove_file(host.root.join(STATE_PATH))?;
+                remove(&host.root, STATE_PATH)?;
                 return Ok(outcome(
                     &needed,
                     "released",

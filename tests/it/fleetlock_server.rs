@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex};
 pub struct State {
     pub slots: usize,
     pub holders: BTreeMap<String, Vec<String>>,
+    /// Fault injection: path (`/v1/steady-state`) → the status to answer instead, without
+    /// touching the semaphore (a proxy timing out, a rate limiter, a server error).
+    pub forced: BTreeMap<String, u16>,
 }
 
 pub struct FleetLockServer {
@@ -57,6 +60,15 @@ impl FleetLockServer {
         FleetLockServer { url, state }
     }
 
+    /// Answer every request to `path` with `status` (None: serve normally again).
+    pub fn force(&self, path: &str, status: Option<u16>) {
+        let mut s = self.state.lock().unwrap();
+        match status {
+            Some(c) => s.forced.insert(path.to_string(), c),
+            None => s.forced.remove(path),
+        };
+    }
+
     pub fn holders(&self, group: &str) -> Vec<String> {
         self.state.lock().unwrap().holders.get(group).cloned().unwrap_or_default()
     }
@@ -73,6 +85,9 @@ fn answer(line: &str, headers: &BTreeMap<String, String>, body: &[u8], st: &Mute
         return (400, r#"{"kind":"bad_client_params","value":""}"#.into());
     };
     let mut s = st.lock().unwrap();
+    if let Some((_, code)) = s.forced.iter().find(|(p, _)| line.starts_with(&format!("POST {p} "))) {
+        return (*code, r#"{"kind":"injected","value":"test fault"}"#.into());
+    }
     let slots = s.slots;
     let holders = s.holders.entry(group.to_string()).or_default();
     if line.starts_with("POST /v1/pre-reboot ") {

@@ -163,3 +163,51 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
     );
     assert_eq!(node.report()["name"], "production-haproxy");
 }
+
+/// Issue 14, finding 6: a reboot is needed at first boot (and allowed). `init` installs the
+/// agent's units and writes firstboot.done before it reboots, so the node comes back with its
+/// timer, skips the firstboot unit, and its next apply releases the reboot slot.
+#[test]
+fn init_installs_its_units_before_a_first_boot_reboot() {
+    let etcd = crate::etcd::Etcd::start(1);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let mut node = Node::boot_host_net(b.path());
+    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
+    std::fs::write(
+        node.merged.join("etc/bootstrap/config.toml"),
+        format!(
+            "[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+            etcd.endpoints()[0]
+        ),
+    )
+    .unwrap();
+    assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
+    let _ = node.agent(&["init"]);
+    assert_eq!(node.wait_exit(std::time::Duration::from_secs(60)), 133, "init rebooted");
+    let holders = || etcd.lock("production-web").get().unwrap().map(|(s, _)| s.holders).unwrap_or_default();
+    assert_eq!(holders(), std::slice::from_ref(&id));
+    for f in [
+        "etc/systemd/system/bootstrap.timer",
+        "etc/systemd/system/bootstrap.service",
+        "etc/systemd/system/bootstrap-firstboot.service",
+        "var/lib/bootstrap/firstboot.done",
+    ] {
+        assert!(node.merged.join(f).exists(), "rebooted before {f} was written");
+    }
+    node.boot_again();
+    assert_eq!(
+        node.sh("systemctl is-enabled bootstrap.timer bootstrap-firstboot.service; systemctl is-active bootstrap.timer")
+            .stdout,
+        "enabled\nenabled\nactive\n"
+    );
+    // The timer's service releases the slot after the healthy boot.
+    let r = node.sh("systemctl start bootstrap.service && echo ok");
+    assert!(
+        r.stdout.contains("ok"),
+        "{}",
+        node.sh("journalctl -u bootstrap.service -o cat --no-pager").stdout
+    );
+    assert_eq!(node.report()["reboot"]["action"], "released");
+    assert!(holders().is_empty());
+}
