@@ -15,11 +15,15 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::lock::{or_new, take, CAS_DEADLINE};
+// For callers not yet moved to `reboot::lock`.
+pub use super::lock::{Acquire, LockError, Semaphore};
 
 pub const DEFAULT_PREFIX: &str = "com.coreos.airlock";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,10 +41,6 @@ pub const QUEUE_LEASE_TTL: u64 = 60;
 const MAX_TXN_OPS: usize = 128;
 /// How many queued waiters one look reads (the head grants free slots to them).
 const HANDOVER_LOOKAHEAD: u64 = 60;
-/// How long a compare-and-swap keeps retrying against other writers before giving up. A burst
-/// of releases (a whole wave of nodes back from their reboots) is many writers on one key: each
-/// round one wins, so this is a time budget, not a small attempt count.
-const CAS_DEADLINE: Duration = Duration::from_secs(60);
 /// How many release requests the head of the queue applies in one write. With the semaphore
 /// put, the head's own two deletes and a delete per granted waiter, a write stays within
 /// `MAX_TXN_OPS`.
@@ -59,42 +59,6 @@ fn cas_pause(attempt: u32) {
     if attempt > 0 {
         std::thread::sleep(Duration::from_micros(rand::Rng::random_range(&mut rand::rng(), 0..=8000)));
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Semaphore {
-    pub total_slots: u64,
-    #[serde(default)]
-    pub holders: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    /// No endpoint answered, a timeout, a 5xx, or quorum lost: try again later, never reboot.
-    #[error("etcd unavailable: {0}")]
-    Unavailable(String),
-    /// The key kept changing under us.
-    #[error("etcd semaphore {0} kept changing; gave up after {secs} s", secs = CAS_DEADLINE.as_secs())]
-    Conflict(String),
-    /// The key holds something that is not a semaphore.
-    #[error("etcd key {key} does not hold a semaphore: {why}")]
-    Malformed { key: String, why: String },
-}
-
-impl LockError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, LockError::Unavailable(_) | LockError::Conflict(_))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acquire {
-    /// This call took a slot.
-    Acquired,
-    /// The holder already had one (a run killed after acquiring comes back to its slot).
-    AlreadyHeld,
-    /// No slot free.
-    Full,
 }
 
 /// TLS material for https:// endpoints (PEM).
@@ -961,32 +925,6 @@ impl EtcdLock {
 /// The key of a range answer's key-value, decoded.
 fn key_of(kv: Kv) -> String {
     String::from_utf8_lossy(&B64.decode(kv.key.unwrap_or_default()).unwrap_or_default()).to_string()
-}
-
-/// The semaphore as read (with its mod revision), or a new empty one when the key is absent.
-fn or_new(read: Option<(Semaphore, String)>, default_slots: u64) -> (Semaphore, Option<String>) {
-    match read {
-        Some((s, r)) => (s, Some(r)),
-        None => (
-            Semaphore {
-                total_slots: default_slots,
-                holders: vec![],
-            },
-            None,
-        ),
-    }
-}
-
-/// The acquire decision on one read of the semaphore: (write it back?, answer).
-fn take(s: &mut Semaphore, id: &str) -> (Option<()>, Acquire) {
-    if s.holders.iter().any(|h| h == id) {
-        (None, Acquire::AlreadyHeld)
-    } else if (s.holders.len() as u64) >= s.total_slots {
-        (None, Acquire::Full)
-    } else {
-        s.holders.push(id.to_string());
-        (Some(()), Acquire::Acquired)
-    }
 }
 
 /// A reqwest error with its causes ("connection refused" sits a few levels down).

@@ -3,7 +3,7 @@
 //! `{"client_params":{"id":…,"group":…}}`. 200 means yes; another 4xx means no slot; 5xx or no
 //! answer means the lock service is unavailable.
 
-use super::etcd::{Acquire, LockError};
+use super::lock::{Acquire, LockError};
 use std::time::Duration;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

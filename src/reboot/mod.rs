@@ -6,6 +6,7 @@
 pub mod decide;
 pub mod etcd;
 pub mod fleetlock;
+pub mod lock;
 pub mod window;
 
 /// The lock service a strategy uses.
