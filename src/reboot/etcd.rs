@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::lock::{or_new, take, CAS_DEADLINE};
+use super::lock::{self, or_new, take, CAS_DEADLINE};
 // For callers not yet moved to `reboot::lock`.
 pub use super::lock::{Acquire, LockError, Semaphore};
 
@@ -254,16 +254,7 @@ impl EtcdLock {
     /// The semaphore and its mod revision (None: the key does not exist).
     pub fn get(&self) -> Result<Option<(Semaphore, String)>, LockError> {
         let r: RangeResp = self.post("/v3/kv/range", serde_json::json!({ "key": B64.encode(&self.key) }))?;
-        let Some(kv) = r.kvs.into_iter().next() else { return Ok(None) };
-        let raw = B64.decode(kv.value.unwrap_or_default()).map_err(|e| LockError::Malformed {
-            key: self.key.clone(),
-            why: e.to_string(),
-        })?;
-        let sem: Semaphore = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed {
-            key: self.key.clone(),
-            why: e.to_string(),
-        })?;
-        Ok(Some((sem, kv.mod_revision.unwrap_or_default())))
+        r.kvs.into_iter().next().map(|kv| self.decode(kv)).transpose()
     }
 
     /// Decode the semaphore from a range answer's key-value.
@@ -272,7 +263,7 @@ impl EtcdLock {
             key: self.key.clone(),
             why: e.to_string(),
         })?;
-        let sem = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed {
+        let sem = lock::decode(&raw).map_err(|e| LockError::Malformed {
             key: self.key.clone(),
             why: e.to_string(),
         })?;
@@ -360,7 +351,7 @@ impl EtcdLock {
                 .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
         };
         let held = match range(1)?.into_iter().next() {
-            Some(kv) => self.decode(kv)?.0.holders.iter().any(|h| h == id),
+            Some(kv) => self.decode(kv)?.0.holds(id),
             None => false,
         };
         if !held {
@@ -418,10 +409,10 @@ impl EtcdLock {
                     .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
             };
             let sem = range(0)?.into_iter().next().map(|kv| self.decode(kv)).transpose()?;
-            let Some((mut sem, rev)) = sem.filter(|(s, _)| s.holders.iter().any(|h| h == id)) else {
+            let Some((mut sem, rev)) = sem else { return Ok(false) };
+            if !lock::give_back(&mut sem, id) {
                 return Ok(false);
-            };
-            sem.holders.retain(|h| h != id);
+            }
             let mut also = vec![self.delete_op(&rkey)];
             let releases: Vec<String> = range(1)?.into_iter().map(key_of).filter(|k| *k != rkey).collect();
             self.settle(&mut sem, &releases, &range(2)?.into_iter().map(key_of).collect::<Vec<_>>(), None, &mut also);
@@ -438,20 +429,13 @@ impl EtcdLock {
     /// then leave room for the semaphore's put within `MAX_TXN_OPS`.
     fn settle(&self, s: &mut Semaphore, releases: &[String], waiters: &[String], me: Option<&str>, ops: &mut Vec<serde_json::Value>) {
         let (queue, release) = (self.queue_dir(), self.release_dir());
-        for k in releases {
-            let holder = k.trim_start_matches(&release);
-            s.holders.retain(|h| h != holder);
-            ops.push(self.delete_op(k));
-        }
-        let free = s.total_slots.saturating_sub(s.holders.len() as u64) as usize;
+        let released: Vec<&str> = releases.iter().map(|k| k.trim_start_matches(&release)).collect();
+        ops.extend(releases.iter().map(|k| self.delete_op(k)));
         let room = (MAX_TXN_OPS - 1).saturating_sub(ops.len());
-        for next in waiters.iter().filter(|k| Some(k.as_str()) != me).take(free.min(room)) {
-            let holder = next.trim_start_matches(&queue).to_string();
-            ops.push(self.delete_op(next));
-            if !s.holders.contains(&holder) {
-                s.holders.push(holder);
-            }
-        }
+        let waiters: Vec<&String> = waiters.iter().filter(|k| Some(k.as_str()) != me).collect();
+        let holders: Vec<&str> = waiters.iter().map(|k| k.trim_start_matches(&queue)).collect();
+        let granted = lock::settle(s, &released, &holders, room);
+        ops.extend(waiters[..granted].iter().map(|k| self.delete_op(k)));
     }
 
     /// Change the number of slots (holders over the new limit keep theirs until they release).
@@ -804,7 +788,7 @@ impl EtcdLock {
                 None => self.look(me, None, true, woke_at.take())?,
             };
             let (mut s, sem_rev) = or_new(v.sem, default_slots);
-            if s.holders.iter().any(|h| h == id) {
+            if s.holds(id) {
                 left.set(v.my_rev.is_none());
                 return Ok(Some(Waited::Acquired));
             }
@@ -875,7 +859,7 @@ impl EtcdLock {
                 woken = false;
                 // Holding already: we were killed after acquiring (first look), or the waiter
                 // ahead of us granted us a slot (it hands out every free slot at once).
-                if v.sem.as_ref().is_some_and(|(s, _)| s.holders.iter().any(|h| h == id)) {
+                if v.sem.as_ref().is_some_and(|(s, _)| s.holds(id)) {
                     left.set(v.my_rev.is_none());
                     return Ok(Some(if first { Waited::AlreadyHeld } else { Waited::Acquired }));
                 }
