@@ -262,7 +262,16 @@ mod tests {
 
     #[test]
     fn settle_table() {
-        let cases: [(Semaphore, &[&str], &[&str], usize, usize, &[&str]); 9] = [
+        // (before, released, waiters, room, granted, holders after)
+        type Case = (
+            Semaphore,
+            &'static [&'static str],
+            &'static [&'static str],
+            usize,
+            usize,
+            &'static [&'static str],
+        );
+        let cases: [Case; 9] = [
             // Nothing released, nothing waiting.
             (sem(2, &["a"]), &[], &[], 127, 0, &["a"]),
             // A release frees a slot for the first waiter, not the second.

@@ -59,8 +59,8 @@ impl EtcdLock {
         let r: serde_json::Value = self.post(
             "/v3/kv/txn",
             serde_json::json!({ "success": [
-                { "request_put": { "key": B64.encode(&me), "value": B64.encode(id), "lease": lease, "prev_kv": true } },
-                { "request_put": { "key": B64.encode(&tail), "value": B64.encode(&me), "prev_kv": true } },
+                { "request_put": { "key": B64.encode(me), "value": B64.encode(id), "lease": lease, "prev_kv": true } },
+                { "request_put": { "key": B64.encode(&tail), "value": B64.encode(me), "prev_kv": true } },
                 { "request_range": { "key": B64.encode(&self.key) } },
             ] }),
         )?;
