@@ -49,6 +49,18 @@ pub(super) fn prefix_end(prefix: &str) -> Vec<u8> {
     end
 }
 
+/// The key-values in a transaction's answer to its `i`-th operation, a range.
+pub(super) fn txn_range(r: &serde_json::Value, i: usize) -> Result<Vec<Kv>, LockError> {
+    serde_json::from_value::<RangeResp>(r["responses"][i]["response_range"].clone())
+        .map(|r| r.kvs)
+        .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
+}
+
+/// The store revision an answer was taken at (0 if absent).
+pub(super) fn revision(r: &serde_json::Value) -> i64 {
+    r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 impl EtcdLock {
     /// Send to the endpoint that answered last, then the others.
     pub(super) fn send(&self, path: &str, body: &serde_json::Value, timeout: Option<Duration>) -> Result<reqwest::blocking::Response, LockError> {
@@ -121,9 +133,7 @@ impl EtcdLock {
             return Ok(Ok(()));
         }
         self.counters.cas_conflicts.fetch_add(1, Ordering::Relaxed);
-        let kvs: RangeResp =
-            serde_json::from_value(r["responses"][0]["response_range"].clone()).map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))?;
-        Ok(Err(kvs.kvs.into_iter().next().map(|kv| self.decode(kv)).transpose()?))
+        Ok(Err(txn_range(&r, 0)?.into_iter().next().map(|kv| self.decode(kv)).transpose()?))
     }
 
     /// Read-modify-CAS until it sticks. `f` returns the new value, or None to leave the key.

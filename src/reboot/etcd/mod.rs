@@ -26,7 +26,7 @@ mod queue;
 use super::lock::{self, take, CAS_DEADLINE};
 // For callers not yet moved to `reboot::lock`.
 pub use super::lock::{Acquire, LockError, Semaphore};
-use client::{cas_pause, key_of, num, prefix_end, Kv, RangeResp};
+use client::{cas_pause, key_of, num, prefix_end, revision, txn_range, Kv, RangeResp};
 use queue::{WaitFor, Woke};
 
 pub const DEFAULT_PREFIX: &str = "com.coreos.airlock";
@@ -175,11 +175,7 @@ impl EtcdLock {
                 { "request_range": { "key": B64.encode(&queue), "range_end": B64.encode(prefix_end(&queue)), "keys_only": true, "limit": "1" } },
             ] }),
         )?;
-        let range = |i: usize| -> Result<Vec<Kv>, LockError> {
-            serde_json::from_value::<RangeResp>(r["responses"][i]["response_range"].clone())
-                .map(|r| r.kvs)
-                .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
-        };
+        let range = |i| txn_range(&r, i);
         let held = match range(1)?.into_iter().next() {
             Some(kv) => self.decode(kv)?.0.holds(id),
             None => false,
@@ -190,7 +186,7 @@ impl EtcdLock {
         }
         if !range(2)?.is_empty() {
             // The head deletes the request in the write that applies it.
-            let at = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let at = revision(&r);
             let asked = Instant::now();
             if let Ok(Woke::Hit(_)) = self.wait_for(&rkey, None, WaitFor::Deleted, at, false, Instant::now() + HANDOFF) {
                 let us = asked.elapsed().as_micros().min(u32::MAX as u128) as u32;
@@ -233,11 +229,7 @@ impl EtcdLock {
                 break;
             }
             let r: serde_json::Value = self.post("/v3/kv/txn", read.clone())?;
-            let range = |i: usize| -> Result<Vec<Kv>, LockError> {
-                serde_json::from_value::<RangeResp>(r["responses"][i]["response_range"].clone())
-                    .map(|r| r.kvs)
-                    .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
-            };
+            let range = |i| txn_range(&r, i);
             let sem = range(0)?.into_iter().next().map(|kv| self.decode(kv)).transpose()?;
             let Some((mut sem, rev)) = sem else { return Ok(false) };
             if !lock::give_back(&mut sem, id) {

@@ -3,7 +3,7 @@
 //! (or, at the head, for release requests and the semaphore), and the head's hand-over of free
 //! slots.
 
-use super::client::{key_of, num, prefix_end, Kv, RangeResp};
+use super::client::{key_of, num, prefix_end, revision, txn_range, Kv};
 use super::{EtcdLock, Waited, HANDOVER_LOOKAHEAD, MAX_TXN_OPS, RELEASE_BATCH, TAIL_REPLAY, WATCH_CAP};
 use crate::reboot::lock::{self, or_new, take, Acquire, LockError, Semaphore};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -64,15 +64,9 @@ impl EtcdLock {
                 { "request_range": { "key": B64.encode(&self.key) } },
             ] }),
         )?;
-        let rev: i64 = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let rev: i64 = revision(&r);
         let prev = |i: usize| -> Option<Kv> { serde_json::from_value(r["responses"][i]["response_put"]["prev_kv"].clone()).ok() };
-        let sem = serde_json::from_value::<RangeResp>(r["responses"][2]["response_range"].clone())
-            .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))?
-            .kvs
-            .into_iter()
-            .next()
-            .map(|kv| self.decode(kv))
-            .transpose()?;
+        let sem = txn_range(&r, 2)?.into_iter().next().map(|kv| self.decode(kv)).transpose()?;
         let (pred, pred_since) = match prev(1) {
             Some(kv) => {
                 let since = num(&kv.mod_revision);
@@ -158,11 +152,7 @@ impl EtcdLock {
             }
         }
         let r: serde_json::Value = self.post("/v3/kv/txn", serde_json::json!({ "success": ops }))?;
-        let range = |i: usize| -> Result<Vec<Kv>, LockError> {
-            serde_json::from_value::<RangeResp>(r["responses"][i]["response_range"].clone())
-                .map(|r| r.kvs)
-                .map_err(|e| LockError::Unavailable(format!("txn answer: {e}")))
-        };
+        let range = |i| txn_range(&r, i);
         let keys = |i: usize| -> Result<Vec<String>, LockError> { Ok(range(i)?.into_iter().map(key_of).collect()) };
         Ok(View {
             my_rev: range(0)?.first().map(|kv| num(&kv.create_revision)),
@@ -173,7 +163,7 @@ impl EtcdLock {
             sem: range(1)?.into_iter().next().map(|kv| self.decode(kv)).transpose()?,
             releases: if head { keys(2)? } else { Vec::new() },
             waiters: if head { keys(3)? } else { Vec::new() },
-            rev: r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0),
+            rev: revision(&r),
             pred_since: None,
         })
     }
@@ -239,7 +229,7 @@ impl EtcdLock {
             }
             let events = res["events"].as_array().map(Vec::as_slice).unwrap_or_default();
             if events.iter().any(|e| what == WaitFor::Changed || e["type"] == "DELETE") {
-                let at = res["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let at = revision(res);
                 return Ok(Woke::Hit(at));
             }
         }
@@ -262,7 +252,7 @@ impl EtcdLock {
         }
         let r: serde_json::Value = self.post("/v3/kv/range", q)?;
         let count = r["count"].as_str().and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
-        let at = r["header"]["revision"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let at = revision(&r);
         Ok(match what {
             WaitFor::Deleted => count == 0,
             WaitFor::Changed => count > 0,
