@@ -6,8 +6,8 @@
 pub mod decide;
 pub mod etcd;
 pub mod fleetlock;
-pub mod lock;
 pub mod window;
+pub mod lock;
 
 /// The lock service a strategy uses.
 pub enum Backend {
