@@ -5,7 +5,7 @@
 //! later. Another 4xx on pre-reboot: no slot. A release is done only on a 200; anything else
 //! keeps the slot on record until a later run gets one.
 
-use super::etcd::{Acquire, LockError};
+use super::lock::{Acquire, LockError};
 use std::time::Duration;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

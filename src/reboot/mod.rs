@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod fleetlock;
 pub mod settings;
 pub mod window;
+pub mod lock;
 
 pub use settings::Settings;
 
