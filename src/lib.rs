@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod docker;
 pub mod engine;
@@ -19,6 +20,7 @@ pub mod runlock;
 pub mod runner;
 pub mod secrets;
 pub mod source;
+pub mod state;
 pub mod step;
 pub mod systemd;
 pub mod template;

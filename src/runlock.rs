@@ -8,7 +8,6 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub const LOCK_PATH: &str = "run/bootstrap/lock";
 /// How often a waiting run retries the lock.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -19,7 +18,7 @@ pub struct RunLock {
 
 /// Take the exclusive run lock under `root`, waiting up to `timeout` for another run.
 pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
-    let path: PathBuf = root.join(LOCK_PATH);
+    let path: PathBuf = crate::state::StateDir::new(root).run_lock();
     crate::fsutil::create_parents(&path)?;
     let start = Instant::now();
     let mut told = false;

@@ -43,7 +43,7 @@ pub fn failed_metrics(cx: &super::Context, e: &anyhow::Error, start: std::time::
         report: None,
         exit_code: crate::error::exit_code_for(e),
         duration_secs: start.elapsed().as_secs_f64(),
-        reboot_lock_held: cx.root.join(crate::reboot::STATE_PATH).exists(),
+        reboot_lock_held: crate::state::StateDir::new(&cx.root).exists(crate::state::REBOOT),
     };
     if let Err(w) = crate::metrics::write(&cx.root, cx.config.metrics.textfile.as_deref(), &m) {
         tracing::warn!("writing metrics: {w:#}");
@@ -148,7 +148,7 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
             report: Some(&report),
             exit_code: report.exit_code(false),
             duration_secs: report.duration_ms as f64 / 1000.0,
-            reboot_lock_held: root.join(crate::reboot::STATE_PATH).exists(),
+            reboot_lock_held: crate::state::StateDir::new(&root).exists(crate::state::REBOOT),
         };
         if let Err(e) = crate::metrics::write(&root, config.metrics.textfile.as_deref(), &m) {
             tracing::warn!("writing metrics: {e:#}");

@@ -11,8 +11,6 @@ use crate::step::Step;
 use anyhow::{Context as _, Result};
 use std::path::PathBuf;
 
-pub const FIRSTBOOT_DONE: &str = "var/lib/bootstrap/firstboot.done";
-
 /// The agent's units, as shipped in units/ (ExecStart points at /usr/local/bin/bootstrap).
 pub const UNITS: [(&str, &str); 3] = [
     ("bootstrap.service", include_str!("../../units/bootstrap.service")),
@@ -32,9 +30,8 @@ pub fn run(a: &RunArgs) -> Result<u8> {
     // If this fails with a slot held, reboot.json (this boot) keeps it on record: the next
     // init resumes with it.
     install_units(&cx)?;
-    let marker = root.join(FIRSTBOOT_DONE);
-    crate::fsutil::create_parents(&marker)?;
-    crate::fsutil::atomic_write(&marker, format!("{}\n", crate::engine::now_rfc3339()).as_bytes(), 0o644, None)?;
+    let now = format!("{}\n", crate::clock::now_rfc3339());
+    crate::state::StateDir::new(&root).write_mode(crate::state::FIRSTBOOT_DONE, now.as_bytes(), 0o644)?;
     if c.reboot_now {
         apply::reboot()?;
     }

@@ -2,14 +2,14 @@
 //! never reboots in the middle of an apply).
 
 use super::{Context, NamingArgs};
+use crate::state::{self, StateDir};
 use std::path::Path;
 
 pub fn run(check: bool, request: bool, wait: bool, lock_timeout: std::time::Duration, naming: &NamingArgs) -> anyhow::Result<u8> {
     let root = Path::new("/");
     if request {
-        let p = root.join(crate::reboot::REQUEST_PATH);
-        crate::fsutil::create_parents(&p)?;
-        crate::fsutil::atomic_write(&p, format!("{}\n", crate::engine::now_rfc3339()).as_bytes(), 0o644, None)?;
+        let now = format!("{}\n", crate::clock::now_rfc3339());
+        StateDir::new(root).write_mode(state::REBOOT_REQUESTED, now.as_bytes(), 0o644)?;
         println!("reboot requested: the next run takes a slot and reboots");
         return Ok(0);
     }
@@ -72,12 +72,9 @@ pub fn run(check: bool, request: bool, wait: bool, lock_timeout: std::time::Dura
 /// The last converge's report: (succeeded, the boot it ran in); None when there is none yet.
 /// A report that cannot be read or parsed is an error, not a success.
 fn last_run(root: &Path) -> anyhow::Result<Option<(bool, Option<String>)>> {
-    let path = root.join(crate::engine::report::REPORT_PATH);
-    let b = match std::fs::read(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-        Ok(b) => b,
-    };
+    let dir = StateDir::new(root);
+    let path = dir.path(state::REPORT);
+    let Some(b) = dir.read(state::REPORT)? else { return Ok(None) };
     let r: serde_json::Value = serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(Some((r["status"] == "ok", r["boot_id"].as_str().map(str::to_string))))
 }

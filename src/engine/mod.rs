@@ -3,18 +3,14 @@
 
 pub mod report;
 
-use crate::fsutil;
 use crate::role::{Notify, NotifyAction, Prepared};
 use crate::step::Host;
-use anyhow::{Context, Result};
+use crate::state::{self, StateDir};
+use anyhow::Result;
 use report::{notify_report, Report, StepReport, StepStatus};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
-
-/// Notify targets of changed steps whose handler has not run yet (a failed or killed run
-/// keeps them here, so the next successful run still restarts what it should).
-pub const PENDING_NOTIFY_PATH: &str = "var/lib/bootstrap/pending-notify.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -36,7 +32,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
     let mut report = Report {
         version: report::REPORT_VERSION,
         command: if apply { "apply" } else { "plan" }.into(),
-        started_at: now_rfc3339(),
+        started_at: crate::clock::now_rfc3339(),
         boot_id: host.facts.boot_id.clone(),
         duration_ms: 0,
         role: info.role,
@@ -188,11 +184,12 @@ fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, report: &mut Report
 /// name is run once (a restart too many is the safe side of a restart missed), and the record
 /// is rewritten clean after them.
 fn read_pending(root: &Path, steps: &[Prepared]) -> BTreeSet<Notify> {
-    let path = root.join(PENDING_NOTIFY_PATH);
-    let bad = match std::fs::read(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeSet::new(),
-        Err(e) => e.to_string(),
-        Ok(b) => match serde_json::from_slice(&b) {
+    let dir = StateDir::new(root);
+    let path = dir.path(state::PENDING_NOTIFY);
+    let bad = match dir.read(state::PENDING_NOTIFY) {
+        Ok(None) => return BTreeSet::new(),
+        Err(e) => format!("{e:#}"),
+        Ok(Some(b)) => match serde_json::from_slice(&b) {
             Ok(p) => return p,
             Err(e) => e.to_string(),
         },
@@ -208,55 +205,11 @@ fn read_pending(root: &Path, steps: &[Prepared]) -> BTreeSet<Notify> {
 }
 
 fn write_pending(root: &Path, pending: &BTreeSet<Notify>) -> Result<()> {
-    let path = root.join(PENDING_NOTIFY_PATH);
+    let dir = StateDir::new(root);
     if pending.is_empty() {
-        return match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", path.display())),
-            _ => Ok(()),
-        };
+        return dir.remove(state::PENDING_NOTIFY);
     }
-    write_state(root, PENDING_NOTIFY_PATH, &serde_json::to_vec_pretty(pending)?)
-}
-
-/// The agent's state directory (relative to the root): only root may look inside, since its
-/// files can hold step details.
-pub const STATE_DIR: &str = "var/lib/bootstrap";
-
-/// Create `<root>/var/lib/bootstrap` mode 0700, or tighten an existing one that others can
-/// read (an older agent made it 0755). Returns its path.
-pub fn state_dir(root: &Path) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let dir = root.join(STATE_DIR);
-    fsutil::create_parents(&dir)?;
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-    }
-    // On the live system a symlink to a directory elsewhere (made by root: /var/lib is root's)
-    // is followed; under --root it is not, so nothing outside the root is touched.
-    let live = root == Path::new("/");
-    let md = if live { std::fs::metadata(&dir) } else { std::fs::symlink_metadata(&dir) }.with_context(|| format!("reading {}", dir.display()))?;
-    if !md.is_dir() {
-        anyhow::bail!(
-            "{} is not a directory{}",
-            dir.display(),
-            if live { "" } else { " (symlinks under --root are not followed)" }
-        );
-    }
-    if md.permissions().mode() & 0o7777 != 0o700 {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod 0700 {}", dir.display()))?;
-    }
-    Ok(dir)
-}
-
-/// Write a state file (`rel` under the root, inside [`STATE_DIR`]) atomically, mode 0600 in the
-/// 0700 state directory: `last-run.json`, `pending-notify.json`, `reboot.json`.
-pub fn write_state(root: &Path, rel: &str, content: &[u8]) -> Result<()> {
-    state_dir(root)?;
-    let path = root.join(rel);
-    fsutil::create_parents(&path)?;
-    fsutil::atomic_write(&path, content, 0o600, None)
+    dir.write(state::PENDING_NOTIFY, &serde_json::to_vec_pretty(pending)?)
 }
 
 /// The report as JSON, every string redacted (never the structure: a short secret cannot make
@@ -269,48 +222,5 @@ pub fn report_json(report: &Report) -> Result<String> {
 pub fn write_report(root: &Path, report: &Report) -> Result<()> {
     let mut json = report_json(report)?.into_bytes();
     json.push(b'\n');
-    write_state(root, report::REPORT_PATH, &json)
-}
-
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn mode(p: &Path) -> u32 {
-        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
-    }
-
-    /// State files are root's alone: 0600 in a 0700 directory, made so or tightened from an
-    /// older agent's 0755; under --root a symlinked state directory is refused, not followed.
-    #[test]
-    fn state_files_are_private() {
-        let root = tempfile::tempdir().unwrap();
-        write_state(root.path(), report::REPORT_PATH, b"{}\n").unwrap();
-        assert_eq!(mode(&root.path().join(STATE_DIR)), 0o700);
-        assert_eq!(mode(&root.path().join(report::REPORT_PATH)), 0o600);
-
-        let old = tempfile::tempdir().unwrap();
-        let dir = old.path().join(STATE_DIR);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        write_state(old.path(), PENDING_NOTIFY_PATH, b"[]").unwrap();
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&old.path().join(PENDING_NOTIFY_PATH)), 0o600);
-
-        let linked = tempfile::tempdir().unwrap();
-        let elsewhere = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(elsewhere.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir_all(linked.path().join("var/lib")).unwrap();
-        std::os::unix::fs::symlink(elsewhere.path(), linked.path().join(STATE_DIR)).unwrap();
-        let err = write_state(linked.path(), report::REPORT_PATH, b"{}").unwrap_err().to_string();
-        assert!(err.contains("is not a directory (symlinks under --root are not followed)"), "{err}");
-        assert_eq!(mode(elsewhere.path()), 0o755, "nothing outside the root was changed");
-    }
+    StateDir::new(root).write(state::REPORT, &json)
 }

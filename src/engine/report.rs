@@ -4,7 +4,6 @@ use crate::role::Notify;
 use crate::step::Change;
 use serde::Serialize;
 
-pub const REPORT_PATH: &str = "var/lib/bootstrap/last-run.json";
 pub const REPORT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

@@ -114,17 +114,13 @@ pub fn etcd_from_config(e: &crate::config::EtcdConfig, group: &str) -> anyhow::R
 
 use crate::config::RebootStrategy;
 use crate::error::ConfigError;
+use crate::state::{self, StateDir};
 use crate::step::Host;
 use decide::{decide, Decision, Inputs, LockAnswer, Need, NeedRecord, RebootState, Why};
 use serde::Serialize;
 use settings::Check;
 use std::path::Path;
 
-pub const STATE_PATH: &str = "var/lib/bootstrap/reboot.json";
-/// A reboot a changed `reboot_required` step asked for and that has not happened yet.
-pub const NEED_PATH: &str = "var/lib/bootstrap/reboot-needed.json";
-/// Written by `bootstrap reboot --request`; removed after the reboot it asked for.
-pub const REQUEST_PATH: &str = "var/lib/bootstrap/reboot-requested";
 
 /// What the reboot part of a run decided, for the report.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -147,7 +143,7 @@ pub fn reboot_needed(root: &Path, os_family: &str, need: Option<&Need>) -> Optio
     if let Some(n) = need {
         return Some(format!("step `{}` (reboot_required) changed at {}", n.step, n.since));
     }
-    if root.join(REQUEST_PATH).exists() {
+    if StateDir::new(root).exists(state::REBOOT_REQUESTED) {
         return Some("requested with bootstrap reboot --request".into());
     }
     for f in ["run/reboot-required", "var/run/reboot-required"] {
@@ -171,7 +167,7 @@ pub fn reboot_needed(root: &Path, os_family: &str, need: Option<&Need>) -> Optio
 /// `bootstrap reboot --check`: is a reboot needed now (read-only; a need recorded in an
 /// earlier boot was met by that boot's end).
 pub fn check(root: &Path, os_family: &str, boot_id: &str) -> anyhow::Result<Option<String>> {
-    let need = read_json::<Need>(root, NEED_PATH)?.filter(|n| n.boot_id == boot_id);
+    let need = read_json::<Need>(root, state::REBOOT_NEEDED)?.filter(|n| n.boot_id == boot_id);
     Ok(reboot_needed(root, os_family, need.as_ref()))
 }
 
@@ -230,16 +226,15 @@ fn failed_health(host: &Host, s: &Settings) -> Vec<String> {
 
 /// A state file under `root`: None when absent; a file that cannot be read or parsed is an
 /// error naming it (never "nothing recorded").
-fn read_json<T: serde::de::DeserializeOwned>(root: &Path, rel: &str) -> anyhow::Result<Option<T>> {
-    let path = root.join(rel);
-    match std::fs::read(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+fn read_json<T: serde::de::DeserializeOwned>(root: &Path, name: &str) -> anyhow::Result<Option<T>> {
+    let dir = StateDir::new(root);
+    match dir.read(name)? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
             anyhow::anyhow!(
                 "{} is corrupt ({e}); it is kept as it is: check the reboot slot with `bootstrap lock status`, \
                  release it if it is this node's, then remove the file",
-                path.display()
+                dir.path(name).display()
             )
         }),
     }
@@ -247,33 +242,27 @@ fn read_json<T: serde::de::DeserializeOwned>(root: &Path, rel: &str) -> anyhow::
 
 /// The slot record (reboot.json): None when this node holds no slot by its own records.
 pub fn read_state(root: &Path) -> anyhow::Result<Option<RebootState>> {
-    read_json(root, STATE_PATH)
+    read_json(root, state::REBOOT)
 }
 
 /// Written 0600: the reason can name a step.
-fn write_json<T: Serialize>(root: &Path, rel: &str, v: &T) -> anyhow::Result<()> {
-    let path = root.join(rel);
-    crate::fsutil::create_parents(&path)?;
-    crate::fsutil::atomic_write(&path, &serde_json::to_vec_pretty(v)?, 0o600, None)
+fn write_json<T: Serialize>(root: &Path, name: &str, v: &T) -> anyhow::Result<()> {
+    StateDir::new(root).write(name, &serde_json::to_vec_pretty(v)?)
 }
 
-fn remove(root: &Path, rel: &str) -> anyhow::Result<()> {
-    let path = root.join(rel);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!("removing {}: {e}", path.display())),
-        _ => Ok(()),
-    }
+fn remove(root: &Path, name: &str) -> anyhow::Result<()> {
+    StateDir::new(root).remove(name)
 }
 
 /// The step-made need that holds now, its record updated (written before anything else, so
 /// neither a closed window nor a killed run loses it; removed after a boot).
 fn carry_need(root: &Path, boot_id: &str, changed: Option<&str>) -> anyhow::Result<Option<Need>> {
-    let record = read_json::<Need>(root, NEED_PATH)?;
-    let (need, todo) = decide::carry_need(record.as_ref(), boot_id, changed, &crate::engine::now_rfc3339());
+    let record = read_json::<Need>(root, state::REBOOT_NEEDED)?;
+    let (need, todo) = decide::carry_need(record.as_ref(), boot_id, changed, &crate::clock::now_rfc3339());
     match todo {
         NeedRecord::Keep => {}
-        NeedRecord::Write(n) => write_json(root, NEED_PATH, &n)?,
-        NeedRecord::Remove => remove(root, NEED_PATH)?,
+        NeedRecord::Write(n) => write_json(root, state::REBOOT_NEEDED, &n)?,
+        NeedRecord::Remove => remove(root, state::REBOOT_NEEDED)?,
     }
     Ok(need)
 }
@@ -367,7 +356,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
             Decision::Pending(why) => {
                 // Only the lock service's "not yours" drops a record of this boot.
                 if this_boot(&state) && inputs.lock == Some(LockAnswer::Full) {
-                    remove(&host.root, STATE_PATH)?;
+                    remove(&host.root, state::REBOOT)?;
                 }
                 let text = match (why, turn_now(s)) {
                     (Why::OutsideWindow, Err(w)) => w,
@@ -384,7 +373,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                     "{}: {}; keeping the slot record {} until the lock service answers",
                     why_text(why, &group),
                     detail.as_deref().unwrap_or("no answer"),
-                    Path::new("/").join(STATE_PATH).display()
+                    StateDir::new(Path::new("/")).path(state::REBOOT).display()
                 );
                 return Ok(outcome(&needed, "pending", Some(text)));
             }
@@ -427,10 +416,10 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                             group: group.clone(),
                             holder: holder.to_string(),
                             boot_id: host.facts.boot_id.clone(),
-                            acquired_at: crate::engine::now_rfc3339(),
+                            acquired_at: crate::clock::now_rfc3339(),
                             reason: needed.clone().unwrap_or_default(),
                         };
-                        if let Err(e) = write_json(&host.root, STATE_PATH, &st) {
+                        if let Err(e) = write_json(&host.root, state::REBOOT, &st) {
                             // Unrecorded, the slot would leak: give it back now.
                             if let Some(l) = &lock {
                                 if let Err(r) = l.release(holder) {
@@ -455,7 +444,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                 if let Some(l) = &lock {
                     l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
                 }
-                remove(&host.root, STATE_PATH)?;
+                remove(&host.root, state::REBOOT)?;
                 let text = match why {
                     Why::OutsideWindow if inputs.lock == Some(LockAnswer::Got) => "the reboot window closed while acquiring; slot released".to_string(),
                     w => format!("{}; slot released", why_text(w, &group)),
@@ -468,7 +457,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                         l.release(holder)
                             .map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook ({why}): {e}"))?;
                     }
-                    remove(&host.root, STATE_PATH)?;
+                    remove(&host.root, state::REBOOT)?;
                     return Ok(outcome(&needed, "hook_failed", Some(format!("{why}; slot released, not rebooting"))));
                 }
                 let mut o = outcome(&needed, "rebooting", Some(format!("holding a slot of group {group}")));
@@ -480,12 +469,12 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                 inputs.healthy = Some(health_failures.is_empty());
             }
             Decision::Release => {
-                let _ = std::fs::remove_file(host.root.join(REQUEST_PATH));
+                let _ = StateDir::new(&host.root).remove(state::REBOOT_REQUESTED);
                 if let Some(l) = &lock {
                     l.release(holder).map_err(|e| anyhow::anyhow!("releasing the reboot slot: {e}"))?;
                     l.set_status(holder, None);
                 }
-                remove(&host.root, STATE_PATH)?;
+                remove(&host.root, state::REBOOT)?;
                 return Ok(outcome(
                     &needed,
                     "released",
@@ -500,7 +489,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                 if let Some(l) = &lock {
                     l.set_status(
                         holder,
-                        Some(&serde_json::json!({ "state": "halted", "reason": reason, "at": crate::engine::now_rfc3339() })),
+                        Some(&serde_json::json!({ "state": "halted", "reason": reason, "at": crate::clock::now_rfc3339() })),
                     );
                 }
                 return Ok(outcome(

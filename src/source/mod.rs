@@ -11,8 +11,6 @@ use anyhow::{Context, Result};
 use bundle::{BundleError, Limits};
 use std::path::{Path, PathBuf};
 
-pub const CACHE_DIR: &str = "var/lib/bootstrap/bundles";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A bundle root: a directory holding roles/.
@@ -119,7 +117,7 @@ fn seen_path(cache: &Path, url: &str) -> PathBuf {
 /// Nothing in the cache changes unless the new bundle verified and unpacked completely.
 /// When an S3 source is unavailable (network, 5xx), `last-good` is used (origin `last-good`).
 pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Result<Fetched> {
-    let cache = host_root.join(CACHE_DIR);
+    let cache = crate::state::StateDir::new(host_root).bundles();
     let (label, download) = match src {
         Source::Dir(d) => {
             return Ok(Fetched {
@@ -251,7 +249,7 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
 
 /// What `last-good` points at, when its bundle is still in the cache.
 pub fn last_good(host_root: &Path) -> Option<String> {
-    let cache = host_root.join(CACHE_DIR);
+    let cache = crate::state::StateDir::new(host_root).bundles();
     let sha = std::fs::read_link(cache.join("last-good")).ok()?.to_string_lossy().into_owned();
     cache.join(&sha).join("roles").is_dir().then_some(sha)
 }
@@ -267,12 +265,12 @@ fn point(cache: &Path, name: &str, sha: &str) -> Result<()> {
 
 /// After a fully successful apply: `last-good` → this bundle.
 pub fn mark_good(host_root: &Path, sha: &str) -> Result<()> {
-    point(&host_root.join(CACHE_DIR), "last-good", sha)
+    point(&crate::state::StateDir::new(host_root).bundles(), "last-good", sha)
 }
 
 /// What `current` points at.
 pub fn current(host_root: &Path) -> Option<String> {
-    std::fs::read_link(host_root.join(CACHE_DIR).join("current"))
+    std::fs::read_link(crate::state::StateDir::new(host_root).bundles().join("current"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
 }
