@@ -127,16 +127,16 @@ pub fn converge(cx: &super::Context, a: &RunArgs, mode: Mode) -> anyhow::Result<
         };
         match crate::reboot::coordinate(&host, &reboot, run, None) {
             Ok(o) => {
-                report.reboot_pending = o.action == "pending";
-                if o.action == "halted" || o.action == "hook_failed" {
-                    report.status = "failed".into();
+                report.reboot_pending = o.action == crate::reboot::Action::Pending;
+                if o.action.is_failure() {
+                    report.status = engine::report::RunStatus::Failed;
                     report.error.get_or_insert_with(|| o.detail.clone().unwrap_or_default());
                 }
                 reboot_now = o.reboot_now;
                 report.reboot = Some(o);
             }
             Err(e) => {
-                report.status = "failed".into();
+                report.status = engine::report::RunStatus::Failed;
                 report.error.get_or_insert(format!("reboot coordination: {e:#}"));
             }
         }

@@ -33,7 +33,7 @@ pub fn run(check: bool, request: bool, wait: bool, lock_timeout: std::time::Dura
             _ => {
                 let o = crate::reboot::Outcome {
                     needed: None,
-                    action: "holding".into(),
+                    action: crate::reboot::Action::Holding,
                     detail: Some(format!(
                         "back from the reboot; no apply has run in this boot yet: the slot of group {} is released after one succeeds",
                         st.group
@@ -66,7 +66,7 @@ pub fn run(check: bool, request: bool, wait: bool, lock_timeout: std::time::Dura
         host.systemd.reboot()?;
     }
     drop(guard);
-    Ok(if o.action == "halted" || o.action == "hook_failed" { 1 } else { 0 })
+    Ok(if o.action.is_failure() { 1 } else { 0 })
 }
 
 /// The last converge's report: (succeeded, the boot it ran in); None when there is none yet.

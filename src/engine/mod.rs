@@ -7,7 +7,7 @@ use crate::role::{Notify, NotifyAction, Prepared};
 use crate::step::Host;
 use crate::state::{self, StateDir};
 use anyhow::Result;
-use report::{notify_report, Report, StepReport, StepStatus};
+use report::{notify_report, NotifyStatus, Report, RunStatus, StepReport, StepStatus};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
@@ -41,7 +41,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         source: info.source,
         bundle: None,
         root: host.root.display().to_string(),
-        status: "ok".into(),
+        status: RunStatus::Ok,
         summary: Default::default(),
         steps: Vec::new(),
         notify: Vec::new(),
@@ -113,9 +113,9 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
                 report.reboot_required |= p.reboot_required;
                 if !apply || !host.is_live() {
                     let (status, why) = if apply {
-                        ("skipped", Some("not the live system (--root)".to_string()))
+                        (NotifyStatus::Skipped, Some("not the live system (--root)".to_string()))
                     } else {
-                        ("pending", None)
+                        (NotifyStatus::Pending, None)
                     };
                     for n in &p.notify {
                         if !report.notify.iter().any(|r| r.target == n.to_string()) {
@@ -139,14 +139,14 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
     if apply && host.is_live() {
         if failed {
             for n in &pending {
-                report.notify.push(notify_report(n, "pending", Some("kept for the next successful run".into())));
+                report.notify.push(notify_report(n, NotifyStatus::Pending, Some("kept for the next successful run".into())));
             }
         } else {
             run_handlers(&mut pending, host, &mut report);
         }
     }
-    if failed || report.notify.iter().any(|n| n.status == "failed") {
-        report.status = "failed".into();
+    if failed || report.notify.iter().any(|n| n.status == NotifyStatus::Failed) {
+        report.status = RunStatus::Failed;
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
     report.summarize();
@@ -163,19 +163,19 @@ fn run_handlers(pending: &mut BTreeSet<Notify>, host: &Host, report: &mut Report
             Ok(()) => {
                 tracing::info!(target_unit = %n.unit, "notify {n} done");
                 pending.remove(&n);
-                report.notify.push(notify_report(&n, "done", None));
+                report.notify.push(notify_report(&n, NotifyStatus::Done, None));
             }
             Err(e) => {
                 let msg = format!("notify {n} failed: {e:#}");
                 tracing::error!("{msg}");
                 report.error.get_or_insert(msg.clone());
-                report.notify.push(notify_report(&n, "failed", Some(format!("{e:#}"))));
+                report.notify.push(notify_report(&n, NotifyStatus::Failed, Some(format!("{e:#}"))));
             }
         }
     }
     if let Err(e) = write_pending(&host.root, pending) {
         report.error.get_or_insert(format!("{e:#}"));
-        report.status = "failed".into();
+        report.status = RunStatus::Failed;
     }
 }
 

@@ -45,11 +45,48 @@ pub struct BundleInfo {
     pub origin: String,
 }
 
+/// What became of a notify handler.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyStatus {
+    /// Restarted or reloaded.
+    Done,
+    Failed,
+    /// Owed: kept for the next successful run (apply), or would run (plan).
+    Pending,
+    /// Not the live system (`--root`).
+    Skipped,
+}
+
+impl NotifyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyStatus::Done => "done",
+            NotifyStatus::Failed => "failed",
+            NotifyStatus::Pending => "pending",
+            NotifyStatus::Skipped => "skipped",
+        }
+    }
+}
+
+impl std::fmt::Display for NotifyStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a run ended (`status` in the report).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Ok,
+    Failed,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct NotifyReport {
     pub target: String,
-    /// done | failed | skipped | pending
-    pub status: String,
+    pub status: NotifyStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -82,8 +119,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bundle: Option<BundleInfo>,
     pub root: String,
-    /// ok | failed
-    pub status: String,
+    pub status: RunStatus,
     pub summary: Summary,
     pub steps: Vec<StepReport>,
     pub notify: Vec<NotifyReport>,
@@ -97,7 +133,7 @@ pub struct Report {
 
 impl Report {
     pub fn failed(&self) -> bool {
-        self.status != "ok"
+        self.status != RunStatus::Ok
     }
 
     pub fn summarize(&mut self) {
@@ -111,7 +147,7 @@ impl Report {
                 StepStatus::NotRun => s.not_run += 1,
             }
         }
-        s.failed += self.notify.iter().filter(|n| n.status == "failed").count();
+        s.failed += self.notify.iter().filter(|n| n.status == NotifyStatus::Failed).count();
         self.summary = s;
     }
 
@@ -197,10 +233,10 @@ impl Report {
     }
 }
 
-pub fn notify_report(n: &Notify, status: &str, error: Option<String>) -> NotifyReport {
+pub fn notify_report(n: &Notify, status: NotifyStatus, error: Option<String>) -> NotifyReport {
     NotifyReport {
         target: n.to_string(),
-        status: status.into(),
+        status,
         error,
     }
 }

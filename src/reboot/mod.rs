@@ -122,14 +122,42 @@ use settings::Check;
 use std::path::Path;
 
 
+/// What the reboot part of a run did (`action` in the report and in `bootstrap reboot`'s
+/// output).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// No reboot needed, or the strategy is off.
+    #[default]
+    None,
+    /// Needed, and waits: outside the window, no free slot, the lock service unavailable.
+    Pending,
+    /// A slot is held and the hooks passed: the caller reboots once its report is written.
+    Rebooting,
+    /// Back and healthy: the slot was given back.
+    Released,
+    /// Back from the reboot, but no converge of this boot has succeeded yet.
+    Holding,
+    /// Unhealthy after the reboot: the slot is kept so the rollout stops here.
+    Halted,
+    /// A pre-reboot hook failed: slot released, no reboot.
+    HookFailed,
+}
+
+impl Action {
+    /// The run fails with this action (exit 1, report status `failed`).
+    pub fn is_failure(self) -> bool {
+        matches!(self, Action::Halted | Action::HookFailed)
+    }
+}
+
 /// What the reboot part of a run decided, for the report.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Outcome {
     /// Why a reboot is needed (None: it is not).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub needed: Option<String>,
-    /// acquired | pending | rebooting | released | holding | halted | hook_failed | none
-    pub action: String,
+    pub action: Action,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// Ask logind to reboot once the report is written.
@@ -267,10 +295,10 @@ fn carry_need(root: &Path, boot_id: &str, changed: Option<&str>) -> anyhow::Resu
     Ok(need)
 }
 
-fn outcome(needed: &Option<String>, action: &str, detail: Option<String>) -> Outcome {
+fn outcome(needed: &Option<String>, action: Action, detail: Option<String>) -> Outcome {
     Outcome {
         needed: needed.clone(),
-        action: action.into(),
+        action,
         detail,
         reboot_now: false,
     }
@@ -331,7 +359,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
         _ => reboot_needed(&host.root, &host.facts.os.family, need.as_ref()),
     };
     if s.strategy == RebootStrategy::Off || !host.is_live() {
-        return Ok(outcome(&needed, "none", needed.as_ref().map(|_| "reboot strategy is off".to_string())));
+        return Ok(outcome(&needed, Action::None, needed.as_ref().map(|_| "reboot strategy is off".to_string())));
     }
     let state = read_state(&host.root)?;
     let lock = Backend::from_settings(s)?;
@@ -352,7 +380,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
     let mut health_failures = Vec::new();
     loop {
         match decide(&inputs) {
-            Decision::Nothing => return Ok(outcome(&needed, "none", None)),
+            Decision::Nothing => return Ok(outcome(&needed, Action::None, None)),
             Decision::Pending(why) => {
                 // Only the lock service's "not yours" drops a record of this boot.
                 if this_boot(&state) && inputs.lock == Some(LockAnswer::Full) {
@@ -366,7 +394,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                     Some(d) => format!("{text}: {d}"),
                     None => text,
                 };
-                return Ok(outcome(&needed, "pending", Some(text)));
+                return Ok(outcome(&needed, Action::Pending, Some(text)));
             }
             Decision::Keep(why) => {
                 let text = format!(
@@ -375,7 +403,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                     detail.as_deref().unwrap_or("no answer"),
                     StateDir::new(Path::new("/")).path(state::REBOOT).display()
                 );
-                return Ok(outcome(&needed, "pending", Some(text)));
+                return Ok(outcome(&needed, Action::Pending, Some(text)));
             }
             Decision::AskLock => {
                 let answer = match (&lock, wait.as_mut()) {
@@ -449,7 +477,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                     Why::OutsideWindow if inputs.lock == Some(LockAnswer::Got) => "the reboot window closed while acquiring; slot released".to_string(),
                     w => format!("{}; slot released", why_text(w, &group)),
                 };
-                return Ok(outcome(&needed, "pending", Some(text)));
+                return Ok(outcome(&needed, Action::Pending, Some(text)));
             }
             Decision::Reboot => {
                 if let Some(why) = run_hooks(s) {
@@ -458,9 +486,9 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                             .map_err(|e| anyhow::anyhow!("releasing the reboot slot after a failed hook ({why}): {e}"))?;
                     }
                     remove(&host.root, state::REBOOT)?;
-                    return Ok(outcome(&needed, "hook_failed", Some(format!("{why}; slot released, not rebooting"))));
+                    return Ok(outcome(&needed, Action::HookFailed, Some(format!("{why}; slot released, not rebooting"))));
                 }
-                let mut o = outcome(&needed, "rebooting", Some(format!("holding a slot of group {group}")));
+                let mut o = outcome(&needed, Action::Rebooting, Some(format!("holding a slot of group {group}")));
                 o.reboot_now = true;
                 return Ok(o);
             }
@@ -477,7 +505,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                 remove(&host.root, state::REBOOT)?;
                 return Ok(outcome(
                     &needed,
-                    "released",
+                    Action::Released,
                     Some(format!("slot of group {group} released after a healthy boot")),
                 ));
             }
@@ -494,7 +522,7 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                 }
                 return Ok(outcome(
                     &needed,
-                    "halted",
+                    Action::Halted,
                     Some(format!("{reason}; keeping the slot so the rollout stops here")),
                 ));
             }
