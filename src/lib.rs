@@ -3,6 +3,7 @@
 //! `main.rs` parses the command line and maps the result to an exit code; everything else
 //! lives here so integration tests can use the library types.
 
+pub mod agent;
 pub mod aws;
 pub mod cli;
 pub mod clock;

@@ -1,6 +1,7 @@
 //! `bootstrap facts`
 
-use super::{Context, FactsFormat, NamingArgs};
+use crate::agent::Context;
+use super::{FactsFormat, NamingArgs};
 use std::path::Path;
 
 pub fn naming(n: &NamingArgs) -> crate::facts::NamingFlags {
@@ -12,7 +13,7 @@ pub fn naming(n: &NamingArgs) -> crate::facts::NamingFlags {
 }
 
 pub fn run(n: &NamingArgs, format: FactsFormat, root: Option<&Path>) -> anyhow::Result<u8> {
-    let cx = Context::gather(root.unwrap_or(Path::new("/")), n, false)?;
+    let cx = Context::gather(root.unwrap_or(Path::new("/")), &naming(n), false)?;
     match format {
         FactsFormat::Json => println!("{}", serde_json::to_string_pretty(&cx.facts)?),
         FactsFormat::Env => print!("{}", cx.facts.to_env()),

@@ -1,7 +1,8 @@
 //! `bootstrap lock status|release ID|set-slots N [--group G]`: operator tools for the fleet
 //! reboot semaphore (etcd), using this node's agent config for the endpoints.
 
-use super::{Context, LockCmd, NamingArgs};
+use crate::agent::Context;
+use super::{LockCmd, NamingArgs};
 use crate::reboot::etcd::EtcdLock;
 use std::path::Path;
 
@@ -14,7 +15,7 @@ fn lock(cx: &Context, group: Option<&str>) -> anyhow::Result<EtcdLock> {
 }
 
 pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::Result<u8> {
-    let cx = Context::gather(Path::new("/"), naming, false)?;
+    let cx = Context::gather(Path::new("/"), &super::facts::naming(naming), false)?;
     let l = lock(&cx, group)?;
     match cmd {
         LockCmd::Status => match l.get()? {

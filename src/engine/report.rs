@@ -76,7 +76,7 @@ impl std::fmt::Display for NotifyStatus {
 }
 
 /// How a run ended (`status` in the report).
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Ok,
@@ -134,6 +134,11 @@ pub struct Report {
 impl Report {
     pub fn failed(&self) -> bool {
         self.status != RunStatus::Ok
+    }
+
+    /// The reboot part took a slot and wants the node rebooted, once the report is out.
+    pub fn reboot_now(&self) -> bool {
+        self.reboot.as_ref().is_some_and(|o| o.reboot_now)
     }
 
     pub fn summarize(&mut self) {

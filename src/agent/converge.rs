@@ -1,0 +1,149 @@
+//! `converge`: the run pipeline of `apply`, `plan` and `init`.
+
+use super::Context;
+use crate::engine::report::{Report, RunStatus};
+use crate::engine::{self, Mode, RunInfo};
+use crate::error::ConfigError;
+use crate::state::{self, StateDir};
+use crate::step::Host;
+use std::time::{Duration, Instant};
+
+/// What the command line adds to a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--source`: wins over `[bundle] source`.
+    pub source: Option<String>,
+    /// How long to wait for another run to finish (apply only).
+    pub lock_timeout: Duration,
+    /// When the command started (a run that fails before its report records its duration).
+    pub started: Instant,
+}
+
+/// Validate the config, fetch the bundle, load and prepare the role, take the run lock, run,
+/// coordinate the reboot, persist. Never reboots itself: `report.reboot_now()` says whether
+/// the caller must, after everything that must come before (`init` installs its units first).
+/// An apply that fails before it has a report still updates the metrics, so an alert sees it.
+pub fn converge(cx: &Context, o: &RunOptions, mode: Mode) -> anyhow::Result<Report> {
+    let result = run(cx, o, mode);
+    if let (Err(e), Mode::Apply) = (&result, mode) {
+        failed_metrics(cx, e, o.started);
+    }
+    result
+}
+
+/// A run that failed before it had a report (bundle source down, a broken role) still updates
+/// the metrics, so an alert sees it.
+fn failed_metrics(cx: &Context, e: &anyhow::Error, start: Instant) {
+    let m = crate::metrics::RunMetrics {
+        report: None,
+        exit_code: crate::error::exit_code_for(e),
+        duration_secs: start.elapsed().as_secs_f64(),
+        reboot_lock_held: StateDir::new(&cx.root).exists(state::REBOOT),
+    };
+    if let Err(w) = crate::metrics::write(&cx.root, cx.config.metrics.textfile.as_deref(), &m) {
+        tracing::warn!("writing metrics: {w:#}");
+    }
+}
+
+fn run(cx: &Context, o: &RunOptions, mode: Mode) -> anyhow::Result<Report> {
+    let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
+    // Every config error before anything else, so none is found after the steps ran.
+    let reboot = cx.reboot_settings()?;
+    let role = facts
+        .service
+        .clone()
+        .ok_or_else(|| ConfigError::msg("no role to apply: pass --role ROLE or --name ENV-SERVICE, or name the node (config, user-data, Name tag)"))?;
+    let source = match (&o.source, &config.bundle.source) {
+        (Some(s), _) => s.clone(),
+        (None, Some(s)) => cx.substitute(s)?,
+        (None, None) => {
+            return Err(ConfigError::msg("no bundle source: pass --source or set [bundle] source in /etc/bootstrap/config.toml or user-data").into())
+        }
+    };
+    let verify = crate::source::Verify {
+        sha256: config.bundle.sha256.clone(),
+        public_key: config.bundle.public_key.clone(),
+        limits: crate::source::bundle::Limits {
+            max_bytes: config.bundle.max_bytes.unwrap_or(crate::source::bundle::Limits::default().max_bytes),
+            max_entries: config.bundle.max_entries.unwrap_or(crate::source::bundle::Limits::default().max_entries),
+        },
+        s3: crate::source::s3::S3Options {
+            endpoint: config.bundle.s3_endpoint.clone(),
+            region: config.bundle.s3_region.clone().or(facts.region.clone()),
+            max_bytes: 0,
+        },
+    };
+    let src = crate::source::Source::parse(&source)?;
+    // A tarball is checked and unpacked (into the cache for apply) before roles are read.
+    let fetched = crate::source::fetch(&src, &root, &verify, mode == Mode::Apply)?;
+    let bundle = fetched.root.clone();
+
+    let env = crate::template::environment();
+    let roles = crate::role::resolve(&bundle, &role, &env)?;
+    let vars = crate::role::merged_vars(&roles, facts.env.as_deref())?;
+    let steps = crate::role::prepare(&roles, &vars, &facts, &root, &env)?;
+
+    // Everything above only reads; the host is touched from here on.
+    let _lock = match mode {
+        Mode::Apply => Some(crate::runlock::acquire(&root, o.lock_timeout)?),
+        Mode::Plan => None,
+    };
+    let host = Host {
+        root: root.clone(),
+        facts,
+        systemd: Box::new(crate::systemd::Dbus::default()),
+    };
+    let mut report = engine::run(
+        &steps,
+        &host,
+        mode,
+        RunInfo {
+            role: role.clone(),
+            source: source.to_string(),
+        },
+    );
+    report.bundle = Some(engine::report::BundleInfo {
+        sha256: fetched.sha256.clone(),
+        origin: fetched.origin.to_string(),
+    });
+    if mode == Mode::Apply {
+        // The first step with reboot_required that changed the host (report.steps follows steps).
+        let changed = steps
+            .iter()
+            .zip(&report.steps)
+            .find(|(p, r)| p.reboot_required && r.status == engine::report::StepStatus::Changed)
+            .map(|(p, _)| p.id.clone());
+        let run = crate::reboot::RunResult {
+            ok: !report.failed(),
+            changed: changed.as_deref(),
+        };
+        match crate::reboot::coordinate(&host, &reboot, run, None) {
+            Ok(o) => {
+                report.reboot_pending = o.action == crate::reboot::Action::Pending;
+                if o.action.is_failure() {
+                    report.status = RunStatus::Failed;
+                    report.error.get_or_insert_with(|| o.detail.clone().unwrap_or_default());
+                }
+                report.reboot = Some(o);
+            }
+            Err(e) => {
+                report.status = RunStatus::Failed;
+                report.error.get_or_insert(format!("reboot coordination: {e:#}"));
+            }
+        }
+        engine::write_report(&root, &report)?;
+        if let (false, Some(sha)) = (report.failed(), &fetched.sha256) {
+            crate::source::mark_good(&root, sha)?;
+        }
+        let m = crate::metrics::RunMetrics {
+            report: Some(&report),
+            exit_code: report.exit_code(false),
+            duration_secs: report.duration_ms as f64 / 1000.0,
+            reboot_lock_held: StateDir::new(&root).exists(state::REBOOT),
+        };
+        if let Err(e) = crate::metrics::write(&root, config.metrics.textfile.as_deref(), &m) {
+            tracing::warn!("writing metrics: {e:#}");
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,81 @@
+//! First boot: converge (with the first-boot IMDS deadline, see `Context::gather`), install
+//! and enable the agent's own units, and write `firstboot.done` only after all of that
+//! succeeded. A reboot the converge asked for comes last: the node must come back with its
+//! timer and its marker, or nothing would run `apply` to release its reboot slot.
+
+use super::{converge, Context, RunOptions};
+use crate::engine::report::Report;
+use crate::engine::Mode;
+use crate::state::{self, StateDir};
+use crate::step::unit::{UnitFile, UnitStep};
+use crate::step::Step;
+use anyhow::{Context as _, Result};
+
+/// The agent's units, as shipped in units/ (ExecStart points at /usr/local/bin/bootstrap).
+pub const UNITS: [(&str, &str); 3] = [
+    ("bootstrap.service", include_str!("../../units/bootstrap.service")),
+    ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
+    ("bootstrap-firstboot.service", include_str!("../../units/bootstrap-firstboot.service")),
+];
+
+/// What a first boot ended with.
+pub struct FirstBoot {
+    pub report: Report,
+    /// The converge holds a reboot slot and everything of the first boot is done: reboot now.
+    pub reboot_now: bool,
+}
+
+/// Converge, hand the report to `show` (printed before the units are installed, as the run
+/// it reports is over), then on success install the units and write the marker.
+pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<FirstBoot> {
+    let report = converge(cx, o, Mode::Apply)?;
+    show(&report)?;
+    if report.failed() {
+        return Ok(FirstBoot { report, reboot_now: false });
+    }
+    // If this fails with a slot held, reboot.json (this boot) keeps it on record: the next
+    // init resumes with it.
+    install_units(cx)?;
+    let now = format!("{}\n", crate::clock::now_rfc3339());
+    StateDir::new(&cx.root).write_mode(state::FIRSTBOOT_DONE, now.as_bytes(), 0o644)?;
+    let reboot_now = report.reboot_now();
+    Ok(FirstBoot { report, reboot_now })
+}
+
+/// Write the units (ExecStart at this binary), enable the timer and firstboot unit, start
+/// the timer. Unit steps do it, so it is idempotent and daemon-reloads only on change.
+fn install_units(cx: &Context) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the bootstrap binary")?;
+    let exe = exe.to_string_lossy();
+    let host = crate::step::Host {
+        root: cx.root.clone(),
+        facts: cx.facts.clone(),
+        systemd: Box::new(crate::systemd::Dbus::default()),
+    };
+    for (name, text) in UNITS {
+        let content = text.replace("/usr/local/bin/bootstrap", &exe).into_bytes();
+        let (enabled, active) = match name {
+            "bootstrap.timer" => (Some(true), Some(true)),
+            "bootstrap-firstboot.service" => (Some(true), None),
+            _ => (None, None),
+        };
+        let step = Step::Unit(UnitStep {
+            name: name.to_string(),
+            files: vec![UnitFile {
+                display: format!("/etc/systemd/system/{name}"),
+                content,
+                field: "content".into(),
+            }],
+            enabled,
+            active,
+            masked: None,
+            sensitive: false,
+        });
+        let mut noop = |_: &[crate::step::Change]| Ok(());
+        let changes = step.run(&host, Some(&mut noop)).with_context(|| format!("installing {name}"))?;
+        if !changes.is_empty() {
+            tracing::info!("installed {name}");
+        }
+    }
+    Ok(())
+}
