@@ -159,45 +159,55 @@ pub struct NamingConfig {
     pub name: Option<String>,
 }
 
-impl Config {
-    /// Later fragments win, field by field.
-    fn merge(&mut self, o: Config) {
-        let b = &mut self.bundle;
-        b.source = o.bundle.source.or(b.source.take());
-        b.sha256 = o.bundle.sha256.or(b.sha256.take());
-        b.public_key = o.bundle.public_key.or(b.public_key.take());
-        b.max_bytes = o.bundle.max_bytes.or(b.max_bytes);
-        b.max_entries = o.bundle.max_entries.or(b.max_entries);
-        b.s3_endpoint = o.bundle.s3_endpoint.or(b.s3_endpoint.take());
-        b.s3_region = o.bundle.s3_region.or(b.s3_region.take());
-        self.naming.name = o.naming.name.or(self.naming.name.take());
-        self.imds.enabled = o.imds.enabled.or(self.imds.enabled);
-        self.imds.base_url = o.imds.base_url.or(self.imds.base_url.take());
-        self.aws.ec2_endpoint = o.aws.ec2_endpoint.or(self.aws.ec2_endpoint.take());
-        self.aws.ssm_endpoint = o.aws.ssm_endpoint.or(self.aws.ssm_endpoint.take());
-        self.metrics.textfile = o.metrics.textfile.or(self.metrics.textfile.take());
-        self.reboot.strategy = o.reboot.strategy.or(self.reboot.strategy);
-        self.reboot.group = o.reboot.group.or(self.reboot.group.take());
-        self.reboot.window_start = o.reboot.window_start.or(self.reboot.window_start.take());
-        self.reboot.window_length = o.reboot.window_length.or(self.reboot.window_length.take());
-        self.reboot.window_splay = o.reboot.window_splay.or(self.reboot.window_splay.take());
-        if !o.reboot.etcd.endpoints.is_empty() {
-            self.reboot.etcd.endpoints = o.reboot.etcd.endpoints;
-        }
-        self.reboot.etcd.prefix = o.reboot.etcd.prefix.or(self.reboot.etcd.prefix.take());
-        self.reboot.etcd.slots = o.reboot.etcd.slots.or(self.reboot.etcd.slots);
-        self.reboot.etcd.ca_file = o.reboot.etcd.ca_file.or(self.reboot.etcd.ca_file.take());
-        self.reboot.etcd.cert_file = o.reboot.etcd.cert_file.or(self.reboot.etcd.cert_file.take());
-        self.reboot.etcd.key_file = o.reboot.etcd.key_file.or(self.reboot.etcd.key_file.take());
-        self.reboot.fleet_lock.url = o.reboot.fleet_lock.url.or(self.reboot.fleet_lock.url.take());
-        if !o.reboot.pre_hook.is_empty() {
-            self.reboot.pre_hook = o.reboot.pre_hook;
-        }
-        if !o.reboot.health.is_empty() {
-            self.reboot.health = o.reboot.health;
+/// Later config wins, field by field: a value set later replaces the earlier one; an unset
+/// one (`None`, an empty list) keeps it. Structs merge each of their fields.
+pub trait Merge {
+    fn merge(&mut self, later: Self);
+}
+
+impl<T> Merge for Option<T> {
+    fn merge(&mut self, later: Self) {
+        if later.is_some() {
+            *self = later;
         }
     }
+}
 
+/// A list is one value: a later non-empty list replaces the earlier one whole.
+impl<T> Merge for Vec<T> {
+    fn merge(&mut self, later: Self) {
+        if !later.is_empty() {
+            *self = later;
+        }
+    }
+}
+
+/// `Merge` for a struct, field by field. The struct is taken apart with a pattern that names
+/// every field and has no `..`: a field added to the struct and not here does not compile.
+macro_rules! merge_fields {
+    ($($ty:ident { $($field:ident),* $(,)? })*) => {
+        $(impl Merge for $ty {
+            fn merge(&mut self, later: Self) {
+                let $ty { $($field),* } = later;
+                $(Merge::merge(&mut self.$field, $field);)*
+            }
+        })*
+    };
+}
+
+merge_fields! {
+    Config { bundle, naming, imds, aws, reboot, metrics }
+    BundleConfig { source, sha256, public_key, max_bytes, max_entries, s3_endpoint, s3_region }
+    NamingConfig { name }
+    ImdsConfig { enabled, base_url }
+    AwsConfig { ec2_endpoint, ssm_endpoint }
+    MetricsConfig { textfile }
+    RebootConfig { strategy, group, window_start, window_length, window_splay, etcd, fleet_lock, pre_hook, health }
+    EtcdConfig { endpoints, prefix, slots, ca_file, cert_file, key_file }
+    FleetLockConfig { url }
+}
+
+impl Config {
     /// `over` wins field by field.
     pub fn overlaid(mut self, over: Config) -> Config {
         self.merge(over);
@@ -271,6 +281,81 @@ mod tests {
         assert_eq!(substitute("s3://b/roles-${env}.tar.gz", &v).unwrap(), "s3://b/roles-production.tar.gz");
         assert!(substitute("s3://b/${region}/x", &v).is_err());
         assert!(substitute("s3://b/${home}/x", &v).unwrap_err().to_string().contains("${home}"));
+    }
+
+    /// Every field of the config, set: in a later fragment each one wins over an earlier
+    /// value, and an empty later fragment keeps each one. A field added to the config and not
+    /// to `EVERY_FIELD` fails `every_field_is_set` (`None` or `[]` in its Debug form).
+    const EVERY_FIELD: &str = r#"
+[bundle]
+source = "s3://b/k.tar.gz"
+sha256 = "abc"
+public_key = "key"
+max_bytes = 7
+max_entries = 8
+s3_endpoint = "http://s3"
+s3_region = "eu-west-1"
+[naming]
+name = "production-web"
+[imds]
+enabled = true
+base_url = "http://imds"
+[aws]
+ec2_endpoint = "http://ec2"
+ssm_endpoint = "http://ssm"
+[metrics]
+textfile = "/m.prom"
+[reboot]
+strategy = "etcd"
+group = "g"
+window_start = "Mon 02:00"
+window_length = "1h"
+window_splay = "1m"
+[reboot.etcd]
+endpoints = ["http://e:2379"]
+prefix = "/p"
+slots = 2
+ca_file = "/ca"
+cert_file = "/cert"
+key_file = "/key"
+[reboot.fleet_lock]
+url = "http://fl"
+[[reboot.pre_hook]]
+command = ["drain"]
+timeout = "1m"
+[[reboot.health]]
+unit = "a.service"
+url = "http://h"
+command = ["true"]
+timeout = "1s"
+"#;
+
+    #[test]
+    fn every_field_merges() {
+        let full = Config::parse(Path::new("full.toml"), EVERY_FIELD).unwrap();
+        let text = format!("{full:?}");
+        assert!(!text.contains("None") && !text.contains("[]"), "EVERY_FIELD must set every field: {text}");
+        // Every field set later wins over a different earlier value.
+        let earlier = Config::parse(
+            Path::new("earlier.toml"),
+            &EVERY_FIELD
+                .replace("= \"", "= \"x")
+                .replace("[\"", "[\"x")
+                .replace("\"xetcd\"", "\"fleet_lock\"")
+                .replace(" = 7", " = 70")
+                .replace(" = 8", " = 80")
+                .replace(" = 2", " = 20")
+                .replace("true", "false"),
+        )
+        .unwrap();
+        assert_ne!(format!("{earlier:?}"), text);
+        let mut merged = earlier.clone();
+        merged.merge(full.clone());
+        assert_eq!(format!("{merged:?}"), text, "a field set later did not win");
+        // Nothing set later keeps every field.
+        let mut kept = earlier.clone();
+        kept.merge(Config::default());
+        assert_eq!(format!("{kept:?}"), format!("{earlier:?}"), "an unset field dropped the earlier value");
     }
 
     #[test]
