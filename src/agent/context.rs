@@ -21,6 +21,7 @@ impl Context {
             return Err(ConfigError::msg(format!("--root {}: must be an existing directory given as an absolute path", root.display())).into());
         }
         let file_config = crate::config::Config::load(root)?;
+        file_config.validate()?;
         let mut facts = facts::gather_local(root, naming).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
         let imds_on = file_config.imds.enabled.unwrap_or(file_config.imds.base_url.is_some() || facts::on_ec2());
         let mut user_data = crate::config::Config::default();
@@ -50,6 +51,7 @@ impl Context {
         facts::resolve_name(&mut facts, file_config.naming.name.as_deref(), ud_name.as_deref()).map_err(|e| ConfigError::msg(format!("{e:#}")))?;
         // The agent's own config files win over user-data.
         let config = user_data.overlaid(file_config);
+        config.validate()?;
         crate::secrets::configure(crate::secrets::Settings {
             ssm_endpoint: config.aws.ssm_endpoint.clone(),
             region: facts.region.clone(),

@@ -214,6 +214,29 @@ impl Config {
         self
     }
 
+    /// The settings used only later in a run (endpoints, the metrics file), checked now: a
+    /// mistake is a `ConfigError` (exit 78) before anything on the host changed. `[reboot]` is
+    /// checked by `reboot::Settings`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let urls = [
+            ("[imds] base_url", &self.imds.base_url),
+            ("[aws] ec2_endpoint", &self.aws.ec2_endpoint),
+            ("[aws] ssm_endpoint", &self.aws.ssm_endpoint),
+            ("[bundle] s3_endpoint", &self.bundle.s3_endpoint),
+        ];
+        for (what, url) in urls {
+            if let Some(u) = url {
+                check_url(what, u)?;
+            }
+        }
+        if let Some(t) = &self.metrics.textfile {
+            if !Path::new(t).is_absolute() {
+                return Err(ConfigError::msg(format!("[metrics] textfile {t:?}: expected an absolute path")));
+            }
+        }
+        Ok(())
+    }
+
     /// User-data that starts with the line `#bootstrap-config` is agent config; anything else
     /// (a shell script) is not ours. Errors name `user-data:LINE:COL`.
     pub fn from_user_data(text: &str) -> Result<Option<Config>, ConfigError> {
@@ -244,6 +267,15 @@ impl Config {
             cfg.merge(Config::parse(&f, &src)?);
         }
         Ok(cfg)
+    }
+}
+
+/// An http(s) URL with a host.
+pub fn check_url(what: &str, url: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err(ConfigError::msg(format!("{what} {url:?}: expected an http:// or https:// URL"))),
+        Err(e) => Err(ConfigError::msg(format!("{what} {url:?}: {e}"))),
     }
 }
 
@@ -356,6 +388,17 @@ timeout = "1s"
         let mut kept = earlier.clone();
         kept.merge(Config::default());
         assert_eq!(format!("{kept:?}"), format!("{earlier:?}"), "an unset field dropped the earlier value");
+    }
+
+    #[test]
+    fn late_settings_are_checked_at_load() {
+        let bad = |text: &str| Config::parse(Path::new("c.toml"), text).unwrap().validate().unwrap_err().to_string();
+        assert!(bad("[aws]\nssm_endpoint = \"localhost:4566\"\n").contains("[aws] ssm_endpoint"));
+        assert!(bad("[bundle]\ns3_endpoint = \"file:///x\"\n").contains("http:// or https://"));
+        assert!(bad("[imds]\nbase_url = \"169.254.169.254\"\n").contains("[imds] base_url"));
+        assert!(bad("[metrics]\ntextfile = \"bootstrap.prom\"\n").contains("absolute path"));
+        let good = "[aws]\nec2_endpoint = \"http://127.0.0.1:5000\"\n[metrics]\ntextfile = \"/m/b.prom\"\n";
+        Config::parse(Path::new("c.toml"), good).unwrap().validate().unwrap();
     }
 
     #[test]

@@ -28,7 +28,10 @@ impl Backend {
         };
         Ok(match &s.service {
             settings::Service::None => None,
-            settings::Service::Etcd(e) => Some(Backend::Etcd(etcd_from_config(e, group()?)?, e.slots.unwrap_or(1))),
+            settings::Service::Etcd(e) => Some(Backend::Etcd(
+                etcd::EtcdLock::with_tls(&e.endpoints, &e.prefix, group()?, &e.tls).map_err(|err| ConfigError::msg(format!("[reboot.etcd]: {err}")))?,
+                e.slots,
+            )),
             settings::Service::FleetLock(url) => Some(Backend::Fleet(fleetlock::FleetLock::new(url, group()?)?)),
         })
     }
@@ -91,21 +94,7 @@ pub fn etcd_from_config(e: &crate::config::EtcdConfig, group: &str) -> anyhow::R
     if e.endpoints.is_empty() {
         return Err(ConfigError::msg("no etcd endpoints: set [reboot.etcd] endpoints in /etc/bootstrap/config.toml").into());
     }
-    let read = |what: &str, f: &str| std::fs::read(f).map_err(|err| ConfigError::msg(format!("[reboot.etcd] {what} {f}: {err}")));
-    let identity_pem = match (&e.cert_file, &e.key_file) {
-        (Some(c), Some(k)) => {
-            let mut pem = read("cert_file", c)?;
-            pem.push(b'\n');
-            pem.extend(read("key_file", k)?);
-            Some(pem)
-        }
-        (None, None) => None,
-        _ => return Err(ConfigError::msg("[reboot.etcd] cert_file and key_file go together").into()),
-    };
-    let tls = etcd::Tls {
-        ca_pem: e.ca_file.as_deref().map(|f| read("ca_file", f)).transpose()?,
-        identity_pem,
-    };
+    let tls = settings::etcd_tls(e)?;
     Ok(
         etcd::EtcdLock::with_tls(&e.endpoints, e.prefix.as_deref().unwrap_or(etcd::DEFAULT_PREFIX), group, &tls)
             .map_err(|err| ConfigError::msg(format!("[reboot.etcd]: {err}")))?,

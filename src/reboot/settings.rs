@@ -3,8 +3,9 @@
 //! here is a `ConfigError` (exit 78) while the host is still untouched, not a surprise after
 //! the steps changed it.
 
+use super::etcd::Tls;
 use super::window::Window;
-use crate::config::{EtcdConfig, RebootConfig, RebootStrategy};
+use crate::config::{check_url, EtcdConfig, RebootConfig, RebootStrategy};
 use crate::error::ConfigError;
 use std::time::Duration;
 
@@ -40,8 +41,50 @@ pub struct Health {
 #[derive(Debug, Clone)]
 pub enum Service {
     None,
-    Etcd(EtcdConfig),
+    Etcd(EtcdService),
     FleetLock(String),
+}
+
+/// `[reboot.etcd]`, checked, with its TLS files read (on the live system, where they are used).
+#[derive(Clone)]
+pub struct EtcdService {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// Slots when the semaphore is created.
+    pub slots: u64,
+    pub tls: Tls,
+}
+
+/// Without the PEM bytes: the client key never reaches a log line.
+impl std::fmt::Debug for EtcdService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdService")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("slots", &self.slots)
+            .field("ca", &self.tls.ca_pem.is_some())
+            .field("client_cert", &self.tls.identity_pem.is_some())
+            .finish()
+    }
+}
+
+/// The PEM files `[reboot.etcd]` names, read; a missing or unreadable one is a config error.
+pub fn etcd_tls(e: &EtcdConfig) -> Result<Tls, ConfigError> {
+    let read = |what: &str, f: &str| std::fs::read(f).map_err(|err| ConfigError::msg(format!("[reboot.etcd] {what} {f}: {err}")));
+    let identity_pem = match (&e.cert_file, &e.key_file) {
+        (Some(c), Some(k)) => {
+            let mut pem = read("cert_file", c)?;
+            pem.push(b'\n');
+            pem.extend(read("key_file", k)?);
+            Some(pem)
+        }
+        (None, None) => None,
+        _ => return Err(ConfigError::msg("[reboot.etcd] cert_file and key_file go together")),
+    };
+    Ok(Tls {
+        ca_pem: e.ca_file.as_deref().map(|f| read("ca_file", f)).transpose()?,
+        identity_pem,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +129,13 @@ impl Settings {
                 for ep in &e.endpoints {
                     check_url("[reboot.etcd] endpoints", ep)?;
                 }
-                Service::Etcd(e.clone())
+                Service::Etcd(EtcdService {
+                    endpoints: e.endpoints.clone(),
+                    prefix: e.prefix.clone().unwrap_or_else(|| super::etcd::DEFAULT_PREFIX.to_string()),
+                    slots: e.slots.unwrap_or(1),
+                    // The files are the node's: read where they are used, on the live system.
+                    tls: if live { etcd_tls(e)? } else { Tls::default() },
+                })
             }
             RebootStrategy::FleetLock => {
                 let url = cfg
@@ -155,6 +204,10 @@ impl Settings {
                 "no reboot group: set [reboot] group in /etc/bootstrap/config.toml or name the node (ENV-SERVICE)",
             ));
         }
+        if let (Service::Etcd(e), Some(g), true) = (&service, &group, live) {
+            // A CA or client certificate that does not parse is found now, not after the steps.
+            super::etcd::EtcdLock::with_tls(&e.endpoints, &e.prefix, g, &e.tls).map_err(|err| ConfigError::msg(format!("[reboot.etcd]: {err}")))?;
+        }
         Ok(Settings {
             strategy,
             group,
@@ -165,15 +218,6 @@ impl Settings {
             hooks,
             health,
         })
-    }
-}
-
-/// An http(s) URL with a host.
-fn check_url(what: &str, url: &str) -> Result<(), ConfigError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        Ok(_) => Err(ConfigError::msg(format!("{what} {url:?}: expected an http:// or https:// URL"))),
-        Err(e) => Err(ConfigError::msg(format!("{what} {url:?}: {e}"))),
     }
 }
 
@@ -248,6 +292,16 @@ mod tests {
             let e = parse(text).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+
+    /// The etcd TLS files are read with the settings (before any step), not when the slot is
+    /// taken after the steps ran.
+    #[test]
+    fn etcd_tls_files_are_read_at_load() {
+        let e = parse("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"https://e:2379\"]\nca_file = \"/nonexistent/ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[reboot.etcd] ca_file /nonexistent/ca.pem"), "{e}");
     }
 
     #[test]
