@@ -121,7 +121,9 @@ impl StateDir {
     /// Remove a state file; an absent one is no error.
     pub fn remove(&self, name: &str) -> Result<()> {
         let root = Root::open(&self.root)?;
-        let Some(p) = root.parent(&Self::node_path(name), false)? else { return Ok(()) };
+        let Some(p) = root.parent(&Self::node_path(name), false)? else {
+            return Ok(());
+        };
         if p.lstat()?.is_none() {
             return Ok(());
         }

@@ -1,7 +1,7 @@
 //! `bootstrap facts`
 
-use crate::agent::Context;
 use super::{FactsFormat, NamingArgs};
+use crate::agent::Context;
 use std::path::Path;
 
 pub fn naming(n: &NamingArgs) -> crate::facts::NamingFlags {

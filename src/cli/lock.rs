@@ -1,8 +1,8 @@
 //! `bootstrap lock status|release ID|set-slots N [--group G]`: operator tools for the fleet
 //! reboot semaphore (etcd), using this node's agent config for the endpoints.
 
-use crate::agent::Context;
 use super::{LockCmd, NamingArgs};
+use crate::agent::Context;
 use crate::reboot::etcd::EtcdLock;
 use std::path::Path;
 

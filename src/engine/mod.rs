@@ -4,8 +4,8 @@
 pub mod report;
 
 use crate::role::{Notify, NotifyAction, Prepared};
-use crate::step::Host;
 use crate::state::{self, StateDir};
+use crate::step::Host;
 use anyhow::Result;
 use report::{notify_report, NotifyStatus, Report, RunStatus, StepReport, StepStatus};
 use std::collections::BTreeSet;
@@ -139,7 +139,9 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
     if apply && host.is_live() {
         if failed {
             for n in &pending {
-                report.notify.push(notify_report(n, NotifyStatus::Pending, Some("kept for the next successful run".into())));
+                report
+                    .notify
+                    .push(notify_report(n, NotifyStatus::Pending, Some("kept for the next successful run".into())));
             }
         } else {
             run_handlers(&mut pending, host, &mut report);

@@ -110,7 +110,6 @@ use serde::Serialize;
 use settings::Check;
 use std::path::Path;
 
-
 /// What the reboot part of a run did (`action` in the report and in `bootstrap reboot`'s
 /// output).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
