@@ -56,13 +56,15 @@ pub fn read_groups(root: &Path) -> Result<Vec<(String, GroupEntry)>> {
         .collect())
 }
 
-/// Run one of the shadow-utils tools against the host's account files: `--prefix ROOT` when
-/// the root is not `/`, after giving an empty image root an account database to edit.
+/// Run one of the shadow-utils tools against the host's account files: `--root ROOT` (the tool
+/// chroots into the image before it opens a file, so a link in the image such as an absolute
+/// `/etc` cannot lead it to a host path) when the root is not `/`, after giving an empty image
+/// root an account database to edit.
 pub fn shadow_tool(host: &Host, tool: &str, args: Vec<String>) -> Result<()> {
     let mut argv = vec![tool.to_string()];
     if !host.is_live() {
         ensure_account_db(&host.root)?;
-        argv.push("--prefix".into());
+        argv.push("--root".into());
         argv.push(host.root.to_string_lossy().into_owned());
     }
     argv.extend(args);
@@ -77,7 +79,7 @@ pub fn shadow_tool(host: &Host, tool: &str, args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// An image root with no /etc/passwd gets one holding only root, so useradd --prefix works.
+/// An image root with no /etc/passwd gets one holding only root, so useradd --root works.
 fn ensure_account_db(root: &Path) -> Result<()> {
     let files: [(&str, &str, u32); 4] = [
         ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),

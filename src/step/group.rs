@@ -1,4 +1,4 @@
-//! `group`: a local group, managed with groupadd/groupmod/groupdel (`--prefix` under `--root`).
+//! `group`: a local group, managed with groupadd/groupmod/groupdel (`--root`, chrooted, under `--root`).
 
 use super::{check_account_name, read_group, shadow_tool, Change, GroupEntry, Host, Kind, LoadCtx, PrepCtx, State};
 use crate::error::ConfigError;

@@ -1,4 +1,4 @@
-//! `user`: a local user, managed with useradd/usermod/userdel (`--prefix` under `--root`).
+//! `user`: a local user, managed with useradd/usermod/userdel (`--root`, chrooted, under `--root`).
 //! Supplementary groups are a minimum: listed groups are added, others are left alone.
 
 use super::{check_account_name, read_group, read_groups, shadow_tool};
