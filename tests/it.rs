@@ -50,3 +50,6 @@ mod kube;
 
 #[path = "it/ship.rs"]
 mod ship;
+
+#[path = "it/runner.rs"]
+mod runner;
