@@ -59,3 +59,6 @@ mod root_paths;
 
 #[path = "it/secrets.rs"]
 mod secrets;
+
+#[path = "it/runner.rs"]
+mod runner;
