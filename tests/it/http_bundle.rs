@@ -224,3 +224,69 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(report(root.path())["bundle"]["origin"], "cache");
 }
+
+/// Rollback protection does not block the last-good fallback: a newer signed build that failed
+/// leaves last-good on an older build, and with the source down that older build is applied.
+#[test]
+fn last_good_fallback_is_not_refused_as_a_rollback() {
+    let keys = tempfile::tempdir().unwrap();
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let sk = keys.path().join("k.key");
+    std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
+    let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
+    let build = |dir: &std::path::Path, t: &str| -> (Vec<u8>, Vec<u8>) {
+        let out = tempfile::tempdir().unwrap();
+        let f = out.path().join("b.tar.gz");
+        let r: Run = cmd(&[
+            "bundle",
+            "build",
+            dir.to_str().unwrap(),
+            "-o",
+            f.to_str().unwrap(),
+            "--sign",
+            sk.to_str().unwrap(),
+        ])
+        .env("SOURCE_DATE_EPOCH", t)
+        .output()
+        .unwrap()
+        .into();
+        assert_eq!(r.code, 0, "{}", r.all());
+        (std::fs::read(&f).unwrap(), std::fs::read(format!("{}.minisig", f.display())).unwrap())
+    };
+    let (v1, s1) = build(&repo(), "1000");
+    let st = Arc::new(Mutex::new(Served {
+        body: v1,
+        sig: Some(s1),
+        etag: "\"v1\"".into(),
+        ..Default::default()
+    }));
+    let url = format!("{}/b.tar.gz", serve(st.clone()));
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
+    std::fs::write(root.path().join("etc/bootstrap/config.toml"), format!("[bundle]\npublic_key = \"{pk}\"\n")).unwrap();
+    let apply = || agent(&["apply", "--root", root.path().to_str().unwrap(), "--source", url.as_str(), "--role", "haproxy"]);
+    assert_eq!(apply().code, 0);
+    let good = std::fs::read_link(root.path().join("var/lib/bootstrap/bundles/last-good")).unwrap();
+
+    // A newer build whose run fails (a file where the role wants a directory).
+    let copy = bundle_copy();
+    std::fs::write(copy.path().join("roles/haproxy/files/variant.txt"), "v2").unwrap();
+    let (v2, s2) = build(copy.path(), "2000");
+    *st.lock().unwrap() = Served {
+        body: v2,
+        sig: Some(s2),
+        etag: "\"v2\"".into(),
+        ..Default::default()
+    };
+    std::fs::remove_dir_all(root.path().join("etc/haproxy")).unwrap();
+    std::fs::write(root.path().join("etc/haproxy"), "not a directory").unwrap();
+    assert_eq!(apply().code, 1);
+    assert_eq!(std::fs::read_link(root.path().join("var/lib/bootstrap/bundles/last-good")).unwrap(), good);
+
+    // The source down: the older last-good build is applied, not refused.
+    std::fs::remove_file(root.path().join("etc/haproxy")).unwrap();
+    st.lock().unwrap().force = Some(503);
+    let r = apply();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(report(root.path())["bundle"]["origin"], "last-good");
+}
