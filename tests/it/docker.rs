@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 pub struct Dockerd {
     child: Option<Child>,
-    netns: String,
+    pub netns: String,
     pub socket: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -221,4 +221,125 @@ fn engine_not_running_fails_the_step_naming_the_socket() {
     assert_eq!(steps[0]["status"], "failed", "{rep:#}");
     assert_eq!(steps[1]["status"], "not_run", "{rep:#}");
     assert!(!node.merged.join("etc/after").exists());
+}
+
+/// A minimal registry (distribution API v2, plain HTTP) serving one image by digest only,
+/// inside dockerd's network namespace (dockerd treats 127.0.0.0/8 as an insecure registry).
+/// Returns its port, the manifest digest, and the log of requests ("GET /v2/...").
+fn registry(netns: &str, repo: &str) -> (u16, String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use sha2::Digest;
+    use std::io::{BufRead, BufReader, Read, Write};
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    // One layer with one file; the container is created, never started.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o755);
+    h.set_cksum();
+    tar.append_data(&mut h, "hello", &b"hello\n"[..]).unwrap();
+    let layer_tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&layer_tar).unwrap();
+    let layer = gz.finish().unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": { "Cmd": ["/hello"] },
+        "rootfs": { "type": "layers", "diff_ids": [sha(&layer_tar)] },
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": { "mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": sha(&config) },
+        "layers": [{ "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer.len(), "digest": sha(&layer) }],
+    }))
+    .unwrap();
+    let digest = sha(&manifest);
+    let mut blobs = std::collections::HashMap::new();
+    blobs.insert(format!("/v2/{repo}/blobs/{}", sha(&config)), (config, "application/octet-stream"));
+    blobs.insert(format!("/v2/{repo}/blobs/{}", sha(&layer)), (layer, "application/octet-stream"));
+    blobs.insert(
+        format!("/v2/{repo}/manifests/{digest}"),
+        (manifest, "application/vnd.docker.distribution.manifest.v2+json"),
+    );
+    blobs.insert("/v2/".to_string(), (b"{}".to_vec(), "application/json"));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, log2, digest2) = (format!("/run/netns/{netns}"), log.clone(), digest.clone());
+    std::thread::spawn(move || {
+        nix::sched::setns(std::fs::File::open(&ns).unwrap(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        for conn in l.incoming().flatten() {
+            let mut first = [0u8; 1];
+            // A TLS hello first (dockerd tries https): close, it falls back to http.
+            if conn.peek(&mut first).unwrap_or(0) == 0 || first[0] == 0x16 {
+                continue;
+            }
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+            log2.lock().unwrap().push(format!("{method} {path}"));
+            let mut conn = conn;
+            let head = |status: &str, len: usize, ctype: &str| {
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {len}\r\nContent-Type: {ctype}\r\nDocker-Distribution-API-Version: registry/2.0\r\nDocker-Content-Digest: {digest2}\r\nConnection: close\r\n\r\n"
+                )
+            };
+            match blobs.get(&path) {
+                Some((body, ctype)) => {
+                    let _ = conn.write_all(head("200 OK", body.len(), ctype).as_bytes());
+                    if method != "HEAD" {
+                        let _ = conn.write_all(body);
+                    }
+                }
+                None => {
+                    let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
+                    let _ = conn.write_all(head("404 Not Found", body.len(), "application/json").as_bytes());
+                    let _ = conn.write_all(body);
+                }
+            }
+            let _ = conn.flush();
+            let _ = conn.read(&mut [0u8; 1]);
+        }
+    });
+    (rx.recv().unwrap(), digest, log)
+}
+
+/// Finding 11: `image@sha256:…` pulls that digest (not `:latest`), the container is created
+/// from it, and a second run (and `pull = "always"`) finds it present by digest: no change,
+/// no pull. The image comes from a registry speaking the distribution API in dockerd's netns.
+#[test]
+fn digest_pinned_image_is_pulled_and_compared_by_digest() {
+    let d = Dockerd::start();
+    let (port, digest, log) = registry(&d.netns, "bt/app");
+    let image = format!("127.0.0.1:{port}/bt/app@{digest}");
+    let role = |pull: &str| {
+        format!("schema = 1\n[[step]]\nkind = \"container\"\nname = \"pinned\"\nimage = \"{image}\"\npull = \"{pull}\"\nstate = \"stopped\"\ncommand = [\"/hello\"]\n")
+    };
+    let b = bundle(&[("roles/app/role.toml", &role("missing"))]);
+    let node = Node::boot_with(b.path(), &[(&d.socket, "/run/docker.sock")]);
+    let apply = || node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    let r = apply();
+    let requests = log.lock().unwrap().clone();
+    assert_eq!(r.code, 2, "{}\nregistry saw: {requests:?}", r.all());
+    assert!(requests.contains(&format!("GET /v2/bt/app/manifests/{digest}")), "{requests:?}");
+    assert!(!requests.iter().any(|l| l.contains("manifests/latest")), "{requests:?}");
+    assert_eq!(d.out(&["inspect", "-f", "{{.Config.Image}}", "pinned"]), image);
+    assert!(d.out(&["image", "inspect", "-f", "{{json .RepoDigests}}", &image]).contains(&digest));
+
+    let r = apply();
+    assert_eq!(r.code, 0, "second run changes nothing: {}", r.all());
+    std::fs::write(b.path().join("roles/app/role.toml"), role("always")).unwrap();
+    let before = log.lock().unwrap().len();
+    let r = apply();
+    assert_eq!(r.code, 0, "pull = always with the digest present: {}", r.all());
+    assert_eq!(log.lock().unwrap().len(), before, "no registry request: {:?}", log.lock().unwrap());
 }
