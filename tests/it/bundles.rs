@@ -1,6 +1,6 @@
 //! Bundle tarballs: reproducible builds, hostile tarballs, integrity checks, the cache.
 
-use crate::support::*;
+use crate::harness::support::*;
 use std::path::Path;
 
 fn build(dir: &Path, out: &Path, extra: &[&str]) -> Run {

@@ -1,7 +1,7 @@
 //! Facts from the IMDSv2 test server: naming sources, faults, deadlines.
 
-use crate::imds_server::ImdsServer;
-use crate::support::*;
+use crate::harness::imds::ImdsServer;
+use crate::harness::support::*;
 
 /// A root whose agent config points at `imds`.
 fn root_with_imds(imds: &str) -> tempfile::TempDir {
@@ -115,7 +115,7 @@ fn imds_faults_retry_refresh_and_deadline() {
 
 #[test]
 fn name_tag_from_describe_tags_when_metadata_has_no_tags() {
-    let moto = crate::moto::Moto::start();
+    let moto = crate::harness::moto::Moto::start();
     let id = moto.run_instance(&[("Name", "production-haproxy")]);
     let mut st = ImdsServer::instance("ignored");
     st.tags = None; // instance metadata tags not enabled: 404
@@ -130,7 +130,7 @@ fn name_tag_from_describe_tags_when_metadata_has_no_tags() {
     )
     .unwrap();
     let r: Run = cmd(&["facts", "--format", "json", "--root", root.path().to_str().unwrap()])
-        .envs(crate::moto::AWS_ENV)
+        .envs(crate::harness::moto::AWS_ENV)
         .output()
         .unwrap()
         .into();

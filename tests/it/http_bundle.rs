@@ -1,9 +1,8 @@
 //! `http(s)://` bundles against a small HTTP server that honours ETag / If-None-Match:
 //! conditional GET, 503 → last-good, 403 → failure.
 
-use crate::support::*;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use crate::harness::http::{HttpServer, Response};
+use crate::harness::support::*;
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
@@ -16,52 +15,21 @@ struct Served {
     log: Vec<(Option<String>, u16)>,
 }
 
-fn serve(state: Arc<Mutex<Served>>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            let st = state.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut conn = conn;
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut inm = None;
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':') {
-                        if k.eq_ignore_ascii_case("if-none-match") {
-                            inm = Some(v.trim().to_string());
-                        }
-                    }
-                }
-                let mut s = st.lock().unwrap();
-                let path_ok = line.contains(" /b.tar.gz ");
-                let status = match (s.force, path_ok, &inm) {
-                    (Some(f), _, _) => f,
-                    (None, false, _) => 404,
-                    (None, true, Some(t)) if *t == s.etag => 304,
-                    _ => 200,
-                };
-                s.log.push((inm, status));
-                let body: &[u8] = if status == 200 { &s.body } else { b"" };
-                let head = format!(
-                    "HTTP/1.1 {status} X\r\nETag: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    s.etag,
-                    body.len()
-                );
-                let _ = conn.write_all(head.as_bytes());
-                let _ = conn.write_all(body);
-            });
-        }
-    });
-    url
+fn serve(state: Arc<Mutex<Served>>) -> HttpServer {
+    HttpServer::start(move |req| {
+        let inm = req.header("if-none-match").map(str::to_string);
+        let mut s = state.lock().unwrap();
+        let path_ok = req.path == "/b.tar.gz";
+        let status = match (s.force, path_ok, &inm) {
+            (Some(f), _, _) => f,
+            (None, false, _) => 404,
+            (None, true, Some(t)) if *t == s.etag => 304,
+            _ => 200,
+        };
+        s.log.push((inm, status));
+        let body: &[u8] = if status == 200 { &s.body } else { b"" };
+        Some(Response::new(status, body).header("ETag", s.etag.clone()).header("Connection", "close"))
+    })
 }
 
 #[test]
@@ -74,7 +42,8 @@ fn http_bundle_conditional_get_last_good_and_refusal() {
         etag: "\"v1\"".into(),
         ..Default::default()
     }));
-    let url = format!("{}/b.tar.gz", serve(st.clone()));
+    let server = serve(st.clone());
+    let url = format!("{}/b.tar.gz", server.url);
     let root = tempfile::tempdir().unwrap();
     let apply = |extra: &[&str]| {
         let mut a = vec!["apply", "--root", root.path().to_str().unwrap(), "--source", url.as_str(), "--role", "haproxy"];

@@ -3,10 +3,10 @@
 //! instance role's credentials (served by IMDS), the role applied, the agent's units
 //! installed, firstboot.done written after success only.
 
-use crate::imds_server::ImdsServer;
-use crate::moto::Moto;
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::imds::ImdsServer;
+use crate::harness::moto::Moto;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 /// roles-production.tar.gz of this repository's roles. The IMDS test server holds
 /// 169.254.169.254:80 inside the node (on EC2 it is off-host), so haproxy listens on loopback.
@@ -119,7 +119,7 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
     let (_bundles, tarball) = production_bundle();
     let script = repo().join("packaging/user-data.sh");
     assert!(std::fs::metadata(&script).unwrap().len() < 16 * 1024, "user_data must stay under 16 KB");
-    let node = crate::node::Node::boot_with(&repo(), &[(&repo().join("packaging"), "/srv/packaging")]);
+    let node = crate::harness::node::Node::boot_with(&repo(), &[(&repo().join("packaging"), "/srv/packaging")]);
     assert_eq!(node.sh("ip addr add 169.254.169.254/32 dev lo && echo ok").stdout.trim(), "ok");
     let mut st = ImdsServer::instance("production-haproxy");
     st.meta.insert("placement/region".into(), "us-east-1".into());
@@ -169,7 +169,7 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
 /// timer, skips the firstboot unit, and its next apply releases the reboot slot.
 #[test]
 fn init_installs_its_units_before_a_first_boot_reboot() {
-    let etcd = crate::etcd::Etcd::start(1);
+    let etcd = crate::harness::etcd::Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();

@@ -1,9 +1,9 @@
 //! kubeadm_join on a booted node (kubeadm is a stand-in .deb from the test repo that records its
 //! argv), the join token from SSM (moto), and secrets never leaking.
 
-use crate::moto::{Moto, AWS_ENV};
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::moto::{Moto, AWS_ENV};
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 const TOKEN: &str = "abcdef.0123456789abcdef";
 const FILE_SECRET: &str = "db-password-7Hq2";

@@ -1,8 +1,8 @@
 //! Coordinated reboots on two booted nodes sharing one real etcd (slots = 1).
 
-use crate::etcd::Etcd;
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::etcd::Etcd;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 use std::time::Duration;
 
 fn holders(etcd: &Etcd) -> Vec<String> {
@@ -95,7 +95,7 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
 
 #[test]
 fn two_nodes_one_slot_with_fleetlock() {
-    let srv = crate::fleetlock_server::FleetLockServer::start(1);
+    let srv = crate::harness::fleetlock::FleetLockServer::start(1);
     let config = format!("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"{}\"\n", srv.url);
     let (_nodes, _a, b_id, _bundle) = one_slot_rollout(&config, &|| srv.holders("production-web"));
     assert_eq!(srv.holders("production-web"), [b_id]);
@@ -230,7 +230,7 @@ fn outside_the_window_no_slot_is_taken() {
 #[test]
 fn lock_reap_removes_dead_holders_only() {
     let etcd = Etcd::start(1);
-    let moto = crate::moto::Moto::start();
+    let moto = crate::harness::moto::Moto::start();
     let live = moto.run_instance(&[("Name", "production-web")]);
     let dead = moto.run_instance(&[("Name", "production-web")]);
     moto.terminate(&dead);

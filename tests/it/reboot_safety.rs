@@ -4,9 +4,9 @@
 //! waits for the run lock and releases only after a converge in this boot (8); config errors
 //! exit 78 before any step (10); an empty or uninitialized machine id is refused (12).
 
-use crate::etcd::Etcd;
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::etcd::Etcd;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -191,7 +191,7 @@ fn a_lock_outage_never_drops_the_slot_record() {
 /// release anything: reboot.json stays, the run says why, and a later 200 releases.
 #[test]
 fn fleetlock_release_needs_a_real_success() {
-    let srv = crate::fleetlock_server::FleetLockServer::start(1);
+    let srv = crate::harness::fleetlock::FleetLockServer::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let id = machine_id(&node);

@@ -1,8 +1,8 @@
 //! S3 bundles on moto: fetch, conditional GET (one request, 304), last-good when S3 is down,
 //! a missing object is a failure.
 
-use crate::moto::{Moto, AWS_ENV};
-use crate::support::*;
+use crate::harness::moto::{Moto, AWS_ENV};
+use crate::harness::support::*;
 
 fn apply(root: &std::path::Path, extra: &[&str]) -> Run {
     let mut args = vec!["apply", "--root", root.to_str().unwrap(), "--name", "production-haproxy"];

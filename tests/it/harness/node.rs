@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use crate::support::{bin, Run};
+use super::support::{bin, Run};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
