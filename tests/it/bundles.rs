@@ -82,9 +82,7 @@ fn hostile_and_unverified_bundles_are_rejected_and_current_stays() {
     std::fs::write(&other_sk, other.sk.to_box(None).unwrap().to_string()).unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let cfg = root.path().join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    let write_cfg = |extra: &str| std::fs::write(&cfg, format!("[bundle]\nmax_bytes = 1048576\n{extra}")).unwrap();
+    let write_cfg = |extra: &str| write_config(root.path(), &format!("[bundle]\nmax_bytes = 1048576\n{extra}"));
     write_cfg(&format!("public_key = \"{pk_line}\"\n"));
 
     let work = tempfile::tempdir().unwrap();

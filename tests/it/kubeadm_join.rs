@@ -11,12 +11,7 @@ const FILE_SECRET: &str = "db-password-7Hq2";
 fn node_with_ssm(moto: &Moto) -> (Node, tempfile::TempDir) {
     let b = bundle_copy();
     let node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!("[aws]\nssm_endpoint = \"{}\"\n", moto.url),
-    )
-    .unwrap();
+    node.write_config(&format!("[aws]\nssm_endpoint = \"{}\"\n", moto.url));
     (node, b)
 }
 

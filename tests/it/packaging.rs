@@ -27,12 +27,7 @@ print(json.dumps(out))
 #[test]
 fn metrics_follow_failed_and_successful_runs() {
     let root = shell_root(); // its exec step runs chrooted into it
-    std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        root.path().join("etc/bootstrap/config.toml"),
-        "[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n",
-    )
-    .unwrap();
+    write_config(root.path(), "[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n");
     let prom = root.path().join("var/lib/metrics/bootstrap.prom");
     let b = bundle(&[
         ("roles/app/role.toml", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/a\"\ncontent = \"a\\n\"\n[[step]]\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n"),

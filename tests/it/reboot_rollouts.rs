@@ -19,8 +19,7 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
     )]);
     let mut nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(b.path())).collect();
     for n in &nodes {
-        std::fs::create_dir_all(n.merged.join("etc/bootstrap")).unwrap();
-        std::fs::write(n.merged.join("etc/bootstrap/config.toml"), config).unwrap();
+        n.write_config(config);
         assert!(n.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     }
     let id = |n: &Node| std::fs::read_to_string(n.merged.join("etc/machine-id")).unwrap().trim().to_string();
@@ -108,15 +107,10 @@ fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+        etcd.endpoints()[0]
+    ));
     let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
     let boot_id = node.boot_id();
     // What the killed run left behind.
@@ -140,19 +134,13 @@ fn hooks_and_health_checks_gate_the_reboot() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let boot_id = node.boot_id();
-    let cfg = node.merged.join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    let write = |extra: &str| {
-        std::fs::write(
-            &cfg,
-            format!(
-                "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}",
-                etcd.endpoints()[0]
-            ),
-        )
-        .unwrap();
+    let write = |node: &Node, extra: &str| {
+        node.write_config(&format!(
+            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}",
+            etcd.endpoints()[0]
+        ))
     };
-    write("[[reboot.pre_hook]]\ncommand = [\"sh\", \"-c\", \"echo draining failed; exit 4\"]\n");
+    write(&node, "[[reboot.pre_hook]]\ncommand = [\"sh\", \"-c\", \"echo draining failed; exit 4\"]\n");
     assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
     assert_eq!(node.agent(&["reboot", "--request"]).code, 0);
     assert!(node
@@ -168,7 +156,10 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert!(holders(&etcd).is_empty(), "the slot goes back after a failed hook");
     assert!(node.still_up(&boot_id), "no reboot after a failed hook");
 
-    write("[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n");
+    write(
+        &node,
+        "[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n",
+    );
     let _ = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133);
     assert!(node.merged.join("var/lib/drained").exists(), "the hook ran before the reboot");
@@ -189,7 +180,10 @@ fn hooks_and_health_checks_gate_the_reboot() {
         r.all()
     );
 
-    write("[[reboot.health]]\ncommand = [\"true\"]\n[[reboot.health]]\nunit = \"systemd-journald.service\"\n");
+    write(
+        &node,
+        "[[reboot.health]]\ncommand = [\"true\"]\n[[reboot.health]]\nunit = \"systemd-journald.service\"\n",
+    );
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(node.report()["reboot"]["action"], "released");
@@ -205,16 +199,10 @@ fn outside_the_window_no_slot_is_taken() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
     let hour = (time::OffsetDateTime::now_utc().hour() + 12) % 24;
-    let cfg = node.merged.join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoints()[0]
+    ));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -240,16 +228,11 @@ fn lock_reap_removes_dead_holders_only() {
     }
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n",
-            etcd.endpoints()[0],
-            moto.url
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n",
+        etcd.endpoints()[0],
+        moto.url
+    ));
     let r = node.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true bootstrap lock reap --group production-web");
     assert!(
         r.stdout.contains(&format!("removed {dead}")) && r.stdout.contains("removed i-0000000000000dead"),
@@ -272,13 +255,8 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let boot_id = node.boot_id();
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
     let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n"),
-    )
-    .unwrap();
+    node.write_config(&format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n"));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     etcd.kill(1);
     etcd.kill(2);
@@ -309,15 +287,10 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
 fn etcd_node(etcd: &Etcd, extra: &str) -> (Node, tempfile::TempDir) {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+        etcd.endpoints()[0]
+    ));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     (node, b)
 }

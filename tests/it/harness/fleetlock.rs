@@ -27,7 +27,11 @@ impl FleetLockServer {
         let st = state.clone();
         let http = HttpServer::start(move |req| {
             let (status, text) = answer(req, &st);
-            Some(Response::new(status, text).header("Content-Type", "application/json").header("Connection", "close"))
+            Some(
+                Response::new(status, text)
+                    .header("Content-Type", "application/json")
+                    .header("Connection", "close"),
+            )
         });
         FleetLockServer {
             url: http.url.clone(),

@@ -81,11 +81,7 @@ impl HttpServer {
     }
 
     /// Serve on a listener bound elsewhere (another network namespace, a fixed address).
-    pub fn serve(
-        listener: TcpListener,
-        url: String,
-        handler: impl Fn(&Request) -> Option<Response> + Send + Sync + 'static,
-    ) -> HttpServer {
+    pub fn serve(listener: TcpListener, url: String, handler: impl Fn(&Request) -> Option<Response> + Send + Sync + 'static) -> HttpServer {
         let handler: Arc<Handler> = Arc::new(handler);
         let stop = Arc::new(AtomicBool::new(false));
         let (l, st) = (listener.try_clone().unwrap(), stop.clone());
@@ -178,12 +174,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; len];
     let _ = reader.read_exact(&mut body);
-    Some(Request {
-        method,
-        path,
-        headers,
-        body,
-    })
+    Some(Request { method, path, headers, body })
 }
 
 fn reason(status: u16) -> &'static str {

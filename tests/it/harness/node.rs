@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use super::support::{bin, Run};
+use super::support::{bin, write_config, Run};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,6 +191,11 @@ impl Node {
         let mut args = vec![verb, "--source", "/srv/bundle", "--role", role];
         args.extend_from_slice(extra);
         self.agent(&args)
+    }
+
+    /// Write the node's agent config (`/etc/bootstrap/config.toml`), replacing any there.
+    pub fn write_config(&self, toml: &str) {
+        write_config(&self.merged, toml);
     }
 
     pub fn report(&self) -> serde_json::Value {
