@@ -3,7 +3,6 @@
 
 use crate::harness::etcd::Etcd;
 use bootstrap::reboot::etcd::{Acquire, EtcdLock, LockError, Semaphore, Waited};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -35,12 +34,10 @@ fn semaphore_acquire_release_idempotent_and_full() {
         }
     );
     // The raw value, as airlock and operators read it.
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &etcd.endpoints()[0], "get", "--print-value-only", lock.key()])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"total_slots":2,"holders":["i-b","i-c"]}"#);
+    assert_eq!(
+        etcd.ctl(&["get", "--print-value-only", lock.key()]).trim(),
+        r#"{"total_slots":2,"holders":["i-b","i-c"]}"#
+    );
 }
 
 #[test]
@@ -73,17 +70,6 @@ fn lost_quorum_and_dead_etcd_are_unavailable() {
     assert!(matches!(err, LockError::Unavailable(_)), "{err}");
 }
 
-fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(etcd.endpoints().join(","))
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// Waiters queue in arrival order and get the slot one by one; while the slot is held they
 /// send nothing (no polling); each handover costs a constant number of requests.
 #[test]
@@ -111,14 +97,14 @@ fn waiters_take_the_slot_in_queue_order_without_polling() {
         // Arrival order is queue order.
         std::thread::sleep(Duration::from_millis(150));
     }
-    let queued = etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]);
+    let queued = etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]);
     assert_eq!(queued.split_whitespace().count(), 8, "{queued}");
     // What `lock status` shows: the queue's length and its first waiters in order, and (in a
     // group nobody waits in, so no queue head picks it up) a release request not yet applied.
     let b = holder.backlog(3).unwrap();
     assert_eq!((b.waiting, b.first_waiters.join(" ")), (8, "n0 n1 n2".to_string()), "{b:?}");
     assert_eq!((b.releases_pending, b.first_releases.len()), (0, 0), "{b:?}");
-    etcdctl(&etcd, &["put", "com.coreos.airlock/groups/idle/v1/release/ghost", ""]);
+    etcd.ctl(&["put", "com.coreos.airlock/groups/idle/v1/release/ghost", ""]);
     let b = etcd.lock("idle").backlog(3).unwrap();
     assert_eq!(
         (b.waiting, b.releases_pending, b.first_releases.join(" ")),
@@ -138,7 +124,7 @@ fn waiters_take_the_slot_in_queue_order_without_polling() {
     let per_waiter = count(&locks) as f64 / 8.0;
     assert!(per_waiter <= 16.0, "{per_waiter} requests per waiter");
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]).trim(),
         "",
         "the queue is empty"
     );
@@ -177,7 +163,7 @@ fn a_wave_of_releases_goes_through_the_queue_head() {
         }));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let queued = || etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/queue/"]);
+    let queued = || etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/queue/"]);
     assert_eq!(queued().split_whitespace().count(), 10, "{}", queued());
     // The five holders come back at the same moment and release.
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(5));
@@ -201,7 +187,8 @@ fn a_wave_of_releases_goes_through_the_queue_head() {
     sem.sort();
     assert_eq!(sem, got, "the holders are exactly the granted waiters");
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"])
+            .trim(),
         ""
     );
     // Then the second wave.
@@ -213,7 +200,8 @@ fn a_wave_of_releases_goes_through_the_queue_head() {
     assert!(admin.get().unwrap().unwrap().0.holders.is_empty());
     assert_eq!(queued().trim(), "");
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"])
+            .trim(),
         ""
     );
 }
@@ -226,13 +214,13 @@ fn a_release_the_queue_does_not_pick_up_is_written_directly() {
     let etcd = Etcd::start(1);
     let l = etcd.lock("stuck");
     assert_eq!(l.acquire("h", 1).unwrap(), Acquire::Acquired);
-    etcdctl(&etcd, &["put", "com.coreos.airlock/groups/stuck/v1/queue/ghost", "ghost"]);
+    etcd.ctl(&["put", "com.coreos.airlock/groups/stuck/v1/queue/ghost", "ghost"]);
     let start = Instant::now();
     assert!(l.release("h", 1).unwrap());
     assert!(start.elapsed() >= Duration::from_secs(4), "waited for the head first: {:?}", start.elapsed());
     assert_eq!(l.get().unwrap().unwrap().0.holders, ["ghost"]);
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/stuck/v1/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/stuck/v1/"]).trim(),
         "com.coreos.airlock/groups/stuck/v1/semaphore"
     );
     assert!(l.counters.handoffs.lock().unwrap().is_empty());
@@ -252,7 +240,7 @@ fn a_wait_ends_at_its_deadline_and_leaves_the_queue() {
     );
     assert!(start.elapsed() >= Duration::from_millis(1400));
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/d/v1/queue/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/d/v1/queue/"]).trim(),
         ""
     );
     assert_eq!(l.get().unwrap().unwrap().0.holders, ["holder"]);
@@ -300,7 +288,7 @@ fn a_waiter_whose_tail_predecessor_left_still_gets_the_slot() {
             assert_eq!(l.acquire(&holder, 1).unwrap(), Acquire::Acquired);
         }
         assert_eq!(l.wait_acquire(&gone, 1, Instant::now() + Duration::from_millis(300)).unwrap(), Waited::Deadline);
-        assert!(etcdctl(&etcd, &["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{gone}")));
+        assert!(etcd.ctl(&["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{gone}")));
         for i in 0..filler {
             let r = http
                 .post(&url)
@@ -316,7 +304,7 @@ fn a_waiter_whose_tail_predecessor_left_still_gets_the_slot() {
         };
         // Queued, pointing the tail at itself, and not holding while the slot is taken.
         let queued = Instant::now();
-        while !etcdctl(&etcd, &["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{next}")) {
+        while !etcd.ctl(&["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{next}")) {
             assert!(queued.elapsed() < Duration::from_secs(10), "{next} never queued");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -172,7 +172,7 @@ fn init_installs_its_units_before_a_first_boot_reboot() {
     let etcd = crate::harness::etcd::Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = node.machine_id();
     node.write_config(&format!(
         "[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
         etcd.endpoints()[0]
@@ -180,7 +180,7 @@ fn init_installs_its_units_before_a_first_boot_reboot() {
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     let _ = node.agent(&["init"]);
     assert_eq!(node.wait_exit(std::time::Duration::from_secs(60)), 133, "init rebooted");
-    let holders = || etcd.lock("production-web").get().unwrap().map(|(s, _)| s.holders).unwrap_or_default();
+    let holders = || etcd.holders("production-web");
     assert_eq!(holders(), std::slice::from_ref(&id));
     for f in [
         "etc/systemd/system/bootstrap.timer",

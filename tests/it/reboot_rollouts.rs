@@ -6,7 +6,7 @@ use crate::harness::support::*;
 use std::time::Duration;
 
 fn holders(etcd: &Etcd) -> Vec<String> {
-    etcd.lock("production-web").get().unwrap().map(|(s, _)| s.holders).unwrap_or_default()
+    etcd.holders("production-web")
 }
 
 /// Two nodes, one slot: one reboots while the other waits; a node unhealthy after its reboot
@@ -22,7 +22,7 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
         n.write_config(config);
         assert!(n.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     }
-    let id = |n: &Node| std::fs::read_to_string(n.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = |n: &Node| n.machine_id();
     let (a_id, b_id) = (id(&nodes[0]), id(&nodes[1]));
 
     // Node A takes the slot and reboots (nspawn exits 133).
@@ -111,7 +111,7 @@ fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
         "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
         etcd.endpoints()[0]
     ));
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = node.machine_id();
     let boot_id = node.boot_id();
     // What the killed run left behind.
     assert_eq!(etcd.lock("production-web").acquire(&id, 1).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
@@ -172,7 +172,7 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert_eq!(holders(&etcd).len(), 1, "an unhealthy node keeps its slot");
     // The operator sees who holds the slot and why, from any node with the config.
     let r = node.agent(&["lock", "status", "--group", "production-web"]);
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = node.machine_id();
     assert!(
         r.stdout
             .contains(&format!("{id}  halted: unhealthy after reboot: unit ghost.service is inactive")),
@@ -296,19 +296,9 @@ fn etcd_node(etcd: &Etcd, extra: &str) -> (Node, tempfile::TempDir) {
 }
 
 fn queued(etcd: &Etcd) -> String {
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd.endpoints()[0],
-            "get",
-            "--keys-only",
-            "--prefix",
-            "com.coreos.airlock/groups/production-web/v1/queue/",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/production-web/v1/queue/"])
+        .trim()
+        .to_string()
 }
 
 /// `bootstrap reboot --wait` queues while another node holds the slot, and reboots as soon as
@@ -322,7 +312,7 @@ fn reboot_wait_takes_the_slot_when_it_frees() {
     );
     let (mut node, _b) = etcd_node(&etcd, "");
     let boot_id = node.boot_id();
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = node.machine_id();
     let r = node.sh("systemd-run --unit=waiter /usr/local/bin/bootstrap reboot --wait --name production-web");
     assert_eq!(r.code, 0, "{}", r.all());
     let start = std::time::Instant::now();

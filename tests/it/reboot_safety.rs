@@ -14,11 +14,7 @@ const GROUP: &str = "production-web";
 const NAME: [&str; 2] = ["--name", GROUP];
 
 fn holders(etcd: &Etcd) -> Vec<String> {
-    etcd.lock(GROUP).get().unwrap().map(|(s, _)| s.holders).unwrap_or_default()
-}
-
-fn machine_id(n: &Node) -> String {
-    std::fs::read_to_string(n.merged.join("etc/machine-id")).unwrap().trim().to_string()
+    etcd.holders(GROUP)
 }
 
 /// `[reboot]` with the etcd strategy: `keys` go under `[reboot]`, `tables` at the end.
@@ -58,7 +54,7 @@ fn a_reboot_required_change_is_remembered_until_a_reboot() {
         "schema = 1\n[[step]]\nid = \"kernel-args\"\nkind = \"file\"\npath = \"/etc/kernel-args.conf\"\ncontent = \"quiet\\n\"\nreboot_required = true\n",
     )]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
+    let id = node.machine_id();
     node.write_config(&etcd_config(&etcd, &closed_window(), ""));
     let r = apply(&node);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -106,7 +102,7 @@ fn killed_during_a_pre_reboot_hook_the_slot_is_on_record() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
+    let id = node.machine_id();
     let hook = |cmd: &str| format!("[[reboot.pre_hook]]\ncommand = {cmd}\n");
     node.write_config(&etcd_config(&etcd, "", &hook(r#"["sh", "-c", "touch /run/hook-started; sleep 120"]"#)));
     reboot_flag(&node);
@@ -136,7 +132,7 @@ fn killed_during_a_pre_reboot_hook_the_slot_is_on_record() {
 /// What a run killed right after it acquired leaves behind: the slot in etcd and reboot.json
 /// of this boot.
 fn killed_after_acquire(etcd: &Etcd, node: &Node) -> String {
-    let id = machine_id(node);
+    let id = node.machine_id();
     assert_eq!(etcd.lock(GROUP).acquire(&id, 1).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
     std::fs::create_dir_all(node.merged.join("var/lib/bootstrap")).unwrap();
     std::fs::write(
@@ -189,7 +185,7 @@ fn fleetlock_release_needs_a_real_success() {
     let srv = crate::harness::fleetlock::FleetLockServer::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
+    let id = node.machine_id();
     node.write_config(&format!("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"{}\"\n", srv.url));
     reboot_flag(&node);
     let _ = apply(&node);
@@ -300,7 +296,7 @@ fn reboot_command_releases_only_after_a_converge_in_this_boot() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
+    let id = node.machine_id();
     node.write_config(&etcd_config(&etcd, "", ""));
     reboot_flag(&node);
     let _ = apply(&node);

@@ -166,6 +166,23 @@ impl Etcd {
         EtcdLock::with_tls(&self.endpoints(), "com.coreos.airlock", group, &tls).unwrap()
     }
 
+    /// The holders of `group`'s semaphore (none when it does not exist yet).
+    pub fn holders(&self, group: &str) -> Vec<String> {
+        self.lock(group).get().unwrap().map(|(s, _)| s.holders).unwrap_or_default()
+    }
+
+    /// `etcdctl` (API v3) against every member; its standard output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoints().join(","))
+            .args(args)
+            .output()
+            .expect("etcdctl (apt etcd-client)");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.tls.as_ref()
     }

@@ -202,6 +202,11 @@ impl Node {
         serde_json::from_slice(&std::fs::read(self.merged.join("var/lib/bootstrap/last-run.json")).unwrap()).unwrap()
     }
 
+    /// The node's machine id (every node has its own).
+    pub fn machine_id(&self) -> String {
+        std::fs::read_to_string(self.merged.join("etc/machine-id")).unwrap().trim().to_string()
+    }
+
     pub fn main_pid(&self, unit: &str) -> String {
         self.sh(&format!("systemctl show -p MainPID --value {unit}")).stdout.trim().to_string()
     }
