@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 pub struct Dockerd {
     child: Option<Child>,
-    netns: String,
+    pub netns: String,
     pub socket: PathBuf,
     dir: tempfile::TempDir,
 }

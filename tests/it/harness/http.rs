@@ -2,8 +2,10 @@
 //! on: an accept loop with a thread per connection, the request line, headers and a
 //! `Content-Length` body parsed here, and a handler closure that answers each request with a
 //! status, headers and a body (or never answers at all). Connections are kept alive unless the
-//! answer says `Connection: close`. Dropping the server stops it: no new connection is
-//! accepted, and an open one is closed before its next answer.
+//! answer says `Connection: close`; a `HEAD` gets the headers of its answer without the body;
+//! a client that opens with a TLS handshake is hung up on (so one that tries https first falls
+//! back to http). Dropping the server stops it: no new connection is accepted, and an open one
+//! is closed before its next answer.
 
 #![allow(dead_code)]
 
@@ -104,6 +106,20 @@ impl HttpServer {
     }
 }
 
+/// A listener on `addr` in another network namespace (`/proc/PID/ns/net` of a node's PID 1,
+/// `/run/netns/NAME`): bound from a thread that joined that namespace, so it accepts there.
+pub fn bind_in_netns(ns: &str, addr: &str) -> TcpListener {
+    let (ns, addr) = (ns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{ns}: {e}"));
+        // setns on this thread only.
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        TcpListener::bind(&addr).unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"))
+    })
+    .join()
+    .unwrap()
+}
+
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -125,6 +141,11 @@ impl Drop for HttpServer {
 /// closes it, or the server stops.
 fn connection(conn: TcpStream, handler: &Handler, stop: &AtomicBool) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    // A TLS ClientHello (record type 22) where a request line should be: hang up.
+    let mut first = [0u8; 1];
+    if conn.peek(&mut first).unwrap_or(0) == 1 && first[0] == 0x16 {
+        return;
+    }
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
     loop {
@@ -142,7 +163,8 @@ fn connection(conn: TcpStream, handler: &Handler, stop: &AtomicBool) {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n", resp.body.len()));
-        if conn.write_all(head.as_bytes()).is_err() || conn.write_all(&resp.body).is_err() || resp.closes() {
+        let body: &[u8] = if req.method == "HEAD" { b"" } else { &resp.body };
+        if conn.write_all(head.as_bytes()).is_err() || conn.write_all(body).is_err() || resp.closes() {
             return;
         }
     }

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use super::http::{HttpServer, Request, Response};
+use super::http::{bind_in_netns, HttpServer, Request, Response};
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -75,14 +75,7 @@ impl ImdsServer {
     /// Serve on 169.254.169.254:80 inside the network namespace of process `pid` (a node's
     /// PID 1). The address must already be on the node's `lo`.
     pub fn start_in_netns(pid: i32, state: State) -> ImdsServer {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
-            // setns on this thread only: the listener belongs to the node's namespace.
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            tx.send(TcpListener::bind("169.254.169.254:80").unwrap()).unwrap();
-        });
-        let listener = rx.recv().unwrap();
+        let listener = bind_in_netns(&format!("/proc/{pid}/ns/net"), "169.254.169.254:80");
         Self::serve(listener, state, "http://169.254.169.254".into())
     }
 
