@@ -1,6 +1,6 @@
 //! Bundle tarballs: reproducible builds, hostile tarballs, integrity checks, the cache.
 
-use crate::support::*;
+use crate::harness::support::*;
 use std::path::Path;
 
 fn build(dir: &Path, out: &Path, extra: &[&str]) -> Run {
@@ -82,9 +82,7 @@ fn hostile_and_unverified_bundles_are_rejected_and_current_stays() {
     std::fs::write(&other_sk, other.sk.to_box(None).unwrap().to_string()).unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let cfg = root.path().join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    let write_cfg = |extra: &str| std::fs::write(&cfg, format!("[bundle]\nmax_bytes = 1048576\n{extra}")).unwrap();
+    let write_cfg = |extra: &str| write_config(root.path(), &format!("[bundle]\nmax_bytes = 1048576\n{extra}"));
     write_cfg(&format!("public_key = \"{pk_line}\"\n"));
 
     let work = tempfile::tempdir().unwrap();
@@ -376,9 +374,7 @@ fn signatures_bind_bundle_name_and_build_time() {
     std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
     let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
     let root = tempfile::tempdir().unwrap();
-    let cfg = root.path().join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    std::fs::write(&cfg, format!("[bundle]\npublic_key = \"{pk}\"\n")).unwrap();
+    write_config(root.path(), &format!("[bundle]\npublic_key = \"{pk}\"\n"));
     let serve = tempfile::tempdir().unwrap();
     let served = serve.path().join("roles-production.tar.gz");
     let apply = || run_role("apply", root.path(), Path::new(&format!("file://{}", served.display())), "haproxy", &[]);

@@ -1,9 +1,8 @@
 //! `http(s)://` bundles against a small HTTP server that honours ETag / If-None-Match:
 //! conditional GET, 503 → last-good, 403 → failure.
 
-use crate::support::*;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use crate::harness::http::{HttpServer, Response};
+use crate::harness::support::*;
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
@@ -18,61 +17,29 @@ struct Served {
     log: Vec<(Option<String>, u16)>,
 }
 
-fn serve(state: Arc<Mutex<Served>>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            let st = state.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut conn = conn;
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut inm = None;
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':') {
-                        if k.eq_ignore_ascii_case("if-none-match") {
-                            inm = Some(v.trim().to_string());
-                        }
-                    }
-                }
-                let mut s = st.lock().unwrap();
-                let path_ok = line.contains(" /b.tar.gz ");
-                let sig = line.contains(" /b.tar.gz.minisig ");
-                let status = match (s.force, path_ok, &inm) {
-                    (Some(f), _, _) => f,
-                    (None, false, _) if sig && s.sig.is_some() => 200,
-                    (None, false, _) => 404,
-                    (None, true, Some(t)) if *t == s.etag => 304,
-                    _ => 200,
-                };
-                if !sig {
-                    s.log.push((inm, status));
-                }
-                let body: Vec<u8> = match status {
-                    200 if sig => s.sig.clone().unwrap_or_default(),
-                    200 => s.body.clone(),
-                    _ => vec![],
-                };
-                let body = &body[..];
-                let head = format!(
-                    "HTTP/1.1 {status} X\r\nETag: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    s.etag,
-                    body.len()
-                );
-                let _ = conn.write_all(head.as_bytes());
-                let _ = conn.write_all(body);
-            });
+fn serve(state: Arc<Mutex<Served>>) -> HttpServer {
+    HttpServer::start(move |req| {
+        let inm = req.header("if-none-match").map(str::to_string);
+        let mut s = state.lock().unwrap();
+        let path_ok = req.path == "/b.tar.gz";
+        let sig = req.path == "/b.tar.gz.minisig";
+        let status = match (s.force, path_ok, &inm) {
+            (Some(f), _, _) => f,
+            (None, false, _) if sig && s.sig.is_some() => 200,
+            (None, false, _) => 404,
+            (None, true, Some(t)) if *t == s.etag => 304,
+            _ => 200,
+        };
+        if !sig {
+            s.log.push((inm, status));
         }
-    });
-    url
+        let body: Vec<u8> = match status {
+            200 if sig => s.sig.clone().unwrap_or_default(),
+            200 => s.body.clone(),
+            _ => vec![],
+        };
+        Some(Response::new(status, &body[..]).header("ETag", s.etag.clone()).header("Connection", "close"))
+    })
 }
 
 #[test]
@@ -85,7 +52,8 @@ fn http_bundle_conditional_get_last_good_and_refusal() {
         etag: "\"v1\"".into(),
         ..Default::default()
     }));
-    let url = format!("{}/b.tar.gz", serve(st.clone()));
+    let server = serve(st.clone());
+    let url = format!("{}/b.tar.gz", server.url);
     let root = tempfile::tempdir().unwrap();
     let apply = |extra: &[&str]| {
         let mut a = vec!["apply", "--root", root.path().to_str().unwrap(), "--source", url.as_str(), "--role", "haproxy"];
@@ -130,7 +98,8 @@ fn http_304_without_if_none_match_is_an_error_not_a_panic() {
         force: Some(304),
         ..Default::default()
     }));
-    let url = format!("{}/b.tar.gz", serve(st.clone()));
+    let server = serve(st.clone());
+    let url = format!("{}/b.tar.gz", server.url);
     let root = tempfile::tempdir().unwrap();
     let r = agent(&["apply", "--root", root.path().to_str().unwrap(), "--source", url.as_str(), "--role", "haproxy"]);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -159,10 +128,9 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
         etag: "\"v1\"".into(),
         ..Default::default()
     }));
-    let url = format!("{}/b.tar.gz", serve(st.clone()));
+    let server = serve(st.clone());
+    let url = format!("{}/b.tar.gz", server.url);
     let root = tempfile::tempdir().unwrap();
-    let cfg = root.path().join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
     let apply = || agent(&["apply", "--root", root.path().to_str().unwrap(), "--source", url.as_str(), "--role", "haproxy"]);
     let r = apply();
     assert_eq!(r.code, 0, "{}", r.all());
@@ -170,7 +138,7 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
 
     // A pin added since: the unchanged (304) bundle is not the pinned one.
     let zeros = "0".repeat(64);
-    std::fs::write(&cfg, format!("[bundle]\nsha256 = \"{zeros}\"\n")).unwrap();
+    write_config(root.path(), &format!("[bundle]\nsha256 = \"{zeros}\"\n"));
     let mut failures = Vec::new();
     let mut expect_fail = |what: &str, want: &str| {
         let r = apply();
@@ -188,7 +156,7 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
     let sk = out.path().join("k.key");
     std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
     let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
-    std::fs::write(&cfg, format!("[bundle]\npublic_key = \"{pk}\"\n")).unwrap();
+    write_config(root.path(), &format!("[bundle]\npublic_key = \"{pk}\"\n"));
     expect_fail("last-good with a new key", "signature");
     st.lock().unwrap().force = None;
     expect_fail("304 with a new key and no signature served", "has no signature");
@@ -218,7 +186,7 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(report(root.path())["bundle"]["origin"], "last-good");
     // And the pin, when it is the right one.
-    std::fs::write(&cfg, format!("[bundle]\npublic_key = \"{pk}\"\nsha256 = \"{sha}\"\n")).unwrap();
+    write_config(root.path(), &format!("[bundle]\npublic_key = \"{pk}\"\nsha256 = \"{sha}\"\n"));
     st.lock().unwrap().force = None;
     let r = apply();
     assert_eq!(r.code, 0, "{}", r.all());
@@ -260,10 +228,10 @@ fn last_good_fallback_is_not_refused_as_a_rollback() {
         etag: "\"v1\"".into(),
         ..Default::default()
     }));
-    let url = format!("{}/b.tar.gz", serve(st.clone()));
+    let server = serve(st.clone());
+    let url = format!("{}/b.tar.gz", server.url);
     let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
-    std::fs::write(root.path().join("etc/bootstrap/config.toml"), format!("[bundle]\npublic_key = \"{pk}\"\n")).unwrap();
+    write_config(root.path(), &format!("[bundle]\npublic_key = \"{pk}\"\n"));
     let apply = || agent(&["apply", "--root", root.path().to_str().unwrap(), "--source", url.as_str(), "--role", "haproxy"]);
     assert_eq!(apply().code, 0);
     let good = std::fs::read_link(root.path().join("var/lib/bootstrap/bundles/last-good")).unwrap();

@@ -1,8 +1,8 @@
 //! `--root` contains every write, and a symlink in a directory not owned by root is not
 //! followed on the live system (issue: trust, finding 2).
 
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 /// An image root whose `/var/run` is the absolute link `/run` (every Debian image has one):
 /// the steps write into the image's `/run`, never into the host's.

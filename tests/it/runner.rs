@@ -1,8 +1,8 @@
 //! The runner on a booted node: a command that times out leaves no process behind, and the
 //! run returns within its timeout plus a second (issue 14, finding 5).
 
-use crate::node::Node;
-use crate::support::bundle;
+use crate::harness::node::Node;
+use crate::harness::support::bundle;
 
 /// `exec` steps with a 1 s timeout: the issue's `sh -c 'sleep 100 &'` (the shell exits at
 /// once, the sleep holds its output), and a setsid daemon beside a main process that runs on.
