@@ -2,6 +2,7 @@
 //! engine's socket bound in.
 
 use crate::harness::docker::Dockerd;
+use crate::harness::http::{HttpServer, Response};
 use crate::harness::node::Node;
 use crate::harness::support::*;
 
@@ -116,10 +117,11 @@ fn engine_not_running_fails_the_step_naming_the_socket() {
 
 /// A minimal registry (distribution API v2, plain HTTP) serving one image by digest only,
 /// inside dockerd's network namespace (dockerd treats 127.0.0.0/8 as an insecure registry).
-/// Returns its port, the manifest digest, and the log of requests ("GET /v2/...").
-fn registry(netns: &str, repo: &str) -> (u16, String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// Returns the server (it stops when dropped), its port, the manifest digest, and the log of
+/// requests ("GET /v2/...").
+fn registry(netns: &str, repo: &str) -> (HttpServer, u16, String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use sha2::Digest;
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::Write;
     let sha = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
     // One layer with one file; the container is created, never started.
     let mut tar = tar::Builder::new(Vec::new());
@@ -154,54 +156,28 @@ fn registry(netns: &str, repo: &str) -> (u16, String, std::sync::Arc<std::sync::
     );
     blobs.insert("/v2/".to_string(), (b"{}".to_vec(), "application/json"));
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (ns, log2, digest2) = (format!("/run/netns/{netns}"), log.clone(), digest.clone());
-    std::thread::spawn(move || {
-        nix::sched::setns(std::fs::File::open(&ns).unwrap(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        tx.send(l.local_addr().unwrap().port()).unwrap();
-        for conn in l.incoming().flatten() {
-            let mut first = [0u8; 1];
-            // A TLS hello first (dockerd tries https): close, it falls back to http.
-            if conn.peek(&mut first).unwrap_or(0) == 0 || first[0] == 0x16 {
-                continue;
-            }
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                    break;
-                }
-            }
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-            log2.lock().unwrap().push(format!("{method} {path}"));
-            let mut conn = conn;
-            let head = |status: &str, len: usize, ctype: &str| {
-                format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {len}\r\nContent-Type: {ctype}\r\nDocker-Distribution-API-Version: registry/2.0\r\nDocker-Content-Digest: {digest2}\r\nConnection: close\r\n\r\n"
-                )
-            };
-            match blobs.get(&path) {
-                Some((body, ctype)) => {
-                    let _ = conn.write_all(head("200 OK", body.len(), ctype).as_bytes());
-                    if method != "HEAD" {
-                        let _ = conn.write_all(body);
-                    }
-                }
-                None => {
-                    let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
-                    let _ = conn.write_all(head("404 Not Found", body.len(), "application/json").as_bytes());
-                    let _ = conn.write_all(body);
-                }
-            }
-            let _ = conn.flush();
-            let _ = conn.read(&mut [0u8; 1]);
-        }
+    let listener = crate::harness::http::bind_in_netns(&format!("/run/netns/{netns}"), "127.0.0.1:0");
+    let port = listener.local_addr().unwrap().port();
+    let (log2, digest2) = (log.clone(), digest.clone());
+    let server = HttpServer::serve(listener, format!("http://127.0.0.1:{port}"), move |req| {
+        log2.lock().unwrap().push(format!("{} {}", req.method, req.path));
+        let (status, body, ctype): (u16, &[u8], &str) = match blobs.get(&req.path) {
+            Some((body, ctype)) => (200, body, ctype),
+            None => (
+                404,
+                br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+                "application/json",
+            ),
+        };
+        Some(
+            Response::new(status, body)
+                .header("Content-Type", ctype)
+                .header("Docker-Distribution-API-Version", "registry/2.0")
+                .header("Docker-Content-Digest", digest2.clone())
+                .header("Connection", "close"),
+        )
     });
-    (rx.recv().unwrap(), digest, log)
+    (server, port, digest, log)
 }
 
 /// Finding 11: `image@sha256:…` pulls that digest (not `:latest`), the container is created
@@ -210,7 +186,7 @@ fn registry(netns: &str, repo: &str) -> (u16, String, std::sync::Arc<std::sync::
 #[test]
 fn digest_pinned_image_is_pulled_and_compared_by_digest() {
     let d = Dockerd::start();
-    let (port, digest, log) = registry(&d.netns, "bt/app");
+    let (_registry, port, digest, log) = registry(&d.netns, "bt/app");
     let image = format!("127.0.0.1:{port}/bt/app@{digest}");
     let role = |pull: &str| {
         format!("schema = 1\n[[step]]\nkind = \"container\"\nname = \"pinned\"\nimage = \"{image}\"\npull = \"{pull}\"\nstate = \"stopped\"\ncommand = [\"/hello\"]\n")
