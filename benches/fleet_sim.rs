@@ -12,7 +12,7 @@
 //! Run: `benches/fleet-sim` (the six scenarios, then 1000/50 with arrivals over 5 s)
 //! or `benches/fleet-sim NODES SLOTS [faults] [--arrivals SECONDS]`.
 
-#[path = "../tests/it/etcd.rs"]
+#[path = "../tests/it/harness/etcd.rs"]
 #[allow(dead_code, unused_imports)]
 mod etcd_harness;
 

@@ -3,10 +3,12 @@
 //! namespace it is started in (`nsenter -t NODE_PID -n`), with `--user-data FILE`.
 //! Test code, not part of the agent: it is never packaged.
 
-#[path = "../tests/it/imds_server.rs"]
-mod imds_server;
+#[path = "../tests/it/harness/http.rs"]
+mod http;
+#[path = "../tests/it/harness/imds.rs"]
+mod imds;
 
-use imds_server::ImdsServer;
+use imds::ImdsServer;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

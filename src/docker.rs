@@ -67,21 +67,7 @@ impl Docker {
         let mut raw = Vec::new();
         s.read_to_end(&mut raw)
             .with_context(|| format!("reading Docker's answer to {method} {path} from {}", self.socket.display()))?;
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| anyhow!("Docker's answer to {method} {path} has no header end"))?;
-        let headers = String::from_utf8_lossy(&raw[..split]).to_string();
-        let status: u16 = headers
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("Docker's answer to {method} {path}: bad status line"))?;
-        let mut body = raw[split + 4..].to_vec();
-        if headers.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked") {
-            body = dechunk(&body)?;
-        }
-        Ok(Response { status, body })
+        parse_response(&raw).with_context(|| format!("Docker's answer to {method} {path}"))
     }
 
     /// GET a JSON document; None on 404.
@@ -94,9 +80,10 @@ impl Docker {
         }
     }
 
-    /// Pull `image` (`name[:tag]`); the progress stream's first error fails the pull.
+    /// Pull `image` (`name[:tag]` or `name@sha256:…`, exactly that manifest); the progress
+    /// stream's first error fails the pull.
     pub fn pull(&self, image: &str) -> Result<()> {
-        let (name, tag) = split_image(image);
+        let (name, tag) = pull_params(image);
         let r = self.request("POST", &format!("/images/create?fromImage={}&tag={}", enc(name), enc(tag)), None, PULL_TIMEOUT)?;
         if r.status != 200 {
             bail!("pulling image {image}: HTTP {}: {}", r.status, r.message());
@@ -110,15 +97,48 @@ impl Docker {
     }
 }
 
-/// `repo/name:tag` → (`repo/name`, `tag`); a digest (`@sha256:…`) or no tag pulls `latest`.
-pub fn split_image(image: &str) -> (&str, &str) {
-    if let Some((n, _)) = image.split_once('@') {
-        return (n, "latest");
+/// An image reference `[registry[:port]/]path[:tag][@algo:hex]`, split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageRef<'a> {
+    pub name: &'a str,
+    pub tag: Option<&'a str>,
+    /// `sha256:…`: the manifest digest the reference is pinned to.
+    pub digest: Option<&'a str>,
+}
+
+pub fn parse_ref(image: &str) -> ImageRef<'_> {
+    let (rest, digest) = match image.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (image, None),
+    };
+    let (name, tag) = match rest.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, Some(t)),
+        _ => (rest, None),
+    };
+    ImageRef { name, tag, digest }
+}
+
+/// The Engine API's `fromImage` and `tag` for a pull: a digest pulls that manifest (the tag
+/// beside it is ignored, as docker does), else the tag, else `latest`.
+pub fn pull_params(image: &str) -> (&str, &str) {
+    let r = parse_ref(image);
+    (r.name, r.digest.or(r.tag).unwrap_or("latest"))
+}
+
+/// Split a raw HTTP/1.0 answer (status line, headers, body until EOF; chunked or not).
+pub fn parse_response(raw: &[u8]) -> Result<Response> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("no header end"))?;
+    let headers = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line"))?;
+    let mut body = raw[split + 4..].to_vec();
+    if headers.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked") {
+        body = dechunk(&body)?;
     }
-    match image.rsplit_once(':') {
-        Some((n, t)) if !t.contains('/') => (n, t),
-        _ => (image, "latest"),
-    }
+    Ok(Response { status, body })
 }
 
 /// Percent-encode a query value.
@@ -155,11 +175,28 @@ mod tests {
 
     #[test]
     fn image_names_and_chunks() {
-        assert_eq!(split_image("haproxy:2.6"), ("haproxy", "2.6"));
-        assert_eq!(split_image("registry:5000/team/app"), ("registry:5000/team/app", "latest"));
-        assert_eq!(split_image("registry:5000/team/app:v1"), ("registry:5000/team/app", "v1"));
-        assert_eq!(split_image("app@sha256:abc"), ("app", "latest"));
+        assert_eq!(pull_params("haproxy:2.6"), ("haproxy", "2.6"));
+        assert_eq!(pull_params("haproxy"), ("haproxy", "latest"));
+        assert_eq!(pull_params("registry:5000/team/app"), ("registry:5000/team/app", "latest"));
+        assert_eq!(pull_params("registry:5000/team/app:v1"), ("registry:5000/team/app", "v1"));
         assert_eq!(enc("a/b:c"), "a%2Fb%3Ac");
         assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+    }
+
+    /// Finding 11: a digest-pinned reference pulls that digest, never `latest`.
+    #[test]
+    fn digest_references_pull_by_digest() {
+        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(pull_params(&format!("app@{d}")), ("app", d));
+        assert_eq!(pull_params(&format!("registry:5000/team/app@{d}")), ("registry:5000/team/app", d));
+        assert_eq!(pull_params(&format!("registry:5000/team/app:v1@{d}")), ("registry:5000/team/app", d));
+        assert_eq!(
+            parse_ref(&format!("registry:5000/team/app:v1@{d}")),
+            ImageRef {
+                name: "registry:5000/team/app",
+                tag: Some("v1"),
+                digest: Some(d)
+            }
+        );
     }
 }

@@ -214,7 +214,14 @@ pub fn run(cmd: &Cmd) -> Result<Output> {
             }
             None => deadline - now,
         };
-        w.poll(wait).with_context(|| format!("reading the output of {prog:?}"))?;
+        if let Err(e) = w.poll(wait) {
+            // Nothing of the command outlives the run, not even on this path.
+            let t = Instant::now();
+            while sweep(keeper) > 0 && t.elapsed() < KILL_GRACE {
+                std::thread::sleep(KILL_SWEEP);
+            }
+            return Err(e).with_context(|| format!("reading the output of {prog:?}"));
+        }
     }
     if killed > 0 && !timed_out {
         tracing::warn!("{prog} exited but left processes running; they were killed (a long-running process belongs in a unit)");

@@ -1,31 +1,23 @@
-//! The one integration-test binary (one link of the dependencies); a module per area.
+//! The one integration-test binary (one link of the dependencies): the harness, then a module
+//! per area, named by what it tests.
 
-#[path = "it/support.rs"]
-mod support;
+#[path = "it/harness/mod.rs"]
+mod harness;
 
-#[path = "it/node.rs"]
-mod node;
+#[path = "it/apply_in_a_root.rs"]
+mod apply_in_a_root;
 
-#[path = "it/moto.rs"]
-mod moto;
-
-#[path = "it/skeleton.rs"]
-mod skeleton;
-
-#[path = "it/node_e2e.rs"]
-mod node_e2e;
+#[path = "it/steps_on_a_node.rs"]
+mod steps_on_a_node;
 
 #[path = "it/bundles.rs"]
 mod bundles;
 
-#[path = "it/imds_server.rs"]
-mod imds_server;
-
 #[path = "it/facts.rs"]
 mod facts;
 
-#[path = "it/init_e2e.rs"]
-mod init_e2e;
+#[path = "it/init_on_a_node.rs"]
+mod init_on_a_node;
 
 #[path = "it/s3.rs"]
 mod s3;
@@ -33,29 +25,29 @@ mod s3;
 #[path = "it/http_bundle.rs"]
 mod http_bundle;
 
-#[path = "it/etcd.rs"]
-mod etcd;
+#[path = "it/etcd_lock.rs"]
+mod etcd_lock;
 
-#[path = "it/reboot_e2e.rs"]
-mod reboot_e2e;
+#[path = "it/reboot_rollouts.rs"]
+mod reboot_rollouts;
 
-#[path = "it/reboot_trust.rs"]
-mod reboot_trust;
-
-#[path = "it/fleetlock_server.rs"]
-mod fleetlock_server;
+#[path = "it/reboot_safety.rs"]
+mod reboot_safety;
 
 #[path = "it/docker.rs"]
 mod docker;
 
-#[path = "it/kube.rs"]
-mod kube;
+#[path = "it/kubeadm_join.rs"]
+mod kubeadm_join;
 
-#[path = "it/ship.rs"]
-mod ship;
+#[path = "it/packaging.rs"]
+mod packaging;
 
 #[path = "it/root_paths.rs"]
 mod root_paths;
 
 #[path = "it/secrets.rs"]
 mod secrets;
+
+#[path = "it/runner.rs"]
+mod runner;

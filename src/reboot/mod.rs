@@ -6,9 +6,9 @@
 pub mod decide;
 pub mod etcd;
 pub mod fleetlock;
+pub mod lock;
 pub mod settings;
 pub mod window;
-pub mod lock;
 
 pub use settings::Settings;
 

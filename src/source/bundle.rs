@@ -4,7 +4,7 @@
 use crate::error::ConfigError;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -40,6 +40,12 @@ pub enum BundleError {
     BadSignature(String),
     #[error("a minisign public key is configured but the bundle has no signature ({0})")]
     MissingSignature(String),
+    #[error("the signature is for bundle {signed:?}, not {expected:?} (a bundle of another environment?)")]
+    WrongBundle { expected: String, signed: String },
+    #[error("rollback refused: the signature says bundle {name:?} was built at {built}, older than the build of {newest} applied here before")]
+    Rollback { name: String, built: u64, newest: u64 },
+    #[error("the signature of bundle {name:?} names no build time, but a signed build of {newest} was applied here before (rollback protection; rebuild with this agent's `bundle build --sign`)")]
+    Unbound { name: String, newest: u64 },
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -98,8 +104,14 @@ pub fn build(dir: &Path) -> Result<Vec<u8>> {
 }
 
 /// Sign with a minisign secret key file (unencrypted, or with the password in
-/// `BOOTSTRAP_SIGN_PASSWORD`). The trusted comment names the sha256, so it is reproducible too.
-pub fn sign(bytes: &[u8], secret_key: &Path) -> Result<String> {
+/// `BOOTSTRAP_SIGN_PASSWORD`). The trusted comment (covered by the signature) binds the sha256,
+/// the bundle's name (`roles-production`, what the agent expects from its source's file name)
+/// and the build time in unix seconds, for rollback protection:
+/// `bundle sha256:<hex> name:<name> built:<secs>`.
+pub fn sign(bytes: &[u8], secret_key: &Path, name: &str, built: u64) -> Result<String> {
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == ':') {
+        bail!("bundle name {name:?}: no spaces or colons");
+    }
     let password = std::env::var("BOOTSTRAP_SIGN_PASSWORD").ok();
     let text = fs::read_to_string(secret_key).with_context(|| format!("reading secret key {}", secret_key.display()))?;
     let sk_box = minisign::SecretKeyBox::from_string(&text).map_err(|e| anyhow::anyhow!("{}: {e}", secret_key.display()))?;
@@ -108,14 +120,14 @@ pub fn sign(bytes: &[u8], secret_key: &Path) -> Result<String> {
         None => sk_box.into_unencrypted_secret_key(),
     }
     .map_err(|e| anyhow::anyhow!("{}: {e} (an encrypted key needs BOOTSTRAP_SIGN_PASSWORD)", secret_key.display()))?;
-    let comment = format!("bundle sha256:{}", sha256_hex(bytes));
+    let comment = format!("bundle sha256:{} name:{name} built:{built}", sha256_hex(bytes));
     let sig = minisign::sign(None, &sk, bytes, Some(&comment), Some("signature from bootstrap bundle build")).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
     Ok(sig.to_string())
 }
 
 /// Check a detached minisign signature against a public key (the key's base64 line or the
-/// whole `minisign.pub` text).
-pub fn verify_signature(bytes: &[u8], signature: &str, public_key: &str) -> Result<(), BundleError> {
+/// whole `minisign.pub` text); returns the (verified) trusted comment.
+pub fn verify_signature(bytes: &[u8], signature: &str, public_key: &str) -> Result<String, BundleError> {
     let pk = public_key
         .lines()
         .map(str::trim)
@@ -123,7 +135,34 @@ pub fn verify_signature(bytes: &[u8], signature: &str, public_key: &str) -> Resu
         .unwrap_or_default();
     let pk = minisign_verify::PublicKey::from_base64(pk).map_err(|e| BundleError::BadSignature(format!("public key: {e}")))?;
     let sig = minisign_verify::Signature::decode(signature).map_err(|e| BundleError::BadSignature(format!("signature: {e}")))?;
-    pk.verify(bytes, &sig, false).map_err(|e| BundleError::BadSignature(e.to_string()))
+    pk.verify(bytes, &sig, false).map_err(|e| BundleError::BadSignature(e.to_string()))?;
+    Ok(sig.trusted_comment().to_string())
+}
+
+/// Read a verified trusted comment. `bundle sha256:<hex>` alone is what older agents signed:
+/// accepted (no name, no build time) until a bound signature of that bundle was applied. A
+/// comment of another form (a plain `minisign -S` one) is accepted the same way; a `sha256:`
+/// that is not this bundle's is refused.
+pub fn parse_trusted_comment(comment: &str, sha: &str) -> Result<crate::source::Signed, BundleError> {
+    let mut out = crate::source::Signed::default();
+    for word in comment.split_whitespace() {
+        match word.split_once(':') {
+            Some(("sha256", v)) if !v.eq_ignore_ascii_case(sha) => {
+                return Err(BundleError::BadSignature(format!(
+                    "the trusted comment names sha256 {v}, not this bundle's {sha}"
+                )))
+            }
+            Some(("name", v)) => out.name = Some(v.to_string()),
+            Some(("built", v)) => {
+                out.built = Some(
+                    v.parse()
+                        .map_err(|_| BundleError::BadSignature(format!("trusted comment: bad build time {v:?}")))?,
+                )
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 fn entry_path(raw: &Path) -> Result<PathBuf, String> {
@@ -142,23 +181,45 @@ fn entry_path(raw: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// Where a link target (relative to the link's directory) lands; None if it leaves the bundle.
-fn resolve_inside(link: &Path, target: &Path) -> Option<PathBuf> {
+/// Where a link target (relative to the link's directory) lands, resolved the way the kernel
+/// will: refused when it leaves the bundle, or when any component of it is itself a symlink of
+/// the bundle (`s -> .` would make `s/../x` point one level higher than it reads), so a
+/// textual resolution is the physical one.
+fn resolve_inside(link: &Path, target: &Path, links: &BTreeMap<PathBuf, PathBuf>) -> Result<PathBuf, String> {
     if target.is_absolute() {
-        return None;
+        return Err(format!("symlink to {} leaves the bundle", target.display()));
     }
     let mut parts: Vec<_> = link.parent().map(|p| p.components().collect()).unwrap_or_default();
     for c in target.components() {
         match c {
-            Component::Normal(_) => parts.push(c),
+            Component::Normal(_) => {
+                parts.push(c);
+                let so_far: PathBuf = parts.iter().collect();
+                if links.contains_key(&so_far) {
+                    return Err(format!("symlink to {} goes through another symlink ({})", target.display(), so_far.display()));
+                }
+            }
             Component::CurDir => {}
             Component::ParentDir => {
-                parts.pop()?;
+                if parts.pop().is_none() {
+                    return Err(format!("symlink to {} leaves the bundle", target.display()));
+                }
             }
-            _ => return None,
+            _ => return Err(format!("symlink to {} leaves the bundle", target.display())),
         }
     }
-    Some(parts.iter().collect())
+    Ok(parts.iter().collect())
+}
+
+/// fsync every directory under `dir` (not following links), deepest first, then `dir`.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        }
+    }
+    crate::fsutil::fsync_dir(dir)
 }
 
 /// Unpack a `.tar.gz` into `dest` (which must not exist), refusing absolute paths, `..`,
@@ -178,7 +239,7 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
     let gz = flate2::read::GzDecoder::new(bytes).take(limits.max_bytes.saturating_mul(2) + 1024 * 1024);
     let mut archive = tar::Archive::new(gz);
     let mut total: u64 = 0;
-    let mut links: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut links: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
     let mut files: BTreeSet<PathBuf> = BTreeSet::new();
     for (n, entry) in archive.entries().context("reading bundle tarball")?.enumerate() {
         if n >= limits.max_entries {
@@ -191,7 +252,7 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
             why: why.to_string(),
         };
         let rel = entry_path(&raw).map_err(|w| reject(&w))?;
-        if rel.ancestors().skip(1).any(|a| links.contains(a)) {
+        if rel.ancestors().skip(1).any(|a| links.contains_key(a)) {
             return Err(reject("path goes through a symlink").into());
         }
         let out = dest.join(&rel);
@@ -222,18 +283,19 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
                 }
                 f.set_permissions(fs::Permissions::from_mode(mode))?;
                 f.flush()?;
+                // On disk before the rename publishes the bundle: a power cut must not leave
+                // a truncated file in a bundle that looks complete.
+                f.sync_all().with_context(|| format!("fsync {}", out.display()))?;
                 files.insert(rel);
             }
             tar::EntryType::Symlink => {
                 let target = entry.link_name()?.context("symlink without target")?.into_owned();
-                if resolve_inside(&rel, &target).is_none() {
-                    return Err(reject(&format!("symlink to {} leaves the bundle", target.display())).into());
-                }
+                resolve_inside(&rel, &target, &links).map_err(|w| reject(&w))?;
                 if let Some(p) = out.parent() {
                     fs::create_dir_all(p)?;
                 }
                 std::os::unix::fs::symlink(&target, &out)?;
-                links.insert(rel);
+                links.insert(rel, target);
             }
             tar::EntryType::Link => {
                 let target = entry.link_name()?.context("hard link without target")?.into_owned();
@@ -255,10 +317,18 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
             }
         }
     }
+    // Links checked again with every link of the bundle known: one unpacked later can
+    // change where an earlier one points.
+    for (rel, target) in &links {
+        resolve_inside(rel, target, &links).map_err(|why| BundleError::Entry {
+            entry: rel.display().to_string(),
+            why,
+        })?;
+    }
     if !dest.join("roles").is_dir() {
         bail!("bundle has no roles/ directory");
     }
-    Ok(())
+    sync_tree(dest)
 }
 
 /// `validate` and `plan` on a tarball: unpack into a temp dir that lives as long as the value.
@@ -282,7 +352,14 @@ pub fn build_to_files(dir: &Path, out: &Path, secret_key: Option<&Path>) -> Resu
     crate::fsutil::atomic_write(&dir_out.join(&name), &bytes, 0o644, None)?;
     crate::fsutil::atomic_write(&dir_out.join(format!("{name}.sha256")), format!("{sha}  {name}\n").as_bytes(), 0o644, None)?;
     if let Some(sk) = secret_key {
-        let sig = sign(&bytes, sk)?;
+        // The name the agent expects from its source (`roles-production.tar.gz`), and the
+        // build time: SOURCE_DATE_EPOCH for a reproducible signature, else now.
+        let bundle_name = crate::source::expected_name(&name);
+        let built = match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(t) => t.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={t:?} is not unix seconds"))?,
+            Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        };
+        let sig = sign(&bytes, sk, &bundle_name, built)?;
         crate::fsutil::atomic_write(&dir_out.join(format!("{name}.minisig")), sig.as_bytes(), 0o644, None)?;
     }
     Ok(sha)
@@ -294,10 +371,14 @@ mod tests {
 
     #[test]
     fn link_targets() {
-        assert_eq!(resolve_inside(Path::new("roles/a/l"), Path::new("f")), Some(PathBuf::from("roles/a/f")));
-        assert_eq!(resolve_inside(Path::new("roles/a/l"), Path::new("../b/f")), Some(PathBuf::from("roles/b/f")));
-        assert_eq!(resolve_inside(Path::new("roles/l"), Path::new("../../x")), None);
-        assert_eq!(resolve_inside(Path::new("roles/l"), Path::new("/etc")), None);
+        let none = BTreeMap::new();
+        assert_eq!(resolve_inside(Path::new("roles/a/l"), Path::new("f"), &none), Ok(PathBuf::from("roles/a/f")));
+        assert_eq!(
+            resolve_inside(Path::new("roles/a/l"), Path::new("../b/f"), &none),
+            Ok(PathBuf::from("roles/b/f"))
+        );
+        assert!(resolve_inside(Path::new("roles/l"), Path::new("../../x"), &none).is_err());
+        assert!(resolve_inside(Path::new("roles/l"), Path::new("/etc"), &none).is_err());
         assert!(entry_path(Path::new("/etc/passwd")).is_err());
         assert!(entry_path(Path::new("roles/../../etc")).is_err());
         assert_eq!(entry_path(Path::new("./roles/x")).unwrap(), PathBuf::from("roles/x"));

@@ -7,7 +7,7 @@ pub mod http;
 pub mod s3;
 
 use crate::error::ConfigError;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bundle::{BundleError, Limits};
 use std::path::{Path, PathBuf};
 
@@ -76,7 +76,26 @@ pub fn resolve_local(source: &str) -> Result<Fetched> {
     fetch(&Source::parse(source)?, Path::new("/"), &Verify::default(), false)
 }
 
-fn check(bytes: &[u8], sig: Option<&str>, sig_name: &str, v: &Verify) -> Result<String, BundleError> {
+/// What a verified signature's trusted comment says about the bundle (see [`bundle::sign`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Signed {
+    /// `name:` in the trusted comment; None for a signature of an older `bundle build`.
+    pub name: Option<String>,
+    /// `built:` (unix seconds) in the trusted comment.
+    pub built: Option<u64>,
+}
+
+/// The bundle name a source stands for: its file name without `.tar.gz` / `.tgz`
+/// (`s3://b/roles-production.tar.gz` → `roles-production`), what `bundle build -o` signs.
+pub fn expected_name(label: &str) -> String {
+    let last = label.rsplit('/').next().unwrap_or(label);
+    let last = last.split(['?', '#']).next().unwrap_or(last);
+    last.strip_suffix(".tar.gz").or_else(|| last.strip_suffix(".tgz")).unwrap_or(last).to_string()
+}
+
+/// Check `bytes` against the pinned sha256 and the public key (with the detached signature
+/// `sig`); a signature must name `name` (when its trusted comment names a bundle at all).
+fn check(bytes: &[u8], sig: Option<&str>, sig_name: &str, name: &str, v: &Verify) -> Result<(String, Option<Signed>), BundleError> {
     let sha = bundle::sha256_hex(bytes);
     if let Some(want) = &v.sha256 {
         if !want.eq_ignore_ascii_case(&sha) {
@@ -86,11 +105,125 @@ fn check(bytes: &[u8], sig: Option<&str>, sig_name: &str, v: &Verify) -> Result<
             });
         }
     }
+    let mut signed = None;
     if let Some(pk) = &v.public_key {
         let sig = sig.ok_or_else(|| BundleError::MissingSignature(sig_name.to_string()))?;
-        bundle::verify_signature(bytes, sig, pk)?;
+        let comment = bundle::verify_signature(bytes, sig, pk)?;
+        let s = bundle::parse_trusted_comment(&comment, &sha)?;
+        if let Some(n) = &s.name {
+            if n != name {
+                return Err(BundleError::WrongBundle {
+                    expected: name.to_string(),
+                    signed: n.clone(),
+                });
+            }
+        }
+        signed = Some(s);
     }
-    Ok(sha)
+    Ok((sha, signed))
+}
+
+/// Rollback protection: the newest build time applied per bundle name, in the cache.
+const APPLIED: &str = ".applied.json";
+
+fn applied(cache: &Path) -> Result<std::collections::BTreeMap<String, u64>> {
+    let p = cache.join(APPLIED);
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is corrupt (remove it to accept any build time)", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Refuse a signed bundle older than the newest one of that name applied here, and a bundle
+/// whose signature names no build time once one that did was applied.
+fn check_rollback(cache: &Path, name: &str, signed: Option<&Signed>) -> Result<()> {
+    let Some(s) = signed else { return Ok(()) };
+    let Some(&newest) = applied(cache)?.get(name) else { return Ok(()) };
+    match s.built {
+        Some(b) if b >= newest => Ok(()),
+        Some(b) => Err(BundleError::Rollback {
+            name: name.to_string(),
+            built: b,
+            newest,
+        }
+        .into()),
+        None => Err(BundleError::Unbound {
+            name: name.to_string(),
+            newest,
+        }
+        .into()),
+    }
+}
+
+fn record_applied(cache: &Path, name: &str, signed: Option<&Signed>) -> Result<()> {
+    let Some(built) = signed.and_then(|s| s.built) else { return Ok(()) };
+    let mut all = applied(cache)?;
+    if all.get(name).is_some_and(|&n| n >= built) {
+        return Ok(());
+    }
+    all.insert(name.to_string(), built);
+    crate::fsutil::atomic_write(&cache.join(APPLIED), &serde_json::to_vec_pretty(&all)?, 0o644, None)
+}
+
+/// The verified tarball and signature kept beside an unpacked bundle, so that a cached bundle
+/// (304, last-good) is checked against the pin and key configured now.
+fn kept_tarball(cache: &Path, sha: &str) -> PathBuf {
+    cache.join(format!("{sha}.tar.gz"))
+}
+fn kept_sig(cache: &Path, sha: &str) -> PathBuf {
+    cache.join(format!("{sha}.tar.gz.minisig"))
+}
+
+/// Check a cached bundle `sha` against the current pin and key, as if it had just been
+/// downloaded. `fetch_sig` brings the source's signature when the kept one is missing or does
+/// not verify (a key rotated since); None when the source is down.
+fn check_cached(
+    cache: &Path,
+    sha: &str,
+    label: &str,
+    name: &str,
+    v: &Verify,
+    fetch_sig: Option<&dyn Fn() -> Result<Option<String>>>,
+) -> Result<Option<Signed>> {
+    if let Some(want) = &v.sha256 {
+        if !want.eq_ignore_ascii_case(sha) {
+            return Err(BundleError::Sha256Mismatch {
+                expected: want.clone(),
+                actual: sha.to_string(),
+            })
+            .with_context(|| format!("cached bundle {sha} of {label}"));
+        }
+    }
+    if v.public_key.is_none() {
+        return Ok(None);
+    }
+    let tarball = kept_tarball(cache, sha);
+    let bytes = std::fs::read(&tarball).with_context(|| {
+        format!(
+            "cached bundle {sha} of {label}: a minisign key is configured but the verified tarball {} is missing, so the cached bundle cannot be checked",
+            tarball.display()
+        )
+    })?;
+    if bundle::sha256_hex(&bytes) != sha {
+        bail!("cached bundle {sha} of {label}: {} does not match its sha256", tarball.display());
+    }
+    let sig_path = kept_sig(cache, sha);
+    let kept = std::fs::read_to_string(&sig_path).ok();
+    let first = check(&bytes, kept.as_deref(), &sig_path.display().to_string(), name, v);
+    let (_, signed) = match (first, fetch_sig) {
+        (Ok(ok), _) => ok,
+        (Err(e), None) => return Err(e).with_context(|| format!("cached bundle {sha} of {label}")),
+        (Err(_), Some(f)) => {
+            let sig = f()?;
+            let ok = check(&bytes, sig.as_deref(), &format!("{label}.minisig"), name, v).with_context(|| format!("bundle {label}"))?;
+            if let Some(s) = &sig {
+                crate::fsutil::atomic_write(&sig_path, s.as_bytes(), 0o644, None)?;
+            }
+            ok
+        }
+    };
+    Ok(signed)
 }
 
 /// What a source handed over.
@@ -116,6 +249,8 @@ fn seen_path(cache: &Path, url: &str) -> PathBuf {
 /// `host_root` and becomes `current`; otherwise (plan, validate) into a temp dir.
 /// Nothing in the cache changes unless the new bundle verified and unpacked completely.
 /// When an S3 source is unavailable (network, 5xx), `last-good` is used (origin `last-good`).
+/// Whatever is applied, fresh, unchanged (304) or last-good, is checked against the pin and
+/// key configured now, and against rollback to an older signed build.
 pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Result<Fetched> {
     let cache = crate::state::StateDir::new(host_root).bundles();
     let (label, download) = match src {
@@ -141,76 +276,19 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
                 },
             )
         }
-        Source::S3 { .. } | Source::Http(_) => {
-            let url = match src {
-                Source::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
-                Source::Http(u) => u.clone(),
-                _ => unreachable!(),
-            };
-            let seen: Option<Seen> = if persist {
-                std::fs::read(seen_path(&cache, &url)).ok().and_then(|b| serde_json::from_slice(&b).ok())
-            } else {
-                None
-            };
-            let seen = seen.filter(|s| cache.join(&s.sha256).join("roles").is_dir());
-            let mut opts = v.s3.clone();
-            opts.max_bytes = v.limits.max_bytes;
-            let etag = seen.as_ref().map(|s| s.etag.as_str());
-            let got = match src {
-                Source::S3 { bucket, key } => s3::get(&opts, bucket, key, etag),
-                _ => http::get(&url, etag, v.limits.max_bytes),
-            };
-            match got {
-                Ok(s3::Got::NotModified) => {
-                    let sha = seen.expect("conditional GET only with a cached bundle").sha256;
-                    point(&cache, "current", &sha)?;
-                    return Ok(Fetched {
-                        root: cache.join(&sha),
-                        sha256: Some(sha),
-                        origin: "cache",
-                        _temp: None,
-                    });
-                }
-                Ok(s3::Got::Body { bytes, etag }) => {
-                    let sig = if v.public_key.is_some() {
-                        let r = match src {
-                            Source::S3 { bucket, key } => s3::get_optional(&opts, bucket, &format!("{key}.minisig")),
-                            _ => http::get_optional(&format!("{url}.minisig")),
-                        };
-                        r.map_err(|e| anyhow::anyhow!("fetching the bundle signature: {e}"))?
-                    } else {
-                        None
-                    };
-                    let sig = sig.map(|b| String::from_utf8_lossy(&b).into_owned());
-                    (
-                        url.clone(),
-                        Download {
-                            bytes,
-                            sig,
-                            sig_name: format!("{url}.minisig"),
-                            etag,
-                        },
-                    )
-                }
-                Err(e) if e.is_transient() && persist => {
-                    let Some(sha) = last_good(host_root) else {
-                        return Err(anyhow::anyhow!("bundle source unavailable and no last-good bundle cached: {e}"));
-                    };
-                    tracing::warn!("bundle source unavailable, applying the last good bundle {sha}: {e}");
-                    point(&cache, "current", &sha)?;
-                    return Ok(Fetched {
-                        root: cache.join(&sha),
-                        sha256: Some(sha),
-                        origin: "last-good",
-                        _temp: None,
-                    });
-                }
-                Err(e) => return Err(anyhow::anyhow!("fetching bundle: {e}")),
-            }
-        }
+        Source::S3 { bucket, key } => match remote(src, &cache, v, persist, &format!("s3://{bucket}/{key}"))? {
+            Remote::Fresh(l, d) => (l, d),
+            Remote::Ready(f) => return Ok(f),
+        },
+        Source::Http(u) => match remote(src, &cache, v, persist, u)? {
+            Remote::Fresh(l, d) => (l, d),
+            Remote::Ready(f) => return Ok(f),
+        },
     };
+    let name = expected_name(&label);
     let Download { bytes, sig, sig_name, etag } = download;
-    let sha = check(&bytes, sig.as_deref(), &sig_name, v).with_context(|| format!("bundle {label}"))?;
+    let (sha, signed) = check(&bytes, sig.as_deref(), &sig_name, &name, v).with_context(|| format!("bundle {label}"))?;
+    check_rollback(&cache, &name, signed.as_ref()).with_context(|| format!("bundle {label}"))?;
     if !persist {
         let t = tempfile::tempdir()?;
         let dest = t.path().join("bundle");
@@ -234,11 +312,16 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
         crate::fsutil::fsync_dir(&cache)?;
         "source"
     };
+    // Kept so that a later 304 or last-good fallback can be checked against a new pin or key.
+    crate::fsutil::atomic_write(&kept_tarball(&cache, &sha), &bytes, 0o644, None)?;
+    if let Some(s) = &sig {
+        crate::fsutil::atomic_write(&kept_sig(&cache, &sha), s.as_bytes(), 0o644, None)?;
+    }
     if let Some(etag) = etag {
         let seen = serde_json::to_vec(&Seen { etag, sha256: sha.clone() })?;
         crate::fsutil::atomic_write(&seen_path(&cache, &label), &seen, 0o644, None)?;
     }
-    point(&cache, "current", &sha)?;
+    make_current(&cache, &sha, &name, signed.as_ref())?;
     Ok(Fetched {
         root: dest,
         sha256: Some(sha),
@@ -247,9 +330,149 @@ pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Resul
     })
 }
 
+/// Point `current` at `sha`, record its build time, and prune the cache.
+fn make_current(cache: &Path, sha: &str, name: &str, signed: Option<&Signed>) -> Result<()> {
+    record_applied(cache, name, signed)?;
+    point(cache, "current", sha)?;
+    // Newest first in the pruning order: the bundle just used.
+    if let Ok(d) = std::fs::File::open(cache.join(sha)) {
+        let _ = d.set_modified(std::time::SystemTime::now());
+    }
+    prune(cache, KEEP_OLDER);
+    Ok(())
+}
+
+/// Bundles kept in the cache besides `current` and `last-good` (the most recently used).
+pub const KEEP_OLDER: usize = 3;
+
+/// Remove cached bundles other than `current`, `last-good` and the `keep` most recently used
+/// others (with their kept tarballs and signatures), and staging directories and temp links
+/// whose process is gone. Best effort: a failure here never fails a run.
+pub fn prune(cache: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
+    let pinned: Vec<String> = ["current", "last-good"]
+        .iter()
+        .filter_map(|l| std::fs::read_link(cache.join(l)).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut bundles = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name
+            .strip_prefix(".staging-")
+            .or_else(|| name.strip_prefix(".current."))
+            .or_else(|| name.strip_prefix(".last-good."))
+        {
+            // `.staging-<sha>-<pid>`, `.current.<pid>`: a live writer keeps its own.
+            let pid = rest.rsplit(['-', '.']).next().and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let p = e.path();
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+            continue;
+        }
+        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) && !pinned.contains(&name) {
+            let mtime = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            bundles.push((mtime, name));
+        }
+    }
+    bundles.sort_by(|a, b| b.cmp(a));
+    for (_, sha) in bundles.into_iter().skip(keep) {
+        tracing::debug!("removing cached bundle {sha}");
+        let _ = std::fs::remove_dir_all(cache.join(&sha));
+        let _ = std::fs::remove_file(kept_tarball(cache, &sha));
+        let _ = std::fs::remove_file(kept_sig(cache, &sha));
+    }
+}
+
+/// A fresh download (with the URL it came from), or a cached bundle ready to use.
+enum Remote {
+    Fresh(String, Download),
+    Ready(Fetched),
+}
+
+/// S3 and HTTP(S): a conditional GET when this URL's bundle is cached; 304 and "source
+/// unavailable" reuse the cache after checking it against the pin and key configured now.
+fn remote(src: &Source, cache: &Path, v: &Verify, persist: bool, url: &str) -> Result<Remote> {
+    let name = expected_name(url);
+    let seen: Option<Seen> = if persist {
+        std::fs::read(seen_path(cache, url)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    } else {
+        None
+    };
+    // A conditional GET only for a bundle that can be checked again: with a key configured,
+    // one whose verified tarball is kept (an older agent's cache has none: download it anew).
+    let seen = seen.filter(|s| cache.join(&s.sha256).join("roles").is_dir() && (v.public_key.is_none() || kept_tarball(cache, &s.sha256).is_file()));
+    let mut opts = v.s3.clone();
+    opts.max_bytes = v.limits.max_bytes;
+    let get_sig = || -> Result<Option<String>> {
+        let r = match src {
+            Source::S3 { bucket, key } => s3::get_optional(&opts, bucket, &format!("{key}.minisig")),
+            _ => http::get_optional(&format!("{url}.minisig")),
+        };
+        let sig = r.map_err(|e| anyhow::anyhow!("fetching the bundle signature: {e}"))?;
+        Ok(sig.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    };
+    let etag = seen.as_ref().map(|s| s.etag.as_str());
+    let got = match src {
+        Source::S3 { bucket, key } => s3::get(&opts, bucket, key, etag),
+        _ => http::get(url, etag, v.limits.max_bytes),
+    };
+    let cached = |sha: String, origin: &'static str, fetch_sig: Option<&dyn Fn() -> Result<Option<String>>>| -> Result<Remote> {
+        let signed = check_cached(cache, &sha, url, &name, v, fetch_sig)?;
+        // last-good is older than a newer bundle that failed, by design: no rollback check.
+        if origin != "last-good" {
+            check_rollback(cache, &name, signed.as_ref()).with_context(|| format!("bundle {url}"))?;
+        }
+        make_current(cache, &sha, &name, signed.as_ref())?;
+        Ok(Remote::Ready(Fetched {
+            root: cache.join(&sha),
+            sha256: Some(sha),
+            origin,
+            _temp: None,
+        }))
+    };
+    match got {
+        Ok(s3::Got::NotModified) => {
+            let Some(seen) = seen else {
+                bail!("fetching bundle: {url} answered 304 Not Modified to a request without If-None-Match: there is no bundle to apply");
+            };
+            cached(seen.sha256, "cache", Some(&get_sig))
+        }
+        Ok(s3::Got::Body { bytes, etag }) => {
+            let sig = if v.public_key.is_some() { get_sig()? } else { None };
+            Ok(Remote::Fresh(
+                url.to_string(),
+                Download {
+                    bytes,
+                    sig,
+                    sig_name: format!("{url}.minisig"),
+                    etag,
+                },
+            ))
+        }
+        Err(e) if e.is_transient() && persist => {
+            let Some(sha) = last_good_in(cache) else {
+                bail!("bundle source unavailable and no last-good bundle cached: {e}");
+            };
+            tracing::warn!("bundle source unavailable, applying the last good bundle {sha}: {e}");
+            cached(sha, "last-good", None)
+        }
+        Err(e) => Err(anyhow::anyhow!("fetching bundle: {e}")),
+    }
+}
+
 /// What `last-good` points at, when its bundle is still in the cache.
 pub fn last_good(host_root: &Path) -> Option<String> {
-    let cache = crate::state::StateDir::new(host_root).bundles();
+    last_good_in(&crate::state::StateDir::new(host_root).bundles())
+}
+
+fn last_good_in(cache: &Path) -> Option<String> {
     let sha = std::fs::read_link(cache.join("last-good")).ok()?.to_string_lossy().into_owned();
     cache.join(&sha).join("roles").is_dir().then_some(sha)
 }
@@ -265,7 +488,10 @@ fn point(cache: &Path, name: &str, sha: &str) -> Result<()> {
 
 /// After a fully successful apply: `last-good` → this bundle.
 pub fn mark_good(host_root: &Path, sha: &str) -> Result<()> {
-    point(&crate::state::StateDir::new(host_root).bundles(), "last-good", sha)
+    let cache = crate::state::StateDir::new(host_root).bundles();
+    point(&cache, "last-good", sha)?;
+    prune(&cache, KEEP_OLDER);
+    Ok(())
 }
 
 /// What `current` points at.

@@ -270,14 +270,20 @@ impl Kind for ContainerStep {
         if self.state == CState::Absent {
             return Ok(Observed { container, image_id: None });
         }
+        let inspect = || -> Result<Option<String>> {
+            Ok(docker
+                .get(&format!("/images/{}/json", crate::docker::enc(&self.desired.image)))?
+                .and_then(|i| i["Id"].as_str().map(str::to_string)))
+        };
+        let mut image_id = inspect()?;
         // With pull = "always" the registry decides: pull now (this touches no container), and
-        // compare the image id with the container's.
-        if self.pull == Pull::Always {
+        // compare the image id with the container's. A digest-pinned reference (`@sha256:…`)
+        // names content that cannot change: present locally is up to date, no pull.
+        let pinned = crate::docker::parse_ref(&self.desired.image).digest.is_some();
+        if self.pull == Pull::Always && !(pinned && image_id.is_some()) {
             docker.pull(&self.desired.image)?;
+            image_id = inspect()?;
         }
-        let image_id = docker
-            .get(&format!("/images/{}/json", crate::docker::enc(&self.desired.image)))?
-            .and_then(|i| i["Id"].as_str().map(str::to_string));
         Ok(Observed { container, image_id })
     }
 

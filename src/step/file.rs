@@ -1,6 +1,6 @@
 //! `file`: content, source or template; mode, owner, group; present or absent.
 
-use super::{apply_meta, check_abs_path, meta_changes, parse_mode, wanted_ids, Change, Host, Kind, LoadCtx, Meta, PrepCtx, State};
+use super::{apply_meta, check_abs_path, content_diff, meta_changes, parse_mode, wanted_ids, Change, Host, Kind, LoadCtx, Meta, PrepCtx, State};
 use crate::error::ConfigError;
 use crate::fsutil::{self, Mode};
 use anyhow::{bail, Context, Result};
@@ -85,43 +85,7 @@ pub enum Observed {
     File { content: Vec<u8>, meta: Meta },
 }
 
-/// Files larger than this get a summary instead of a diff.
-const MAX_DIFF_BYTES: usize = 256 * 1024;
-/// Diffing gives up on finding the smallest diff after this long (the diff is still correct).
-const DIFF_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// A unified diff of two contents, or a one-line summary when either is binary or large.
-pub fn content_diff(label: &str, old: &[u8], new: &[u8]) -> String {
-    if old.len().max(new.len()) > MAX_DIFF_BYTES {
-        return format!(
-            "content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {}); too large to diff\n",
-            old.len(),
-            super::short_sha(old),
-            new.len(),
-            super::short_sha(new)
-        );
-    }
-    match (std::str::from_utf8(old), std::str::from_utf8(new)) {
-        (Ok(o), Ok(n)) => similar::TextDiff::configure()
-            .timeout(DIFF_DEADLINE)
-            .diff_lines(o, n)
-            .unified_diff()
-            .context_radius(3)
-            .header(&format!("{label} (on host)"), &format!("{label} (from role)"))
-            .to_string(),
-        _ => format!(
-            "binary content differs: {} bytes (sha256 {}) -> {} bytes (sha256 {})\n",
-            old.len(),
-            super::short_sha(old),
-            new.len(),
-            super::short_sha(new)
-        ),
-    }
-}
-
 impl FileStep {
-    /// Holds a secret: no content diff, and private (0600) when the role names no mode.
-
     /// The `content` change: a unified diff, or for a sensitive file a summary without content.
     fn content_change(&self, old: Option<&[u8]>, new: &[u8]) -> Change {
         if self.sensitive {

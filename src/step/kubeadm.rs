@@ -132,8 +132,6 @@ impl super::KindSpec for Spec {
                 .as_ref()
                 .map(|t| humantime::parse_duration(t.get_ref()).expect("validated"))
                 .unwrap_or(DEFAULT_TIMEOUT),
-            kubelet_conf: crate::fsutil::host_path(cx.root, KUBELET_CONF).map_err(|e| ConfigError(e.to_string()))?,
-            root: cx.root.to_path_buf(),
         })
     }
 }
@@ -146,8 +144,6 @@ pub struct JoinStep {
     pub config: Option<String>,
     pub extra_args: Vec<String>,
     pub timeout: Duration,
-    pub kubelet_conf: PathBuf,
-    pub root: PathBuf,
 }
 
 impl JoinStep {
@@ -193,8 +189,8 @@ impl Kind for JoinStep {
         true
     }
 
-    fn check(&self, _host: &Host) -> Result<bool> {
-        Ok(self.kubelet_conf.exists())
+    fn check(&self, host: &Host) -> Result<bool> {
+        host.fs()?.exists(KUBELET_CONF)
     }
 
     fn plan(&self, joined: &bool) -> Vec<Change> {
@@ -208,12 +204,12 @@ impl Kind for JoinStep {
         vec![Change::new("cluster", Some("not joined"), Some(to))]
     }
 
-    fn apply(&self, _host: &Host, _joined: &bool, _changes: &[Change]) -> Result<()> {
+    fn apply(&self, host: &Host, _joined: &bool, _changes: &[Change]) -> Result<()> {
         // The JoinConfiguration holds the token: a 0600 file from its first byte, removed after.
-        let path = crate::fsutil::host_path(&self.root, JOIN_CONFIG)?;
-        crate::fsutil::create_parents(&path)?;
+        // (A live-system step: the root is `/`, so the path kubeadm is given is the path written.)
+        let path = crate::fsutil::host_path(&host.root, JOIN_CONFIG)?;
         let _remove = RemoveOnDrop(path.clone());
-        crate::fsutil::atomic_write(&path, self.join_config().as_bytes(), 0o600, None)?;
+        host.fs()?.write(JOIN_CONFIG, self.join_config().as_bytes(), 0o600, None)?;
         let argv = self.argv(&path.to_string_lossy());
         let out = runner::run(&Cmd {
             argv: argv.clone(),
@@ -247,8 +243,6 @@ mod tests {
             config: None,
             extra_args: vec!["--node-name".into(), "node-1".into()],
             timeout: DEFAULT_TIMEOUT,
-            kubelet_conf: KUBELET_CONF.into(),
-            root: "/".into(),
         };
         let argv = step.argv(JOIN_CONFIG);
         assert_eq!(argv, ["kubeadm", "join", "--config", JOIN_CONFIG, "--node-name", "node-1"]);

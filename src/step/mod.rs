@@ -2,7 +2,17 @@
 //! prepared (templates rendered) into a runnable step, and then runs `check` (read-only I/O)
 //! → `plan` (pure: the list of field changes) → `apply` (only when the plan is not empty).
 
-use crate::error::{ConfigError, Pos};
+mod accounts;
+mod content;
+mod context;
+mod meta;
+
+pub use accounts::{check_account_name, read_group, read_groups, shadow_tool, GroupEntry};
+pub use content::{content_diff, short_sha};
+pub use context::{check_abs_path, parse_mode, render_body, validate_body, LoadCtx, PrepCtx};
+pub use meta::{apply_meta, meta_changes, same_owner, wanted_ids, Meta};
+
+use crate::error::ConfigError;
 use crate::facts::Facts;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -206,12 +216,6 @@ impl Change {
     }
 }
 
-/// The first 12 hex digits of a sha256, as diffs and summaries show it.
-pub fn short_sha(b: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(b))[..12].to_string()
-}
-
 /// What a step needs from the host it runs on.
 pub struct Host {
     pub root: PathBuf,
@@ -230,47 +234,6 @@ impl Host {
     pub fn is_live(&self) -> bool {
         self.root == Path::new("/")
     }
-}
-
-/// Context for loading a step: its role file and directory, and the template engine.
-pub struct LoadCtx<'a> {
-    pub file: &'a Path,
-    pub src: &'a str,
-    pub role_dir: &'a Path,
-    pub env: &'a minijinja::Environment<'static>,
-}
-
-impl LoadCtx<'_> {
-    pub fn pos<T>(&self, s: &Spanned<T>) -> Pos {
-        Pos::new(self.file, self.src, s.span().start)
-    }
-
-    pub fn err<T>(&self, s: &Spanned<T>, msg: impl std::fmt::Display) -> ConfigError {
-        ConfigError::at(self.file, self.src, s.span().start, msg)
-    }
-
-    /// Resolve `source` to a file under the role's `files/`, refusing to leave it.
-    pub fn source_path(&self, source: &Spanned<String>) -> Result<PathBuf, ConfigError> {
-        let rel = Path::new(source.get_ref());
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-            return Err(self.err(
-                source,
-                format!("source {:?} must be a relative path inside the role's files/", source.get_ref()),
-            ));
-        }
-        let p = self.role_dir.join("files").join(rel);
-        if !p.is_file() {
-            return Err(self.err(source, format!("source file {} does not exist", p.display())));
-        }
-        Ok(p)
-    }
-}
-
-/// Context for preparing a step: the load context plus the template context and the root.
-pub struct PrepCtx<'a> {
-    pub load: LoadCtx<'a>,
-    pub vars: &'a minijinja::Value,
-    pub root: &'a Path,
 }
 
 /// A kind's check → plan → apply.
@@ -308,151 +271,4 @@ fn converge<K: Kind>(k: &K, host: &Host, apply: Option<BeforeApply<'_>>) -> Resu
         k.apply(host, &observed, &changes)?;
     }
     Ok(changes)
-}
-
-/// Check a step's `content`/`source` body: the source exists inside the role's files/, and
-/// with `template` both parse as templates.
-pub fn validate_body(cx: &LoadCtx<'_>, content: &Option<Spanned<String>>, source: &Option<Spanned<String>>, template: bool) -> Result<(), ConfigError> {
-    use crate::template::{check_syntax, Origin};
-    if let (Some(c), true) = (content, template) {
-        check_syntax(cx.env, &Origin::Inline(cx.pos(c)), c.get_ref())?;
-    }
-    if let Some(s) = source {
-        let p = cx.source_path(s)?;
-        if template {
-            let text = std::fs::read_to_string(&p).map_err(|e| cx.err(s, format!("reading template {}: {e}", p.display())))?;
-            check_syntax(cx.env, &Origin::File(p), &text)?;
-        }
-    }
-    Ok(())
-}
-
-/// The bytes of a step's `content`/`source` body, rendered when `template` is set.
-pub fn render_body(
-    cx: &PrepCtx<'_>,
-    content: &Option<Spanned<String>>,
-    source: &Option<Spanned<String>>,
-    template: bool,
-) -> Result<Option<Vec<u8>>, ConfigError> {
-    use crate::template::{render, Origin};
-    let l = &cx.load;
-    Ok(match (content, source) {
-        (Some(c), _) if template => Some(render(l.env, &Origin::Inline(l.pos(c)), c.get_ref(), cx.vars)?.into_bytes()),
-        (Some(c), _) => Some(c.get_ref().clone().into_bytes()),
-        (None, Some(s)) => {
-            let p = l.source_path(s)?;
-            let bytes = std::fs::read(&p).map_err(|e| l.err(s, format!("reading {}: {e}", p.display())))?;
-            if template {
-                let text = String::from_utf8(bytes).map_err(|_| l.err(s, format!("template {} is not UTF-8", p.display())))?;
-                Some(render(l.env, &Origin::File(p), &text, cx.vars)?.into_bytes())
-            } else {
-                Some(bytes)
-            }
-        }
-        (None, None) => None,
-    })
-}
-
-/// Map a host path error into a config error at the field's position.
-pub fn check_abs_path(cx: &LoadCtx<'_>, p: &Spanned<String>) -> Result<(), ConfigError> {
-    crate::fsutil::host_path(Path::new("/"), p.get_ref()).map(|_| ()).map_err(|e| cx.err(p, e))
-}
-
-pub fn parse_mode(cx: &LoadCtx<'_>, m: &Option<Spanned<String>>) -> Result<Option<crate::fsutil::Mode>, ConfigError> {
-    m.as_ref()
-        .map(|m| crate::fsutil::Mode::parse(m.get_ref()).map_err(|e| cx.err(m, e)))
-        .transpose()
-}
-
-/// Does an actual owner (name, resolved from the uid) match a wanted one (name or number)?
-pub fn same_owner(want: &str, actual_name: &str, actual_id: u32) -> bool {
-    want == actual_name || want.parse::<u32>().ok() == Some(actual_id)
-}
-
-/// Changes of mode/owner/group between an existing path and what the role wants.
-pub fn meta_changes(want_mode: Option<crate::fsutil::Mode>, want_owner: &Option<String>, want_group: &Option<String>, have: &Meta) -> Vec<Change> {
-    let mut out = Vec::new();
-    if let Some(m) = want_mode {
-        if have.mode != m.0 {
-            out.push(Change::new("mode", Some(crate::fsutil::Mode(have.mode)), Some(m)));
-        }
-    }
-    if let Some(o) = want_owner {
-        if !same_owner(o, &have.owner, have.uid) {
-            out.push(Change::new("owner", Some(&have.owner), Some(o)));
-        }
-    }
-    if let Some(g) = want_group {
-        if !same_owner(g, &have.group, have.gid) {
-            out.push(Change::new("group", Some(&have.group), Some(g)));
-        }
-    }
-    out
-}
-
-/// Mode and ownership of an existing path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Meta {
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub owner: String,
-    pub group: String,
-}
-
-impl Meta {
-    /// Mode and owner of what `lstat` saw, with names from the root's account files.
-    pub fn read(root: &Path, st: &crate::fsutil::Stat) -> Meta {
-        Meta {
-            mode: st.mode,
-            uid: st.uid,
-            gid: st.gid,
-            owner: crate::fsutil::uid_name(root, st.uid),
-            group: crate::fsutil::gid_name(root, st.gid),
-        }
-    }
-}
-
-/// Apply mode/owner/group changes to an existing file or directory in place, through a
-/// descriptor of it opened without following links.
-pub fn apply_meta(
-    host: &Host,
-    path: &crate::fsutil::Parent,
-    changes: &[Change],
-    mode: Option<crate::fsutil::Mode>,
-    owner: &Option<String>,
-    group: &Option<String>,
-) -> Result<()> {
-    let has = |f: &str| changes.iter().any(|c| c.field == f);
-    if has("owner") || has("group") {
-        let uid = match owner {
-            Some(o) if has("owner") => Some(crate::fsutil::require_uid(&host.root, o)?),
-            _ => None,
-        };
-        let gid = match group {
-            Some(g) if has("group") => Some(crate::fsutil::require_gid(&host.root, g)?),
-            _ => None,
-        };
-        path.set_meta(None, uid, gid)?;
-    }
-    if let (Some(m), true) = (mode, has("mode")) {
-        path.set_meta(Some(m.0), None, None)?;
-    }
-    Ok(())
-}
-
-/// The (uid, gid) a new path should get, when the role names an owner or group.
-pub fn wanted_ids(root: &Path, owner: &Option<String>, group: &Option<String>) -> Result<Option<(u32, u32)>> {
-    if owner.is_none() && group.is_none() {
-        return Ok(None);
-    }
-    let uid = match owner {
-        Some(o) => crate::fsutil::require_uid(root, o)?,
-        None => nix::unistd::geteuid().as_raw(),
-    };
-    let gid = match group {
-        Some(g) => crate::fsutil::require_gid(root, g)?,
-        None => nix::unistd::getegid().as_raw(),
-    };
-    Ok(Some((uid, gid)))
 }

@@ -125,6 +125,20 @@ fn run(argv: &[&str], env: &[(&str, &str)], timeout: Duration) -> Result<runner:
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A package-database query whose output is parsed: an output cut to the runner's tail would
+/// silently lose the first packages' lines, so that is an error.
+fn query(argv: &[&str]) -> Result<runner::Output> {
+    let o = run(argv, &[], QUERY_TIMEOUT)?;
+    if o.stdout_truncated {
+        anyhow::bail!(
+            "`{}` printed more than {} KiB; split the package list over several steps",
+            argv[0],
+            runner::OUTPUT_TAIL / 1024
+        );
+    }
+    Ok(o)
+}
+
 fn installed_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     match m {
@@ -132,7 +146,7 @@ fn installed_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, Str
             let mut argv = vec!["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Status}\t${Version}\n", "--"];
             argv.extend(names);
             // Exit 1 just means some names are unknown to dpkg: not installed.
-            let o = run(&argv, &[], QUERY_TIMEOUT)?;
+            let o = query(&argv)?;
             for line in o.stdout.lines() {
                 let f: Vec<&str> = line.split('\t').collect();
                 if f.len() == 3 && f[1] == "installed" {
@@ -143,7 +157,7 @@ fn installed_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, Str
         Manager::Dnf => {
             let mut argv = vec!["rpm", "-q", "--qf", "%{NAME}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n", "--"];
             argv.extend(names);
-            let o = run(&argv, &[], QUERY_TIMEOUT)?;
+            let o = query(&argv)?;
             for line in o.stdout.lines() {
                 if let Some((n, v)) = line.split_once('\t') {
                     out.insert(n.to_string(), v.trim_start_matches("0:").to_string());
@@ -160,7 +174,7 @@ fn candidate_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, Str
         Manager::Apt => {
             let mut argv = vec!["apt-cache", "policy", "--"];
             argv.extend(names);
-            let o = run(&argv, &[], QUERY_TIMEOUT)?;
+            let o = query(&argv)?;
             let mut current = None;
             for line in o.stdout.lines() {
                 if !line.starts_with(' ') && line.ends_with(':') {
@@ -175,7 +189,7 @@ fn candidate_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, Str
         Manager::Dnf => {
             let mut argv = vec!["dnf", "-q", "--cacheonly", "repoquery", "--latest-limit=1", "--qf", "%{name}\t%{evr}\n", "--"];
             argv.extend(names);
-            if let Ok(o) = run(&argv, &[], QUERY_TIMEOUT) {
+            if let Ok(o) = query(&argv) {
                 for line in o.stdout.lines() {
                     if let Some((n, v)) = line.split_once('\t') {
                         out.insert(n.to_string(), v.to_string());
@@ -335,6 +349,13 @@ impl Kind for PackageStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_cut_to_the_output_tail_is_an_error() {
+        let big = query(&["sh", "-c", "yes 'pkg\tinstalled\t1.0' | head -c 70000"]).unwrap_err().to_string();
+        assert!(big.contains("more than 64 KiB"), "{big}");
+        assert_eq!(query(&["printf", "a\tinstalled\t1\n"]).unwrap().stdout, "a\tinstalled\t1\n");
+    }
 
     fn obs(installed: &[(&str, &str)], cand: &[(&str, &str)]) -> Observed {
         let m = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();

@@ -2,7 +2,7 @@
 //! D-Bus. daemon-reload runs only when a unit file or drop-in changed. Under `--root` only the
 //! files are managed (there is no service manager to ask).
 
-use super::file::content_diff;
+use super::content_diff;
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
 use crate::fsutil;

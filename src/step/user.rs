@@ -1,7 +1,7 @@
-//! `user`: a local user, managed with useradd/usermod/userdel (`--prefix` under `--root`).
+//! `user`: a local user, managed with useradd/usermod/userdel (`--root`, chrooted, under `--root`).
 //! Supplementary groups are a minimum: listed groups are added, others are left alone.
 
-use super::group::{check_account_name, read_group, read_groups, shadow_tool};
+use super::{check_account_name, read_group, read_groups, shadow_tool};
 use super::{Change, Host, Kind, LoadCtx, PrepCtx, State};
 use crate::error::ConfigError;
 use crate::fsutil;
@@ -79,7 +79,7 @@ impl Kind for UserStep {
     type Observed = Option<UserEntry>;
 
     fn check(&self, host: &Host) -> Result<Option<UserEntry>> {
-        if !host.root.join("etc/passwd").exists() {
+        if !host.fs()?.exists("/etc/passwd")? {
             return Ok(None);
         }
         let Some(f) = fsutil::read_db(&host.root, "etc/passwd")?

@@ -3,14 +3,22 @@
 
 use crate::runner::{self, Cmd};
 use anyhow::{bail, Context, Result};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use zbus::blocking::connection::Builder as ConnBuilder;
 use zbus::blocking::{proxy::Builder, Connection, Proxy};
 use zbus::proxy::CacheProperties;
 use zbus::zvariant::OwnedObjectPath;
 
 /// How long a start, stop, restart or reload job may take before the run fails.
 pub const UNIT_JOB_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest wait for the reply to a D-Bus method call (systemctl's default).
+pub const DBUS_CALL_TIMEOUT: Duration = Duration::from_secs(25);
+/// Longest wait for systemd's reply to daemon-reload, which reloads every unit (systemctl
+/// allows it six minutes).
+pub const DAEMON_RELOAD_TIMEOUT: Duration = Duration::from_secs(6 * 60);
+/// Longest wait to connect and authenticate to the bus.
+pub const DBUS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a job's progress is read while waiting for it.
 const JOB_POLL: Duration = Duration::from_millis(50);
 /// Journal lines included when a unit fails.
@@ -54,25 +62,86 @@ pub trait Systemd {
     fn reboot(&self) -> Result<()>;
 }
 
-/// systemd on the system bus; connects on first use (runs under `--root` never do).
-#[derive(Default)]
+/// How long the agent waits on the bus.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    call: Duration,
+    reload: Duration,
+    connect: Duration,
+}
+
+const TIMEOUTS: Timeouts = Timeouts {
+    call: DBUS_CALL_TIMEOUT,
+    reload: DAEMON_RELOAD_TIMEOUT,
+    connect: DBUS_CONNECT_TIMEOUT,
+};
+
+type Connect = Arc<dyn Fn() -> zbus::Result<ConnBuilder<'static>> + Send + Sync>;
+
+/// systemd on the system bus; connects on first use (runs under `--root` never do). Every
+/// method call has a timeout ([`DBUS_CALL_TIMEOUT`], daemon-reload [`DAEMON_RELOAD_TIMEOUT`]
+/// on a second connection), and so has connecting ([`DBUS_CONNECT_TIMEOUT`]): a bus or a
+/// systemd that stops answering fails the run instead of hanging it.
 pub struct Dbus {
+    connect: Connect,
+    /// The bus, for messages.
+    what: &'static str,
+    timeouts: Timeouts,
     conn: OnceLock<Connection>,
+    reload_conn: OnceLock<Connection>,
+}
+
+impl Default for Dbus {
+    fn default() -> Dbus {
+        Dbus::new(Arc::new(ConnBuilder::system), "the system D-Bus (is systemd running?)", TIMEOUTS)
+    }
 }
 
 const DEST: &str = "org.freedesktop.systemd1";
 
 impl Dbus {
+    fn new(connect: Connect, what: &'static str, timeouts: Timeouts) -> Dbus {
+        Dbus {
+            connect,
+            what,
+            timeouts,
+            conn: OnceLock::new(),
+            reload_conn: OnceLock::new(),
+        }
+    }
+
     fn conn(&self) -> Result<&Connection> {
-        if let Some(c) = self.conn.get() {
+        self.lazy(&self.conn, self.timeouts.call)
+    }
+
+    fn lazy<'a>(&self, cell: &'a OnceLock<Connection>, call_timeout: Duration) -> Result<&'a Connection> {
+        if let Some(c) = cell.get() {
             return Ok(c);
         }
-        let c = Connection::system().context("connecting to the system D-Bus (is systemd running?)")?;
-        Ok(self.conn.get_or_init(|| c))
+        let c = self.open(call_timeout)?;
+        Ok(cell.get_or_init(|| c))
+    }
+
+    /// Connect with a method-call timeout, giving up after the connect timeout (the thread
+    /// stuck in the handshake is left behind: zbus cannot cancel it).
+    fn open(&self, call_timeout: Duration) -> Result<Connection> {
+        let connect = self.connect.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(connect().and_then(|b| b.method_timeout(call_timeout).build()));
+        });
+        match rx.recv_timeout(self.timeouts.connect) {
+            Ok(r) => r.with_context(|| format!("connecting to {}", self.what)),
+            Err(_) => bail!("connecting to {}: no answer within {} ms", self.what, self.timeouts.connect.as_millis()),
+        }
     }
 
     fn proxy(&self, path: &str, iface: &'static str) -> Result<Proxy<'static>> {
-        Ok(Builder::new(self.conn()?)
+        self.proxy_on(self.conn()?, path, iface)
+    }
+
+    fn proxy_on(&self, conn: &Connection, path: &str, iface: &'static str) -> Result<Proxy<'static>> {
+        Ok(Builder::new(conn)
             .destination(DEST)?
             .path(path.to_string())?
             .interface(iface)?
@@ -167,7 +236,10 @@ impl Systemd for Dbus {
     }
 
     fn daemon_reload(&self) -> Result<()> {
-        self.manager()?.call::<_, _, ()>("Reload", &()).context("daemon-reload")
+        let conn = self.lazy(&self.reload_conn, self.timeouts.reload)?;
+        self.proxy_on(conn, "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")?
+            .call::<_, _, ()>("Reload", &())
+            .context("daemon-reload")
     }
 
     fn enable(&self, unit: &str, enable: bool) -> Result<()> {
@@ -216,5 +288,121 @@ impl Systemd for Dbus {
             .cache_properties(CacheProperties::No)
             .build()?;
         login.call::<_, _, ()>("Reboot", &(false,)).context("asking logind to reboot")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A systemd that takes every call and answers none in time.
+    struct Stuck;
+
+    #[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
+    impl Stuck {
+        fn get_unit_file_state(&self, _unit: &str) -> String {
+            std::thread::sleep(Duration::from_secs(30));
+            "enabled".into()
+        }
+
+        fn reload(&self) {
+            std::thread::sleep(Duration::from_secs(30));
+        }
+    }
+
+    const SHORT: Timeouts = Timeouts {
+        call: Duration::from_millis(300),
+        reload: Duration::from_millis(600),
+        connect: Duration::from_millis(300),
+    };
+
+    /// A private dbus-daemon (a real bus), stopped by its PID on drop.
+    struct Bus {
+        daemon: std::process::Child,
+        address: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Bus {
+        fn start() -> Bus {
+            let dir = tempfile::tempdir().unwrap();
+            let address = format!("unix:path={}", dir.path().join("bus").display());
+            let daemon = std::process::Command::new("dbus-daemon")
+                .args(["--session", "--nofork", "--nopidfile", "--address", &address])
+                .spawn()
+                .expect("dbus-daemon (apt-get install dbus)");
+            let t = Instant::now();
+            while !dir.path().join("bus").exists() {
+                assert!(t.elapsed() < Duration::from_secs(10), "dbus-daemon did not open {address}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Bus { daemon, address, _dir: dir }
+        }
+
+        /// Own org.freedesktop.systemd1 on this bus with a manager that never answers in time.
+        fn serve_stuck_systemd(&self) -> Connection {
+            ConnBuilder::address(self.address.as_str())
+                .unwrap()
+                .name(DEST)
+                .unwrap()
+                .serve_at("/org/freedesktop/systemd1", Stuck)
+                .unwrap()
+                .build()
+                .unwrap()
+        }
+
+        fn client(&self) -> Dbus {
+            let address = self.address.clone();
+            Dbus::new(Arc::new(move || ConnBuilder::address(address.as_str())), "the test bus", SHORT)
+        }
+    }
+
+    impl Drop for Bus {
+        fn drop(&mut self) {
+            let _ = self.daemon.kill();
+            let _ = self.daemon.wait();
+        }
+    }
+
+    #[test]
+    fn a_call_that_is_never_answered_fails_at_the_timeout() {
+        let bus = Bus::start();
+        let _systemd = bus.serve_stuck_systemd();
+        let dbus = bus.client();
+        let t = Instant::now();
+        let e = dbus.unit_state("x.service").expect_err("an answer came from a peer that never answers");
+        assert!(t.elapsed() < Duration::from_secs(2), "failed only after {:?}", t.elapsed());
+        assert!(format!("{e:#}").contains("GetUnitFileState x.service"), "{e:#}");
+        // daemon-reload has a timeout of its own, longer than other calls'.
+        let t = Instant::now();
+        assert!(dbus.daemon_reload().is_err());
+        let took = t.elapsed();
+        assert!(took >= SHORT.reload && took < Duration::from_secs(2), "daemon-reload failed after {took:?}");
+    }
+
+    #[test]
+    fn a_bus_that_accepts_and_never_speaks_fails_the_connect_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            // Accept and hold every connection for a minute, saying nothing.
+            let mut held = Vec::new();
+            let t = Instant::now();
+            listener.set_nonblocking(true).unwrap();
+            while t.elapsed() < Duration::from_secs(60) {
+                if let Ok((s, _)) = listener.accept() {
+                    held.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let address = format!("unix:path={}", path.display());
+        let dbus = Dbus::new(Arc::new(move || ConnBuilder::address(address.as_str())), "the test bus", SHORT);
+        let t = Instant::now();
+        let e = dbus.unit_state("x.service").expect_err("connected to a bus that never speaks");
+        assert!(t.elapsed() < Duration::from_secs(2), "failed only after {:?}", t.elapsed());
+        assert!(format!("{e:#}").contains("connecting to the test bus: no answer within 300 ms"), "{e:#}");
     }
 }

@@ -1,118 +1,10 @@
-//! A real dockerd (Debian docker.io) per test, in a network namespace of its own (its bridge,
-//! published ports and containers never touch the host's network), with its own data root and
-//! socket; stopped by PID. Images come from `docker import` of the test rootfs (no registry is
-//! reachable). The `container` step runs in a booted node with the socket bound in.
+//! The `container` step against a real dockerd per test, run in a booted node with the
+//! engine's socket bound in.
 
-use crate::node::Node;
-use crate::support::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-pub struct Dockerd {
-    child: Option<Child>,
-    netns: String,
-    pub socket: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Dockerd {
-    pub fn start() -> Dockerd {
-        assert!(Path::new("/usr/sbin/dockerd").exists(), "dockerd not found: run scripts/setup (apt docker.io)");
-        // Short paths: a unix socket path must fit in 108 bytes.
-        let dir = tempfile::Builder::new().prefix("bt-dk").tempdir_in("/tmp").unwrap();
-        let netns = format!(
-            "bt-dk-{}-{}",
-            std::process::id(),
-            dir.path().file_name().unwrap().to_string_lossy().trim_start_matches("bt-dk")
-        );
-        let ok = Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success();
-        assert!(ok, "ip netns add {netns}");
-        let _ = Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]).status();
-        let socket = dir.path().join("docker.sock");
-        let d = |s: &str| dir.path().join(s).display().to_string();
-        let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
-        // nsenter, not `ip netns exec`: that one remounts /sys, which hides the cgroup mounts.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg("/usr/sbin/dockerd")
-            .arg(format!("--host=unix://{}", socket.display()))
-            .args(["--data-root", &d("data"), "--exec-root", &d("exec"), "--pidfile", &d("dockerd.pid")])
-            .args(["--iptables=false", "--ip6tables=false", "--shutdown-timeout=2"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let me = Dockerd {
-            child: Some(child),
-            netns,
-            socket,
-            dir,
-        };
-        let start = Instant::now();
-        while !me.docker(&["version"]).status.success() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "dockerd did not start: {}",
-                std::fs::read_to_string(me.dir.path().join("dockerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        me
-    }
-
-    pub fn docker(&self, args: &[&str]) -> std::process::Output {
-        Command::new("docker")
-            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    pub fn out(&self, args: &[&str]) -> String {
-        let o = self.docker(args);
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-
-    /// `docker import` of the test rootfs as `name`.
-    pub fn import_rootfs(&self, name: &str) {
-        let mut tar = Command::new("tar")
-            .args(["-C", crate::node::rootfs().to_str().unwrap(), "-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let st = Command::new("docker")
-            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-            .args(["import", "-", name])
-            .stdin(tar.stdout.take().unwrap())
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(tar.wait().unwrap().success(), "tar of the test rootfs");
-        assert!(st.success(), "docker import");
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let start = Instant::now();
-            while c.try_wait().ok().flatten().is_none() {
-                if start.elapsed() > Duration::from_secs(20) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-        // Overlay mounts under the data root go with the daemon; the tree may hold read-only bits.
-        let _ = Command::new("rm").args(["-rf", &self.dir.path().display().to_string()]).status();
-    }
-}
+use crate::harness::docker::Dockerd;
+use crate::harness::http::{HttpServer, Response};
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 fn role(step: &str) -> String {
     format!("schema = 1\n[[step]]\nkind = \"container\"\nname = \"web\"\nimage = \"bt-test:1\"\npull = \"never\"\ncommand = [\"sleep\", \"infinity\"]\n{step}")
@@ -221,4 +113,100 @@ fn engine_not_running_fails_the_step_naming_the_socket() {
     assert_eq!(steps[0]["status"], "failed", "{rep:#}");
     assert_eq!(steps[1]["status"], "not_run", "{rep:#}");
     assert!(!node.merged.join("etc/after").exists());
+}
+
+/// A minimal registry (distribution API v2, plain HTTP) serving one image by digest only,
+/// inside dockerd's network namespace (dockerd treats 127.0.0.0/8 as an insecure registry).
+/// Returns the server (it stops when dropped), its port, the manifest digest, and the log of
+/// requests ("GET /v2/...").
+fn registry(netns: &str, repo: &str) -> (HttpServer, u16, String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use sha2::Digest;
+    use std::io::Write;
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    // One layer with one file; the container is created, never started.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o755);
+    h.set_cksum();
+    tar.append_data(&mut h, "hello", &b"hello\n"[..]).unwrap();
+    let layer_tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&layer_tar).unwrap();
+    let layer = gz.finish().unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": { "Cmd": ["/hello"] },
+        "rootfs": { "type": "layers", "diff_ids": [sha(&layer_tar)] },
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": { "mediaType": "application/vnd.docker.container.image.v1+json", "size": config.len(), "digest": sha(&config) },
+        "layers": [{ "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer.len(), "digest": sha(&layer) }],
+    }))
+    .unwrap();
+    let digest = sha(&manifest);
+    let mut blobs = std::collections::HashMap::new();
+    blobs.insert(format!("/v2/{repo}/blobs/{}", sha(&config)), (config, "application/octet-stream"));
+    blobs.insert(format!("/v2/{repo}/blobs/{}", sha(&layer)), (layer, "application/octet-stream"));
+    blobs.insert(
+        format!("/v2/{repo}/manifests/{digest}"),
+        (manifest, "application/vnd.docker.distribution.manifest.v2+json"),
+    );
+    blobs.insert("/v2/".to_string(), (b"{}".to_vec(), "application/json"));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = crate::harness::http::bind_in_netns(&format!("/run/netns/{netns}"), "127.0.0.1:0");
+    let port = listener.local_addr().unwrap().port();
+    let (log2, digest2) = (log.clone(), digest.clone());
+    let server = HttpServer::serve(listener, format!("http://127.0.0.1:{port}"), move |req| {
+        log2.lock().unwrap().push(format!("{} {}", req.method, req.path));
+        let (status, body, ctype): (u16, &[u8], &str) = match blobs.get(&req.path) {
+            Some((body, ctype)) => (200, body, ctype),
+            None => (
+                404,
+                br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+                "application/json",
+            ),
+        };
+        Some(
+            Response::new(status, body)
+                .header("Content-Type", ctype)
+                .header("Docker-Distribution-API-Version", "registry/2.0")
+                .header("Docker-Content-Digest", digest2.clone())
+                .header("Connection", "close"),
+        )
+    });
+    (server, port, digest, log)
+}
+
+/// Finding 11: `image@sha256:…` pulls that digest (not `:latest`), the container is created
+/// from it, and a second run (and `pull = "always"`) finds it present by digest: no change,
+/// no pull. The image comes from a registry speaking the distribution API in dockerd's netns.
+#[test]
+fn digest_pinned_image_is_pulled_and_compared_by_digest() {
+    let d = Dockerd::start();
+    let (_registry, port, digest, log) = registry(&d.netns, "bt/app");
+    let image = format!("127.0.0.1:{port}/bt/app@{digest}");
+    let role = |pull: &str| {
+        format!("schema = 1\n[[step]]\nkind = \"container\"\nname = \"pinned\"\nimage = \"{image}\"\npull = \"{pull}\"\nstate = \"stopped\"\ncommand = [\"/hello\"]\n")
+    };
+    let b = bundle(&[("roles/app/role.toml", &role("missing"))]);
+    let node = Node::boot_with(b.path(), &[(&d.socket, "/run/docker.sock")]);
+    let apply = || node.run_role("apply", "app", &["--name", "production-app", "--detailed-exitcodes"]);
+    let r = apply();
+    let requests = log.lock().unwrap().clone();
+    assert_eq!(r.code, 2, "{}\nregistry saw: {requests:?}", r.all());
+    assert!(requests.contains(&format!("GET /v2/bt/app/manifests/{digest}")), "{requests:?}");
+    assert!(!requests.iter().any(|l| l.contains("manifests/latest")), "{requests:?}");
+    assert_eq!(d.out(&["inspect", "-f", "{{.Config.Image}}", "pinned"]), image);
+    assert!(d.out(&["image", "inspect", "-f", "{{json .RepoDigests}}", &image]).contains(&digest));
+
+    let r = apply();
+    assert_eq!(r.code, 0, "second run changes nothing: {}", r.all());
+    std::fs::write(b.path().join("roles/app/role.toml"), role("always")).unwrap();
+    let before = log.lock().unwrap().len();
+    let r = apply();
+    assert_eq!(r.code, 0, "pull = always with the digest present: {}", r.all());
+    assert_eq!(log.lock().unwrap().len(), before, "no registry request: {:?}", log.lock().unwrap());
 }

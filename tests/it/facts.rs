@@ -1,13 +1,12 @@
 //! Facts from the IMDSv2 test server: naming sources, faults, deadlines.
 
-use crate::imds_server::ImdsServer;
-use crate::support::*;
+use crate::harness::imds::ImdsServer;
+use crate::harness::support::*;
 
 /// A root whose agent config points at `imds`.
 fn root_with_imds(imds: &str) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
-    std::fs::write(root.path().join("etc/bootstrap/config.toml"), format!("[imds]\nbase_url = \"{imds}\"\n")).unwrap();
+    write_config(root.path(), &format!("[imds]\nbase_url = \"{imds}\"\n"));
     root
 }
 
@@ -46,18 +45,14 @@ fn facts_from_imds_and_naming_sources_in_order() {
     srv.state.lock().unwrap().user_data = Some("#bootstrap-config\n[naming]\nname = \"staging-web\"\n".into());
     let (_, f) = facts(root.path(), &[]);
     assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("staging-web"), Some("user-data")));
-    std::fs::write(
-        root.path().join("etc/bootstrap/config.toml"),
-        format!("[imds]\nbase_url = \"{}\"\n[naming]\nname = \"qa-db\"\n", srv.addr),
-    )
-    .unwrap();
+    write_config(root.path(), &format!("[imds]\nbase_url = \"{}\"\n[naming]\nname = \"qa-db\"\n", srv.addr));
     let (_, f) = facts(root.path(), &[]);
     assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("qa-db"), Some("config")));
     let (_, f) = facts(root.path(), &["--name", "prod-cache"]);
     assert_eq!((f["name"].as_str(), f["name_source"].as_str()), (Some("prod-cache"), Some("flags")));
     // A shell-script user-data is left alone.
     srv.state.lock().unwrap().user_data = Some("#!/bin/sh\necho hi\n".into());
-    std::fs::write(root.path().join("etc/bootstrap/config.toml"), format!("[imds]\nbase_url = \"{}\"\n", srv.addr)).unwrap();
+    write_config(root.path(), &format!("[imds]\nbase_url = \"{}\"\n", srv.addr));
     let (r, f) = facts(root.path(), &[]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(f["name_source"], "tag:aws:autoscaling:groupName");
@@ -115,22 +110,20 @@ fn imds_faults_retry_refresh_and_deadline() {
 
 #[test]
 fn name_tag_from_describe_tags_when_metadata_has_no_tags() {
-    let moto = crate::moto::Moto::start();
+    let moto = crate::harness::moto::Moto::start();
     let id = moto.run_instance(&[("Name", "production-haproxy")]);
     let mut st = ImdsServer::instance("ignored");
     st.tags = None; // instance metadata tags not enabled: 404
     st.meta.insert("instance-id".into(), id.clone());
     st.meta.insert("placement/region".into(), "us-east-1".into());
     let srv = ImdsServer::start(st);
-    let root = root_with_imds(&srv.addr);
-    let cfg = root.path().join("etc/bootstrap/config.toml");
-    std::fs::write(
-        &cfg,
-        format!("{}[aws]\nec2_endpoint = \"{}\"\n", std::fs::read_to_string(&cfg).unwrap(), moto.url),
-    )
-    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    write_config(
+        root.path(),
+        &format!("[imds]\nbase_url = \"{}\"\n[aws]\nec2_endpoint = \"{}\"\n", srv.addr, moto.url),
+    );
     let r: Run = cmd(&["facts", "--format", "json", "--root", root.path().to_str().unwrap()])
-        .envs(crate::moto::AWS_ENV)
+        .envs(crate::harness::moto::AWS_ENV)
         .output()
         .unwrap()
         .into();

@@ -1,8 +1,8 @@
 //! `--root` contains every write, and a symlink in a directory not owned by root is not
 //! followed on the live system (issue: trust, finding 2).
 
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 /// An image root whose `/var/run` is the absolute link `/run` (every Debian image has one):
 /// the steps write into the image's `/run`, never into the host's.
@@ -103,4 +103,24 @@ fn exec_under_root_runs_chrooted() {
     let r = run_role("apply", root.path(), missing.path(), "m", &[]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("chrooted into"), "{}", r.all());
+}
+
+/// An image whose `/etc` is the absolute link `/srv/image-etc`: a group step under `--root`
+/// edits the image's account files (shadow-utils run with `--root`, chrooted), never a host
+/// path that the link names.
+#[test]
+fn account_files_behind_an_absolute_link_stay_in_the_image() {
+    let root = tempfile::tempdir().unwrap();
+    let name = format!("bootstrap-image-etc-{}", std::process::id());
+    let inside = root.path().join("srv").join(&name);
+    std::fs::create_dir_all(&inside).unwrap();
+    std::os::unix::fs::symlink(format!("/srv/{name}"), root.path().join("etc")).unwrap();
+    let b = bundle(&[("roles/g/role.toml", "schema = 1\n[[step]]\nkind = \"group\"\nname = \"imggroup\"\ngid = 4321\n")]);
+    let r = run_role("apply", root.path(), b.path(), "g", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(!std::path::Path::new(&format!("/srv/{name}")).exists(), "account files written on the HOST");
+    let group = std::fs::read_to_string(inside.join("group")).unwrap();
+    assert!(group.contains("imggroup:x:4321:"), "{group}");
+    let r = run_role("apply", root.path(), b.path(), "g", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "second apply changes nothing\n{}", r.all());
 }

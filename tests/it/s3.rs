@@ -1,8 +1,8 @@
 //! S3 bundles on moto: fetch, conditional GET (one request, 304), last-good when S3 is down,
 //! a missing object is a failure.
 
-use crate::moto::{Moto, AWS_ENV};
-use crate::support::*;
+use crate::harness::moto::{Moto, AWS_ENV};
+use crate::harness::support::*;
 
 fn apply(root: &std::path::Path, extra: &[&str]) -> Run {
     let mut args = vec!["apply", "--root", root.to_str().unwrap(), "--name", "production-haproxy"];
@@ -20,15 +20,13 @@ fn s3_bundle_conditional_get_and_last_good() {
     moto.put("roles/roles-production.tar.gz", std::fs::read(&tarball).unwrap());
 
     let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        root.path().join("etc/bootstrap/config.toml"),
-        format!(
+    write_config(
+        root.path(),
+        &format!(
             "[bundle]\nsource = \"s3://roles/roles-${{env}}.tar.gz\"\ns3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\n",
             moto.url
         ),
-    )
-    .unwrap();
+    );
     let r = apply(root.path(), &[]);
     assert_eq!(r.code, 0, "{}", r.all());
     let rep = report(root.path());
@@ -46,12 +44,10 @@ fn s3_bundle_conditional_get_and_last_good() {
 
     // A missing object is a failure (not a fallback): exit 1, nothing applied.
     let missing = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(missing.path().join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        missing.path().join("etc/bootstrap/config.toml"),
-        format!("[bundle]\nsource = \"s3://roles/roles-nope.tar.gz\"\ns3_endpoint = \"{}\"\n", moto.url),
-    )
-    .unwrap();
+    write_config(
+        missing.path(),
+        &format!("[bundle]\nsource = \"s3://roles/roles-nope.tar.gz\"\ns3_endpoint = \"{}\"\n", moto.url),
+    );
     let r = apply(missing.path(), &[]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("s3://roles/roles-nope.tar.gz: HTTP 404"), "{}", r.stderr);

@@ -2,8 +2,8 @@
 //! sensitive as a whole (no content diff anywhere, private files), the textual redaction is a
 //! second net, and the state files that hold step details are root's alone.
 
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 /// Two lines of a key, as `file:/etc/app/key` holds it before and after a rotation.
 const OLD: [&str; 2] = [

@@ -1,198 +1,9 @@
-//! Real etcd (Debian etcd-server) on free loopback ports, one member or a three-member
-//! cluster, stopped by PID; and the reboot semaphore's tests against it.
+//! The reboot semaphore against a real etcd: acquire and release, the slots under concurrency,
+//! lost quorum, the waiting queue and its hand-offs, deadlines, TLS, a member that never answers.
 
-use bootstrap::reboot::etcd::{Acquire, EtcdLock, LockError, Semaphore, Tls, Waited};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use crate::harness::etcd::Etcd;
+use bootstrap::reboot::etcd::{Acquire, EtcdLock, LockError, Semaphore, Waited};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Member {
-    child: Option<Child>,
-    client_url: String,
-    /// How it was started, to start it again on its data dir.
-    args: Vec<String>,
-}
-
-pub struct Etcd {
-    members: Vec<Member>,
-    tls: Option<TlsFiles>,
-    _dir: tempfile::TempDir,
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
-pub struct TlsFiles {
-    pub dir: PathBuf,
-}
-
-impl TlsFiles {
-    pub fn make(dir: &Path) -> TlsFiles {
-        let sh = |script: &str| {
-            let out = Command::new("bash").arg("-ec").arg(script).current_dir(dir).output().expect("bash");
-            assert!(
-                out.status.success(),
-                "openssl (apt-get install openssl): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-        sh(&format!(
-            "openssl req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca 2>/dev/null"
-        ));
-        // etcd's gateway dials etcd itself with the server pair, so that one is a client too.
-        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
-            sh(&format!(
-                "openssl req {key} -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null
-                 printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n' > {name}.ext
-                 openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile {name}.ext -out {name}.crt 2>/dev/null"
-            ));
-        }
-        TlsFiles { dir: dir.to_path_buf() }
-    }
-
-    pub fn path(&self, f: &str) -> String {
-        self.dir.join(f).display().to_string()
-    }
-
-    /// What the agent gets from `[reboot.etcd]` ca_file, cert_file, key_file.
-    pub fn client(&self, with_cert: bool) -> Tls {
-        let read = |f: &str| std::fs::read(self.dir.join(f)).unwrap();
-        Tls {
-            ca_pem: Some(read("ca.crt")),
-            identity_pem: with_cert.then(|| [read("client.crt"), read("client.key")].concat()),
-        }
-    }
-}
-
-impl Etcd {
-    pub fn start(n: usize) -> Etcd {
-        Etcd::start_with(n, false, None)
-    }
-
-    /// One member serving clients over TLS and requiring client certificates.
-    pub fn start_tls() -> Etcd {
-        Etcd::start_with(1, true, None)
-    }
-
-    /// `data` puts the members' data under that directory (tmpfs for the fleet simulation).
-    pub fn start_with(n: usize, tls: bool, data: Option<&Path>) -> Etcd {
-        assert!(
-            std::path::Path::new("/usr/bin/etcd").exists(),
-            "etcd not found: run scripts/setup (apt etcd-server)"
-        );
-        let dir = match data {
-            Some(d) => tempfile::TempDir::new_in(d).unwrap(),
-            None => tempfile::tempdir().unwrap(),
-        };
-        let tls = tls.then(|| {
-            std::fs::create_dir(dir.path().join("tls")).unwrap();
-            TlsFiles::make(&dir.path().join("tls"))
-        });
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let cluster = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, pp))| format!("m{i}=http://127.0.0.1:{pp}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members = Vec::new();
-        for (i, (cp, pp)) in ports.iter().enumerate() {
-            let client_url = format!("{scheme}://127.0.0.1:{cp}");
-            let peer = format!("http://127.0.0.1:{pp}");
-            let mut args: Vec<String> = [
-                "--name",
-                &format!("m{i}"),
-                "--data-dir",
-                &dir.path().join(format!("m{i}")).display().to_string(),
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
-                &cluster,
-                "--initial-cluster-state",
-                "new",
-                "--log-level",
-                "error",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if let Some(t) = &tls {
-                args.extend([
-                    "--cert-file".into(),
-                    t.path("server.crt"),
-                    "--key-file".into(),
-                    t.path("server.key"),
-                    "--trusted-ca-file".into(),
-                    t.path("ca.crt"),
-                    "--client-cert-auth".into(),
-                ]);
-            }
-            let child = spawn(&args);
-            members.push(Member {
-                child: Some(child),
-                client_url,
-                args,
-            });
-        }
-        let etcd = Etcd { members, tls, _dir: dir };
-        // Ready when a write goes through.
-        let lock = etcd.lock("ready");
-        let start = Instant::now();
-        while lock.set_slots(1).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-
-    pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| m.client_url.clone()).collect()
-    }
-
-    pub fn lock(&self, group: &str) -> EtcdLock {
-        let tls = self.tls.as_ref().map(|t| t.client(true)).unwrap_or_default();
-        EtcdLock::with_tls(&self.endpoints(), "com.coreos.airlock", group, &tls).unwrap()
-    }
-
-    pub fn tls(&self) -> Option<&TlsFiles> {
-        self.tls.as_ref()
-    }
-
-    /// Start a killed member again on its data dir.
-    pub fn restart(&mut self, i: usize) {
-        assert!(self.members[i].child.is_none(), "member {i} is running");
-        self.members[i].child = Some(spawn(&self.members[i].args));
-    }
-
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(args: &[String]) -> Child {
-    Command::new("etcd").args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-    }
-}
 
 #[test]
 fn semaphore_acquire_release_idempotent_and_full() {
@@ -223,12 +34,10 @@ fn semaphore_acquire_release_idempotent_and_full() {
         }
     );
     // The raw value, as airlock and operators read it.
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &etcd.endpoints()[0], "get", "--print-value-only", lock.key()])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"total_slots":2,"holders":["i-b","i-c"]}"#);
+    assert_eq!(
+        etcd.ctl(&["get", "--print-value-only", lock.key()]).trim(),
+        r#"{"total_slots":2,"holders":["i-b","i-c"]}"#
+    );
 }
 
 #[test]
@@ -261,17 +70,6 @@ fn lost_quorum_and_dead_etcd_are_unavailable() {
     assert!(matches!(err, LockError::Unavailable(_)), "{err}");
 }
 
-fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(etcd.endpoints().join(","))
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// Waiters queue in arrival order and get the slot one by one; while the slot is held they
 /// send nothing (no polling); each handover costs a constant number of requests.
 #[test]
@@ -299,14 +97,14 @@ fn waiters_take_the_slot_in_queue_order_without_polling() {
         // Arrival order is queue order.
         std::thread::sleep(Duration::from_millis(150));
     }
-    let queued = etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]);
+    let queued = etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]);
     assert_eq!(queued.split_whitespace().count(), 8, "{queued}");
     // What `lock status` shows: the queue's length and its first waiters in order, and (in a
     // group nobody waits in, so no queue head picks it up) a release request not yet applied.
     let b = holder.backlog(3).unwrap();
     assert_eq!((b.waiting, b.first_waiters.join(" ")), (8, "n0 n1 n2".to_string()), "{b:?}");
     assert_eq!((b.releases_pending, b.first_releases.len()), (0, 0), "{b:?}");
-    etcdctl(&etcd, &["put", "com.coreos.airlock/groups/idle/v1/release/ghost", ""]);
+    etcd.ctl(&["put", "com.coreos.airlock/groups/idle/v1/release/ghost", ""]);
     let b = etcd.lock("idle").backlog(3).unwrap();
     assert_eq!(
         (b.waiting, b.releases_pending, b.first_releases.join(" ")),
@@ -326,7 +124,7 @@ fn waiters_take_the_slot_in_queue_order_without_polling() {
     let per_waiter = count(&locks) as f64 / 8.0;
     assert!(per_waiter <= 16.0, "{per_waiter} requests per waiter");
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/w/v1/queue/"]).trim(),
         "",
         "the queue is empty"
     );
@@ -365,7 +163,7 @@ fn a_wave_of_releases_goes_through_the_queue_head() {
         }));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let queued = || etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/queue/"]);
+    let queued = || etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/queue/"]);
     assert_eq!(queued().split_whitespace().count(), 10, "{}", queued());
     // The five holders come back at the same moment and release.
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(5));
@@ -389,7 +187,8 @@ fn a_wave_of_releases_goes_through_the_queue_head() {
     sem.sort();
     assert_eq!(sem, got, "the holders are exactly the granted waiters");
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"])
+            .trim(),
         ""
     );
     // Then the second wave.
@@ -401,7 +200,8 @@ fn a_wave_of_releases_goes_through_the_queue_head() {
     assert!(admin.get().unwrap().unwrap().0.holders.is_empty());
     assert_eq!(queued().trim(), "");
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/wave/v1/release/"])
+            .trim(),
         ""
     );
 }
@@ -414,13 +214,13 @@ fn a_release_the_queue_does_not_pick_up_is_written_directly() {
     let etcd = Etcd::start(1);
     let l = etcd.lock("stuck");
     assert_eq!(l.acquire("h", 1).unwrap(), Acquire::Acquired);
-    etcdctl(&etcd, &["put", "com.coreos.airlock/groups/stuck/v1/queue/ghost", "ghost"]);
+    etcd.ctl(&["put", "com.coreos.airlock/groups/stuck/v1/queue/ghost", "ghost"]);
     let start = Instant::now();
     assert!(l.release("h", 1).unwrap());
     assert!(start.elapsed() >= Duration::from_secs(4), "waited for the head first: {:?}", start.elapsed());
     assert_eq!(l.get().unwrap().unwrap().0.holders, ["ghost"]);
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/stuck/v1/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/stuck/v1/"]).trim(),
         "com.coreos.airlock/groups/stuck/v1/semaphore"
     );
     assert!(l.counters.handoffs.lock().unwrap().is_empty());
@@ -440,7 +240,7 @@ fn a_wait_ends_at_its_deadline_and_leaves_the_queue() {
     );
     assert!(start.elapsed() >= Duration::from_millis(1400));
     assert_eq!(
-        etcdctl(&etcd, &["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/d/v1/queue/"]).trim(),
+        etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/d/v1/queue/"]).trim(),
         ""
     );
     assert_eq!(l.get().unwrap().unwrap().0.holders, ["holder"]);
@@ -488,7 +288,7 @@ fn a_waiter_whose_tail_predecessor_left_still_gets_the_slot() {
             assert_eq!(l.acquire(&holder, 1).unwrap(), Acquire::Acquired);
         }
         assert_eq!(l.wait_acquire(&gone, 1, Instant::now() + Duration::from_millis(300)).unwrap(), Waited::Deadline);
-        assert!(etcdctl(&etcd, &["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{gone}")));
+        assert!(etcd.ctl(&["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{gone}")));
         for i in 0..filler {
             let r = http
                 .post(&url)
@@ -504,7 +304,7 @@ fn a_waiter_whose_tail_predecessor_left_still_gets_the_slot() {
         };
         // Queued, pointing the tail at itself, and not holding while the slot is taken.
         let queued = Instant::now();
-        while !etcdctl(&etcd, &["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{next}")) {
+        while !etcd.ctl(&["get", "--print-value-only", tail]).trim().ends_with(&format!("/queue/{next}")) {
             assert!(queued.elapsed() < Duration::from_secs(10), "{next} never queued");
             std::thread::sleep(Duration::from_millis(20));
         }

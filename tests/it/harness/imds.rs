@@ -5,9 +5,9 @@
 
 #![allow(dead_code)]
 
+use super::http::{bind_in_netns, HttpServer, Request, Response};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ pub struct State {
 pub struct ImdsServer {
     pub state: Arc<Mutex<State>>,
     pub addr: String,
+    _http: HttpServer,
 }
 
 impl ImdsServer {
@@ -74,14 +75,7 @@ impl ImdsServer {
     /// Serve on 169.254.169.254:80 inside the network namespace of process `pid` (a node's
     /// PID 1). The address must already be on the node's `lo`.
     pub fn start_in_netns(pid: i32, state: State) -> ImdsServer {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
-            // setns on this thread only: the listener belongs to the node's namespace.
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            tx.send(TcpListener::bind("169.254.169.254:80").unwrap()).unwrap();
-        });
-        let listener = rx.recv().unwrap();
+        let listener = bind_in_netns(&format!("/proc/{pid}/ns/net"), "169.254.169.254:80");
         Self::serve(listener, state, "http://169.254.169.254".into())
     }
 
@@ -92,14 +86,8 @@ impl ImdsServer {
     fn serve(listener: TcpListener, state: State, addr: String) -> ImdsServer {
         let state = Arc::new(Mutex::new(state));
         let st = state.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || handle(conn, st));
-            }
-        });
-        ImdsServer { state, addr }
+        let http = HttpServer::serve(listener, addr.clone(), move |req| handle(req, &st));
+        ImdsServer { state, addr, _http: http }
     }
 
     /// Make every issued token invalid (as if its TTL ran out).
@@ -108,64 +96,18 @@ impl ImdsServer {
     }
 }
 
-fn handle(conn: TcpStream, st: Arc<Mutex<State>>) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut conn = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut parts = line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-        let mut headers = BTreeMap::new();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_lowercase(), v.trim().to_string());
-            }
-        }
-        let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
-        let mut body = vec![0u8; len];
-        let _ = reader.read_exact(&mut body);
-        if st.lock().unwrap().silent {
-            // Never answer: hold the connection until the client gives up and closes it.
-            let _ = reader.read_to_end(&mut Vec::new());
-            return;
-        }
-        let (status, text) = respond(&method, &path, &headers, &st);
-        // Real IMDS echoes the token's TTL on the token response; the AWS SDKs insist on it.
-        let ttl = match (status, path.as_str()) {
-            (200, "/latest/api/token") => format!(
-                "X-aws-ec2-metadata-token-ttl-seconds: {}\r\n",
-                headers.get("x-aws-ec2-metadata-token-ttl-seconds").cloned().unwrap_or_default()
-            ),
-            _ => String::new(),
-        };
-        let reason = match status {
-            200 => "OK",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            _ => "Service Unavailable",
-        };
-        let resp = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n{ttl}Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{text}",
-            text.len()
-        );
-        if conn.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
+fn handle(req: &Request, st: &Mutex<State>) -> Option<Response> {
+    if st.lock().unwrap().silent {
+        return None;
     }
+    let (status, text) = respond(&req.method, &req.path, &req.headers, st);
+    let mut resp = Response::new(status, text).header("Content-Type", "text/plain");
+    // Real IMDS echoes the token's TTL on the token response; the AWS SDKs insist on it.
+    if (status, req.path.as_str()) == (200, "/latest/api/token") {
+        let ttl = req.header("x-aws-ec2-metadata-token-ttl-seconds").unwrap_or_default();
+        resp = resp.header("X-aws-ec2-metadata-token-ttl-seconds", ttl);
+    }
+    Some(resp.header("Connection", "keep-alive"))
 }
 
 fn respond(method: &str, path: &str, headers: &BTreeMap<String, String>, st: &Mutex<State>) -> (u16, String) {

@@ -1,7 +1,7 @@
 //! The walking skeleton against a temp root: golden tree, idempotence, plan, malformed
 //! inputs, sensitive redaction, SIGKILL mid-run, concurrent runs.
 
-use crate::support::*;
+use crate::harness::support::*;
 use std::time::{Duration, Instant};
 
 fn hostname() -> String {

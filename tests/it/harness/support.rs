@@ -56,6 +56,14 @@ pub fn run_role(verb: &str, root: &Path, source: &Path, role: &str, extra: &[&st
     agent(&args)
 }
 
+/// Write the agent config of the system under `root` (`etc/bootstrap/config.toml`), replacing
+/// any there.
+pub fn write_config(root: &Path, toml: &str) {
+    let path = root.join("etc/bootstrap/config.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, toml).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
 pub fn report(root: &Path) -> serde_json::Value {
     let p = root.join("var/lib/bootstrap/last-run.json");
     serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))).unwrap()

@@ -1,8 +1,8 @@
 //! End to end on a booted systemd node: packages from the test apt repo, units over D-Bus,
 //! notify restarts, failures, plan on drift, a held dpkg lock.
 
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 use std::time::{Duration, Instant};
 
 #[test]

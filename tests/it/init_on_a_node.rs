@@ -3,10 +3,10 @@
 //! instance role's credentials (served by IMDS), the role applied, the agent's units
 //! installed, firstboot.done written after success only.
 
-use crate::imds_server::ImdsServer;
-use crate::moto::Moto;
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::imds::ImdsServer;
+use crate::harness::moto::Moto;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 /// roles-production.tar.gz of this repository's roles. The IMDS test server holds
 /// 169.254.169.254:80 inside the node (on EC2 it is off-host), so haproxy listens on loopback.
@@ -31,8 +31,8 @@ fn production_bundle() -> (tempfile::TempDir, std::path::PathBuf) {
 fn init_on_a_booted_node_from_imds_and_user_data() {
     let (_bundles, tarball) = production_bundle();
     let node = Node::boot(&repo());
-    let r = node
-        .sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n' > /etc/bootstrap/config.toml && echo ok");
+    node.write_config("[imds]\nenabled = true\n");
+    let r = node.sh("ip addr add 169.254.169.254/32 dev lo && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
     let mut st = ImdsServer::instance("production-haproxy");
     st.user_data = Some("#bootstrap-config\n[bundle]\nsource = \"s3://roles/roles-${env}.tar.gz\"\ns3_endpoint = \"http://127.0.0.1:5000\"\n".into());
@@ -88,7 +88,8 @@ fn init_on_a_booted_node_from_imds_and_user_data() {
 fn init_names_the_node_from_describe_tags_when_metadata_has_no_tags() {
     let (_bundles, tarball) = production_bundle();
     let node = Node::boot(&repo());
-    let r = node.sh("ip addr add 169.254.169.254/32 dev lo && mkdir -p /etc/bootstrap && printf '[imds]\\nenabled = true\\n[aws]\\nec2_endpoint = \"http://127.0.0.1:5000\"\\n' > /etc/bootstrap/config.toml && echo ok");
+    node.write_config("[imds]\nenabled = true\n[aws]\nec2_endpoint = \"http://127.0.0.1:5000\"\n");
+    let r = node.sh("ip addr add 169.254.169.254/32 dev lo && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
     let moto = Moto::start_in_netns(node.leader, 5000);
     let id = moto.run_instance_in_netns(node.leader, "production-haproxy");
@@ -119,7 +120,7 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
     let (_bundles, tarball) = production_bundle();
     let script = repo().join("packaging/user-data.sh");
     assert!(std::fs::metadata(&script).unwrap().len() < 16 * 1024, "user_data must stay under 16 KB");
-    let node = crate::node::Node::boot_with(&repo(), &[(&repo().join("packaging"), "/srv/packaging")]);
+    let node = crate::harness::node::Node::boot_with(&repo(), &[(&repo().join("packaging"), "/srv/packaging")]);
     assert_eq!(node.sh("ip addr add 169.254.169.254/32 dev lo && echo ok").stdout.trim(), "ok");
     let mut st = ImdsServer::instance("production-haproxy");
     st.meta.insert("placement/region".into(), "us-east-1".into());
@@ -142,8 +143,7 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
         )
     };
     // The bundle's S3 endpoint is the test server (on EC2 the default endpoint is right).
-    let extra = "mkdir -p /etc/bootstrap && printf '[bundle]\\ns3_endpoint = \"http://127.0.0.1:5000\"\\n' > /etc/bootstrap/config.toml";
-    assert_eq!(node.sh(&format!("{extra} && echo ok")).stdout.trim(), "ok");
+    node.write_config("[bundle]\ns3_endpoint = \"http://127.0.0.1:5000\"\n");
 
     let bad = "0".repeat(64);
     let r = node.sh(&format!("{} sh /srv/packaging/user-data.sh", env(&bad)));
@@ -169,23 +169,18 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
 /// timer, skips the firstboot unit, and its next apply releases the reboot slot.
 #[test]
 fn init_installs_its_units_before_a_first_boot_reboot() {
-    let etcd = crate::etcd::Etcd::start(1);
+    let etcd = crate::harness::etcd::Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
+    let id = node.machine_id();
+    node.write_config(&format!(
+        "[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoints()[0]
+    ));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     let _ = node.agent(&["init"]);
     assert_eq!(node.wait_exit(std::time::Duration::from_secs(60)), 133, "init rebooted");
-    let holders = || etcd.lock("production-web").get().unwrap().map(|(s, _)| s.holders).unwrap_or_default();
+    let holders = || etcd.holders("production-web");
     assert_eq!(holders(), std::slice::from_ref(&id));
     for f in [
         "etc/systemd/system/bootstrap.timer",

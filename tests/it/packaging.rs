@@ -1,6 +1,6 @@
 //! What an operator installs: metrics, man page, completions.
 
-use crate::support::*;
+use crate::harness::support::*;
 use std::process::Command;
 
 /// Parse a Prometheus text file with prometheus_client's parser (from the test venv):
@@ -27,12 +27,7 @@ print(json.dumps(out))
 #[test]
 fn metrics_follow_failed_and_successful_runs() {
     let root = shell_root(); // its exec step runs chrooted into it
-    std::fs::create_dir_all(root.path().join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        root.path().join("etc/bootstrap/config.toml"),
-        "[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n",
-    )
-    .unwrap();
+    write_config(root.path(), "[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n");
     let prom = root.path().join("var/lib/metrics/bootstrap.prom");
     let b = bundle(&[
         ("roles/app/role.toml", "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/a\"\ncontent = \"a\\n\"\n[[step]]\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n"),
@@ -132,7 +127,7 @@ fn deb_on_a_booted_node_firstboot_then_timer_corrects_drift() {
         "roles/web/role.toml",
         "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"managed\\n\"\n",
     )]);
-    let mut node = crate::node::Node::boot_with(b.path(), &[(pkgs.path(), "/srv/pkg")]);
+    let mut node = crate::harness::node::Node::boot_with(b.path(), &[(pkgs.path(), "/srv/pkg")]);
     let r = node.sh(&format!(
         "dpkg -i /srv/pkg/{deb_name} >&2 && printf '[bundle]\\nsource = \"/srv/bundle\"\\n[naming]\\nname = \"production-web\"\\n' > /etc/bootstrap/config.d/50-site.toml && systemctl is-enabled bootstrap-firstboot.service bootstrap.timer"
     ));

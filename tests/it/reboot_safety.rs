@@ -4,9 +4,9 @@
 //! waits for the run lock and releases only after a converge in this boot (8); config errors
 //! exit 78 before any step (10); an empty or uninitialized machine id is refused (12).
 
-use crate::etcd::Etcd;
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::etcd::Etcd;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -14,16 +14,7 @@ const GROUP: &str = "production-web";
 const NAME: [&str; 2] = ["--name", GROUP];
 
 fn holders(etcd: &Etcd) -> Vec<String> {
-    etcd.lock(GROUP).get().unwrap().map(|(s, _)| s.holders).unwrap_or_default()
-}
-
-fn machine_id(n: &Node) -> String {
-    std::fs::read_to_string(n.merged.join("etc/machine-id")).unwrap().trim().to_string()
-}
-
-fn configure(n: &Node, text: &str) {
-    std::fs::create_dir_all(n.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(n.merged.join("etc/bootstrap/config.toml"), text).unwrap();
+    etcd.holders(GROUP)
 }
 
 /// `[reboot]` with the etcd strategy: `keys` go under `[reboot]`, `tables` at the end.
@@ -63,8 +54,8 @@ fn a_reboot_required_change_is_remembered_until_a_reboot() {
         "schema = 1\n[[step]]\nid = \"kernel-args\"\nkind = \"file\"\npath = \"/etc/kernel-args.conf\"\ncontent = \"quiet\\n\"\nreboot_required = true\n",
     )]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
-    configure(&node, &etcd_config(&etcd, &closed_window(), ""));
+    let id = node.machine_id();
+    node.write_config(&etcd_config(&etcd, &closed_window(), ""));
     let r = apply(&node);
     assert_eq!(r.code, 0, "{}", r.all());
     let rep = node.report();
@@ -74,7 +65,7 @@ fn a_reboot_required_change_is_remembered_until_a_reboot() {
     assert!(check.contains("reboot needed") && check.contains("kernel-args"), "{check}");
 
     // The window opens: the step is in sync now, and the node still reboots.
-    configure(&node, &etcd_config(&etcd, "", ""));
+    node.write_config(&etcd_config(&etcd, "", ""));
     let _ = apply(&node);
     let rep = node.report();
     assert_eq!(rep["steps"][0]["status"], "in_sync", "{rep:#}");
@@ -111,9 +102,9 @@ fn killed_during_a_pre_reboot_hook_the_slot_is_on_record() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
+    let id = node.machine_id();
     let hook = |cmd: &str| format!("[[reboot.pre_hook]]\ncommand = {cmd}\n");
-    configure(&node, &etcd_config(&etcd, "", &hook(r#"["sh", "-c", "touch /run/hook-started; sleep 120"]"#)));
+    node.write_config(&etcd_config(&etcd, "", &hook(r#"["sh", "-c", "touch /run/hook-started; sleep 120"]"#)));
     reboot_flag(&node);
     let r = node.sh("systemd-run --unit=applier /usr/local/bin/bootstrap apply --source /srv/bundle --role web --name production-web");
     assert_eq!(r.code, 0, "{}", r.all());
@@ -126,7 +117,7 @@ fn killed_during_a_pre_reboot_hook_the_slot_is_on_record() {
     assert_eq!((st["holder"].as_str(), st["group"].as_str()), (Some(id.as_str()), Some(GROUP)), "{st:#}");
     assert_eq!(std::fs::metadata(state_path(&node)).unwrap().permissions().mode() & 0o777, 0o600);
 
-    configure(&node, &etcd_config(&etcd, "", &hook(r#"["true"]"#)));
+    node.write_config(&etcd_config(&etcd, "", &hook(r#"["true"]"#)));
     let _ = apply(&node);
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133, "the next run reboots with its slot");
     assert_eq!(holders(&etcd), std::slice::from_ref(&id), "one slot, not two");
@@ -141,7 +132,7 @@ fn killed_during_a_pre_reboot_hook_the_slot_is_on_record() {
 /// What a run killed right after it acquired leaves behind: the slot in etcd and reboot.json
 /// of this boot.
 fn killed_after_acquire(etcd: &Etcd, node: &Node) -> String {
-    let id = machine_id(node);
+    let id = node.machine_id();
     assert_eq!(etcd.lock(GROUP).acquire(&id, 1).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
     std::fs::create_dir_all(node.merged.join("var/lib/bootstrap")).unwrap();
     std::fs::write(
@@ -163,7 +154,7 @@ fn a_lock_outage_never_drops_the_slot_record() {
     let mut etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    configure(&node, &etcd_config(&etcd, "", ""));
+    node.write_config(&etcd_config(&etcd, "", ""));
     let id = killed_after_acquire(&etcd, &node);
     let boot_id = node.boot_id();
     etcd.kill(0);
@@ -191,14 +182,11 @@ fn a_lock_outage_never_drops_the_slot_record() {
 /// release anything: reboot.json stays, the run says why, and a later 200 releases.
 #[test]
 fn fleetlock_release_needs_a_real_success() {
-    let srv = crate::fleetlock_server::FleetLockServer::start(1);
+    let srv = crate::harness::fleetlock::FleetLockServer::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
-    configure(
-        &node,
-        &format!("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"{}\"\n", srv.url),
-    );
+    let id = node.machine_id();
+    node.write_config(&format!("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"{}\"\n", srv.url));
     reboot_flag(&node);
     let _ = apply(&node);
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133);
@@ -228,7 +216,7 @@ fn a_corrupt_reboot_state_is_an_error_not_silence() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
-    configure(&node, &etcd_config(&etcd, "", ""));
+    node.write_config(&etcd_config(&etcd, "", ""));
     let id = killed_after_acquire(&etcd, &node);
     std::fs::write(state_path(&node), r#"{"group":"production-web","hol"#).unwrap();
     let r = apply(&node);
@@ -290,7 +278,7 @@ notify = ["restart:counter.service"]
 fn reboot_command_waits_for_the_run_lock() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    configure(&node, "[reboot]\nstrategy = \"immediate\"\n");
+    node.write_config("[reboot]\nstrategy = \"immediate\"\n");
     reboot_flag(&node);
     let r = node.sh("mkdir -p /run/bootstrap && systemd-run --unit=holder flock /run/bootstrap/lock sh -c 'sleep 3; touch /var/lib/holder-done'");
     assert_eq!(r.code, 0, "{}", r.all());
@@ -308,8 +296,8 @@ fn reboot_command_releases_only_after_a_converge_in_this_boot() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    let id = machine_id(&node);
-    configure(&node, &etcd_config(&etcd, "", ""));
+    let id = node.machine_id();
+    node.write_config(&etcd_config(&etcd, "", ""));
     reboot_flag(&node);
     let _ = apply(&node);
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133);
@@ -355,7 +343,7 @@ fn reboot_config_errors_exit_78_before_any_step() {
         ("", "[[reboot.health]]\ncommand = [\"true\"]\ntimeout = \"never\"\n", "never"),
     ];
     for (keys, tables, want) in cases {
-        configure(&node, &format!("[reboot]\nstrategy = \"immediate\"\n{keys}{tables}"));
+        node.write_config(&format!("[reboot]\nstrategy = \"immediate\"\n{keys}{tables}"));
         let r = node.run_role("apply", "web", &NAME);
         assert_eq!(r.code, 78, "{keys}{tables}: {}", r.all());
         assert!(r.stderr.contains(want), "{keys}{tables}: wanted {want:?} in: {}", r.stderr);
@@ -365,26 +353,20 @@ fn reboot_config_errors_exit_78_before_any_step() {
         ("[reboot]\nstrategy = \"etcd\"\n", "no etcd endpoints"),
         ("[reboot]\nstrategy = \"fleet_lock\"\n", "needs [reboot.fleet_lock] url"),
     ] {
-        configure(&node, cfg);
+        node.write_config(cfg);
         let r = node.run_role("apply", "web", &NAME);
         assert_eq!(r.code, 78, "{cfg}: {}", r.all());
         assert!(r.stderr.contains(want), "{cfg}: {}", r.stderr);
         assert!(!node.merged.join("etc/web.conf").exists(), "{cfg}: a step ran");
     }
     // A coordinated strategy with no group and no name to make one from.
-    configure(
-        &node,
-        "[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"http://127.0.0.1:1/\"\n",
-    );
+    node.write_config("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"http://127.0.0.1:1/\"\n");
     let r = node.run_role("apply", "web", &[]);
     assert_eq!(r.code, 78, "{}", r.all());
     assert!(r.stderr.contains("no reboot group"), "{}", r.stderr);
     assert!(!node.merged.join("etc/web.conf").exists());
     // The same role with a good config changes the host.
-    configure(
-        &node,
-        "[reboot]\nstrategy = \"immediate\"\nwindow_start = \"Mon 02:00\"\nwindow_length = \"1h\"\n",
-    );
+    node.write_config("[reboot]\nstrategy = \"immediate\"\nwindow_start = \"Mon 02:00\"\nwindow_length = \"1h\"\n");
     let r = node.run_role("apply", "web", &NAME);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(node.merged.join("etc/web.conf").exists());
@@ -401,7 +383,7 @@ fn an_empty_or_uninitialized_machine_id_is_refused_for_coordination() {
     )]);
     let mut node = Node::boot_host_net(b.path());
     let boot_id = node.boot_id();
-    configure(&node, &etcd_config(&etcd, "", ""));
+    node.write_config(&etcd_config(&etcd, "", ""));
     reboot_flag(&node);
     for id in ["", "uninitialized\n"] {
         std::fs::write(node.merged.join("etc/machine-id"), id).unwrap();
@@ -422,7 +404,7 @@ fn a_slot_that_cannot_be_recorded_is_given_back() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let boot_id = node.boot_id();
-    configure(&node, &etcd_config(&etcd, "", ""));
+    node.write_config(&etcd_config(&etcd, "", ""));
     reboot_flag(&node);
     let r = node.sh("mkdir -p /var/lib/bootstrap && mount -t tmpfs -o nr_inodes=1 full /var/lib/bootstrap && echo ok");
     assert!(r.stdout.contains("ok"), "{}", r.all());

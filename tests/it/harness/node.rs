@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use crate::support::{bin, Run};
+use super::support::{bin, write_config, Run};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -193,8 +193,18 @@ impl Node {
         self.agent(&args)
     }
 
+    /// Write the node's agent config (`/etc/bootstrap/config.toml`), replacing any there.
+    pub fn write_config(&self, toml: &str) {
+        write_config(&self.merged, toml);
+    }
+
     pub fn report(&self) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(self.merged.join("var/lib/bootstrap/last-run.json")).unwrap()).unwrap()
+    }
+
+    /// The node's machine id (every node has its own).
+    pub fn machine_id(&self) -> String {
+        std::fs::read_to_string(self.merged.join("etc/machine-id")).unwrap().trim().to_string()
     }
 
     pub fn main_pid(&self, unit: &str) -> String {

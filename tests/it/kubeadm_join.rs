@@ -1,9 +1,9 @@
 //! kubeadm_join on a booted node (kubeadm is a stand-in .deb from the test repo that records its
 //! argv), the join token from SSM (moto), and secrets never leaking.
 
-use crate::moto::{Moto, AWS_ENV};
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::moto::{Moto, AWS_ENV};
+use crate::harness::node::Node;
+use crate::harness::support::*;
 
 const TOKEN: &str = "abcdef.0123456789abcdef";
 const FILE_SECRET: &str = "db-password-7Hq2";
@@ -11,12 +11,7 @@ const FILE_SECRET: &str = "db-password-7Hq2";
 fn node_with_ssm(moto: &Moto) -> (Node, tempfile::TempDir) {
     let b = bundle_copy();
     let node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!("[aws]\nssm_endpoint = \"{}\"\n", moto.url),
-    )
-    .unwrap();
+    node.write_config(&format!("[aws]\nssm_endpoint = \"{}\"\n", moto.url));
     (node, b)
 }
 

@@ -1,12 +1,12 @@
 //! Coordinated reboots on two booted nodes sharing one real etcd (slots = 1).
 
-use crate::etcd::Etcd;
-use crate::node::Node;
-use crate::support::*;
+use crate::harness::etcd::Etcd;
+use crate::harness::node::Node;
+use crate::harness::support::*;
 use std::time::Duration;
 
 fn holders(etcd: &Etcd) -> Vec<String> {
-    etcd.lock("production-web").get().unwrap().map(|(s, _)| s.holders).unwrap_or_default()
+    etcd.holders("production-web")
 }
 
 /// Two nodes, one slot: one reboots while the other waits; a node unhealthy after its reboot
@@ -19,11 +19,10 @@ fn one_slot_rollout(config: &str, holders: &dyn Fn() -> Vec<String>) -> (Vec<Nod
     )]);
     let mut nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(b.path())).collect();
     for n in &nodes {
-        std::fs::create_dir_all(n.merged.join("etc/bootstrap")).unwrap();
-        std::fs::write(n.merged.join("etc/bootstrap/config.toml"), config).unwrap();
+        n.write_config(config);
         assert!(n.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     }
-    let id = |n: &Node| std::fs::read_to_string(n.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = |n: &Node| n.machine_id();
     let (a_id, b_id) = (id(&nodes[0]), id(&nodes[1]));
 
     // Node A takes the slot and reboots (nspawn exits 133).
@@ -95,7 +94,7 @@ fn two_nodes_one_slot_reboot_one_at_a_time() {
 
 #[test]
 fn two_nodes_one_slot_with_fleetlock() {
-    let srv = crate::fleetlock_server::FleetLockServer::start(1);
+    let srv = crate::harness::fleetlock::FleetLockServer::start(1);
     let config = format!("[reboot]\nstrategy = \"fleet_lock\"\n[reboot.fleet_lock]\nurl = \"{}\"\n", srv.url);
     let (_nodes, _a, b_id, _bundle) = one_slot_rollout(&config, &|| srv.holders("production-web"));
     assert_eq!(srv.holders("production-web"), [b_id]);
@@ -108,16 +107,11 @@ fn killed_after_acquire_the_next_run_reboots_with_its_slot() {
     let etcd = Etcd::start(1);
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+        etcd.endpoints()[0]
+    ));
+    let id = node.machine_id();
     let boot_id = node.boot_id();
     // What the killed run left behind.
     assert_eq!(etcd.lock("production-web").acquire(&id, 1).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
@@ -140,19 +134,13 @@ fn hooks_and_health_checks_gate_the_reboot() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let boot_id = node.boot_id();
-    let cfg = node.merged.join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    let write = |extra: &str| {
-        std::fs::write(
-            &cfg,
-            format!(
-                "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}",
-                etcd.endpoints()[0]
-            ),
-        )
-        .unwrap();
+    let write = |node: &Node, extra: &str| {
+        node.write_config(&format!(
+            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n{extra}",
+            etcd.endpoints()[0]
+        ))
     };
-    write("[[reboot.pre_hook]]\ncommand = [\"sh\", \"-c\", \"echo draining failed; exit 4\"]\n");
+    write(&node, "[[reboot.pre_hook]]\ncommand = [\"sh\", \"-c\", \"echo draining failed; exit 4\"]\n");
     assert_eq!(node.agent(&["reboot", "--check", "--name", "production-web"]).stdout.trim(), "no reboot needed");
     assert_eq!(node.agent(&["reboot", "--request"]).code, 0);
     assert!(node
@@ -168,7 +156,10 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert!(holders(&etcd).is_empty(), "the slot goes back after a failed hook");
     assert!(node.still_up(&boot_id), "no reboot after a failed hook");
 
-    write("[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n");
+    write(
+        &node,
+        "[[reboot.pre_hook]]\ncommand = [\"touch\", \"/var/lib/drained\"]\n[[reboot.health]]\nunit = \"ghost.service\"\n",
+    );
     let _ = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(node.wait_exit(Duration::from_secs(60)), 133);
     assert!(node.merged.join("var/lib/drained").exists(), "the hook ran before the reboot");
@@ -181,7 +172,7 @@ fn hooks_and_health_checks_gate_the_reboot() {
     assert_eq!(holders(&etcd).len(), 1, "an unhealthy node keeps its slot");
     // The operator sees who holds the slot and why, from any node with the config.
     let r = node.agent(&["lock", "status", "--group", "production-web"]);
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = node.machine_id();
     assert!(
         r.stdout
             .contains(&format!("{id}  halted: unhealthy after reboot: unit ghost.service is inactive")),
@@ -189,7 +180,10 @@ fn hooks_and_health_checks_gate_the_reboot() {
         r.all()
     );
 
-    write("[[reboot.health]]\ncommand = [\"true\"]\n[[reboot.health]]\nunit = \"systemd-journald.service\"\n");
+    write(
+        &node,
+        "[[reboot.health]]\ncommand = [\"true\"]\n[[reboot.health]]\nunit = \"systemd-journald.service\"\n",
+    );
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(node.report()["reboot"]["action"], "released");
@@ -205,16 +199,10 @@ fn outside_the_window_no_slot_is_taken() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
     let hour = (time::OffsetDateTime::now_utc().hour() + 12) % 24;
-    let cfg = node.merged.join("etc/bootstrap/config.toml");
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\nwindow_start = \"{hour:02}:00\"\nwindow_length = \"1h\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoints()[0]
+    ));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     let r = node.run_role("apply", "web", &["--name", "production-web"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -230,7 +218,7 @@ fn outside_the_window_no_slot_is_taken() {
 #[test]
 fn lock_reap_removes_dead_holders_only() {
     let etcd = Etcd::start(1);
-    let moto = crate::moto::Moto::start();
+    let moto = crate::harness::moto::Moto::start();
     let live = moto.run_instance(&[("Name", "production-web")]);
     let dead = moto.run_instance(&[("Name", "production-web")]);
     moto.terminate(&dead);
@@ -240,16 +228,11 @@ fn lock_reap_removes_dead_holders_only() {
     }
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n",
-            etcd.endpoints()[0],
-            moto.url
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n",
+        etcd.endpoints()[0],
+        moto.url
+    ));
     let r = node.sh("AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true bootstrap lock reap --group production-web");
     assert!(
         r.stdout.contains(&format!("removed {dead}")) && r.stdout.contains("removed i-0000000000000dead"),
@@ -272,13 +255,8 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let mut node = Node::boot_host_net(b.path());
     let boot_id = node.boot_id();
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
     let eps = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n"),
-    )
-    .unwrap();
+    node.write_config(&format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [{eps}]\n"));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     etcd.kill(1);
     etcd.kill(2);
@@ -309,33 +287,18 @@ fn lost_quorum_means_no_reboot_until_it_returns() {
 fn etcd_node(etcd: &Etcd, extra: &str) -> (Node, tempfile::TempDir) {
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
-    std::fs::create_dir_all(node.merged.join("etc/bootstrap")).unwrap();
-    std::fs::write(
-        node.merged.join("etc/bootstrap/config.toml"),
-        format!(
-            "[reboot]\nstrategy = \"etcd\"\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
-            etcd.endpoints()[0]
-        ),
-    )
-    .unwrap();
+    node.write_config(&format!(
+        "[reboot]\nstrategy = \"etcd\"\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\nslots = 1\n",
+        etcd.endpoints()[0]
+    ));
     assert!(node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
     (node, b)
 }
 
 fn queued(etcd: &Etcd) -> String {
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd.endpoints()[0],
-            "get",
-            "--keys-only",
-            "--prefix",
-            "com.coreos.airlock/groups/production-web/v1/queue/",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    etcd.ctl(&["get", "--keys-only", "--prefix", "com.coreos.airlock/groups/production-web/v1/queue/"])
+        .trim()
+        .to_string()
 }
 
 /// `bootstrap reboot --wait` queues while another node holds the slot, and reboots as soon as
@@ -349,7 +312,7 @@ fn reboot_wait_takes_the_slot_when_it_frees() {
     );
     let (mut node, _b) = etcd_node(&etcd, "");
     let boot_id = node.boot_id();
-    let id = std::fs::read_to_string(node.merged.join("etc/machine-id")).unwrap().trim().to_string();
+    let id = node.machine_id();
     let r = node.sh("systemd-run --unit=waiter /usr/local/bin/bootstrap reboot --wait --name production-web");
     assert_eq!(r.code, 0, "{}", r.all());
     let start = std::time::Instant::now();
