@@ -51,3 +51,6 @@ mod secrets;
 
 #[path = "it/runner.rs"]
 mod runner;
+
+#[path = "it/architecture.rs"]
+mod architecture;
