@@ -39,6 +39,7 @@ pub struct Stat {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    pub nlink: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,7 @@ impl From<&rustix::fs::Stat> for Stat {
             mode: s.st_mode & 0o7777,
             uid: s.st_uid,
             gid: s.st_gid,
+            nlink: s.st_nlink as u64,
         }
     }
 }
@@ -88,6 +90,8 @@ pub struct Root {
 /// The directory that holds a path's last component, opened, and that component's name.
 pub struct Parent {
     pub dir: OwnedFd,
+    /// Owner and mode of that directory.
+    pub dir_stat: Stat,
     pub name: OsString,
     /// The path as the role names it, for messages.
     pub shown: String,
@@ -133,8 +137,10 @@ impl Root {
             bail!("path {path:?} names the root itself")
         };
         let Some(dir) = self.walk(path, comps, create)? else { return Ok(None) };
+        let dir_stat = Stat::from(&rustix::fs::fstat(&dir).with_context(|| format!("fstat of the directory holding {path}"))?);
         Ok(Some(Parent {
             dir,
+            dir_stat,
             name,
             shown: path.to_string(),
         }))
@@ -148,10 +154,11 @@ impl Root {
 
     /// Walk `todo` from the root, one `openat(O_NOFOLLOW)` per component.
     fn walk(&self, shown: &str, todo: Vec<OsString>, create: bool) -> Result<Option<OwnedFd>> {
-        // The directories entered so far (the root first), with the uid that owns each.
+        // The directories entered so far (the root first), with the owner and mode of each
+        // (read from the opened descriptor, so they are the directory's that was entered).
         let root_fd = self.fd.try_clone().context("duplicating the root descriptor")?;
-        let root_uid = rustix::fs::fstat(&root_fd).map(|s| s.st_uid).unwrap_or(0);
-        let mut stack: Vec<(OwnedFd, u32)> = vec![(root_fd, root_uid)];
+        let root_st = Stat::from(&rustix::fs::fstat(&root_fd).context("fstat of the root")?);
+        let mut stack: Vec<(OwnedFd, Stat)> = vec![(root_fd, root_st)];
         let mut todo: std::collections::VecDeque<OsString> = todo.into();
         let mut links = 0;
         while let Some(c) = todo.pop_front() {
@@ -165,7 +172,7 @@ impl Root {
                 }
                 continue;
             }
-            let (top, top_uid) = stack.last().map(|(f, u)| (f, *u)).context("empty directory stack")?;
+            let (top, top_st) = stack.last().map(|(f, st)| (f, *st)).context("empty directory stack")?;
             let st = match rustix::fs::statat(top, c.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => Stat::from(&st),
                 Err(Errno::NOENT) if create => {
@@ -176,8 +183,8 @@ impl Root {
                     let fd = rustix::fs::openat(top, c.as_os_str(), dir_flags(), Mode::empty())
                         .with_context(|| format!("opening directory {} for {shown}", lossy(&c)))?;
                     rustix::fs::fsync(top).with_context(|| format!("fsync of the directory holding {}", lossy(&c)))?;
-                    let uid = rustix::fs::fstat(&fd).map(|s| s.st_uid).unwrap_or(0);
-                    stack.push((fd, uid));
+                    let st = Stat::from(&rustix::fs::fstat(&fd).context("fstat")?);
+                    stack.push((fd, st));
                     continue;
                 }
                 Err(Errno::NOENT) => return Ok(None),
@@ -191,22 +198,28 @@ impl Root {
                         Err(Errno::LOOP | Errno::NOTDIR) => bail!("{shown}: {} changed while it was being resolved", lossy(&c)),
                         Err(e) => return Err(e).with_context(|| format!("opening directory {} on the way to {shown}", lossy(&c))),
                     };
-                    let uid = rustix::fs::fstat(&fd).map(|s| s.st_uid).context("fstat")?;
-                    stack.push((fd, uid));
+                    let st = Stat::from(&rustix::fs::fstat(&fd).context("fstat")?);
+                    stack.push((fd, st));
                 }
                 Kind::Symlink => {
-                    if top_uid != 0 {
-                        bail!(
-                            "unsafe path transition in {shown}: {} is a symlink in a directory owned by uid {top_uid}, not root; refusing to follow it",
-                            lossy(&c)
-                        );
+                    // The link itself, opened: its owner and its target are read from one
+                    // descriptor, so a link swapped in between cannot pass the check.
+                    let link = match rustix::fs::openat(top, c.as_os_str(), OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                        Ok(fd) => fd,
+                        Err(e) => return Err(e).with_context(|| format!("opening link {} on the way to {shown}", lossy(&c))),
+                    };
+                    let link_st = Stat::from(&rustix::fs::fstat(&link).context("fstat")?);
+                    if link_st.kind != Kind::Symlink {
+                        bail!("{shown}: {} changed while it was being resolved", lossy(&c));
+                    }
+                    if let Some(why) = unsafe_link(&top_st, &link_st) {
+                        bail!("unsafe path transition in {shown}: {} is {why}; refusing to follow it", lossy(&c));
                     }
                     links += 1;
                     if links > MAX_SYMLINKS {
                         bail!("{shown}: too many levels of symbolic links");
                     }
-                    let target =
-                        rustix::fs::readlinkat(top, c.as_os_str(), Vec::new()).with_context(|| format!("reading link {} on the way to {shown}", lossy(&c)))?;
+                    let target = rustix::fs::readlinkat(&link, "", Vec::new()).with_context(|| format!("reading link {} on the way to {shown}", lossy(&c)))?;
                     let target = OsStr::from_bytes(target.as_bytes());
                     let t = Path::new(target);
                     if t.is_absolute() {
@@ -287,12 +300,30 @@ impl Parent {
         }
     }
 
+    /// A regular file with more than one name, in a directory someone other than root
+    /// controls, may be another file's hard link planted there (`/etc/shadow` linked into a
+    /// user's directory): it is neither read nor changed, as systemd-tmpfiles refuses it.
+    fn check_links(&self, st: &Stat) -> Result<()> {
+        let shared = self.dir_stat.uid != 0 || self.dir_stat.mode & 0o022 != 0;
+        if st.kind == Kind::File && st.nlink > 1 && shared {
+            bail!(
+                "{} has {} hard links in a directory that is not root's alone (owner uid {}, mode {:04o}); refusing to use it",
+                self.shown,
+                st.nlink,
+                self.dir_stat.uid,
+                self.dir_stat.mode
+            );
+        }
+        Ok(())
+    }
+
     pub fn read(&self) -> Result<Option<Vec<u8>>> {
         let Some(mut f) = self.open(OFlags::RDONLY)? else { return Ok(None) };
         let st = Stat::from(&rustix::fs::fstat(&f).with_context(|| format!("fstat {}", self.shown))?);
         if st.kind != Kind::File {
             bail!("{} is {}, not a regular file", self.shown, st.kind.describe());
         }
+        self.check_links(&st)?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf).with_context(|| format!("reading {}", self.shown))?;
         Ok(Some(buf))
@@ -302,6 +333,7 @@ impl Parent {
     /// without following links (so a swapped-in symlink cannot redirect the change).
     pub fn set_meta(&self, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
         let f = self.open(OFlags::RDONLY)?.with_context(|| format!("{} vanished", self.shown))?;
+        self.check_links(&Stat::from(&rustix::fs::fstat(&f).with_context(|| format!("fstat {}", self.shown))?))?;
         if uid.is_some() || gid.is_some() {
             rustix::fs::fchown(&f, uid.map(rustix::fs::Uid::from_raw), gid.map(rustix::fs::Gid::from_raw)).with_context(|| format!("chown {}", self.shown))?;
         }
@@ -323,10 +355,23 @@ impl Parent {
         .with_context(|| format!("chown {}", self.shown))
     }
 
-    fn tmp_name(&self) -> OsString {
+    /// `.NAME.bootstrap-tmp.` (NAME shortened to a hash when a temp name would pass the
+    /// 255-byte limit of a file name).
+    fn tmp_prefix(&self) -> OsString {
         let mut t = OsString::from(".");
-        t.push(&self.name);
-        t.push(format!("{}{}", super::TMP_MARK, std::process::id()));
+        if self.name.len() > 200 {
+            use sha2::Digest;
+            t.push(&hex::encode(sha2::Sha256::digest(self.name.as_bytes()))[..32]);
+        } else {
+            t.push(&self.name);
+        }
+        t.push(super::TMP_MARK);
+        t
+    }
+
+    fn tmp_name(&self) -> OsString {
+        let mut t = self.tmp_prefix();
+        t.push(std::process::id().to_string());
         t
     }
 
@@ -408,10 +453,7 @@ impl Parent {
 
     /// Remove temp files that an earlier, killed write of this name left beside it.
     fn remove_stale_temps(&self) {
-        let mut prefix = OsString::from(".");
-        prefix.push(&self.name);
-        prefix.push(super::TMP_MARK);
-        let prefix = prefix.as_bytes().to_vec();
+        let prefix = self.tmp_prefix().as_bytes().to_vec();
         let Ok(dup) = self.dir.try_clone() else { return };
         let Ok(dir) = rustix::fs::Dir::read_from(dup.as_fd()) else { return };
         for e in dir.flatten() {
@@ -427,6 +469,24 @@ impl Parent {
             }
         }
     }
+}
+
+/// Why following a symlink found in directory `dir` would be unsafe (None: safe). Only root
+/// may have put the link there: the directory is root's and writable by no one else, or the
+/// link is root's own (the kernel's `protected_symlinks` rule for a sticky shared directory,
+/// with root following). A link in a directory another user owns, or another user's link in a
+/// shared directory such as `/tmp`, could point anywhere that user likes.
+fn unsafe_link(dir: &Stat, link: &Stat) -> Option<String> {
+    if dir.uid != 0 {
+        return Some(format!("a symlink in a directory owned by uid {}, not root", dir.uid));
+    }
+    if dir.mode & 0o022 != 0 && link.uid != 0 {
+        return Some(format!(
+            "a symlink owned by uid {} in a directory others can write to (mode {:04o})",
+            link.uid, dir.mode
+        ));
+    }
+    None
 }
 
 fn lossy(s: &OsStr) -> std::borrow::Cow<'_, str> {
@@ -496,6 +556,65 @@ mod tests {
         assert!(!image.path().join("etc/evil").exists());
         // a plain directory of that user is fine
         r.write("/srv/app/plain", b"x", 0o644, None).unwrap();
+    }
+
+    #[test]
+    fn a_user_link_in_a_shared_root_owned_directory_is_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let image = tempfile::tempdir().unwrap();
+        // /tmp: root-owned, world-writable and sticky; alice's link points at /etc/cron.d.
+        let tmp = image.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::create_dir_all(image.path().join("etc/cron.d")).unwrap();
+        symlink("/etc/cron.d", tmp.join("app")).unwrap();
+        std::os::unix::fs::lchown(tmp.join("app"), Some(1000), Some(1000)).unwrap();
+        let r = Root::open(image.path()).unwrap();
+        let err = format!("{:#}", r.write("/tmp/app/x", b"x", 0o644, None).unwrap_err());
+        assert!(err.contains("unsafe path transition") && err.contains("uid 1000"), "{err}");
+        assert!(!image.path().join("etc/cron.d/x").exists());
+        // The same link owned by root is root's own doing: followed.
+        std::os::unix::fs::lchown(tmp.join("app"), Some(0), Some(0)).unwrap();
+        r.write("/tmp/app/x", b"x", 0o644, None).unwrap();
+        assert!(image.path().join("etc/cron.d/x").exists());
+        // A group-writable root-owned directory (root:mail 2775): a member's link is refused too.
+        let mail = image.path().join("var/mail");
+        std::fs::create_dir_all(&mail).unwrap();
+        std::fs::set_permissions(&mail, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        symlink("/etc", mail.join("box")).unwrap();
+        std::os::unix::fs::lchown(mail.join("box"), Some(1000), Some(8)).unwrap();
+        assert!(r.write("/var/mail/box/evil", b"x", 0o644, None).is_err());
+        assert!(!image.path().join("etc/evil").exists());
+    }
+
+    #[test]
+    fn a_hard_link_in_a_user_directory_is_not_read_or_changed() {
+        let image = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(image.path().join("etc")).unwrap();
+        std::fs::create_dir_all(image.path().join("home/alice")).unwrap();
+        std::fs::write(image.path().join("etc/shadow"), b"root:secret-hash:1::::::\n").unwrap();
+        std::fs::hard_link(image.path().join("etc/shadow"), image.path().join("home/alice/app.conf")).unwrap();
+        std::os::unix::fs::lchown(image.path().join("home/alice"), Some(1000), Some(1000)).unwrap();
+        let r = Root::open(image.path()).unwrap();
+        let err = format!("{:#}", r.read("/home/alice/app.conf").unwrap_err());
+        assert!(err.contains("hard links"), "{err}");
+        let p = r.parent("/home/alice/app.conf", false).unwrap().unwrap();
+        assert!(p.set_meta(Some(0o644), Some(1000), None).is_err());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(image.path().join("etc/shadow")).unwrap().uid(), 0);
+        // In root's own directories a file with several names is fine (/usr/bin has them).
+        assert!(r.read("/etc/shadow").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_name_of_255_bytes_can_be_written() {
+        let image = tempfile::tempdir().unwrap();
+        let r = Root::open(image.path()).unwrap();
+        let name = format!("/{}", "n".repeat(255));
+        r.write(&name, b"1", 0o644, None).unwrap();
+        r.write(&name, b"2", 0o644, None).unwrap();
+        assert_eq!(r.read(&name).unwrap().unwrap(), b"2");
+        assert_eq!(std::fs::read_dir(image.path()).unwrap().count(), 1, "no temp file left");
     }
 
     #[test]
