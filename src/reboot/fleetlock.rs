@@ -85,7 +85,9 @@ enum Class {
 fn classify(status: u16) -> Class {
     match status {
         200 => Class::Yes,
-        408 | 429 => Class::Unavailable,
+        // Timeouts and throttling, and what a wrong URL, proxy or credential answers: the lock
+        // service did not say no, so nothing may be concluded about the slot.
+        401 | 403 | 404 | 405 | 407 | 408 | 421 | 429 => Class::Unavailable,
         400..=499 => Class::Refused,
         _ => Class::Unavailable,
     }
@@ -104,7 +106,10 @@ mod tests {
             (204, Unavailable),
             (302, Unavailable),
             (400, Refused),
-            (404, Refused),
+            (401, Unavailable),
+            (403, Unavailable),
+            (404, Unavailable),
+            (405, Unavailable),
             (409, Refused),
             (408, Unavailable),
             (429, Unavailable),

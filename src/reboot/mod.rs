@@ -53,22 +53,7 @@ impl Backend {
                 etcd::Waited::AlreadyHeld => Some(etcd::Acquire::AlreadyHeld),
                 etcd::Waited::Deadline => None,
             }),
-            Backend::Fleet(f) => {
-                let mut delay = std::time::Duration::from_secs(2);
-                loop {
-                    match f.acquire(holder) {
-                        Ok(etcd::Acquire::Full) | Err(etcd::LockError::Unavailable(_)) => {}
-                        other => return other.map(Some),
-                    }
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    let jitter = rand::Rng::random_range(&mut rand::rng(), 0..=delay.as_millis() as u64);
-                    std::thread::sleep((delay / 2 + std::time::Duration::from_millis(jitter)).min(left));
-                    delay = (delay * 2).min(std::time::Duration::from_secs(60));
-                }
-            }
+            Backend::Fleet(f) => poll_until(|| f.acquire(holder), deadline, std::time::Duration::from_secs(2)),
         }
     }
 
@@ -86,6 +71,34 @@ impl Backend {
                 tracing::warn!("could not record the holder status in etcd: {e}");
             }
         }
+    }
+}
+
+/// Ask `acquire` again with capped, jittered backoff until a slot is ours or `deadline`
+/// passes. At the deadline, the last answer decides: "full" is `None`; an unreachable lock
+/// service is that error (so a caller holding a record of a slot keeps it: nothing was learnt).
+fn poll_until(
+    mut acquire: impl FnMut() -> Result<etcd::Acquire, etcd::LockError>,
+    deadline: std::time::Instant,
+    first_delay: std::time::Duration,
+) -> Result<Option<etcd::Acquire>, etcd::LockError> {
+    let mut delay = first_delay;
+    loop {
+        let last = match acquire() {
+            Ok(etcd::Acquire::Full) => None,
+            Err(e @ etcd::LockError::Unavailable(_)) => Some(e),
+            other => return other.map(Some),
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return match last {
+                Some(e) => Err(e),
+                None => Ok(None),
+            };
+        }
+        let jitter = rand::Rng::random_range(&mut rand::rng(), 0..=delay.as_millis() as u64);
+        std::thread::sleep((delay / 2 + std::time::Duration::from_millis(jitter)).min(left));
+        delay = (delay * 2).min(std::time::Duration::from_secs(60));
     }
 }
 
@@ -515,5 +528,36 @@ pub fn coordinate(host: &Host, s: &Settings, run: RunResult, mut wait: Option<Wa
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A lock service that stays unreachable until the deadline is an error, not "full": the
+    /// caller must not conclude that its slot is gone and drop its record.
+    #[test]
+    fn a_wait_that_ends_unreachable_is_an_error_not_full() {
+        let deadline = Instant::now() + Duration::from_millis(30);
+        let down = poll_until(|| Err(etcd::LockError::Unavailable("down".into())), deadline, Duration::from_millis(5));
+        assert!(matches!(down, Err(etcd::LockError::Unavailable(_))), "{down:?}");
+        let full = poll_until(|| Ok(etcd::Acquire::Full), Instant::now() + Duration::from_millis(30), Duration::from_millis(5));
+        assert!(matches!(full, Ok(None)), "{full:?}");
+        let mut n = 0;
+        let got = poll_until(
+            || {
+                n += 1;
+                if n < 3 {
+                    Err(etcd::LockError::Unavailable("down".into()))
+                } else {
+                    Ok(etcd::Acquire::Acquired)
+                }
+            },
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_millis(5),
+        );
+        assert!(matches!(got, Ok(Some(etcd::Acquire::Acquired))), "{got:?}");
     }
 }
