@@ -19,12 +19,22 @@ pub struct RunOptions {
     pub started: Instant,
 }
 
+/// What a caller adds to a run.
+pub struct Hooks<'a> {
+    /// Runs once the steps succeeded, before reboot coordination may take a slot and run the
+    /// pre-reboot hooks (`init` installs its units and writes its marker here). An error fails
+    /// the run: no reboot.
+    pub after_steps: Option<&'a mut dyn FnMut() -> anyhow::Result<()>>,
+    /// Shows the finished report (before a reboot).
+    pub show: &'a mut dyn FnMut(&Report) -> anyhow::Result<()>,
+}
+
 /// Validate the config, fetch the bundle, load and prepare the role, take the run lock, run,
-/// coordinate the reboot, persist. Never reboots itself: `report.reboot_now()` says whether
-/// the caller must, after everything that must come before (`init` installs its units first).
+/// `after_steps`, coordinate the reboot, persist, show the report, and reboot when a slot is
+/// held for it: the run lock is held until logind has the request.
 /// An apply that fails before it has a report still updates the metrics, so an alert sees it.
-pub fn converge(cx: &Context, o: &RunOptions, mode: Mode) -> anyhow::Result<Report> {
-    let result = run(cx, o, mode);
+pub fn converge(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Result<Report> {
+    let result = run(cx, o, mode, hooks);
     if let (Err(e), Mode::Apply) = (&result, mode) {
         failed_metrics(cx, e, o.started);
     }
@@ -45,7 +55,7 @@ fn failed_metrics(cx: &Context, e: &anyhow::Error, start: Instant) {
     }
 }
 
-fn run(cx: &Context, o: &RunOptions, mode: Mode) -> anyhow::Result<Report> {
+fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Result<Report> {
     let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
     // Every config error before anything else, so none is found after the steps ran.
     let reboot = cx.reboot_settings()?;
@@ -106,6 +116,12 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode) -> anyhow::Result<Report> {
         sha256: fetched.sha256.clone(),
         origin: fetched.origin.to_string(),
     });
+    if let (Mode::Apply, false, Some(after)) = (mode, report.failed(), hooks.after_steps) {
+        if let Err(e) = after() {
+            report.status = RunStatus::Failed;
+            report.error.get_or_insert(format!("{e:#}"));
+        }
+    }
     if mode == Mode::Apply {
         // The first step with reboot_required that changed the host (report.steps follows steps).
         let changed = steps
@@ -144,6 +160,10 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode) -> anyhow::Result<Report> {
         if let Err(e) = crate::metrics::write(&root, config.metrics.textfile.as_deref(), &m) {
             tracing::warn!("writing metrics: {e:#}");
         }
+    }
+    (hooks.show)(&report)?;
+    if report.reboot_now() {
+        super::reboot()?;
     }
     Ok(report)
 }

@@ -3,7 +3,7 @@
 //! succeeded. A reboot the converge asked for comes last: the node must come back with its
 //! timer and its marker, or nothing would run `apply` to release its reboot slot.
 
-use super::{converge, Context, RunOptions};
+use super::{converge, Context, Hooks, RunOptions};
 use crate::engine::report::Report;
 use crate::engine::Mode;
 use crate::state::{self, StateDir};
@@ -18,28 +18,25 @@ pub const UNITS: [(&str, &str); 3] = [
     ("bootstrap-firstboot.service", include_str!("../../units/bootstrap-firstboot.service")),
 ];
 
-/// What a first boot ended with.
-pub struct FirstBoot {
-    pub report: Report,
-    /// The converge holds a reboot slot and everything of the first boot is done: reboot now.
-    pub reboot_now: bool,
-}
-
-/// Converge, hand the report to `show` (printed before the units are installed, as the run
-/// it reports is over), then on success install the units and write the marker.
-pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<FirstBoot> {
-    let report = converge(cx, o, Mode::Apply)?;
-    show(&report)?;
-    if report.failed() {
-        return Ok(FirstBoot { report, reboot_now: false });
-    }
-    // If this fails with a slot held, reboot.json (this boot) keeps it on record: the next
-    // init resumes with it.
-    install_units(cx)?;
-    let now = format!("{}\n", crate::clock::now_rfc3339());
-    StateDir::new(&cx.root).write_mode(state::FIRSTBOOT_DONE, now.as_bytes(), 0o644)?;
-    let reboot_now = report.reboot_now();
-    Ok(FirstBoot { report, reboot_now })
+/// Converge; once the steps succeeded and before reboot coordination may take a slot and
+/// drain the node, install the units and write the marker (a failure there fails the run: no
+/// slot is taken, no reboot); then the report is shown and a reboot the run holds a slot for
+/// happens.
+pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
+    let mut after_steps = || -> Result<()> {
+        install_units(cx)?;
+        let now = format!("{}\n", crate::clock::now_rfc3339());
+        StateDir::new(&cx.root).write_mode(state::FIRSTBOOT_DONE, now.as_bytes(), 0o644)
+    };
+    converge(
+        cx,
+        o,
+        Mode::Apply,
+        Hooks {
+            after_steps: Some(&mut after_steps),
+            show,
+        },
+    )
 }
 
 /// Write the units (ExecStart at this binary), enable the timer and firstboot unit, start

@@ -3,9 +3,10 @@
 //! does to the node is decided here.
 //!
 //! `converge`: fetch the bundle → load and prepare the role → take the run lock → run the
-//! steps (engine) → coordinate the reboot → persist the report, the metrics and `last-good`.
-//! The reboot itself is never done here: the report says so (`Report::reboot_now`) and the
-//! caller calls [`reboot`] once it has printed what it must.
+//! steps (engine) → what must come before a reboot (`init` installs its units) → coordinate the
+//! reboot → persist the report, the metrics and `last-good` → show the report → reboot when a
+//! slot is held for it, all under the run lock (so no other run is in the middle of dpkg when
+//! logind is asked to reboot).
 
 pub mod context;
 pub mod converge;
@@ -13,7 +14,7 @@ pub mod init;
 pub mod reboot;
 
 pub use context::Context;
-pub use converge::{converge, RunOptions};
+pub use converge::{converge, Hooks, RunOptions};
 
 /// Ask logind to reboot (the slot is held; see /var/lib/bootstrap/reboot.json).
 pub fn reboot() -> anyhow::Result<()> {

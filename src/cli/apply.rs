@@ -11,11 +11,11 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let opts = options(a);
     let cx = Context::gather(&root, &super::facts::naming(&a.naming), false)?;
-    let report = agent::converge(&cx, &opts, mode)?;
-    print(a, mode, &report)?;
-    if report.reboot_now() {
-        agent::reboot()?;
-    }
+    let hooks = agent::Hooks {
+        after_steps: None,
+        show: &mut |r| print(a, mode, r),
+    };
+    let report = agent::converge(&cx, &opts, mode, hooks)?;
     Ok(report.exit_code(a.detailed_exitcodes))
 }
 

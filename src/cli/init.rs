@@ -10,9 +10,6 @@ pub fn run(a: &RunArgs) -> Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let opts = apply::options(a);
     let cx = Context::gather(&root, &super::facts::naming(&a.naming), true)?;
-    let done = agent::init::run(&cx, &opts, &mut |r| apply::print(a, Mode::Apply, r))?;
-    if done.reboot_now {
-        agent::reboot()?;
-    }
-    Ok(done.report.exit_code(a.detailed_exitcodes))
+    let report = agent::init::run(&cx, &opts, &mut |r| apply::print(a, Mode::Apply, r))?;
+    Ok(report.exit_code(a.detailed_exitcodes))
 }

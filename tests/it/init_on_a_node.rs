@@ -206,3 +206,28 @@ fn init_installs_its_units_before_a_first_boot_reboot() {
     assert_eq!(node.report()["reboot"]["action"], "released");
     assert!(holders().is_empty());
 }
+
+/// Review of the trust fixes: when `init` cannot install its units, it must not have taken a
+/// reboot slot and drained the node first (nothing would run `apply` to give the slot back).
+/// Here the timer's unit file cannot be written (a directory holds its name): the run fails,
+/// no pre-reboot hook ran, no slot is held, no reboot.
+#[test]
+fn init_that_cannot_install_its_units_takes_no_slot_and_runs_no_hook() {
+    let etcd = crate::harness::etcd::Etcd::start(1);
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
+    let mut node = Node::boot_host_net(b.path());
+    node.write_config(&format!(
+        "[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n[[reboot.pre_hook]]\ncommand = [\"touch\", \"/hook-ran\"]\n",
+        etcd.endpoints()[0]
+    ));
+    let s = node.sh("touch /run/reboot-required && mkdir -p /etc/systemd/system/bootstrap.timer && echo ok");
+    assert!(s.stdout.contains("ok"), "{}", s.all());
+    let boot = node.boot_id();
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("bootstrap.timer"), "the error names the unit\n{}", r.all());
+    assert!(!node.merged.join("hook-ran").exists(), "the node was drained before its units were installed");
+    assert!(etcd.holders("production-web").is_empty(), "a slot was taken");
+    assert!(!node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    assert!(node.still_up(&boot), "the node rebooted");
+}
