@@ -131,10 +131,17 @@ impl UnitStep {
     }
 }
 
+/// The change field of a managed file's mode (`content:mode`, `dropin:NAME:mode`).
+fn mode_field(f: &UnitFile) -> String {
+    format!("{}:mode", f.field)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     /// Current content of each managed file (None: missing), in `files` order.
     pub files: Vec<Option<Vec<u8>>>,
+    /// Mode of each managed file that exists, in `files` order (checked for sensitive units).
+    pub modes: Vec<Option<u32>>,
     /// None under `--root`.
     pub state: Option<UnitState>,
 }
@@ -148,9 +155,10 @@ impl Kind for UnitStep {
 
     fn check(&self, host: &Host) -> Result<Observed> {
         let fs = host.fs()?;
-        let mut files = Vec::new();
+        let (mut files, mut modes) = (Vec::new(), Vec::new());
         for f in &self.files {
             files.push(fs.read(&f.display)?);
+            modes.push(fs.lstat(&f.display)?.map(|st| st.mode));
         }
         let wants_state = self.enabled.is_some() || self.active.is_some() || self.masked.is_some();
         let state = if host.is_live() && wants_state {
@@ -158,12 +166,20 @@ impl Kind for UnitStep {
         } else {
             None
         };
-        Ok(Observed { files, state })
+        Ok(Observed { files, modes, state })
     }
 
     fn plan(&self, o: &Observed) -> Vec<Change> {
         let mut c = Vec::new();
-        for (f, have) in self.files.iter().zip(&o.files) {
+        for (i, (f, have)) in self.files.iter().zip(&o.files).enumerate() {
+            // A sensitive unit's existing file that others may read is made private even when
+            // its content is unchanged (one written before the unit held a secret).
+            let mode = o.modes.get(i).copied().flatten();
+            if let (true, Some(m)) = (self.sensitive && have.as_deref() == Some(f.content.as_slice()), mode) {
+                if m != self.file_mode() {
+                    c.push(Change::new(&mode_field(f), Some(crate::fsutil::Mode(m)), Some(crate::fsutil::Mode(self.file_mode()))));
+                }
+            }
             if have.as_deref() != Some(f.content.as_slice()) {
                 c.push(if self.sensitive {
                     Change::content_summary(&f.field, have.as_deref(), &f.content)
@@ -197,6 +213,9 @@ impl Kind for UnitStep {
             if has(&f.field) {
                 fs.write(&f.display, &f.content, self.file_mode(), None)?;
                 files_changed = true;
+            } else if has(&mode_field(f)) {
+                let at = fs.parent(&f.display, false)?.with_context(|| format!("{} vanished", f.display))?;
+                at.set_meta(Some(self.file_mode()), None, None)?;
             }
         }
         if !host.is_live() {
@@ -255,6 +274,7 @@ mod tests {
         };
         let st = |f: &str, a: &str| Observed {
             files: vec![],
+            modes: vec![],
             state: Some(UnitState {
                 file_state: f.into(),
                 active_state: a.into(),
@@ -266,7 +286,13 @@ mod tests {
         assert_eq!(fields(st("disabled", "inactive")), ["enabled", "active"]);
         assert_eq!(fields(st("enabled", "failed")), ["active"]);
         // under --root there is no state to compare
-        assert!(s.plan(&Observed { files: vec![], state: None }).is_empty());
+        assert!(s
+            .plan(&Observed {
+                files: vec![],
+                modes: vec![],
+                state: None
+            })
+            .is_empty());
         assert!(check_unit_name("haproxy.service").is_ok() && check_unit_name("getty@tty1.service").is_ok());
         assert!(check_unit_name("haproxy").is_err() && check_unit_name(".service").is_err() && check_unit_name("a/b.service").is_err());
     }
@@ -289,6 +315,7 @@ mod tests {
         };
         let have = Observed {
             files: vec![Some(b"[Service]\nEnvironment=KEY=old-secret-value\n".to_vec())],
+            modes: vec![Some(0o644)],
             state: None,
         };
         assert!(s.plan(&have)[0].diff.as_deref().unwrap().contains("+Environment=KEY=new-secret-value"));
@@ -299,5 +326,15 @@ mod tests {
         let d = plan[0].diff.as_deref().unwrap();
         assert!(d.starts_with("content changed, sha256 ") && !d.contains("secret-value"), "{d}");
         assert_eq!(s.file_mode(), 0o600);
+        // Same content, written 0644 before it held a secret: made private.
+        let same = Observed {
+            files: vec![Some(s.files[0].content.clone())],
+            modes: vec![Some(0o644)],
+            state: None,
+        };
+        let plan = s.plan(&same);
+        assert_eq!(plan.len(), 1, "{plan:?}");
+        assert_eq!((plan[0].field.as_str(), plan[0].to.as_deref()), ("dropin:10-env.conf:mode", Some("0600")));
+        assert!(s.plan(&Observed { modes: vec![Some(0o600)], ..same }).is_empty());
     }
 }

@@ -272,3 +272,25 @@ fn a_secret_reshaped_by_a_filter_is_still_never_shown() {
     assert_eq!(mode("etc/systemd/system/app.service"), 0o600, "the whole unit step is sensitive");
     assert_eq!(mode("etc/app/public.conf"), 0o644, "a step without a secret is not");
 }
+
+/// Review of the trust fixes: a sensitive unit's drop-in that already holds its content but was
+/// written 0644 (before the unit held a secret) is made 0600, and then nothing is left to do.
+#[test]
+fn a_sensitive_units_existing_readable_file_is_made_private() {
+    let root = tempfile::tempdir().unwrap();
+    let dropin = root.path().join("etc/systemd/system/app.service.d/10-env.conf");
+    std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+    std::fs::write(&dropin, "[Service]\nEnvironment=TOKEN=abcdef123456\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dropin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let b = bundle(&[(
+        "roles/u/role.toml",
+        "schema = 1\n[[step]]\nkind = \"unit\"\nname = \"app.service\"\nsensitive = true\n[step.dropins]\n\"10-env.conf\" = \"[Service]\\nEnvironment=TOKEN=abcdef123456\\n\"\n",
+    )]);
+    let r = run_role("apply", root.path(), b.path(), "u", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert_eq!(std::fs::metadata(&dropin).unwrap().permissions().mode() & 0o777, 0o600);
+    let r = run_role("apply", root.path(), b.path(), "u", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(!r.all().contains("abcdef123456"));
+}
