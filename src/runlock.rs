@@ -3,7 +3,7 @@
 use crate::error::LockTimeout;
 use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,10 +19,13 @@ pub struct RunLock {
 /// Take the exclusive run lock under `root`, waiting up to `timeout` for another run.
 pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
     let path: PathBuf = crate::state::StateDir::new(root).run_lock();
-    crate::fsutil::create_parents(&path)?;
     let start = Instant::now();
     let mut told = false;
-    let mut file = open(&path)?;
+    // Through the root like every host path: an image's /run link stays inside the image.
+    let at = crate::fsutil::Root::open(root)?
+        .parent(&format!("/{}", crate::state::RUN_LOCK), true)?
+        .with_context(|| format!("no directory for {}", path.display()))?;
+    let mut file = at.open_or_create(0o644)?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
@@ -52,16 +55,6 @@ pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
             Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
         }
     }
-}
-
-fn open(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))
 }
 
 /// The pid the current holder wrote into the lock file.

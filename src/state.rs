@@ -68,29 +68,27 @@ impl StateDir {
     }
 
     /// Create `<root>/var/lib/bootstrap` mode 0700, or tighten an existing one that others can
-    /// read (an older agent made it 0755). Returns its path.
+    /// read (an older agent made it 0755), through the root like every host path (a link on
+    /// the way is resolved inside the root, and one in a directory not root's is refused).
+    /// Returns its path.
     pub fn ensure(&self) -> Result<PathBuf> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let dir = self.root.join(DIR);
-        crate::fsutil::create_parents(&dir)?;
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-        }
-        // On the live system a symlink to a directory elsewhere (made by root: /var/lib is root's)
-        // is followed; under --root it is not, so nothing outside the root is touched.
-        let live = self.root == Path::new("/");
-        let md = if live { std::fs::metadata(&dir) } else { std::fs::symlink_metadata(&dir) }.with_context(|| format!("reading {}", dir.display()))?;
-        if !md.is_dir() {
-            anyhow::bail!(
-                "{} is not a directory{}",
-                dir.display(),
-                if live { "" } else { " (symlinks under --root are not followed)" }
-            );
-        }
-        if md.permissions().mode() & 0o7777 != 0o700 {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod 0700 {}", dir.display()))?;
+        let fs = Root::open(&self.root)?;
+        let node_dir = format!("/{DIR}");
+        let fd = match fs.open_dir(&node_dir, false)? {
+            Some(fd) => fd,
+            None => {
+                let at = fs.parent(&node_dir, true)?.with_context(|| format!("no directory for {}", dir.display()))?;
+                if at.lstat()?.is_some() {
+                    anyhow::bail!("{} is a symlink to a directory that does not exist (resolved inside the root)", dir.display());
+                }
+                at.mkdir(0o700, None)?;
+                fs.open_dir(&node_dir, false)?.with_context(|| format!("{} vanished", dir.display()))?
+            }
+        };
+        let st = rustix::fs::fstat(&fd).with_context(|| format!("reading {}", dir.display()))?;
+        if st.st_mode & 0o7777 != 0o700 {
+            rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700)).with_context(|| format!("chmod 0700 {}", dir.display()))?;
         }
         Ok(dir)
     }
@@ -163,7 +161,8 @@ mod tests {
         std::fs::create_dir_all(linked.path().join("var/lib")).unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), linked.path().join(DIR)).unwrap();
         let err = StateDir::new(linked.path()).write(REPORT, b"{}").unwrap_err().to_string();
-        assert!(err.contains("is not a directory (symlinks under --root are not followed)"), "{err}");
+        // The link resolves inside the root (chroot-style), where its target does not exist.
+        assert!(err.contains("is a symlink to a directory that does not exist"), "{err}");
         assert_eq!(mode(elsewhere.path()), 0o755, "nothing outside the root was changed");
     }
 

@@ -317,6 +317,19 @@ impl Parent {
         Ok(())
     }
 
+    /// Open the last component read-write, creating it with `mode` when it is missing (never
+    /// following a symlink there).
+    pub fn open_or_create(&self, mode: u32) -> Result<std::fs::File> {
+        let fd = rustix::fs::openat(
+            &self.dir,
+            self.name.as_os_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )
+        .with_context(|| format!("opening {}", self.shown))?;
+        Ok(std::fs::File::from(fd))
+    }
+
     pub fn read(&self) -> Result<Option<Vec<u8>>> {
         let Some(mut f) = self.open(OFlags::RDONLY)? else { return Ok(None) };
         let st = Stat::from(&rustix::fs::fstat(&f).with_context(|| format!("fstat {}", self.shown))?);

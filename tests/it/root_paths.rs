@@ -124,3 +124,29 @@ fn account_files_behind_an_absolute_link_stay_in_the_image() {
     let r = run_role("apply", root.path(), b.path(), "g", &["--detailed-exitcodes"]);
     assert_eq!(r.code, 0, "second apply changes nothing\n{}", r.all());
 }
+
+/// Review of the trust fixes: the agent's own state under `--root` goes through the root too.
+/// An image whose `/var/lib` and `/run` are absolute links into its `/srv`: the state directory
+/// (0700, with the report) and the run lock land in the image, the host's `/srv` is untouched.
+#[test]
+fn state_and_run_lock_behind_absolute_links_stay_in_the_image() {
+    let root = tempfile::tempdir().unwrap();
+    let name = format!("bootstrap-image-state-{}", std::process::id());
+    for d in ["var", &format!("srv/{name}/lib"), &format!("srv/{name}/run")] {
+        std::fs::create_dir_all(root.path().join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink(format!("/srv/{name}/lib"), root.path().join("var/lib")).unwrap();
+    std::os::unix::fs::symlink(format!("/srv/{name}/run"), root.path().join("run")).unwrap();
+    let b = bundle(&[(
+        "roles/r/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/x\"\ncontent = \"x\\n\"\n",
+    )]);
+    let r = run_role("apply", root.path(), b.path(), "r", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(!std::path::Path::new(&format!("/srv/{name}")).exists(), "state written on the HOST");
+    let state = root.path().join(format!("srv/{name}/lib/bootstrap"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o7777, 0o700);
+    assert!(state.join("last-run.json").is_file());
+    assert!(root.path().join(format!("srv/{name}/run/bootstrap/lock")).is_file());
+}
