@@ -51,3 +51,6 @@ mod secrets;
 
 #[path = "it/runner.rs"]
 mod runner;
+
+#[path = "it/catalogue.rs"]
+mod catalogue;
