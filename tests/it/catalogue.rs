@@ -108,7 +108,8 @@ fn kernel_module_files_and_loaded_state() {
         ("roles/typo/role.toml", "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"overlay\"\nparams = \"x\"\n"),
         ("roles/badname/role.toml", "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"../../etc/x\"\n"),
     ]);
-    let node = Node::boot(b.path());
+    // nspawn gives a node no /sys/module; the host's, bound in, is what a real node sees.
+    let node = Node::boot_with(b.path(), &[(std::path::Path::new("/sys/module"), "/sys/module")]);
     let probe = "ls /etc/modules-load.d /etc/modprobe.d";
     refused(&node, "typo", "role.toml:5:1: unknown field `params`", probe);
     refused(&node, "badname", "role.toml:4:8: invalid kernel module name \"../../etc/x\"", probe);
