@@ -166,8 +166,12 @@ impl Kind for KeysStep {
             .find(|f| f[0] == self.user && f.len() >= 6)
             .with_context(|| format!("user {:?} does not exist in /etc/passwd", self.user))?;
         let (uid, gid) = (
-            entry[2].parse::<u32>().with_context(|| format!("user {:?}: bad uid {:?} in /etc/passwd", self.user, entry[2]))?,
-            entry[3].parse::<u32>().with_context(|| format!("user {:?}: bad gid {:?} in /etc/passwd", self.user, entry[3]))?,
+            entry[2]
+                .parse::<u32>()
+                .with_context(|| format!("user {:?}: bad uid {:?} in /etc/passwd", self.user, entry[2]))?,
+            entry[3]
+                .parse::<u32>()
+                .with_context(|| format!("user {:?}: bad gid {:?} in /etc/passwd", self.user, entry[3]))?,
         );
         let home = entry[5].trim_end_matches('/');
         if !home.starts_with('/') || home.is_empty() {
@@ -191,9 +195,7 @@ impl Kind for KeysStep {
                 let at = fs.parent(&file_path, false)?.with_context(|| format!("{dir_path} vanished"))?;
                 match at.lstat()? {
                     None => None,
-                    Some(st) if st.kind == fsutil::FileKind::File => {
-                        Some((at.read()?.with_context(|| format!("{file_path} vanished while it was read"))?, st))
-                    }
+                    Some(st) if st.kind == fsutil::FileKind::File => Some((at.read()?.with_context(|| format!("{file_path} vanished while it was read"))?, st)),
                     Some(st) => bail!("{file_path} is {}, not a regular file; refusing to replace it", st.kind.describe()),
                 }
             }
@@ -258,13 +260,12 @@ impl Kind for KeysStep {
         } else if has("directory_mode") || has("directory_owner") {
             dir.set_meta(Some(DIR_MODE), Some(o.uid), Some(o.gid))?;
         }
+        // A wrong mode or owner is fixed by writing a new file too, never by chown/chmod of the
+        // one found: in a directory its user controls, that could be a hard link to a file of
+        // root's (say /etc/shadow), which a chown would hand to the user.
         let at = fs.parent(&o.file_path, false)?.with_context(|| format!("{} vanished", o.dir_path))?;
-        if has("content") {
-            let old = o.file.as_ref().map(|(b, _)| b.as_slice()).unwrap_or_default();
-            at.write(self.merge(&String::from_utf8_lossy(old)).as_bytes(), FILE_MODE, owner)
-        } else {
-            at.set_meta(Some(FILE_MODE), Some(o.uid), Some(o.gid))
-        }
+        let old = o.file.as_ref().map(|(b, _)| b.as_slice()).unwrap_or_default();
+        at.write(self.merge(&String::from_utf8_lossy(old)).as_bytes(), FILE_MODE, owner)
     }
 }
 
@@ -335,7 +336,10 @@ mod tests {
         assert!(fields(&o(d, Some((&ok, f)))).is_empty());
         assert_eq!(fields(&o(None, None)), ["directory", "content", "mode", "owner"]);
         assert_eq!(fields(&o(d, None)), ["content", "mode", "owner"]);
-        assert_eq!(fields(&o(Some(st(fsutil::FileKind::Dir, 0o755, 0)), Some((&ok, f)))), ["directory_mode", "directory_owner"]);
+        assert_eq!(
+            fields(&o(Some(st(fsutil::FileKind::Dir, 0o755, 0)), Some((&ok, f)))),
+            ["directory_mode", "directory_owner"]
+        );
         assert_eq!(fields(&o(d, Some((&ok, st(fsutil::FileKind::File, 0o644, 0))))), ["mode", "owner"]);
         let p = s.plan(&o(d, Some((&format!("{C}\n"), f))));
         assert_eq!(p.len(), 1);

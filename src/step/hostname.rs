@@ -25,9 +25,9 @@ const MAX_LEN: usize = 64;
 pub fn check_hostname(name: &str) -> std::result::Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_LEN
-        && name.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-') && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-') && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     if ok {
         Ok(())
     } else {
@@ -139,7 +139,10 @@ mod tests {
         assert_eq!(fields(&live("", "localhost")), ["static", "transient"]);
         assert_eq!(fields(&live("production-web-i-0abc", "ip-10-0-0-1")), ["transient"]);
         let p = s.plan(&live("old", "production-web-i-0abc"));
-        assert_eq!((p[0].field.as_str(), p[0].from.as_deref(), p[0].to.as_deref()), ("static", Some("old"), Some("production-web-i-0abc")));
+        assert_eq!(
+            (p[0].field.as_str(), p[0].from.as_deref(), p[0].to.as_deref()),
+            ("static", Some("old"), Some("production-web-i-0abc"))
+        );
         assert!(fields(&Observed::File(Some("production-web-i-0abc".into()))).is_empty());
         assert_eq!(fields(&Observed::File(None)), ["static"]);
     }

@@ -30,7 +30,9 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid kernel module name {name:?}: expected letters, digits, '_' and '-', like br_netfilter"))
+        Err(format!(
+            "invalid kernel module name {name:?}: expected letters, digits, '_' and '-', like br_netfilter"
+        ))
     }
 }
 

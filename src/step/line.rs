@@ -133,7 +133,11 @@ impl Kind for LineStep {
         };
         let Some(st) = at.lstat()? else { return Ok(Observed::Missing) };
         if st.kind != fsutil::FileKind::File {
-            bail!("{} is {}, not a regular file; a line step edits only regular files", self.display, st.kind.describe());
+            bail!(
+                "{} is {}, not a regular file; a line step edits only regular files",
+                self.display,
+                st.kind.describe()
+            );
         }
         let content = at.read()?.with_context(|| format!("{} vanished while it was read", self.display))?;
         Ok(Observed::File {
@@ -250,7 +254,18 @@ mod tests {
         assert!(fields(&a, &Observed::Missing).is_empty());
         assert!(fields(&a, &have("x\n")).is_empty());
         assert_eq!(fields(&a, &have("PermitRootLogin no\n")), ["content"]);
-        assert_eq!(fields(&s, &Observed::File { content: vec![0xff, 0xfe], mode: 0o644, uid: 0, gid: 0 }), ["content"]);
+        assert_eq!(
+            fields(
+                &s,
+                &Observed::File {
+                    content: vec![0xff, 0xfe],
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0
+                }
+            ),
+            ["content"]
+        );
         assert!(compile("(").is_err());
     }
 }

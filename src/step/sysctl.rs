@@ -131,7 +131,13 @@ pub struct Observed {
 
 impl SysctlStep {
     fn content(&self) -> Vec<u8> {
-        format!("# managed by bootstrap (step sysctl:{})\n{} = {}\n", self.name, self.name, self.value.as_deref().unwrap_or_default()).into_bytes()
+        format!(
+            "# managed by bootstrap (step sysctl:{})\n{} = {}\n",
+            self.name,
+            self.name,
+            self.value.as_deref().unwrap_or_default()
+        )
+        .into_bytes()
     }
 }
 
@@ -143,9 +149,12 @@ impl Kind for SysctlStep {
         let file = fs.read(&self.file)?;
         let live = if host.is_live() && self.state == State::Present {
             let p = proc_path(&self.name);
-            let v = fs
-                .read(&p)?
-                .with_context(|| format!("no such kernel parameter {} ({p} does not exist; is the module that provides it loaded?)", self.name))?;
+            let v = fs.read(&p)?.with_context(|| {
+                format!(
+                    "no such kernel parameter {} ({p} does not exist; is the module that provides it loaded?)",
+                    self.name
+                )
+            })?;
             Some(normalize(&String::from_utf8_lossy(&v)))
         } else {
             None

@@ -37,13 +37,22 @@ fn refused(node: &Node, role: &str, want: &str, probe: &str) {
     for verb in ["apply", "plan"] {
         let r = node.run_role(verb, role, &[]);
         assert_eq!(r.code, 78, "{verb} {role}: exit 78 expected\n{}", r.all());
-        assert!(r.stderr.contains(&format!("/srv/bundle/roles/{role}/{want}")), "{verb} {role}: want {want:?} in\n{}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("/srv/bundle/roles/{role}/{want}")),
+            "{verb} {role}: want {want:?} in\n{}",
+            r.stderr
+        );
     }
     assert_eq!(node.sh(probe).all(), before, "{role} touched the node");
 }
 
 fn changes_of<'a>(doc: &'a serde_json::Value, id: &str) -> &'a Vec<serde_json::Value> {
-    let step = doc["steps"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap_or_else(|| panic!("no step {id} in {doc:#}"));
+    let step = doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {doc:#}"));
     step["changes"].as_array().unwrap()
 }
 
@@ -55,9 +64,18 @@ fn sysctl_persists_and_sets_the_live_value() {
             "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvalue = 1\n\
              [[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_local_port_range\"\nvalue = \"20000 60999\"\n",
         ),
-        ("roles/typo/role.toml", "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvaule = 1\n"),
-        ("roles/badname/role.toml", "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net/ipv4/ip_forward\"\nvalue = 1\n"),
-        ("roles/novalue/role.toml", "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvalue = \"\"\n"),
+        (
+            "roles/typo/role.toml",
+            "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvaule = 1\n",
+        ),
+        (
+            "roles/badname/role.toml",
+            "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net/ipv4/ip_forward\"\nvalue = 1\n",
+        ),
+        (
+            "roles/novalue/role.toml",
+            "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvalue = \"\"\n",
+        ),
     ]);
     let node = Node::boot(b.path());
     let probe = "cat /proc/sys/net/ipv4/ip_forward; ls /etc/sysctl.d";
@@ -69,7 +87,10 @@ fn sysctl_persists_and_sets_the_live_value() {
 
     converges(&node, "net");
     assert_eq!(node.sh("cat /proc/sys/net/ipv4/ip_forward").stdout.trim(), "1");
-    assert_eq!(node.sh("sysctl -n net.ipv4.ip_local_port_range").stdout.split_whitespace().collect::<Vec<_>>(), ["20000", "60999"]);
+    assert_eq!(
+        node.sh("sysctl -n net.ipv4.ip_local_port_range").stdout.split_whitespace().collect::<Vec<_>>(),
+        ["20000", "60999"]
+    );
     let conf = std::fs::read_to_string(node.merged.join("etc/sysctl.d/90-bootstrap-net.ipv4.ip_forward.conf")).unwrap();
     assert!(conf.ends_with("\nnet.ipv4.ip_forward = 1\n"), "{conf}");
     // The file is what sysctl itself loads at boot.
@@ -87,7 +108,10 @@ fn sysctl_persists_and_sets_the_live_value() {
     let (fields, doc) = drift(&node, "net");
     assert_eq!(fields.len(), 2, "{fields:?}");
     let diff = changes_of(&doc, "sysctl:net.ipv4.ip_local_port_range")[0]["diff"].as_str().unwrap().to_string();
-    assert!(diff.contains("-net.ipv4.ip_local_port_range = 1024 65000") && diff.contains("+net.ipv4.ip_local_port_range = 20000 60999"), "{diff}");
+    assert!(
+        diff.contains("-net.ipv4.ip_local_port_range = 1024 65000") && diff.contains("+net.ipv4.ip_local_port_range = 20000 60999"),
+        "{diff}"
+    );
     converges(&node, "net");
     assert_eq!(node.sh("cat /proc/sys/net/ipv4/ip_forward").stdout.trim(), "1");
 }
@@ -105,8 +129,14 @@ fn kernel_module_files_and_loaded_state() {
             "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"overlay\"\noptions = \"metacopy=off\"\n",
         ),
         ("roles/dummy/role.toml", "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"dummy\"\n"),
-        ("roles/typo/role.toml", "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"overlay\"\nparams = \"x\"\n"),
-        ("roles/badname/role.toml", "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"../../etc/x\"\n"),
+        (
+            "roles/typo/role.toml",
+            "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"overlay\"\nparams = \"x\"\n",
+        ),
+        (
+            "roles/badname/role.toml",
+            "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"../../etc/x\"\n",
+        ),
     ]);
     // nspawn gives a node no /sys/module; the host's, bound in, is what a real node sees.
     let node = Node::boot_with(b.path(), &[(std::path::Path::new("/sys/module"), "/sys/module")]);
@@ -135,7 +165,13 @@ fn kernel_module_files_and_loaded_state() {
     // Not loaded: plan says so, and apply runs modprobe, which cannot work in this container:
     // the step fails, naming the module, and the run exits 1.
     let (fields, _) = drift(&node, "dummy");
-    assert_eq!(fields, [("kernel_module:dummy".into(), "load_file".into()), ("kernel_module:dummy".into(), "loaded".to_string())]);
+    assert_eq!(
+        fields,
+        [
+            ("kernel_module:dummy".into(), "load_file".into()),
+            ("kernel_module:dummy".into(), "loaded".to_string())
+        ]
+    );
     let r = node.run_role("apply", "dummy", &[]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("loading kernel module dummy"), "{}", r.all());
@@ -150,8 +186,14 @@ fn line_replaces_the_matching_line_and_keeps_mode_and_owner() {
             "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/etc/demo/sshd_config\"\nline = \"PermitRootLogin no\"\nmatch = '^#?\\s*PermitRootLogin\\b'\n\
              [[step]]\nkind = \"line\"\npath = \"/etc/demo/sshd_config\"\nmatch = '^X11Forwarding'\nstate = \"absent\"\n",
         ),
-        ("roles/typo/role.toml", "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/etc/demo/sshd_config\"\nline = \"x\"\nregexp = \"x\"\n"),
-        ("roles/badre/role.toml", "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/etc/demo/sshd_config\"\nline = \"x\"\nmatch = \"(x\"\n"),
+        (
+            "roles/typo/role.toml",
+            "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/etc/demo/sshd_config\"\nline = \"x\"\nregexp = \"x\"\n",
+        ),
+        (
+            "roles/badre/role.toml",
+            "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/etc/demo/sshd_config\"\nline = \"x\"\nmatch = \"(x\"\n",
+        ),
     ]);
     let node = Node::boot(b.path());
     let r = node.sh(
@@ -192,12 +234,20 @@ const KEY_C: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCcccccccccccccccc car
 fn authorized_keys_of_a_user() {
     let user = "schema = 1\n[[step]]\nkind = \"user\"\nname = \"deploy\"\nhome = \"/home/deploy\"\n\
                 [[step]]\nkind = \"directory\"\npath = \"/home/deploy\"\nowner = \"deploy\"\nmode = \"0750\"\n";
-    let keys = |exclusive: bool| format!("{user}[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = [\"{KEY_A}\", \"{KEY_B}\"]\nexclusive = {exclusive}\n");
+    let keys = |exclusive: bool| {
+        format!("{user}[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = [\"{KEY_A}\", \"{KEY_B}\"]\nexclusive = {exclusive}\n")
+    };
     let b = bundle(&[
         ("roles/keys/role.toml", &keys(false)),
         ("roles/only/role.toml", &keys(true)),
-        ("roles/typo/role.toml", "schema = 1\n[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = []\nexclusiv = true\n"),
-        ("roles/badkey/role.toml", "schema = 1\n[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = [\"ssh-ed25519\"]\n"),
+        (
+            "roles/typo/role.toml",
+            "schema = 1\n[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = []\nexclusiv = true\n",
+        ),
+        (
+            "roles/badkey/role.toml",
+            "schema = 1\n[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = [\"ssh-ed25519\"]\n",
+        ),
     ]);
     let node = Node::boot(b.path());
     let probe = "ls -la /home; getent passwd deploy";
@@ -206,7 +256,12 @@ fn authorized_keys_of_a_user() {
 
     converges(&node, "keys");
     let r = node.sh("stat -c '%a %U:%G %n' /home/deploy/.ssh /home/deploy/.ssh/authorized_keys");
-    assert_eq!(r.stdout, "700 deploy:deploy /home/deploy/.ssh\n600 deploy:deploy /home/deploy/.ssh/authorized_keys\n", "{}", r.all());
+    assert_eq!(
+        r.stdout,
+        "700 deploy:deploy /home/deploy/.ssh\n600 deploy:deploy /home/deploy/.ssh/authorized_keys\n",
+        "{}",
+        r.all()
+    );
     let file = node.merged.join("home/deploy/.ssh/authorized_keys");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{KEY_A}\n{KEY_B}\n"));
 
@@ -217,7 +272,10 @@ fn authorized_keys_of_a_user() {
     let (fields, doc) = drift(&node, "keys");
     assert_eq!(
         fields,
-        [("authorized_keys:deploy".to_string(), "content".to_string()), ("authorized_keys:deploy".into(), "mode".into())]
+        [
+            ("authorized_keys:deploy".to_string(), "content".to_string()),
+            ("authorized_keys:deploy".into(), "mode".into())
+        ]
     );
     let diff = changes_of(&doc, "authorized_keys:deploy")[0]["diff"].as_str().unwrap().to_string();
     assert!(diff.contains(&format!("+{KEY_B}")), "{diff}");
@@ -238,9 +296,15 @@ fn hostname_through_hostnamed() {
             "roles/host/role.toml",
             "schema = 1\n[vars]\nprefix = \"web\"\n[[step]]\nkind = \"hostname\"\nname = \"{{ prefix }}-{{ facts.machine_id[:8] }}\"\n",
         ),
-        ("roles/typo/role.toml", "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"web\"\nfqdn = \"web.example\"\n"),
+        (
+            "roles/typo/role.toml",
+            "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"web\"\nfqdn = \"web.example\"\n",
+        ),
         ("roles/badname/role.toml", "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"web_01\"\n"),
-        ("roles/badrender/role.toml", "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"{{ 'a b' }}\"\n"),
+        (
+            "roles/badrender/role.toml",
+            "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"{{ 'a b' }}\"\n",
+        ),
     ]);
     let node = Node::boot(b.path());
     let want = format!("web-{}", &node.machine_id()[..8]);
@@ -282,7 +346,11 @@ fn catalogue_kinds_under_a_root_manage_only_files() {
     std::fs::create_dir_all(r.join("etc")).unwrap();
     std::fs::create_dir_all(r.join("home/deploy")).unwrap();
     std::os::unix::fs::chown(r.join("home/deploy"), Some(1000), Some(1000)).unwrap();
-    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\ndeploy:x:1000:1000::/home/deploy:/bin/sh\n").unwrap();
+    std::fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ndeploy:x:1000:1000::/home/deploy:/bin/sh\n",
+    )
+    .unwrap();
     std::fs::write(r.join("etc/group"), "root:x:0:\ndeploy:x:1000:\n").unwrap();
     std::fs::write(r.join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
     std::fs::write(r.join("etc/demo.conf"), "a = 1\nb = 1\n").unwrap();
