@@ -125,8 +125,19 @@ pub struct SysctlStep {
 pub struct Observed {
     /// The persisted file's content, when it exists.
     pub file: Option<Vec<u8>>,
-    /// The live value (normalized), read on the running system only.
-    pub live: Option<String>,
+    pub live: Live,
+}
+
+/// The live value, read on the running system only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Live {
+    /// Under `--root`, or with `absent`.
+    NotRead,
+    /// No such parameter now (its module is not loaded yet, say): apply fails unless an
+    /// earlier step of the run makes it appear.
+    Missing,
+    /// Normalized.
+    Value(String),
 }
 
 impl SysctlStep {
@@ -148,16 +159,12 @@ impl Kind for SysctlStep {
         let fs = host.fs()?;
         let file = fs.read(&self.file)?;
         let live = if host.is_live() && self.state == State::Present {
-            let p = proc_path(&self.name);
-            let v = fs.read(&p)?.with_context(|| {
-                format!(
-                    "no such kernel parameter {} ({p} does not exist; is the module that provides it loaded?)",
-                    self.name
-                )
-            })?;
-            Some(normalize(&String::from_utf8_lossy(&v)))
+            match fs.read(&proc_path(&self.name))? {
+                Some(v) => Live::Value(normalize(&String::from_utf8_lossy(&v))),
+                None => Live::Missing,
+            }
         } else {
-            None
+            Live::NotRead
         };
         Ok(Observed { file, live })
     }
@@ -178,10 +185,11 @@ impl Kind for SysctlStep {
                         ..Change::new::<&str, &str>("content", None, None)
                     });
                 }
-                if let Some(live) = &o.live {
-                    if Some(live) != self.value.as_ref() {
-                        c.push(Change::new("value", Some(live), self.value.as_ref()));
-                    }
+                match &o.live {
+                    Live::NotRead => {}
+                    Live::Missing => c.push(Change::new("value", Some("(no such parameter)"), self.value.as_ref())),
+                    Live::Value(live) if Some(live) != self.value.as_ref() => c.push(Change::new("value", Some(live), self.value.as_ref())),
+                    Live::Value(_) => {}
                 }
             }
         }
@@ -195,13 +203,16 @@ impl Kind for SysctlStep {
             // The live value stays as it is until the next boot (the kernel's default then).
             return fs.parent(&self.file, false)?.with_context(|| format!("{} vanished", self.file))?.remove_file();
         }
-        if has("content") {
-            fs.write(&self.file, &self.content(), FILE_MODE, Some((0, 0)))?;
-        }
         if has("value") {
             let p = proc_path(&self.name);
-            let at = fs.parent(&p, false)?.with_context(|| format!("{p} vanished"))?;
-            let mut f = at.open(rustix::fs::OFlags::WRONLY)?.with_context(|| format!("{p} vanished"))?;
+            let missing = || {
+                format!(
+                    "no such kernel parameter {} ({p} does not exist; is the module that provides it loaded?)",
+                    self.name
+                )
+            };
+            let at = fs.parent(&p, false)?.with_context(missing)?;
+            let mut f = at.open(rustix::fs::OFlags::WRONLY)?.with_context(missing)?;
             let v = self.value.as_deref().unwrap_or_default();
             std::io::Write::write_all(&mut f, format!("{v}\n").as_bytes()).with_context(|| format!("setting {} = {v} (writing {p})", self.name))?;
             drop(f);
@@ -209,6 +220,10 @@ impl Kind for SysctlStep {
             if now.as_deref() != Some(v) {
                 bail!("setting {} = {v}: the kernel kept {}", self.name, now.unwrap_or_default());
             }
+        }
+        // The file last: a value the kernel refuses is not persisted for the next boot.
+        if has("content") {
+            fs.write(&self.file, &self.content(), FILE_MODE, Some((0, 0)))?;
         }
         Ok(())
     }
@@ -247,7 +262,7 @@ mod tests {
         let file = Some(s.content());
         let o = |file: Option<Vec<u8>>, live: Option<&str>| Observed {
             file,
-            live: live.map(str::to_string),
+            live: live.map(|l| Live::Value(l.to_string())).unwrap_or(Live::NotRead),
         };
         // in sync: the file and the live value
         assert!(fields(&s, &o(file.clone(), Some("1"))).is_empty());
@@ -259,6 +274,12 @@ mod tests {
         let p = s.plan(&o(None, Some("0")));
         assert_eq!((p[1].from.as_deref(), p[1].to.as_deref()), (Some("0"), Some("1")));
         assert!(p[0].diff.as_deref().unwrap().contains("+net.ipv4.ip_forward = 1"), "{:?}", p[0].diff);
+        // a parameter that appears only once its module is loaded (apply fails if it has not)
+        let missing = Observed {
+            file: file.clone(),
+            live: Live::Missing,
+        };
+        assert_eq!(s.plan(&missing)[0].from.as_deref(), Some("(no such parameter)"));
         // a vector value compares by its words
         let v = step("4096 87380 6291456");
         assert!(fields(&v, &o(Some(v.content()), Some("4096 87380 6291456"))).is_empty());

@@ -65,6 +65,10 @@ fn sysctl_persists_and_sets_the_live_value() {
              [[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_local_port_range\"\nvalue = \"20000 60999\"\n",
         ),
         (
+            "roles/bridge/role.toml",
+            "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.no_such_parameter_x\"\nvalue = 1\n",
+        ),
+        (
             "roles/typo/role.toml",
             "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvaule = 1\n",
         ),
@@ -114,6 +118,19 @@ fn sysctl_persists_and_sets_the_live_value() {
     );
     converges(&node, "net");
     assert_eq!(node.sh("cat /proc/sys/net/ipv4/ip_forward").stdout.trim(), "1");
+
+    // A parameter that does not exist (as one whose module is not loaded yet): plan shows it, apply fails naming it.
+    let (fields, doc) = drift(&node, "bridge");
+    let id = "sysctl:net.ipv4.no_such_parameter_x".to_string();
+    assert_eq!(fields, [(id.clone(), "content".to_string()), (id.clone(), "value".to_string())]);
+    assert_eq!(changes_of(&doc, &id)[1]["from"], "(no such parameter)");
+    let r = node.run_role("apply", "bridge", &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("no such kernel parameter net.ipv4.no_such_parameter_x"), "{}", r.all());
+    assert!(
+        !node.merged.join("etc/sysctl.d/90-bootstrap-net.ipv4.no_such_parameter_x.conf").exists(),
+        "a value the kernel refused was persisted"
+    );
 }
 
 #[test]
