@@ -206,7 +206,9 @@ mod tests {
         use State::*;
         let root_no = Some("PermitRootLogin no");
         let m = Some(r"^#?\s*PermitRootLogin\b");
-        let cases: &[(Option<&str>, Option<&str>, State, &str, &str)] = &[
+        /// line, match, state, the file before, the file after.
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, State, &'a str, &'a str);
+        let cases: &[Case] = &[
             // replaced in place, other lines and their order kept
             (root_no, m, Present, "a\nPermitRootLogin yes\nb\n", "a\nPermitRootLogin no\nb\n"),
             (root_no, m, Present, "a\n#PermitRootLogin prohibit-password\n", "a\nPermitRootLogin no\n"),

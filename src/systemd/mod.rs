@@ -61,10 +61,15 @@ pub trait Systemd {
     /// Reboot through logind (org.freedesktop.login1.Manager.Reboot).
     fn reboot(&self) -> Result<()>;
     /// The static and the transient hostname, as systemd-hostnamed reports them
-    /// (org.freedesktop.hostname1 `StaticHostname`, `Hostname`).
-    fn hostnames(&self) -> Result<Hostnames>;
+    /// (org.freedesktop.hostname1 `StaticHostname`, `Hostname`). (A test double that has no
+    /// hostnamed keeps the default, an error.)
+    fn hostnames(&self) -> Result<Hostnames> {
+        bail!("no systemd-hostnamed behind this systemd seam")
+    }
     /// Set the static hostname (hostnamed writes /etc/hostname) and the transient one.
-    fn set_hostname(&self, name: &str) -> Result<()>;
+    fn set_hostname(&self, _name: &str) -> Result<()> {
+        bail!("no systemd-hostnamed behind this systemd seam")
+    }
 }
 
 /// What systemd-hostnamed reports.
