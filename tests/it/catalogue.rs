@@ -387,3 +387,44 @@ fn catalogue_kinds_under_a_root_manage_only_files() {
     assert!(snap["/home/deploy/.ssh/authorized_keys"].starts_with("file 0600 1000:1000"), "{snap:#?}");
     assert!(!r.join("proc").exists(), "a live value was written into the root");
 }
+
+/// `~/.ssh` belongs to the user: a hard link to root's file put there is replaced, never
+/// chowned (which would hand the user that file), and a symlink `~/.ssh` is refused.
+#[test]
+fn authorized_keys_never_hands_a_linked_file_to_the_user() {
+    use std::os::unix::fs::MetadataExt;
+    let role = format!("schema = 1\n[[step]]\nkind = \"authorized_keys\"\nuser = \"deploy\"\nkeys = [\"{KEY_A}\"]\n");
+    let b = bundle(&[("roles/k/role.toml", &role)]);
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::create_dir_all(r.join("home/deploy/.ssh")).unwrap();
+    std::fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ndeploy:x:1000:1000::/home/deploy:/bin/sh\n",
+    )
+    .unwrap();
+    // A root file whose content the user could shape (a log, say): already the wanted keys, so
+    // only its mode and owner differ from what the step wants.
+    std::fs::write(r.join("etc/shadow"), format!("{KEY_A}\n")).unwrap();
+    std::fs::set_permissions(r.join("etc/shadow"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    for d in ["home/deploy", "home/deploy/.ssh"] {
+        std::os::unix::fs::chown(r.join(d), Some(1000), Some(1000)).unwrap();
+    }
+    std::fs::hard_link(r.join("etc/shadow"), r.join("home/deploy/.ssh/authorized_keys")).unwrap();
+    let run = run_role("apply", r, b.path(), "k", &["--detailed-exitcodes"]);
+    assert_eq!(run.code, 2, "{}", run.all());
+    let shadow = std::fs::metadata(r.join("etc/shadow")).unwrap();
+    assert_eq!((shadow.uid(), shadow.mode() & 0o7777, shadow.nlink()), (0, 0o640, 1), "root's file was changed");
+    assert_eq!(std::fs::read_to_string(r.join("etc/shadow")).unwrap(), format!("{KEY_A}\n"));
+    let keys = std::fs::metadata(r.join("home/deploy/.ssh/authorized_keys")).unwrap();
+    assert_eq!((keys.uid(), keys.mode() & 0o7777), (1000, 0o600));
+
+    // ~/.ssh a symlink to /etc: refused, nothing written there.
+    std::fs::remove_dir_all(r.join("home/deploy/.ssh")).unwrap();
+    std::os::unix::fs::symlink("/etc", r.join("home/deploy/.ssh")).unwrap();
+    let run = run_role("apply", r, b.path(), "k", &[]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("/home/deploy/.ssh is a symlink, not a directory"), "{}", run.all());
+    assert!(!r.join("etc/authorized_keys").exists());
+}
