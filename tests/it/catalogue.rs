@@ -81,7 +81,7 @@ fn sysctl_persists_and_sets_the_live_value() {
             "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"net.ipv4.ip_forward\"\nvalue = \"\"\n",
         ),
     ]);
-    let node = Node::boot(b.path());
+    let mut node = Node::boot(b.path());
     let probe = "cat /proc/sys/net/ipv4/ip_forward; ls /etc/sysctl.d";
     // A node in its own network namespace starts with forwarding off.
     assert_eq!(node.sh("cat /proc/sys/net/ipv4/ip_forward").stdout.trim(), "0");
@@ -131,6 +131,30 @@ fn sysctl_persists_and_sets_the_live_value() {
         !node.merged.join("etc/sysctl.d/90-bootstrap-net.ipv4.no_such_parameter_x.conf").exists(),
         "a value the kernel refused was persisted"
     );
+
+    // After a reboot (a fresh network namespace, forwarding off again) systemd-sysctl sets the
+    // persisted values at boot, and the run finds nothing to do.
+    reboot(&mut node);
+    assert_eq!(node.sh("systemctl is-active systemd-sysctl").stdout.trim(), "active");
+    assert_eq!(
+        node.sh("cat /proc/sys/net/ipv4/ip_forward").stdout.trim(),
+        "1",
+        "{}",
+        node.sh("systemctl status systemd-sysctl").all()
+    );
+    assert_eq!(
+        node.sh("sysctl -n net.ipv4.ip_local_port_range").stdout.split_whitespace().collect::<Vec<_>>(),
+        ["20000", "60999"]
+    );
+    assert_eq!(node.run_role("apply", "net", &["--detailed-exitcodes"]).code, 0);
+}
+
+fn reboot(node: &mut Node) {
+    let before = node.boot_id();
+    let _ = node.sh("systemctl reboot");
+    assert_eq!(node.wait_exit(std::time::Duration::from_secs(60)), 133, "the node did not reboot");
+    node.boot_again();
+    assert_ne!(node.boot_id(), before, "same boot");
 }
 
 #[test]
@@ -323,7 +347,7 @@ fn hostname_through_hostnamed() {
             "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"{{ 'a b' }}\"\n",
         ),
     ]);
-    let node = Node::boot(b.path());
+    let mut node = Node::boot(b.path());
     let want = format!("web-{}", &node.machine_id()[..8]);
     let probe = "hostname; cat /etc/hostname";
     refused(&node, "typo", "role.toml:5:1: unknown field `fqdn`", probe);
@@ -343,6 +367,11 @@ fn hostname_through_hostnamed() {
     assert_eq!(changes_of(&doc, "hostname")[0]["from"], "drifted");
     converges(&node, "host");
     assert_eq!(node.sh("hostname").stdout.trim(), want);
+
+    // The static name holds across a reboot.
+    reboot(&mut node);
+    assert_eq!(node.sh("hostname").stdout.trim(), want);
+    assert_eq!(node.run_role("apply", "host", &["--detailed-exitcodes"]).code, 0);
 }
 
 /// Under `--root` the five kinds manage only their files: no live value, no modprobe, no
