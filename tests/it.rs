@@ -54,3 +54,6 @@ mod runner;
 
 #[path = "it/architecture.rs"]
 mod architecture;
+
+#[path = "it/catalogue.rs"]
+mod catalogue;

@@ -149,6 +149,11 @@ kinds! {
     "unit" => Unit(unit),
     "container" => Container(container),
     "kubeadm_join" => KubeadmJoin(kubeadm),
+    "sysctl" => Sysctl(sysctl),
+    "kernel_module" => KernelModule(kernel_module),
+    "line" => Line(line),
+    "authorized_keys" => AuthorizedKeys(authorized_keys),
+    "hostname" => Hostname(hostname),
 }
 
 /// A kind's parsed table: checked at load, prepared (templates rendered) into its step.

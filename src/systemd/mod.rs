@@ -60,6 +60,25 @@ pub trait Systemd {
     fn reload(&self, unit: &str) -> Result<()>;
     /// Reboot through logind (org.freedesktop.login1.Manager.Reboot).
     fn reboot(&self) -> Result<()>;
+    /// The static and the transient hostname, as systemd-hostnamed reports them
+    /// (org.freedesktop.hostname1 `StaticHostname`, `Hostname`). (A test double that has no
+    /// hostnamed keeps the default, an error.)
+    fn hostnames(&self) -> Result<Hostnames> {
+        bail!("no systemd-hostnamed behind this systemd seam")
+    }
+    /// Set the static hostname (hostnamed writes /etc/hostname) and the transient one.
+    fn set_hostname(&self, _name: &str) -> Result<()> {
+        bail!("no systemd-hostnamed behind this systemd seam")
+    }
+}
+
+/// What systemd-hostnamed reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hostnames {
+    /// From /etc/hostname; empty when there is none.
+    pub static_name: String,
+    /// The kernel's hostname now.
+    pub transient: String,
 }
 
 /// How long the agent waits on the bus.
@@ -288,6 +307,35 @@ impl Systemd for Dbus {
             .cache_properties(CacheProperties::No)
             .build()?;
         login.call::<_, _, ()>("Reboot", &(false,)).context("asking logind to reboot")
+    }
+
+    fn hostnames(&self) -> Result<Hostnames> {
+        let h = self.hostnamed()?;
+        Ok(Hostnames {
+            static_name: h.get_property("StaticHostname").context("reading the static hostname from systemd-hostnamed")?,
+            transient: h.get_property("Hostname").context("reading the hostname from systemd-hostnamed")?,
+        })
+    }
+
+    fn set_hostname(&self, name: &str) -> Result<()> {
+        let h = self.hostnamed()?;
+        // `false`: no interactive authorization (the agent runs as root).
+        h.call::<_, _, ()>("SetStaticHostname", &(name, false))
+            .with_context(|| format!("systemd-hostnamed SetStaticHostname {name:?}"))?;
+        h.call::<_, _, ()>("SetHostname", &(name, false))
+            .with_context(|| format!("systemd-hostnamed SetHostname {name:?}"))
+    }
+}
+
+impl Dbus {
+    /// systemd-hostnamed (started by the bus on the first call), with the usual call timeout.
+    fn hostnamed(&self) -> Result<Proxy<'static>> {
+        Ok(Builder::new(self.conn()?)
+            .destination("org.freedesktop.hostname1")?
+            .path("/org/freedesktop/hostname1")?
+            .interface("org.freedesktop.hostname1")?
+            .cache_properties(CacheProperties::No)
+            .build()?)
     }
 }
 

@@ -122,6 +122,36 @@ fn malformed_inputs_exit_78_with_position_and_touch_nothing() {
             "roles/r/role.toml:6:1: unknown field `shell`",
         ),
         (
+            "unknown key sysctl",
+            "schema = 1\n[[step]]\nkind = \"sysctl\"\nname = \"vm.swappiness\"\nvalue = 10\npersist = true\n",
+            "roles/r/role.toml:6:1: unknown field `persist`",
+        ),
+        (
+            "unknown key kernel_module",
+            "schema = 1\n[[step]]\nkind = \"kernel_module\"\nname = \"loop\"\nparams = \"max_loop=8\"\n",
+            "roles/r/role.toml:5:1: unknown field `params`",
+        ),
+        (
+            "unknown key line",
+            "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/a\"\nline = \"x\"\nregexp = \"^x\"\n",
+            "roles/r/role.toml:6:1: unknown field `regexp`",
+        ),
+        (
+            "unknown key authorized_keys",
+            "schema = 1\n[[step]]\nkind = \"authorized_keys\"\nuser = \"u\"\nkeys = []\nexclusive = true\nmanage_dir = true\n",
+            "roles/r/role.toml:7:1: unknown field `manage_dir`",
+        ),
+        (
+            "unknown key hostname",
+            "schema = 1\n[[step]]\nkind = \"hostname\"\nname = \"web\"\nfqdn = \"web.example\"\n",
+            "roles/r/role.toml:5:1: unknown field `fqdn`",
+        ),
+        (
+            "bad line regex",
+            "schema = 1\n[[step]]\nkind = \"line\"\npath = \"/a\"\nline = \"x\"\nmatch = \"(x\"\n",
+            "roles/r/role.toml:6:9: invalid regular expression",
+        ),
+        (
             "unknown common key",
             "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/a\"\ncontent = \"x\"\nnotfy = []\n",
             "roles/r/role.toml:6:1: unknown field `notfy`",
