@@ -161,7 +161,7 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
         if size == 0 {
             return Ok(out);
         }
-        if b.len() < size + 2 {
+        if b.len().saturating_sub(2) < size {
             bail!("truncated chunked body");
         }
         out.extend_from_slice(&b[..size]);
@@ -181,6 +181,15 @@ mod tests {
         assert_eq!(pull_params("registry:5000/team/app:v1"), ("registry:5000/team/app", "v1"));
         assert_eq!(enc("a/b:c"), "a%2Fb%3Ac");
         assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+    }
+
+    /// Found by benches/fuzz (docker_answers): a chunk size near usize::MAX overflowed
+    /// `size + 2` (a panic in debug builds, an out-of-bounds slice panic in release).
+    #[test]
+    fn huge_chunk_sizes_are_errors() {
+        assert!(dechunk(b"ffffffffffffffff\r\nab").is_err());
+        assert!(dechunk(b"fffffffffffffffe\r\nab").is_err());
+        assert!(parse_response(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab").is_err());
     }
 
     /// Finding 11: a digest-pinned reference pulls that digest, never `latest`.

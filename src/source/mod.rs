@@ -250,7 +250,8 @@ fn seen_path(cache: &Path, url: &str) -> PathBuf {
 /// Nothing in the cache changes unless the new bundle verified and unpacked completely.
 /// When an S3 source is unavailable (network, 5xx), `last-good` is used (origin `last-good`).
 /// Whatever is applied, fresh, unchanged (304) or last-good, is checked against the pin and
-/// key configured now, and against rollback to an older signed build.
+/// key configured now; a fresh or unchanged (304) one also against rollback to an older
+/// signed build (last-good is older than a failed newer build by design).
 pub fn fetch(src: &Source, host_root: &Path, v: &Verify, persist: bool) -> Result<Fetched> {
     let cache = crate::state::StateDir::new(host_root).bundles();
     let (label, download) = match src {
