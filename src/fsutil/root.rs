@@ -74,7 +74,7 @@ impl From<&rustix::fs::Stat> for Stat {
             mode: s.st_mode & 0o7777,
             uid: s.st_uid,
             gid: s.st_gid,
-            nlink: s.st_nlink as u64,
+            nlink: u64::from(s.st_nlink),
         }
     }
 }
