@@ -13,7 +13,7 @@
 //! or `benches/fleet-sim NODES SLOTS [faults] [--arrivals SECONDS]`.
 
 #[path = "../tests/it/harness/etcd.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod etcd_harness;
 
 use bootstrap::reboot::decide::{decide, Decision, Inputs, LockAnswer, RebootState};

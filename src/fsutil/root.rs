@@ -74,6 +74,8 @@ impl From<&rustix::fs::Stat> for Stat {
             mode: s.st_mode & 0o7777,
             uid: s.st_uid,
             gid: s.st_gid,
+            // u64 on x86_64, u32 on aarch64.
+            #[allow(clippy::useless_conversion)]
             nlink: u64::from(s.st_nlink),
         }
     }
