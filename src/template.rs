@@ -57,6 +57,29 @@ pub fn environment() -> Environment<'static> {
     env
 }
 
+/// The engine for one role: `{% include %}` and `{% import %}` load templates from the role's
+/// `files/` only (an absolute name or one with `..` is refused).
+pub fn role_environment(base: &Environment<'static>, files: &Path) -> Environment<'static> {
+    let mut env = base.clone();
+    let files = files.to_path_buf();
+    env.set_loader(move |name: &str| {
+        let rel = Path::new(name);
+        if name.is_empty() || rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("template {name:?} must be a relative path inside the role's files/ (no `..`, not absolute)"),
+            ));
+        }
+        let p = files.join(rel);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("reading {}: {e}", p.display()))),
+        }
+    });
+    env
+}
+
 /// The context templates and `when` see: vars at top level, facts under `facts`.
 pub fn context(vars: &toml::Table, facts: &crate::facts::Facts) -> Value {
     let mut map: std::collections::BTreeMap<String, Value> = vars.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
@@ -72,6 +95,15 @@ fn describe(origin: &Origin, src: &str, e: &minijinja::Error) -> ConfigError {
         Some(d) => format!("template error: {} ({d})", e.kind()),
         None => format!("template error: {}", e.kind()),
     };
+    // An error inside an included or imported template names that file (under files/) and line.
+    if let Some(n) = e.name().filter(|n| *n != "<string>") {
+        let line = e.line().unwrap_or(1);
+        let at = match origin {
+            Origin::File(path) => path.display().to_string(),
+            Origin::Inline(pos) => pos.to_string(),
+        };
+        return ConfigError(format!("{at}: {what} in files/{n} line {line}"));
+    }
     match origin {
         Origin::File(path) => {
             let (line, col) = match e.range() {

@@ -4,10 +4,23 @@
 //! offline); `prepare` then evaluates `when` and renders templates with facts and vars.
 //! Any error here is a `ConfigError` (exit 78) naming file, line and column, and happens
 //! before the host is touched.
+//!
+//! Loops (`for_each`, see [`expand`]): a step with `for_each` is checked at load as written
+//! (its keys and their types, so an unknown key is an error with its position) and expanded
+//! at `prepare`, where facts and env overlays are known: the step's TOML table is read again
+//! from the role's source (spans and all), every string in it but `when` and `content` is
+//! rendered with `item` (and `key`) in the context, and each expansion is then parsed and
+//! validated like any step, so its errors name the original step's file:line:col. Step ids
+//! are unique across the expanded run (checked again after expansion).
+//!
+//! Per-role defaults (`[defaults.<kind>]`) fill the fields a step of that kind does not set;
+//! step `vars` are merged over the role's vars for that step's templates.
+
+pub mod expand;
 
 use crate::error::{de, toml_err, ConfigError, Pos};
 use crate::facts::Facts;
-use crate::step::{Common, LoadCtx, PrepCtx, Spec, Step, COMMON_KEYS};
+use crate::step::{Common, LoadCtx, PrepCtx, Spec, Step, COMMON_KEYS, KINDS};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,14 +58,23 @@ pub struct Role {
     pub include: Vec<Spanned<String>>,
     pub vars: toml::Table,
     pub steps: Vec<RoleStep>,
+    /// The template engine for this role: includes and imports load from its `files/`.
+    pub env: minijinja::Environment<'static>,
 }
 
 #[derive(Debug)]
 pub struct RoleStep {
     pub pos: Pos,
+    /// Its index in the role file's `[[step]]` array (a `for_each` step is read again from
+    /// there at prepare).
+    pub index: usize,
     pub common: Common,
+    /// For a `for_each` step, the spec as written (templates not rendered, not validated).
     pub spec: Spec,
 }
+
+/// `[defaults.<kind>]`: the fields a step of that kind gets when it does not set them.
+pub type Defaults<'a> = BTreeMap<String, DeTable<'a>>;
 
 /// `restart:UNIT` or `reload:UNIT`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -110,6 +132,7 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
     let span = parsed.span();
     let mut table = parsed.into_inner();
     let steps = table.remove("step");
+    let defaults = table.remove("defaults");
     let header: Header = Header::deserialize(toml::de::Deserializer::from(Spanned::new(span, table))).map_err(|e| toml_err(e, &file, &src))?;
     if *header.schema.get_ref() != SCHEMA {
         return Err(ConfigError::at(
@@ -119,11 +142,16 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
             format!("unsupported schema {}; this bootstrap reads schema {SCHEMA}", header.schema.get_ref()),
         ));
     }
+    let renv = crate::template::role_environment(env, &dir.join("files"));
     let cx = LoadCtx {
         file: &file,
         src: &src,
         role_dir: &dir,
-        env,
+        env: &renv,
+    };
+    let defaults = match defaults {
+        Some(d) => parse_defaults(d, &cx)?,
+        None => Defaults::new(),
     };
     let mut out_steps = Vec::new();
     if let Some(steps) = steps {
@@ -131,8 +159,8 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
         let DeValue::Array(items) = steps.into_inner() else {
             return Err(ConfigError::at(&file, &src, steps_span.start, "`step` must be an array of tables ([[step]])"));
         };
-        for item in items {
-            out_steps.push(parse_step(item, &cx)?);
+        for (index, item) in items.into_iter().enumerate() {
+            out_steps.push(parse_step(item, index, &cx, &defaults, false)?);
         }
     }
     Ok(Role {
@@ -144,15 +172,59 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
         include: header.include,
         vars: header.vars,
         steps: out_steps,
+        env: renv,
     })
 }
 
-fn parse_step(item: Spanned<DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<RoleStep, ConfigError> {
+/// `[defaults]`: a table per known kind, each checked against that kind's fields now (an
+/// unknown key or a wrong type is an error at its position even when no step uses it).
+pub(crate) fn parse_defaults<'a>(d: Spanned<DeValue<'a>>, cx: &LoadCtx<'_>) -> Result<Defaults<'a>, ConfigError> {
+    let span = d.span();
+    let DeValue::Table(t) = d.into_inner() else {
+        return Err(ConfigError::at(cx.file, cx.src, span.start, "`defaults` must be a table of kinds ([defaults.file])"));
+    };
+    let mut out = Defaults::new();
+    for (k, v) in t {
+        let kind = Spanned::new(k.span(), k.get_ref().to_string());
+        if !KINDS.contains(&kind.get_ref().as_str()) {
+            return Err(cx.err(&kind, format!("unknown step kind `{}` in [defaults]; expected one of {}", kind.get_ref(), KINDS.join(", "))));
+        }
+        let vspan = v.span();
+        let DeValue::Table(kt) = v.into_inner() else {
+            return Err(cx.err(&kind, format!("[defaults.{}] must be a table of that kind's fields", kind.get_ref())));
+        };
+        // Parsed alone, a kind's table misses its required fields; any other error stands.
+        if let Err(e) = Spec::parse(&kind, Spanned::new(vspan, DeValue::Table(kt.clone())), cx) {
+            if !e.0.contains("missing field") {
+                return Err(e);
+            }
+        }
+        out.insert(kind.into_inner(), kt);
+    }
+    Ok(out)
+}
+
+/// Parse one `[[step]]` table. `expanded`: an expansion of a `for_each` step (its strings
+/// rendered), validated in full; a `for_each` step as written is only parsed.
+pub(crate) fn parse_step(item: Spanned<DeValue<'_>>, index: usize, cx: &LoadCtx<'_>, defaults: &Defaults<'_>, expanded: bool) -> Result<RoleStep, ConfigError> {
     let span = item.span();
     let pos = Pos::new(cx.file, cx.src, span.start);
     let DeValue::Table(mut t) = item.into_inner() else {
         return Err(ConfigError(format!("{pos}: each step must be a table")));
     };
+    let kind_name = match t.get("kind").map(|k| k.get_ref()) {
+        Some(DeValue::String(k)) => Some(k.to_string()),
+        _ => None,
+    };
+    if let Some(k) = kind_name {
+        if let Some(d) = defaults.get(&k) {
+            for (dk, dv) in d {
+                if !t.contains_key(dk.get_ref().as_ref()) {
+                    t.insert(dk.clone(), dv.clone());
+                }
+            }
+        }
+    }
     let kind: Spanned<String> = match t.remove("kind") {
         Some(k) => de(k, cx.file, cx.src)?,
         None => return Err(ConfigError(format!("{pos}: step has no `kind`"))),
@@ -163,16 +235,24 @@ fn parse_step(item: Spanned<DeValue<'_>>, cx: &LoadCtx<'_>) -> Result<RoleStep, 
             common.insert(k, v);
         }
     }
-    let common: Common = de(Spanned::new(span.clone(), DeValue::Table(common)), cx.file, cx.src)?;
+    let mut common: Common = de(Spanned::new(span.clone(), DeValue::Table(common)), cx.file, cx.src)?;
+    if expanded {
+        common.for_each = None;
+    }
     let spec = Spec::parse(&kind, Spanned::new(span, DeValue::Table(t)), cx)?;
-    spec.validate(cx)?;
+    if let Some(fe) = &common.for_each {
+        expand::check_for_each(cx, fe)?;
+    } else {
+        spec.validate(cx)?;
+    }
     if let Some(w) = &common.when {
         crate::template::check_expression(cx.env, &cx.pos(w), w.get_ref())?;
     }
-    for n in &common.notify {
+    // (A `for_each` step's targets may be templates: checked in each expansion.)
+    for n in common.notify.iter().filter(|_| common.for_each.is_none()) {
         Notify::parse(n.get_ref()).map_err(|e| cx.err(n, e))?;
     }
-    Ok(RoleStep { pos, common, spec })
+    Ok(RoleStep { pos, index, common, spec })
 }
 
 /// Load a role and everything it includes, includes first, each role once.
@@ -204,7 +284,7 @@ fn step_id(role: &Role, index: usize, rs: &RoleStep) -> String {
 fn check_duplicate_ids(roles: &[Role]) -> Result<(), ConfigError> {
     let mut seen: BTreeMap<String, &Pos> = BTreeMap::new();
     for role in roles {
-        for (i, rs) in role.steps.iter().enumerate() {
+        for (i, rs) in role.steps.iter().enumerate().filter(|(_, rs)| rs.common.for_each.is_none()) {
             let id = step_id(role, i, rs);
             if let Some(first) = seen.get(&id) {
                 return Err(ConfigError(format!(
@@ -288,56 +368,88 @@ pub struct Prepared {
     pub step: Option<Step>,
 }
 
-/// Evaluate `when`, render templates, map paths under `root`.
-pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, env: &minijinja::Environment<'static>) -> Result<Vec<Prepared>, ConfigError> {
+/// Expand `for_each` steps, evaluate `when`, render templates, map paths under `root`.
+/// (`_env` is the base engine; each role renders with its own, which loads from its files/.)
+pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, _env: &minijinja::Environment<'static>) -> Result<Vec<Prepared>, ConfigError> {
     let ctx = crate::template::context(vars, facts);
     let mut out: Vec<Prepared> = Vec::new();
+    // Where each prepared step was declared (an expansion: its step and item), for errors.
+    let mut declared: Vec<String> = Vec::new();
     for role in roles {
+        let load = || LoadCtx {
+            file: &role.file,
+            src: &role.src,
+            role_dir: &role.dir,
+            env: &role.env,
+        };
         for (i, rs) in role.steps.iter().enumerate() {
-            let load = LoadCtx {
-                file: &role.file,
-                src: &role.src,
-                role_dir: &role.dir,
-                env,
-            };
-            let id = step_id(role, i, rs);
-            let active = match &rs.common.when {
-                Some(w) => crate::template::eval_when(env, &load.pos(w), w.get_ref(), &ctx)?,
-                None => true,
-            };
-            // A step whose rendering called secret() (any of its templates, through any
-            // filter) is sensitive as a whole, as if the role said `sensitive = true`.
-            let mut sensitive = rs.common.sensitive;
-            let step = if active {
-                let mark = crate::template::SecretCalls::mark();
-                let mut s = rs.spec.prepare(&PrepCtx { load, vars: &ctx, root })?;
-                // (A file whose content holds a value known as secret marks itself.)
-                sensitive |= mark.called_since() || s.is_sensitive();
-                if sensitive {
-                    s.mark_sensitive();
+            match &rs.common.for_each {
+                None => {
+                    out.push(prepare_one(role, load(), rs, step_id(role, i, rs), &ctx, &[], root)?);
+                    declared.push(rs.pos.to_string());
                 }
-                Some(s)
-            } else {
-                None
-            };
-            out.push(Prepared {
-                id,
-                kind: rs.spec.kind(),
-                role: role.name.clone(),
-                pos: rs.pos.clone(),
-                notify: rs
-                    .common
-                    .notify
-                    .iter()
-                    .map(|n| Notify::parse(n.get_ref()).expect("validated at load"))
-                    .collect(),
-                reboot_required: rs.common.reboot_required,
-                sensitive,
-                step,
-            });
+                Some(fe) => {
+                    for (n, x) in expand::expand(role, &load(), rs, fe, vars, &ctx)?.into_iter().enumerate() {
+                        let id = match (&x.step.common.id, x.step.common.sensitive, &x.step.spec) {
+                            (None, true, Spec::Exec(_)) => format!("exec:{}#{}.{}", role.name, i + 1, n + 1),
+                            _ => step_id(role, i, &x.step),
+                        };
+                        out.push(prepare_one(role, load(), &x.step, id, &ctx, &x.top, root)?);
+                        declared.push(x.label);
+                    }
+                }
+            }
+        }
+    }
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (p, at) in out.iter().zip(&declared) {
+        if let Some(first) = seen.insert(&p.id, at) {
+            return Err(ConfigError(format!(
+                "{at}: step `{}` is declared twice (first at {first}); give one an `id` or merge them",
+                p.id
+            )));
         }
     }
     Ok(out)
+}
+
+/// One step (or one expansion): its vars over the role's, then `top` (`item`, `key`).
+fn prepare_one(role: &Role, load: LoadCtx<'_>, rs: &RoleStep, id: String, ctx: &minijinja::Value, top: &[(String, minijinja::Value)], root: &Path) -> Result<Prepared, ConfigError> {
+    let ctx = expand::step_context(ctx, rs.common.vars.as_ref(), top);
+    let active = match &rs.common.when {
+        Some(w) => crate::template::eval_when(load.env, &load.pos(w), w.get_ref(), &ctx)?,
+        None => true,
+    };
+    // A step whose rendering called secret() (any of its templates, through any
+    // filter) is sensitive as a whole, as if the role said `sensitive = true`.
+    let mut sensitive = rs.common.sensitive;
+    let step = if active {
+        let mark = crate::template::SecretCalls::mark();
+        let mut s = rs.spec.prepare(&PrepCtx { load, vars: &ctx, root })?;
+        // (A file whose content holds a value known as secret marks itself.)
+        sensitive |= mark.called_since() || s.is_sensitive();
+        if sensitive {
+            s.mark_sensitive();
+        }
+        Some(s)
+    } else {
+        None
+    };
+    Ok(Prepared {
+        id,
+        kind: rs.spec.kind(),
+        role: role.name.clone(),
+        pos: rs.pos.clone(),
+        notify: rs
+            .common
+            .notify
+            .iter()
+            .map(|n| Notify::parse(n.get_ref()).expect("validated at load"))
+            .collect(),
+        reboot_required: rs.common.reboot_required,
+        sensitive,
+        step,
+    })
 }
 
 /// Lint a whole bundle offline: every role parses, includes resolve, templates compile,

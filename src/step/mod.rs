@@ -31,9 +31,14 @@ pub struct Common {
     pub reboot_required: bool,
     #[serde(default)]
     pub sensitive: bool,
+    /// A list, a table, or the name of a var holding one: the step is expanded once per item
+    /// (see `role::expand`).
+    pub for_each: Option<Spanned<toml::Value>>,
+    /// Vars for this step's templates, merged over the role's.
+    pub vars: Option<toml::Table>,
 }
 
-pub const COMMON_KEYS: &[&str] = &["id", "when", "notify", "reboot_required", "sensitive"];
+pub const COMMON_KEYS: &[&str] = &["id", "when", "notify", "reboot_required", "sensitive", "for_each", "vars"];
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
