@@ -95,15 +95,19 @@ fn describe(origin: &Origin, src: &str, e: &minijinja::Error) -> ConfigError {
         Some(d) => format!("template error: {} ({d})", e.kind()),
         None => format!("template error: {}", e.kind()),
     };
-    // An error inside an included or imported template names that file (under files/) and line.
-    if let Some(n) = e.name().filter(|n| *n != "<string>") {
-        let line = e.line().unwrap_or(1);
-        let at = match origin {
-            Origin::File(path) => path.display().to_string(),
-            Origin::Inline(pos) => pos.to_string(),
-        };
-        return ConfigError(format!("{at}: {what} in files/{n} line {line}"));
+    // An error inside an included or imported template (the innermost cause) also names
+    // that file, under the role's files/, and its line.
+    let mut inner = e;
+    while let Some(cause) = std::error::Error::source(inner).and_then(|c| c.downcast_ref::<minijinja::Error>()) {
+        inner = cause;
     }
+    let what = match inner.name().filter(|n| *n != "<string>" && !std::ptr::eq(inner, e)) {
+        Some(n) => {
+            let d = inner.detail().map(|d| format!(" ({d})")).unwrap_or_default();
+            format!("{what}: in files/{n} line {}: {}{d}", inner.line().unwrap_or(1), inner.kind())
+        }
+        None => what,
+    };
     match origin {
         Origin::File(path) => {
             let (line, col) = match e.range() {

@@ -57,3 +57,6 @@ mod architecture;
 
 #[path = "it/catalogue.rs"]
 mod catalogue;
+
+#[path = "it/for_each.rs"]
+mod for_each;
