@@ -258,3 +258,46 @@ template = true
     assert_eq!(read(root.path(), "etc/plain"), "role\n");
     assert_eq!(read(root.path(), "etc/loop-x"), "/etc/loop x\n");
 }
+
+/// The peer benchmark's role (written by `benches/peer-bench`, its loops one `for_each` step
+/// each) validates and applies into a root: 10 data directories, 40 config files, 5 units, ids
+/// per item, and a second apply changes nothing. (The benchmark itself is not run: it is slow.)
+#[test]
+fn the_peer_benchmark_role_loops_and_converges_in_a_root() {
+    let w = tempfile::tempdir().unwrap();
+    let script = repo().join("benches/peer-bench");
+    // The block of the script that writes the role, run on its own.
+    let gen = format!(
+        "W={w}; mkdir -p \"$W/roles/bench/files\"; eval \"$(awk '/^# --- the workload/{{f=1;next}} f&&/^\\{{$/{{p=1}} p{{print}} p&&/roles\\/bench\\/role.toml\"$/{{exit}}' {script})\"",
+        w = w.path().display(),
+        script = script.display()
+    );
+    let out = std::process::Command::new("bash").args(["-c", &gen]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let role = std::fs::read_to_string(w.path().join("roles/bench/role.toml")).unwrap();
+    assert_eq!(role.matches("[[step]]").count(), 8, "one step per loop:\n{role}");
+
+    let v = agent(&["validate", w.path().to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.all());
+    let root = tempfile::tempdir().unwrap();
+    let r = run_role("apply", root.path(), w.path(), "bench", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    let host: serde_json::Value = serde_json::from_str(&agent(&["facts", "--format", "json"]).stdout).unwrap();
+    let host = host["hostname"].as_str().unwrap();
+    for i in 1..=40 {
+        let got = read(root.path(), &format!("etc/bench/conf-{i}.conf"));
+        assert_eq!(got, format!("# file {i}\ngreeting = hello from the benchmark\nhost = {host}\n"));
+    }
+    for i in 1..=10 {
+        assert!(root.path().join(format!("srv/data/d{i}")).is_dir());
+    }
+    for i in 1..=5 {
+        let unit = read(root.path(), &format!("etc/systemd/system/bench-{i}.service"));
+        assert!(unit.starts_with(&format!("[Unit]\nDescription=bench {i}\n")), "{unit}");
+    }
+    let ids = ids(root.path());
+    assert_eq!(ids.len(), 1 + 2 + 10 + 40 + 5 + 2, "{ids:?}");
+    assert!(ids.iter().any(|i| i == "file:/etc/bench/conf-7.conf"), "{ids:?}");
+    let again = run_role("apply", root.path(), w.path(), "bench", &["--detailed-exitcodes"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+}
