@@ -74,7 +74,10 @@ pub fn role_environment(base: &Environment<'static>, files: &Path) -> Environmen
         match std::fs::read_to_string(&p) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("reading {}: {e}", p.display()))),
+            Err(e) => Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("reading {}: {e}", p.display()),
+            )),
         }
     });
     env

@@ -119,7 +119,11 @@ fn render_step<'a>(step: Spanned<DeValue<'a>>, cx: &LoadCtx<'_>, ctx: &Value) ->
     };
     let mut out = DeTable::new();
     for (k, v) in t {
-        let v = if NOT_RENDERED.contains(&k.get_ref().as_ref()) { v } else { render_value(v, cx, ctx)? };
+        let v = if NOT_RENDERED.contains(&k.get_ref().as_ref()) {
+            v
+        } else {
+            render_value(v, cx, ctx)?
+        };
         out.insert(k, v);
     }
     Ok(Spanned::new(span, DeValue::Table(out)))

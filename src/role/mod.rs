@@ -181,13 +181,21 @@ pub fn load_role(bundle: &Path, name: &str, env: &minijinja::Environment<'static
 pub(crate) fn parse_defaults<'a>(d: Spanned<DeValue<'a>>, cx: &LoadCtx<'_>) -> Result<Defaults<'a>, ConfigError> {
     let span = d.span();
     let DeValue::Table(t) = d.into_inner() else {
-        return Err(ConfigError::at(cx.file, cx.src, span.start, "`defaults` must be a table of kinds ([defaults.file])"));
+        return Err(ConfigError::at(
+            cx.file,
+            cx.src,
+            span.start,
+            "`defaults` must be a table of kinds ([defaults.file])",
+        ));
     };
     let mut out = Defaults::new();
     for (k, v) in t {
         let kind = Spanned::new(k.span(), k.get_ref().to_string());
         if !KINDS.contains(&kind.get_ref().as_str()) {
-            return Err(cx.err(&kind, format!("unknown step kind `{}` in [defaults]; expected one of {}", kind.get_ref(), KINDS.join(", "))));
+            return Err(cx.err(
+                &kind,
+                format!("unknown step kind `{}` in [defaults]; expected one of {}", kind.get_ref(), KINDS.join(", ")),
+            ));
         }
         let vspan = v.span();
         let DeValue::Table(kt) = v.into_inner() else {
@@ -414,7 +422,15 @@ pub fn prepare(roles: &[Role], vars: &toml::Table, facts: &Facts, root: &Path, _
 }
 
 /// One step (or one expansion): its vars over the role's, then `top` (`item`, `key`).
-fn prepare_one(role: &Role, load: LoadCtx<'_>, rs: &RoleStep, id: String, ctx: &minijinja::Value, top: &[(String, minijinja::Value)], root: &Path) -> Result<Prepared, ConfigError> {
+fn prepare_one(
+    role: &Role,
+    load: LoadCtx<'_>,
+    rs: &RoleStep,
+    id: String,
+    ctx: &minijinja::Value,
+    top: &[(String, minijinja::Value)],
+    root: &Path,
+) -> Result<Prepared, ConfigError> {
     let ctx = expand::step_context(ctx, rs.common.vars.as_ref(), top);
     let active = match &rs.common.when {
         Some(w) => crate::template::eval_when(load.env, &load.pos(w), w.get_ref(), &ctx)?,

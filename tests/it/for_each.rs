@@ -9,7 +9,12 @@ fn read(root: &Path, p: &str) -> String {
 }
 
 fn ids(root: &Path) -> Vec<String> {
-    report(root)["steps"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    report(root)["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 const LOOPS: &str = r#"schema = 1
@@ -47,7 +52,10 @@ template = true
 
 #[test]
 fn for_each_expands_lists_tables_and_vars_with_ids_per_item_and_is_idempotent() {
-    let b = bundle(&[("roles/loops/role.toml", LOOPS), ("roles/loops/env/production.toml", "[vars]\npeers = [\"x\", \"y\", \"z\"]\n")]);
+    let b = bundle(&[
+        ("roles/loops/role.toml", LOOPS),
+        ("roles/loops/env/production.toml", "[vars]\npeers = [\"x\", \"y\", \"z\"]\n"),
+    ]);
     let root = tempfile::tempdir().unwrap();
     let r = run_role("apply", root.path(), b.path(), "loops", &["--detailed-exitcodes"]);
     assert_eq!(r.code, 2, "{}", r.all());
@@ -82,7 +90,10 @@ fn for_each_expands_lists_tables_and_vars_with_ids_per_item_and_is_idempotent() 
     let envroot = tempfile::tempdir().unwrap();
     let r = run_role("apply", envroot.path(), b.path(), "loops", &["--env", "production"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let mut peers: Vec<String> = std::fs::read_dir(envroot.path().join("etc/peers")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut peers: Vec<String> = std::fs::read_dir(envroot.path().join("etc/peers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     peers.sort();
     assert_eq!(peers, ["x", "y", "z"]);
 }
@@ -134,7 +145,10 @@ fn for_each_mistakes_exit_78_with_positions() {
         let r = run_role("apply", root.path(), b.path(), "r", &[]);
         let empty = std::fs::read_dir(root.path()).unwrap().next().is_none();
         if r.code != 78 || !empty || !wants.iter().all(|w| r.stderr.contains(w)) {
-            failures.push(format!("{name}: exit {} (want 78), root empty: {empty}\n  want: {wants:?}\n  got:  {}", r.code, r.stderr));
+            failures.push(format!(
+                "{name}: exit {} (want 78), root empty: {empty}\n  want: {wants:?}\n  got:  {}",
+                r.code, r.stderr
+            ));
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
@@ -145,7 +159,10 @@ fn include_and_import_load_from_the_roles_files_only() {
     let role = "schema = 1\n[vars]\nport = 80\n[[step]]\nkind = \"file\"\npath = \"/etc/app.conf\"\nsource = \"app.j2\"\ntemplate = true\n";
     let b = bundle(&[
         ("roles/t/role.toml", role),
-        ("roles/t/files/app.j2", "{% import \"macros.j2\" as m %}{% include \"parts/head.j2\" %}{{ m.listen(port) }}\n"),
+        (
+            "roles/t/files/app.j2",
+            "{% import \"macros.j2\" as m %}{% include \"parts/head.j2\" %}{{ m.listen(port) }}\n",
+        ),
         ("roles/t/files/parts/head.j2", "# head\n"),
         ("roles/t/files/macros.j2", "{% macro listen(p) %}listen {{ p }}{% endmacro %}"),
         ("secret.txt", "outside\n"),
@@ -164,7 +181,11 @@ fn include_and_import_load_from_the_roles_files_only() {
         let root = tempfile::tempdir().unwrap();
         let r = run_role("apply", root.path(), b.path(), "t", &[]);
         assert_eq!(r.code, 78, "{name}: {}", r.all());
-        assert!(r.stderr.contains("app.j2:2:") && r.stderr.contains("inside the role's files/"), "{name}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("app.j2:2:") && r.stderr.contains("inside the role's files/"),
+            "{name}: {}",
+            r.stderr
+        );
         assert!(!root.path().join("etc/app.conf").exists());
     }
 
@@ -212,8 +233,16 @@ path = "/etc/{{ item }}"
     assert_eq!((read(root.path(), "etc/c"), mode("etc/c")), ("default\n".to_string(), 0o600));
 
     for (name, bad, want) in [
-        ("unknown kind", "schema = 1\n[defaults.fil]\nmode = \"0600\"\n", "role.toml:2:11: unknown step kind `fil` in [defaults]"),
-        ("unknown key", "schema = 1\n[defaults.file]\nownr = \"root\"\n", "role.toml:3:1: unknown field `ownr`"),
+        (
+            "unknown kind",
+            "schema = 1\n[defaults.fil]\nmode = \"0600\"\n",
+            "role.toml:2:11: unknown step kind `fil` in [defaults]",
+        ),
+        (
+            "unknown key",
+            "schema = 1\n[defaults.file]\nownr = \"root\"\n",
+            "role.toml:3:1: unknown field `ownr`",
+        ),
     ] {
         let b = bundle(&[("roles/d/role.toml", bad)]);
         let v = agent(&["validate", b.path().to_str().unwrap()]);
