@@ -153,6 +153,85 @@ fn render_value<'a>(v: Spanned<DeValue<'a>>, cx: &LoadCtx<'_>, ctx: &Value) -> R
 mod tests {
     use super::*;
 
+    /// Expand the one step of a role written from `step` (after `kind = "file"`) with these
+    /// vars: the expansions' ids, or the error.
+    fn expand_ids(step: &str, vars: &str) -> Result<Vec<String>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let rdir = dir.path().join("roles/r");
+        std::fs::create_dir_all(&rdir).unwrap();
+        std::fs::write(
+            rdir.join("role.toml"),
+            format!("schema = 1\n[defaults.file]\nmode = \"0600\"\ncontent = \"\"\n[[step]]\nkind = \"file\"\n{step}"),
+        )
+        .unwrap();
+        let env = crate::template::environment();
+        let role = super::super::load_role(dir.path(), "r", &env).map_err(|e| e.to_string())?;
+        let vars: toml::Table = toml::from_str(vars).unwrap();
+        let ctx = Value::from_serialize(&vars);
+        let rs = &role.steps[0];
+        let cx = LoadCtx {
+            file: &role.file,
+            src: &role.src,
+            role_dir: &role.dir,
+            env: &role.env,
+        };
+        let fe = rs.common.for_each.as_ref().expect("a for_each step");
+        let xs = expand(&role, &cx, rs, fe, &vars, &ctx).map_err(|e| e.to_string())?;
+        Ok(xs.iter().map(|x| x.step.spec.identity()).collect())
+    }
+
+    #[test]
+    fn expansions_and_their_ids() {
+        let ok: &[(&str, &str, &[&str])] = &[
+            ("for_each = [\"a\", \"b\"]\npath = \"/etc/{{ item }}\"\n", "", &["file:/etc/a", "file:/etc/b"]),
+            ("for_each = [1, 2]\npath = \"/etc/n{{ item * 10 }}\"\n", "", &["file:/etc/n10", "file:/etc/n20"]),
+            (
+                "for_each = { x = 1, y = 2 }\npath = \"/etc/{{ key }}-{{ item }}\"\n",
+                "",
+                &["file:/etc/x-1", "file:/etc/y-2"],
+            ),
+            ("for_each = [{ n = \"a\" }]\npath = \"/etc/{{ item.n }}\"\n", "", &["file:/etc/a"]),
+            (
+                "for_each = \"svcs\"\npath = \"{{ base }}/{{ item }}\"\n",
+                "svcs = [\"s07\"]\nbase = \"/etc/pb\"",
+                &["file:/etc/pb/s07"],
+            ),
+            (
+                "for_each = \"mine\"\nvars = { mine = [\"m\"] }\npath = \"/etc/{{ item }}\"\n",
+                "",
+                &["file:/etc/m"],
+            ),
+            ("for_each = []\npath = \"/etc/{{ item }}\"\n", "", &[]),
+        ];
+        for (step, vars, want) in ok {
+            let want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
+            assert_eq!(expand_ids(step, vars), Ok(want), "{step}");
+        }
+        let bad: &[(&str, &str, &str)] = &[
+            (
+                "for_each = \"nope\"\npath = \"/etc/{{ item }}\"\n",
+                "",
+                "role.toml:7:12: `for_each` names var `nope`, which is not set",
+            ),
+            (
+                "for_each = \"n\"\npath = \"/etc/{{ item }}\"\n",
+                "n = 3",
+                "role.toml:7:12: var `n` must be a list or a table",
+            ),
+            ("for_each = [\"a\"]\npath = \"/etc/{{ key }}\"\n", "", "role.toml:8:8: template error"),
+            (
+                "for_each = [\"../x\"]\npath = \"/etc/{{ item }}\"\n",
+                "",
+                "role.toml:8:8: path \"/etc/../x\" contains `..`",
+            ),
+            ("for_each = [\"a\"]\npath = \"/etc/{{ item }}\"\nmode = \"{{ item }}\"\n", "", "role.toml:9:8:"),
+        ];
+        for (step, vars, want) in bad {
+            let err = expand_ids(step, vars).expect_err(step);
+            assert!(err.contains(want), "{step}\nwant {want}\ngot  {err}");
+        }
+    }
+
     #[test]
     fn step_context_layers_vars_then_item() {
         let base = Value::from_serialize(serde_json::json!({"a": 1, "b": 2, "item": "shadowed"}));
