@@ -57,3 +57,6 @@ mod architecture;
 
 #[path = "it/catalogue.rs"]
 mod catalogue;
+
+#[path = "it/filesystem_mount.rs"]
+mod filesystem_mount;

@@ -155,12 +155,12 @@ impl Probe {
         self.fstype.is_none() && self.pttype.is_none()
     }
 
-    /// For messages: `ext2 (UUID …)`, `a gpt partition table`.
+    /// For messages: `a filesystem of type ext2 (UUID …)`, `a gpt partition table`.
     pub fn describe(&self) -> String {
         match (&self.fstype, &self.pttype) {
             (Some(t), _) => match &self.uuid {
-                Some(u) => format!("a {t} filesystem (UUID {u})"),
-                None => format!("{t}"),
+                Some(u) => format!("a filesystem of type {t} (UUID {u})"),
+                None => format!("a filesystem of type {t}"),
             },
             (None, Some(p)) => format!("a {p} partition table"),
             (None, None) => "nothing".into(),
@@ -234,6 +234,17 @@ fn resolves(fs: &crate::fsutil::Root, path: &str) -> Result<bool> {
     fs.exists(&format!("/{}", parts.join("/")))
 }
 
+impl FilesystemStep {
+    /// `ebs:vol-… (/dev/disk/by-id/…)`, or the path alone.
+    fn named(&self) -> String {
+        if self.shown == self.path {
+            self.shown.clone()
+        } else {
+            format!("{} ({})", self.shown, self.path)
+        }
+    }
+}
+
 impl Kind for FilesystemStep {
     type Observed = Probe;
 
@@ -248,9 +259,8 @@ impl Kind for FilesystemStep {
         let p = probe(&self.path)?;
         if !p.is_empty() && p.fstype.as_deref() != Some(self.fstype.as_str()) {
             bail!(
-                "device {} ({}) holds {}, not {}: refusing to format it (bootstrap never reformats a device; wipe it by hand if it is really to be reused)",
-                self.shown,
-                self.path,
+                "device {} holds {}, not {}: refusing to format it (bootstrap never reformats a device; wipe it by hand if it is really to be reused)",
+                self.named(),
                 p.describe(),
                 self.fstype
             );
@@ -274,7 +284,7 @@ impl Kind for FilesystemStep {
         // Probe again just before: only a device with nothing on it is ever formatted.
         let now = probe(&self.path)?;
         if !now.is_empty() {
-            bail!("device {} ({}) now holds {}: not formatting it", self.shown, self.path, now.describe());
+            bail!("device {} now holds {}: not formatting it", self.named(), now.describe());
         }
         let mut argv = vec![format!("mkfs.{}", self.fstype)];
         if let Some(l) = &self.label {
@@ -332,7 +342,7 @@ mod tests {
     fn blkid_export() {
         let p = parse_export("DEVNAME=/dev/loop0\nUUID=8b8b1eeb-b913\nBLOCK_SIZE=1024\nTYPE=ext2\nUSAGE=filesystem\n");
         assert_eq!((p.fstype.as_deref(), p.uuid.as_deref()), (Some("ext2"), Some("8b8b1eeb-b913")));
-        assert_eq!(p.describe(), "a ext2 filesystem (UUID 8b8b1eeb-b913)");
+        assert_eq!(p.describe(), "a filesystem of type ext2 (UUID 8b8b1eeb-b913)");
         let t = parse_export("DEVNAME=/dev/loop0\nPTUUID=x\nPTTYPE=gpt\n");
         assert!(!t.is_empty());
         assert_eq!(t.describe(), "a gpt partition table");
