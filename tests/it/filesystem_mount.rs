@@ -86,7 +86,11 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
     // Declared before the node: dropped (detached) after it.
     let vol = Loop::new("64M");
     let other = Loop::new("16M");
-    let st = Command::new("mkfs.ext2").args(["-q", "-F", "-L", "old"]).arg(&other.dev).status().expect("mkfs.ext2 (e2fsprogs)");
+    let st = Command::new("mkfs.ext2")
+        .args(["-q", "-F", "-L", "old"])
+        .arg(&other.dev)
+        .status()
+        .expect("mkfs.ext2 (e2fsprogs)");
     assert!(st.success());
 
     let b = bundle_copy();
@@ -143,7 +147,11 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
         for verb in ["apply", "plan"] {
             let r = node.run_role(verb, role, &[]);
             assert_eq!(r.code, 78, "{verb} {role}: exit 78 expected\n{}", r.all());
-            assert!(r.stderr.contains(&format!("/srv/bundle/roles/{role}/{want}")), "{verb} {role}: want {want:?} in\n{}", r.stderr);
+            assert!(
+                r.stderr.contains(&format!("/srv/bundle/roles/{role}/{want}")),
+                "{verb} {role}: want {want:?} in\n{}",
+                r.stderr
+            );
         }
     }
     assert_eq!(probe(&node), before, "bad input touched the node");
@@ -172,7 +180,11 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
     let r = node.sh("findmnt -rn -o SOURCE,FSTYPE,OPTIONS /srv/data; systemctl is-enabled srv-data.mount; systemctl is-active srv-data.mount");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", r.all());
-    assert!(lines[0].starts_with(&format!("{} ext4 ", vol.dev)) && lines[0].contains("noatime"), "{}", r.all());
+    assert!(
+        lines[0].starts_with(&format!("{} ext4 ", vol.dev)) && lines[0].contains("noatime"),
+        "{}",
+        r.all()
+    );
     assert_eq!(&lines[1..], ["enabled", "active"]);
 
     // Data written into it survives a second apply (0 changes, no mkfs).
@@ -192,7 +204,11 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
     let mut fields = Vec::new();
     for s in doc["steps"].as_array().unwrap() {
         for c in s["changes"].as_array().into_iter().flatten() {
-            fields.push((s["id"].as_str().unwrap().to_string(), c["field"].as_str().unwrap().to_string(), c["from"].clone()));
+            fields.push((
+                s["id"].as_str().unwrap().to_string(),
+                c["field"].as_str().unwrap().to_string(),
+                c["from"].clone(),
+            ));
         }
     }
     assert_eq!(fields.len(), 1, "{fields:?}");
@@ -207,7 +223,13 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
     // A node reboot: the mount unit brings the volume back, the run finds nothing to do.
     reboot(&mut node);
     let r = node.sh("findmnt -rn -o SOURCE,FSTYPE /srv/data; cat /srv/data/keep");
-    assert_eq!(r.stdout, format!("{} ext4\nkeep-me\n", vol.dev), "{}\n{}", r.all(), node.sh("systemctl status srv-data.mount disk-links").all());
+    assert_eq!(
+        r.stdout,
+        format!("{} ext4\nkeep-me\n", vol.dev),
+        "{}\n{}",
+        r.all(),
+        node.sh("systemctl status srv-data.mount disk-links").all()
+    );
     assert_eq!(data(&node, "apply", &["--detailed-exitcodes"]).code, 0);
 
     // A device holding another filesystem with another fstype: refused, nothing changed.
