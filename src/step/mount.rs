@@ -22,8 +22,10 @@ use toml::Spanned;
 pub struct Spec {
     pub path: Spanned<String>,
     /// A path, `/dev/disk/by-id/…`, `ebs:vol-…`, `UUID=…` or `LABEL=…` (a template).
-    pub device: Spanned<String>,
-    pub fstype: Spanned<String>,
+    /// Required with `mounted`.
+    pub device: Option<Spanned<String>>,
+    /// Required with `mounted`.
+    pub fstype: Option<Spanned<String>>,
     /// Comma-separated, as in fstab (`noatime,nodev`).
     pub options: Option<Spanned<String>>,
     #[serde(default)]
@@ -131,10 +133,20 @@ impl super::KindSpec for Spec {
 
     fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
         check_mount_path(self.path.get_ref()).map_err(|e| cx.err(&self.path, e))?;
-        validate_field(cx, &self.device, |d| parse_device(d).map(|_| String::new()))?;
-        let t = self.fstype.get_ref();
+        let (device, fstype) = match (self.state, &self.device, &self.fstype) {
+            (MountState::Mounted, Some(d), Some(t)) => (d, t),
+            (MountState::Mounted, _, _) => return Err(cx.err(&self.path, "a mount step with state = \"mounted\" needs `device` and `fstype`")),
+            (MountState::Absent, _, _) => {
+                if let Some(x) = self.device.as_ref().or(self.fstype.as_ref()).or(self.options.as_ref()) {
+                    return Err(cx.err(x, "`device`, `fstype` and `options` make no sense with state = \"absent\""));
+                }
+                return Ok(());
+            }
+        };
+        validate_field(cx, device, |d| parse_device(d).map(|_| String::new()))?;
+        let t = fstype.get_ref();
         if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_') {
-            return Err(cx.err(&self.fstype, format!("invalid fstype {t:?}: expected a filesystem type like ext4 or xfs")));
+            return Err(cx.err(fstype, format!("invalid fstype {t:?}: expected a filesystem type like ext4 or xfs")));
         }
         if let Some(o) = &self.options {
             check_options(o.get_ref()).map_err(|e| cx.err(o, e))?;
@@ -143,14 +155,19 @@ impl super::KindSpec for Spec {
     }
 
     fn prepare(&self, cx: &PrepCtx<'_>) -> Result<MountStep, ConfigError> {
-        let d = render_field(cx, &self.device)?;
-        let device = parse_device(&d).map_err(|e| cx.load.err(&self.device, e))?;
+        let (device, device_shown) = match &self.device {
+            Some(dev) => {
+                let d = render_field(cx, dev)?;
+                (Some(parse_device(&d).map_err(|e| cx.load.err(dev, e))?), d)
+            }
+            None => (None, String::new()),
+        };
         let path = self.path.get_ref().clone();
         Ok(MountStep {
             unit: unit_name(&path),
-            device_shown: d,
+            device_shown,
             device,
-            fstype: self.fstype.get_ref().clone(),
+            fstype: self.fstype.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default(),
             options: self.options.as_ref().map(|o| o.get_ref().clone()),
             state: self.state,
             path,
@@ -163,8 +180,10 @@ pub struct MountStep {
     pub path: String,
     /// `srv-data.mount`
     pub unit: String,
-    pub device: Device,
+    /// None with `absent`.
+    pub device: Option<Device>,
     pub device_shown: String,
+    /// Empty with `absent`.
     pub fstype: String,
     pub options: Option<String>,
     pub state: MountState,
@@ -275,7 +294,8 @@ impl MountStep {
     /// The device's UUID now (None: no filesystem on it yet). A device holding another
     /// fstype is an error.
     fn resolve_uuid(&self, host: &Host) -> Result<Option<String>> {
-        let path = match &self.device {
+        let Some(device) = &self.device else { return Ok(None) };
+        let path = match device {
             Device::Uuid(u) => return Ok(Some(u.clone())),
             Device::Label(l) => {
                 let argv: Vec<String> = ["blkid", "-c", "/dev/null", "-l", "-o", "device", "-t"].map(String::from).into_iter().chain([format!("LABEL={l}")]).collect();
@@ -447,10 +467,10 @@ mod tests {
         MountStep {
             path: "/srv/data".into(),
             unit: unit_name("/srv/data"),
-            device: Device::Path {
+            device: Some(Device::Path {
                 shown: "/dev/loop0".into(),
                 path: "/dev/loop0".into(),
-            },
+            }),
             device_shown: "/dev/loop0".into(),
             fstype: "ext4".into(),
             options: Some("noatime,nofail".into()),

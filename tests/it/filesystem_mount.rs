@@ -113,6 +113,14 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
             "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/x\"\ndevice = \"/etc/passwd\"\nfstype = \"ext4\"\n".to_string(),
         ),
         (
+            "roles/unmount/role.toml",
+            "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/data\"\nstate = \"absent\"\n".to_string(),
+        ),
+        (
+            "roles/nodevice/role.toml",
+            "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/x\"\nfstype = \"ext4\"\n".to_string(),
+        ),
+        (
             "roles/badpath/role.toml",
             "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/../etc\"\ndevice = \"UUID=0a-1b\"\nfstype = \"ext4\"\n".to_string(),
         ),
@@ -143,6 +151,7 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
         ("typo", "role.toml:6:1: unknown field `fs_type`"),
         ("baddev", "role.toml:5:10: invalid device \"/etc/passwd\""),
         ("badpath", "role.toml:4:8: invalid mount path \"/srv/../etc\""),
+        ("nodevice", "role.toml:4:8: a mount step with state = \"mounted\" needs `device` and `fstype`"),
     ] {
         for verb in ["apply", "plan"] {
             let r = node.run_role(verb, role, &[]);
@@ -246,4 +255,18 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
     assert_eq!(probe(&node), before, "the refused device or the node changed");
     assert!(blkid(&node, &other.dev).contains("LABEL=old"));
     assert!(!Path::new(&node.merged.join("etc/systemd/system/srv-old.mount")).exists());
+
+    // absent: unmounted, the unit disabled and removed; the data stays on the device.
+    let r = node.run_role("apply", "unmount", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert_eq!(node.run_role("apply", "unmount", &["--detailed-exitcodes"]).code, 0);
+    assert_eq!(node.sh("findmnt -rn /srv/data").code, 1, "still mounted");
+    assert!(!node.merged.join("etc/systemd/system/srv-data.mount").exists());
+    assert!(!node.merged.join("etc/systemd/system/local-fs.target.wants/srv-data.mount").exists());
+    let r = node.sh(&format!("mount {} /mnt && cat /mnt/keep; umount /mnt", vol.dev));
+    assert_eq!(r.stdout.trim(), "keep-me", "{}", r.all());
+    // and the role brings it back, without a mkfs.
+    assert_eq!(data(&node, "apply", &["--detailed-exitcodes"]).code, 2);
+    assert_eq!(node.sh("cat /srv/data/keep").stdout.trim(), "keep-me");
+    assert!(blkid(&node, &vol.dev).contains(&format!("UUID={uuid}")));
 }
