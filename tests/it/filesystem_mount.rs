@@ -113,6 +113,10 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
             "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/x\"\ndevice = \"/etc/passwd\"\nfstype = \"ext4\"\n".to_string(),
         ),
         (
+            "roles/bylabel/role.toml",
+            "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/by-label\"\ndevice = \"LABEL=data\"\nfstype = \"ext4\"\noptions = \"nodev\"\n".to_string(),
+        ),
+        (
             "roles/unmount/role.toml",
             "schema = 1\n[[step]]\nkind = \"mount\"\npath = \"/srv/data\"\nstate = \"absent\"\n".to_string(),
         ),
@@ -269,4 +273,17 @@ fn data_node_formats_once_mounts_by_uuid_and_survives_a_reboot() {
     assert_eq!(data(&node, "apply", &["--detailed-exitcodes"]).code, 2);
     assert_eq!(node.sh("cat /srv/data/keep").stdout.trim(), "keep-me");
     assert!(blkid(&node, &vol.dev).contains(&format!("UUID={uuid}")));
+
+    // The same filesystem found by its label (blkid -t), with other options, in a unit of its own.
+    let r = node.run_role("apply", "bylabel", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert_eq!(node.run_role("apply", "bylabel", &["--detailed-exitcodes"]).code, 0);
+    let unit = std::fs::read_to_string(node.merged.join("etc/systemd/system/srv-by\\x2dlabel.mount")).unwrap();
+    assert!(unit.contains(&format!("What=/dev/disk/by-uuid/{uuid}\n")), "{unit}");
+    let r = node.sh("findmnt -rn -o OPTIONS /srv/by-label; cat /srv/by-label/keep");
+    assert!(
+        r.stdout.lines().next().unwrap_or_default().split(',').any(|o| o == "nodev") && r.stdout.ends_with("keep-me\n"),
+        "{}",
+        r.all()
+    );
 }
