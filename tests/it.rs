@@ -60,3 +60,6 @@ mod catalogue;
 
 #[path = "it/for_each.rs"]
 mod for_each;
+
+#[path = "it/filesystem_mount.rs"]
+mod filesystem_mount;

@@ -159,6 +159,8 @@ kinds! {
     "line" => Line(line),
     "authorized_keys" => AuthorizedKeys(authorized_keys),
     "hostname" => Hostname(hostname),
+    "filesystem" => Filesystem(filesystem),
+    "mount" => Mount(mount),
 }
 
 /// A kind's parsed table: checked at load, prepared (templates rendered) into its step.

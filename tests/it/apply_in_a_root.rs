@@ -279,7 +279,7 @@ fn malformed_inputs_exit_78_with_position_and_touch_nothing() {
 fn validate_accepts_the_example_roles() {
     let r = agent(&["validate", repo().to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stdout.contains("roles OK (base, haproxy"), "{}", r.stdout);
+    assert!(r.stdout.contains("roles OK (base, data-node, haproxy"), "{}", r.stdout);
 }
 
 const SECRET: &str = "s3cr3t-Value-9f2c";

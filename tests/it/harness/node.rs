@@ -42,6 +42,8 @@ pub struct Node {
     binds: Vec<(PathBuf, String)>,
     /// Share the host's network namespace (several nodes reaching one etcd on loopback).
     host_network: bool,
+    /// Block devices bound in read-write at the same path (`--bind=/dev/loop3`).
+    devices: Vec<PathBuf>,
 }
 
 impl Node {
@@ -55,12 +57,22 @@ impl Node {
         Node::boot_opts(bundle, binds, false)
     }
 
+    /// Boot with block devices of the host (loop devices) bound in read-write at the same
+    /// path, as TESTING.md's recipe for filesystem and mount tests does.
+    pub fn boot_with_devices(bundle: &Path, devices: &[&Path]) -> Node {
+        Node::boot_full(bundle, &[], false, devices)
+    }
+
     /// A node on the host's network (no --private-network), with a machine id of its own.
     pub fn boot_host_net(bundle: &Path) -> Node {
         Node::boot_opts(bundle, &[], true)
     }
 
     fn boot_opts(bundle: &Path, binds: &[(&Path, &str)], host_network: bool) -> Node {
+        Node::boot_full(bundle, binds, host_network, &[])
+    }
+
+    fn boot_full(bundle: &Path, binds: &[(&Path, &str)], host_network: bool, devices: &[&Path]) -> Node {
         let dir = tempfile::Builder::new().prefix("node.").tempdir_in("/var/tmp").unwrap();
         let merged = dir.path().join("merged");
         for d in ["upper", "work", "merged", "dbus"] {
@@ -90,6 +102,7 @@ impl Node {
             bundle: bundle.to_path_buf(),
             binds,
             host_network,
+            devices: devices.iter().map(|d| d.to_path_buf()).collect(),
         };
         node.start();
         node
@@ -108,6 +121,7 @@ impl Node {
             .arg(format!("--bind-ro={}:/srv/bundle", self.bundle.display()))
             .arg(format!("--bind-ro={}:/usr/local/bin/bootstrap", bin()))
             .args(self.binds.iter().map(|(h, n)| format!("--bind-ro={}:{n}", h.display())))
+            .args(self.devices.iter().map(|d| format!("--bind={}", d.display())))
             .stdin(Stdio::null())
             .stdout(console.try_clone().unwrap())
             .stderr(console)
