@@ -63,3 +63,6 @@ mod for_each;
 
 #[path = "it/filesystem_mount.rs"]
 mod filesystem_mount;
+
+#[path = "it/dnf_node.rs"]
+mod dnf_node;

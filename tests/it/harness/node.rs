@@ -31,6 +31,30 @@ pub fn aptrepo() -> PathBuf {
     p
 }
 
+/// The RHEL-family node rootfs (scripts/rootfs-rhel): the Debian rootfs with Debian's dnf and
+/// rpm and a Rocky Linux 9 os-release.
+pub fn rootfs_rhel() -> PathBuf {
+    let p = PathBuf::from(std::env::var("ROOTFS_RHEL").unwrap_or_else(|_| "/var/tmp/bootstrap-rootfs-rhel".into()));
+    assert!(
+        p.join(".complete-2").exists(),
+        "no RHEL-family node rootfs at {}: run `scripts/rootfs-rhel` (scripts/setup does)",
+        p.display()
+    );
+    p
+}
+
+/// The test rpm repository (scripts/rootfs-rhel), seen by dnf in a RHEL-family node at
+/// /srv/rpmrepo through /etc/yum.repos.d/test.repo.
+pub fn rpmrepo() -> PathBuf {
+    let p = PathBuf::from(std::env::var("RPMREPO").unwrap_or_else(|_| "/var/tmp/bootstrap-rpmrepo".into()));
+    assert!(
+        p.join(".complete-1").exists(),
+        "no test rpm repository at {}: run `scripts/rootfs-rhel`",
+        p.display()
+    );
+    p
+}
+
 pub struct Node {
     pub dir: tempfile::TempDir,
     pub merged: PathBuf,
@@ -60,7 +84,16 @@ impl Node {
     /// Boot with block devices of the host (loop devices) bound in read-write at the same
     /// path, as TESTING.md's recipe for filesystem and mount tests does.
     pub fn boot_with_devices(bundle: &Path, devices: &[&Path]) -> Node {
-        Node::boot_full(bundle, &[], false, devices)
+        Node::boot_full(&rootfs(), bundle, &[], false, devices)
+    }
+
+    /// Boot a RHEL-family node: the rootfs of scripts/rootfs-rhel (dnf, rpm, a Rocky 9
+    /// os-release) with the test rpm repository at /srv/rpmrepo, plus extra read-only binds.
+    pub fn boot_rhel(bundle: &Path, binds: &[(&Path, &str)]) -> Node {
+        let repo = rpmrepo();
+        let mut all: Vec<(&Path, &str)> = vec![(repo.as_path(), "/srv/rpmrepo")];
+        all.extend_from_slice(binds);
+        Node::boot_full(&rootfs_rhel(), bundle, &all, false, &[])
     }
 
     /// A node on the host's network (no --private-network), with a machine id of its own.
@@ -69,10 +102,10 @@ impl Node {
     }
 
     fn boot_opts(bundle: &Path, binds: &[(&Path, &str)], host_network: bool) -> Node {
-        Node::boot_full(bundle, binds, host_network, &[])
+        Node::boot_full(&rootfs(), bundle, binds, host_network, &[])
     }
 
-    fn boot_full(bundle: &Path, binds: &[(&Path, &str)], host_network: bool, devices: &[&Path]) -> Node {
+    fn boot_full(lower: &Path, bundle: &Path, binds: &[(&Path, &str)], host_network: bool, devices: &[&Path]) -> Node {
         let dir = tempfile::Builder::new().prefix("node.").tempdir_in("/var/tmp").unwrap();
         let merged = dir.path().join("merged");
         for d in ["upper", "work", "merged", "dbus"] {
@@ -80,7 +113,7 @@ impl Node {
         }
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
-            rootfs().display(),
+            lower.display(),
             dir.path().join("upper").display(),
             dir.path().join("work").display()
         );
