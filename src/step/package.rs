@@ -75,6 +75,31 @@ impl super::KindSpec for Spec {
     }
 }
 
+/// Whether the installed version `have` satisfies the pin `want`. apt pins the full Debian
+/// version. dnf's `name-1.0` installs any release of 1.0, so a pin there is an
+/// `[EPOCH:]VERSION[-RELEASE]` matched against the installed `[EPOCH:]VERSION-RELEASE` (epoch 0
+/// not written) on the parts it names.
+fn pin_matches(m: Manager, have: &str, want: &str) -> bool {
+    match m {
+        Manager::Apt => have == want,
+        Manager::Dnf => {
+            let split = |s: &str| -> (String, String, Option<String>) {
+                let (e, rest) = match s.split_once(':') {
+                    Some((e, r)) => (e.to_string(), r),
+                    None => ("0".to_string(), s),
+                };
+                match rest.rsplit_once('-') {
+                    Some((v, r)) => (e, v.to_string(), Some(r.to_string())),
+                    None => (e, rest.to_string(), None),
+                }
+            };
+            let (he, hv, hr) = split(have);
+            let (we, wv, wr) = split(want);
+            he == we && hv == wv && (wr.is_none() || wr == hr)
+        }
+    }
+}
+
 fn split_version(s: &str) -> (&str, Option<&str>) {
     match s.split_once('=') {
         Some((n, v)) => (n, Some(v)),
@@ -283,7 +308,7 @@ impl Kind for PackageStep {
                 }
                 PkgState::Present => match (have, version) {
                     (None, v) => c.push(Change::new(&field, Some("absent"), Some(v.as_deref().unwrap_or("present")))),
-                    (Some(h), Some(v)) if h != v => c.push(Change::new(&field, Some(h), Some(v))),
+                    (Some(h), Some(v)) if !pin_matches(o.manager, h, v) => c.push(Change::new(&field, Some(h), Some(v))),
                     _ => {}
                 },
                 PkgState::Latest => match (have, o.candidates.get(name)) {
@@ -383,5 +408,14 @@ mod tests {
         assert!(fields(&absent, &obs(&[], &[])).is_empty());
         assert_eq!(fields(&absent, &obs(&[("a", "1")], &[])), ["package:a"]);
         assert!(Manager::for_family("arch", "arch").is_err());
+    }
+
+    #[test]
+    fn dnf_pins_match_on_the_parts_they_name() {
+        let d = |h, w| pin_matches(Manager::Dnf, h, w);
+        assert!(d("1.0-1", "1.0") && d("1.0-1", "1.0-1") && d("1.0-1", "0:1.0-1"));
+        assert!(!d("1.0-1", "1.0-2") && !d("2.0-1", "1.0") && !d("1.0.1-1", "1.0"));
+        assert!(d("2:1.0-1.el9", "2:1.0") && !d("2:1.0-1.el9", "1.0"));
+        assert!(!pin_matches(Manager::Apt, "1.0-1", "1.0"));
     }
 }
