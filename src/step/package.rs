@@ -212,13 +212,25 @@ fn candidate_versions(m: Manager, names: &[&str]) -> Result<BTreeMap<String, Str
             }
         }
         Manager::Dnf => {
-            let mut argv = vec!["dnf", "-q", "--cacheonly", "repoquery", "--latest-limit=1", "--qf", "%{name}\t%{evr}\n", "--"];
+            // From dnf's metadata cache; a node without one (no dnf run yet) makes it once,
+            // or a package installed by hand would never be seen as behind.
+            let mut argv = vec!["dnf", "-q", "--cacheonly", "repoquery", "--latest-limit=1", "--qf", "%{name}\t%{evr}", "--"];
             argv.extend(names);
-            if let Ok(o) = query(&argv) {
-                for line in o.stdout.lines() {
-                    if let Some((n, v)) = line.split_once('\t') {
-                        out.insert(n.to_string(), v.to_string());
-                    }
+            let mut o = query(&argv)?;
+            if !o.success() {
+                tracing::info!("dnf makecache (no metadata cache for repoquery)");
+                let m = run(&["dnf", "-q", "makecache"], &[], TRANSACTION_TIMEOUT)?;
+                if !m.success() {
+                    bail!("dnf makecache {}:\n{}", m.describe(), m.tail(15));
+                }
+                o = query(&argv)?;
+                if !o.success() {
+                    bail!("dnf repoquery {}:\n{}", o.describe(), o.tail(15));
+                }
+            }
+            for line in o.stdout.lines() {
+                if let Some((n, v)) = line.split_once('\t') {
+                    out.insert(n.to_string(), v.trim_start_matches("0:").to_string());
                 }
             }
         }
@@ -329,6 +341,12 @@ impl Kind for PackageStep {
             .map(|(n, v)| match (o.manager, v) {
                 (Manager::Apt, Some(v)) => format!("{n}={v}"),
                 (Manager::Dnf, Some(v)) => format!("{n}-{v}"),
+                // dnf's `install name-EVR` installs or upgrades to the candidate the plan named
+                // (`upgrade` refuses a package not installed).
+                (Manager::Dnf, None) if self.state == PkgState::Latest => match o.candidates.get(n) {
+                    Some(c) => format!("{n}-{c}"),
+                    None => n.clone(),
+                },
                 (_, None) => n.clone(),
             })
             .collect();
@@ -356,8 +374,7 @@ impl Kind for PackageStep {
             Manager::Dnf => {
                 let verb = match self.state {
                     PkgState::Absent => "remove",
-                    PkgState::Latest => "upgrade",
-                    PkgState::Present => "install",
+                    PkgState::Latest | PkgState::Present => "install",
                 };
                 let mut argv = vec!["dnf", "-y", "-q", verb, "--"];
                 argv.extend(&targets);

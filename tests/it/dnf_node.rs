@@ -96,3 +96,19 @@ fn dnf_present_twice_plan_shows_a_drift_by_rpm_e_and_a_missing_package_fails() {
     assert_eq!(rep["steps"][1]["status"], "not_run", "{rep:#}");
     assert!(!node.merged.join("after").exists());
 }
+
+/// `latest` as the first dnf action on a fresh node (no dnf metadata cache yet): a package not
+/// installed and one installed by hand at 1.0 (`rpm -i`) both end at the repository's newest.
+#[test]
+fn dnf_latest_on_a_fresh_node_installs_and_upgrades_without_a_cache() {
+    let b = tempfile::tempdir().unwrap();
+    write_role(b.path(), "latest", &pkg("\"bootstrap-probe\", \"bootstrap-other\"", "latest"));
+    let node = Node::boot_rhel(b.path(), &[]);
+    let r = node.sh("rpm -i /srv/rpmrepo/bootstrap-probe-1.0-1.noarch.rpm && ls /var/cache/dnf | grep -c solv || echo ok");
+    assert!(r.stdout.ends_with("ok\n"), "{}", r.all());
+    let r = node.run_role("plan", "latest", &[]);
+    assert!(r.all().contains("1.0-1 -> 2.0-1"), "the plan names the candidate:\n{}", r.all());
+    twice(&node, "latest", "latest of one installed by hand and one not installed");
+    assert_eq!(rpm_q(&node, "bootstrap-probe"), "2.0-1");
+    assert_eq!(rpm_q(&node, "bootstrap-other"), "1.0-1");
+}
