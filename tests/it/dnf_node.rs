@@ -17,7 +17,10 @@ fn pkg(names: &str, state: &str) -> String {
 
 /// `VERSION-RELEASE` from rpm, or "" when not installed.
 fn rpm_q(node: &Node, name: &str) -> String {
-    node.sh(&format!("if rpm -q {name} >/dev/null 2>&1; then rpm -q --qf '%{{VERSION}}-%{{RELEASE}}' {name}; fi")).stdout
+    node.sh(&format!(
+        "if rpm -q {name} >/dev/null 2>&1; then rpm -q --qf '%{{VERSION}}-%{{RELEASE}}' {name}; fi"
+    ))
+    .stdout
 }
 
 fn twice(node: &Node, role: &str, what: &str) {
@@ -31,8 +34,12 @@ fn twice(node: &Node, role: &str, what: &str) {
 fn dnf_pin_latest_downgrade_absent_each_twice_on_a_rhel_node() {
     let b = tempfile::tempdir().unwrap();
     let node = Node::boot_rhel(b.path(), &[]);
-    let os = node.sh(". /etc/os-release; echo $ID; rpm -q bootstrap-probe >/dev/null || echo not-installed").stdout;
+    let os = node
+        .sh(". /etc/os-release; echo $ID; rpm -q bootstrap-probe >/dev/null || echo not-installed")
+        .stdout;
     assert_eq!(os, "rocky\nnot-installed\n");
+    let f: serde_json::Value = serde_json::from_str(&node.agent(&["facts", "--format", "json"]).stdout).unwrap();
+    assert_eq!((f["os"]["family"].as_str(), f["os"]["id"].as_str()), (Some("rhel"), Some("rocky")), "{f:#}");
 
     write_role(b.path(), "probe", &pkg("\"bootstrap-probe=1.0\"", "present"));
     twice(&node, "probe", "a version pin (1.0)");
@@ -61,7 +68,10 @@ fn dnf_present_twice_plan_shows_a_drift_by_rpm_e_and_a_missing_package_fails() {
     write_role(
         b.path(),
         "nopkg",
-        &format!("{}[[step]]\nkind = \"file\"\npath = \"/after\"\ncontent = \"x\"\n", pkg("\"bootstrap-other\", \"no-such-package-x\"", "present")),
+        &format!(
+            "{}[[step]]\nkind = \"file\"\npath = \"/after\"\ncontent = \"x\"\n",
+            pkg("\"bootstrap-other\", \"no-such-package-x\"", "present")
+        ),
     );
     let node = Node::boot_rhel(b.path(), &[]);
 
@@ -90,7 +100,11 @@ fn dnf_present_twice_plan_shows_a_drift_by_rpm_e_and_a_missing_package_fails() {
     // A package no repository has: the run fails naming it, and stops there.
     let r = node.run_role("apply", "nopkg", &[]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert!(r.all().contains("Unable to find a match: no-such-package-x"), "dnf's message expected:\n{}", r.all());
+    assert!(
+        r.all().contains("Unable to find a match: no-such-package-x"),
+        "dnf's message expected:\n{}",
+        r.all()
+    );
     let rep = node.report();
     assert_eq!(rep["steps"][0]["status"], "failed", "{rep:#}");
     assert_eq!(rep["steps"][1]["status"], "not_run", "{rep:#}");
