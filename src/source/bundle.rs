@@ -226,18 +226,37 @@ fn sync_tree(dir: &Path) -> Result<()> {
 /// links that leave the bundle, paths through links, device files and oversize bundles.
 /// On error `dest` is removed.
 pub fn unpack(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
+    unpack_tar(flate2::read::GzDecoder::new(bytes), dest, limits, 0)?;
+    if !dest.join("roles").is_dir() {
+        let _ = fs::remove_dir_all(dest);
+        bail!("bundle has no roles/ directory");
+    }
+    Ok(())
+}
+
+/// The safe unpack of a (decompressed) tar stream into `dest` (which must not exist), shared by
+/// bundles and `archive` steps: the same refusals as [`unpack`], with the first
+/// `strip_components` parts of every entry's path dropped (entries with no part left are
+/// skipped). On error `dest` is removed.
+pub fn unpack_tar<R: Read>(tar: R, dest: &Path, limits: Limits, strip_components: usize) -> Result<()> {
     fs::create_dir(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let r = unpack_inner(bytes, dest, limits);
+    let r = unpack_inner(tar, dest, limits, strip_components);
     if r.is_err() {
         let _ = fs::remove_dir_all(dest);
     }
     r
 }
 
-fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
+/// `rel` without its first `n` parts (None when nothing is left).
+fn strip(rel: PathBuf, n: usize) -> Option<PathBuf> {
+    let out: PathBuf = rel.components().skip(n).collect();
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+fn unpack_inner<R: Read>(tar: R, dest: &Path, limits: Limits, strip_components: usize) -> Result<()> {
     // The decompressed stream is capped too, whatever the headers claim.
-    let gz = flate2::read::GzDecoder::new(bytes).take(limits.max_bytes.saturating_mul(2) + 1024 * 1024);
-    let mut archive = tar::Archive::new(gz);
+    let stream = tar.take(limits.max_bytes.saturating_mul(2) + 1024 * 1024);
+    let mut archive = tar::Archive::new(stream);
     let mut total: u64 = 0;
     let mut links: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
     let mut files: BTreeSet<PathBuf> = BTreeSet::new();
@@ -252,6 +271,9 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
             why: why.to_string(),
         };
         let rel = entry_path(&raw).map_err(|w| reject(&w))?;
+        let Some(rel) = strip(rel, strip_components) else {
+            continue;
+        };
         if rel.ancestors().skip(1).any(|a| links.contains_key(a)) {
             return Err(reject("path goes through a symlink").into());
         }
@@ -300,6 +322,7 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
             tar::EntryType::Link => {
                 let target = entry.link_name()?.context("hard link without target")?.into_owned();
                 let target = entry_path(&target).map_err(|w| reject(&format!("hard link target: {w}")))?;
+                let target = strip(target, strip_components).ok_or_else(|| reject("hard link to a stripped path"))?;
                 if !files.contains(&target) {
                     return Err(reject(&format!("hard link to {} which is not a file of this bundle", target.display())).into());
                 }
@@ -324,9 +347,6 @@ fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
             entry: rel.display().to_string(),
             why,
         })?;
-    }
-    if !dest.join("roles").is_dir() {
-        bail!("bundle has no roles/ directory");
     }
     sync_tree(dest)
 }

@@ -1,0 +1,354 @@
+//! `archive`: download a file (`https://`, `http://`, `s3://`, `file://`), check its pinned
+//! sha256, and unpack it into a directory (`.tar.gz`/`.tgz`, through the same safe unpack as
+//! bundles, with `strip_components`) or install it as a single file with a mode.
+//!
+//! In sync when `dest` exists and the sha256 recorded for it matches the pinned one. The record
+//! is a state file of its own, `/var/lib/bootstrap/archive-<h>.sha256` (`h`: the first 16 hex
+//! digits of the sha256 of the `dest` path), holding `SHA256  DEST`: the unpacked tree is the
+//! archive's alone, with nothing of the agent in it. A node in sync never downloads.
+//!
+//! Apply downloads to a temp file next to `dest`, checks the sha256 before unpacking anything,
+//! unpacks into a temp directory next to `dest`, then replaces `dest` in one rename (an
+//! exchange with the old tree, which is removed after). `.tar.xz` and `.zip` are refused at
+//! load time: this version unpacks `.tar.gz` only.
+
+use super::{Change, Host, Kind, LoadCtx, PrepCtx};
+use crate::error::ConfigError;
+use crate::fsutil::Mode;
+use crate::source::bundle::{sha256_hex, Limits};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub url: Spanned<String>,
+    pub sha256: Spanned<String>,
+    pub dest: Spanned<String>,
+    pub extract: Option<Spanned<String>>,
+    #[serde(default)]
+    pub strip_components: usize,
+    pub mode: Option<Spanned<String>>,
+    pub owner: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+}
+
+/// The largest download.
+pub const MAX_DOWNLOAD: u64 = 4 * 1024 * 1024 * 1024;
+/// Unpack limits of an archive (binaries, not roles).
+const LIMITS: Limits = Limits {
+    max_bytes: 8 * 1024 * 1024 * 1024,
+    max_entries: 200_000,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extract {
+    TarGz,
+    /// A single file.
+    None,
+}
+
+fn extract_of(name: &str) -> std::result::Result<Extract, String> {
+    match name {
+        "tar.gz" | "tgz" => Ok(Extract::TarGz),
+        "none" => Ok(Extract::None),
+        "tar.xz" | "zip" => Err(format!("extract = {name:?} is not supported by this version (only tar.gz, or none for a single file)")),
+        _ => Err(format!("invalid extract {name:?}: expected \"tar.gz\", \"tgz\" or \"none\"")),
+    }
+}
+
+/// The default by the URL's suffix: `.tar.gz`/`.tgz` unpack, anything else is a single file.
+fn extract_by_suffix(url: &str) -> std::result::Result<Extract, String> {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    for (suffix, name) in [(".tar.gz", "tar.gz"), (".tgz", "tgz"), (".tar.xz", "tar.xz"), (".zip", "zip")] {
+        if path.ends_with(suffix) {
+            return extract_of(name);
+        }
+    }
+    Ok(Extract::None)
+}
+
+impl super::KindSpec for Spec {
+    type Step = ArchiveStep;
+
+    fn identity(&self) -> Option<String> {
+        Some(self.dest.get_ref().clone())
+    }
+
+    fn validate(&self, cx: &LoadCtx<'_>) -> Result<(), ConfigError> {
+        let u = self.url.get_ref();
+        if !["https://", "http://", "s3://", "file:///"].iter().any(|p| u.starts_with(p)) || u.chars().any(char::is_whitespace) {
+            return Err(cx.err(&self.url, format!("invalid archive url {u:?}: expected https://, http://, s3:// or file:///")));
+        }
+        let sha = self.sha256.get_ref();
+        if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(cx.err(&self.sha256, "sha256 must be 64 hex digits"));
+        }
+        super::check_abs_path(cx, &self.dest)?;
+        if self.dest.get_ref().trim_end_matches('/').is_empty() {
+            return Err(cx.err(&self.dest, "dest cannot be /"));
+        }
+        let extract = match &self.extract {
+            Some(e) => extract_of(e.get_ref()).map_err(|m| cx.err(e, m))?,
+            None => extract_by_suffix(u).map_err(|m| cx.err(&self.url, format!("{m}; set `extract`")))?,
+        };
+        if extract == Extract::None && self.strip_components > 0 {
+            return Err(cx.err(&self.dest, "strip_components needs an archive to unpack"));
+        }
+        super::parse_mode(cx, &self.mode)?;
+        for name in [&self.owner, &self.group].into_iter().flatten() {
+            crate::step::check_account_name(name.get_ref()).map_err(|e| cx.err(name, e))?;
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, cx: &PrepCtx<'_>) -> Result<ArchiveStep, ConfigError> {
+        let extract = match &self.extract {
+            Some(e) => extract_of(e.get_ref()).map_err(|m| cx.load.err(e, m))?,
+            None => extract_by_suffix(self.url.get_ref()).map_err(|m| cx.load.err(&self.url, m))?,
+        };
+        Ok(ArchiveStep {
+            url: self.url.get_ref().clone(),
+            sha256: self.sha256.get_ref().to_ascii_lowercase(),
+            dest: self.dest.get_ref().trim_end_matches('/').to_string(),
+            extract,
+            strip_components: self.strip_components,
+            mode: super::parse_mode(&cx.load, &self.mode)?,
+            owner: self.owner.as_ref().map(|o| o.get_ref().clone()),
+            group: self.group.as_ref().map(|g| g.get_ref().clone()),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ArchiveStep {
+    pub url: String,
+    pub sha256: String,
+    pub dest: String,
+    pub extract: Extract,
+    pub strip_components: usize,
+    pub mode: Option<Mode>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The sha256 recorded for `dest`.
+    pub recorded: Option<String>,
+    pub dest_exists: bool,
+}
+
+/// The state file that records what was unpacked at `dest`.
+pub fn record_name(dest: &str) -> String {
+    format!("archive-{}.sha256", &sha256_hex(dest.as_bytes())[..16])
+}
+
+/// Stream `url` into `out` (at most `max` bytes), returning the sha256 of what was written.
+fn fetch_into(url: &str, max: u64, out: &mut dyn Write) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut sink = |r: &mut dyn Read| -> Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = r.read(&mut buf).with_context(|| format!("{url}: reading"))?;
+            if n == 0 {
+                return Ok(());
+            }
+            total += n as u64;
+            if total > max {
+                bail!("{url}: larger than {max} bytes");
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+        }
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+        sink(&mut f)?;
+    } else if url.starts_with("s3://") {
+        let (bucket, key) = crate::source::s3::parse_url(url)?;
+        let o = crate::source::s3::S3Options {
+            max_bytes: max,
+            ..Default::default()
+        };
+        match crate::source::s3::get(&o, &bucket, &key, None).map_err(|e| anyhow::anyhow!("{e}"))? {
+            crate::source::s3::Got::Body { bytes, .. } => sink(&mut bytes.as_slice())?,
+            crate::source::s3::Got::NotModified => bail!("{url}: unexpected 304"),
+        }
+    } else {
+        let client = reqwest::blocking::Client::builder()
+            .connect_timeout(crate::source::http::CONNECT_TIMEOUT)
+            .timeout(std::time::Duration::from_secs(1800))
+            .build()
+            .context("building the HTTP client")?;
+        let mut resp = client.get(url).send().with_context(|| format!("GET {url}"))?;
+        if !resp.status().is_success() {
+            bail!("{url}: HTTP {}", resp.status());
+        }
+        sink(&mut resp)?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A small download (a repository key) in memory.
+pub fn fetch_bytes(url: &str, max: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    fetch_into(url, max, &mut out)?;
+    Ok(out)
+}
+
+/// A temp path next to `p`: `.NAME.bootstrap-tmp.PID.WHAT`.
+fn sibling(p: &Path, what: &str) -> PathBuf {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.with_file_name(format!(".{name}{}{}.{what}", crate::fsutil::TMP_MARK, std::process::id()))
+}
+
+fn chown_tree(p: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    let Some((u, g)) = owner else { return Ok(()) };
+    std::os::unix::fs::lchown(p, Some(u), Some(g)).with_context(|| format!("chown {}", p.display()))?;
+    let md = std::fs::symlink_metadata(p)?;
+    if md.is_dir() {
+        for e in std::fs::read_dir(p)? {
+            chown_tree(&e?.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
+impl Kind for ArchiveStep {
+    type Observed = Observed;
+
+    fn check(&self, host: &Host) -> Result<Observed> {
+        let state = crate::state::StateDir::new(&host.root);
+        let recorded = state.read(&record_name(&self.dest))?.map(|b| {
+            String::from_utf8_lossy(&b).split_whitespace().next().unwrap_or_default().to_string()
+        });
+        Ok(Observed {
+            recorded,
+            dest_exists: host.fs()?.exists(&self.dest)?,
+        })
+    }
+
+    fn plan(&self, o: &Observed) -> Vec<Change> {
+        let from = match (&o.recorded, o.dest_exists) {
+            (_, false) => "(none)".to_string(),
+            (Some(r), true) if *r == self.sha256 => return Vec::new(),
+            (Some(r), true) => r.clone(),
+            (None, true) => "(not recorded)".to_string(),
+        };
+        vec![Change::new("sha256", Some(format!("{} {from}", self.dest)), Some(&self.sha256))]
+    }
+
+    fn apply(&self, host: &Host, _o: &Observed, _changes: &[Change]) -> Result<()> {
+        let dest = crate::fsutil::host_path(&host.root, &self.dest)?;
+        let parent = dest.parent().context("dest has no parent")?;
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let owner = match (&self.owner, &self.group) {
+            (None, None) => None,
+            (u, g) => Some((
+                u.as_deref().map(|u| crate::fsutil::require_uid(&host.root, u)).transpose()?.unwrap_or(0),
+                g.as_deref().map(|g| crate::fsutil::require_gid(&host.root, g)).transpose()?.unwrap_or(0),
+            )),
+        };
+        // Download next to dest, checked before anything is unpacked.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}", crate::fsutil::TMP_MARK))
+            .tempfile_in(parent)
+            .with_context(|| format!("creating a temp file in {}", parent.display()))?;
+        let got = fetch_into(&self.url, MAX_DOWNLOAD, tmp.as_file_mut()).with_context(|| format!("downloading {}", self.url))?;
+        if got != self.sha256 {
+            bail!("archive {}: sha256 is {got}, but {} is pinned; nothing unpacked", self.url, self.sha256);
+        }
+        tmp.as_file().sync_all()?;
+        match self.extract {
+            Extract::None => {
+                let mode = self.mode.map(|m| m.0).unwrap_or(0o644);
+                tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+                chown_tree(tmp.path(), owner)?;
+                tmp.persist(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+            }
+            Extract::TarGz => {
+                let new = sibling(&dest, "new");
+                let _ = std::fs::remove_dir_all(&new);
+                let f = std::fs::File::open(tmp.path())?;
+                crate::source::bundle::unpack_tar(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &new, LIMITS, self.strip_components)
+                    .with_context(|| format!("unpacking {} into {}", self.url, self.dest))?;
+                let mode = self.mode.map(|m| m.0).unwrap_or(0o755);
+                std::fs::set_permissions(&new, std::fs::Permissions::from_mode(mode))?;
+                if let Err(e) = chown_tree(&new, owner) {
+                    let _ = std::fs::remove_dir_all(&new);
+                    return Err(e);
+                }
+                if std::fs::symlink_metadata(&dest).is_ok() {
+                    // One rename swaps the trees; the old one is removed after.
+                    rustix::fs::renameat_with(rustix::fs::CWD, &new, rustix::fs::CWD, &dest, rustix::fs::RenameFlags::EXCHANGE)
+                        .with_context(|| format!("replacing {}", dest.display()))?;
+                    let old = &new;
+                    if std::fs::symlink_metadata(old)?.is_dir() {
+                        std::fs::remove_dir_all(old)?;
+                    } else {
+                        std::fs::remove_file(old)?;
+                    }
+                } else {
+                    std::fs::rename(&new, &dest).with_context(|| format!("creating {}", dest.display()))?;
+                }
+            }
+        }
+        crate::fsutil::fsync_dir(parent)?;
+        crate::state::StateDir::new(&host.root).write_mode(&record_name(&self.dest), format!("{}  {}\n", self.sha256, self.dest).as_bytes(), 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step() -> ArchiveStep {
+        ArchiveStep {
+            url: "https://example.com/x.tar.gz".into(),
+            sha256: "a".repeat(64),
+            dest: "/opt/x".into(),
+            extract: Extract::TarGz,
+            strip_components: 1,
+            mode: None,
+            owner: None,
+            group: None,
+        }
+    }
+
+    #[test]
+    fn plan_and_suffixes() {
+        let s = step();
+        let o = |r: Option<&str>, e| Observed {
+            recorded: r.map(str::to_string),
+            dest_exists: e,
+        };
+        assert!(s.plan(&o(Some(&"a".repeat(64)), true)).is_empty());
+        assert_eq!(s.plan(&o(Some(&"a".repeat(64)), false)).len(), 1);
+        assert_eq!(s.plan(&o(Some(&"b".repeat(64)), true))[0].from.as_deref(), Some(&*format!("/opt/x {}", "b".repeat(64))));
+        assert_eq!(s.plan(&o(None, true)).len(), 1);
+        assert_eq!(extract_by_suffix("https://e/x-1.2.tar.gz?v=1"), Ok(Extract::TarGz));
+        assert_eq!(extract_by_suffix("file:///x.tgz"), Ok(Extract::TarGz));
+        assert_eq!(extract_by_suffix("https://e/kubectl"), Ok(Extract::None));
+        assert!(extract_by_suffix("https://e/x.zip").is_err() && extract_by_suffix("https://e/x.tar.xz").is_err());
+        assert_ne!(record_name("/opt/x"), record_name("/opt/y"));
+    }
+
+    #[test]
+    fn a_download_is_hashed_and_capped() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"hello").unwrap();
+        let url = format!("file://{}", p.display());
+        let mut out = Vec::new();
+        assert_eq!(fetch_into(&url, 100, &mut out).unwrap(), sha256_hex(b"hello"));
+        assert_eq!(out, b"hello");
+        assert!(fetch_into(&url, 3, &mut Vec::new()).unwrap_err().to_string().contains("larger than 3"));
+    }
+}
