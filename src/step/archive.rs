@@ -15,7 +15,7 @@
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
 use crate::fsutil::Mode;
-use crate::source::bundle::{sha256_hex, Limits};
+use crate::fetch::{sha256_hex, unpack::Limits};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -172,18 +172,18 @@ fn fetch_into(url: &str, max: u64, out: &mut dyn Write) -> Result<String> {
         let mut f = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
         sink(&mut f)?;
     } else if url.starts_with("s3://") {
-        let (bucket, key) = crate::source::s3::parse_url(url)?;
-        let o = crate::source::s3::S3Options {
+        let (bucket, key) = crate::fetch::s3::parse_url(url)?;
+        let o = crate::fetch::s3::S3Options {
             max_bytes: max,
             ..Default::default()
         };
-        match crate::source::s3::get(&o, &bucket, &key, None).map_err(|e| anyhow::anyhow!("{e}"))? {
-            crate::source::s3::Got::Body { bytes, .. } => sink(&mut bytes.as_slice())?,
-            crate::source::s3::Got::NotModified => bail!("{url}: unexpected 304"),
+        match crate::fetch::s3::get(&o, &bucket, &key, None).map_err(|e| anyhow::anyhow!("{e}"))? {
+            crate::fetch::s3::Got::Body { bytes, .. } => sink(&mut bytes.as_slice())?,
+            crate::fetch::s3::Got::NotModified => bail!("{url}: unexpected 304"),
         }
     } else {
         let client = reqwest::blocking::Client::builder()
-            .connect_timeout(crate::source::http::CONNECT_TIMEOUT)
+            .connect_timeout(crate::fetch::http::CONNECT_TIMEOUT)
             .timeout(std::time::Duration::from_secs(1800))
             .build()
             .context("building the HTTP client")?;
@@ -277,7 +277,7 @@ impl Kind for ArchiveStep {
                 let new = sibling(&dest, "new");
                 let _ = std::fs::remove_dir_all(&new);
                 let f = std::fs::File::open(tmp.path())?;
-                crate::source::bundle::unpack_tar(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &new, LIMITS, self.strip_components)
+                crate::fetch::unpack::unpack_tar(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &new, LIMITS, self.strip_components)
                     .with_context(|| format!("unpacking {} into {}", self.url, self.dest))?;
                 let mode = self.mode.map(|m| m.0).unwrap_or(0o755);
                 std::fs::set_permissions(&new, std::fs::Permissions::from_mode(mode))?;

@@ -11,7 +11,7 @@
 
 use super::{content_diff, Change, Host, Kind, LoadCtx, PrepCtx, State};
 use crate::error::ConfigError;
-use crate::source::bundle::sha256_hex;
+use crate::fetch::sha256_hex;
 use crate::step::package::Manager;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
