@@ -63,3 +63,6 @@ mod for_each;
 
 #[path = "it/filesystem_mount.rs"]
 mod filesystem_mount;
+
+#[path = "it/repository_archive.rs"]
+mod repository_archive;
