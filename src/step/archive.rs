@@ -38,6 +38,8 @@ pub struct Spec {
     pub group: Option<Spanned<String>>,
 }
 
+/// How long a whole download may take (connecting: `fetch::http::CONNECT_TIMEOUT`).
+pub const DOWNLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
 /// The largest download.
 pub const MAX_DOWNLOAD: u64 = 4 * 1024 * 1024 * 1024;
 /// Unpack limits of an archive (binaries, not roles).
@@ -184,7 +186,7 @@ fn fetch_into(url: &str, max: u64, out: &mut dyn Write) -> Result<String> {
     } else {
         let client = reqwest::blocking::Client::builder()
             .connect_timeout(crate::fetch::http::CONNECT_TIMEOUT)
-            .timeout(std::time::Duration::from_secs(1800))
+            .timeout(DOWNLOAD_TIMEOUT)
             .build()
             .context("building the HTTP client")?;
         let mut resp = client.get(url).send().with_context(|| format!("GET {url}"))?;

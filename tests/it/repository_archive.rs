@@ -38,10 +38,7 @@ fn archive_role(url: &str, sha: &str, dest: &str, extra: &str) -> String {
 
 #[test]
 fn archives_are_checked_unpacked_and_recorded() {
-    let good = tarball(&[
-        ("exporter-1.0/bin/exporter", b"#!/bin/sh\necho 1\n"),
-        ("exporter-1.0/LICENSE", b"MIT\n"),
-    ]);
+    let good = tarball(&[("exporter-1.0/bin/exporter", b"#!/bin/sh\necho 1\n"), ("exporter-1.0/LICENSE", b"MIT\n")]);
     let v2 = tarball(&[("exporter-2.0/bin/exporter", b"#!/bin/sh\necho 2\n")]);
     let hostile = tarball(&[("x/ok", b"ok"), ("x/../../../etc/evil", b"evil")]);
     let files = tempfile::tempdir().unwrap();
@@ -57,10 +54,22 @@ fn archives_are_checked_unpacked_and_recorded() {
     let file_v2 = format!("file://{}", files.path().join("v2.tar.gz").display());
     let file_tool = format!("file://{}", files.path().join("tool").display());
     let b = bundle(&[
-        ("roles/http/role.toml", &archive_role(&http, &sha256(&good), "/opt/exporter", "strip_components = 1\n")),
-        ("roles/v2/role.toml", &archive_role(&file_v2, &sha256(&v2), "/opt/exporter", "strip_components = 1\n")),
-        ("roles/single/role.toml", &archive_role(&file_tool, &sha256(b"binary"), "/usr/local/bin/tool", "mode = \"0755\"\n")),
-        ("roles/wrongsha/role.toml", &archive_role(&http, &"0".repeat(64), "/opt/other", "strip_components = 1\n")),
+        (
+            "roles/http/role.toml",
+            &archive_role(&http, &sha256(&good), "/opt/exporter", "strip_components = 1\n"),
+        ),
+        (
+            "roles/v2/role.toml",
+            &archive_role(&file_v2, &sha256(&v2), "/opt/exporter", "strip_components = 1\n"),
+        ),
+        (
+            "roles/single/role.toml",
+            &archive_role(&file_tool, &sha256(b"binary"), "/usr/local/bin/tool", "mode = \"0755\"\n"),
+        ),
+        (
+            "roles/wrongsha/role.toml",
+            &archive_role(&http, &"0".repeat(64), "/opt/other", "strip_components = 1\n"),
+        ),
         (
             "roles/hostile/role.toml",
             &archive_role(&format!("{}/hostile.tar.gz", srv.url), &sha256(&hostile), "/opt/hostile", ""),
@@ -73,7 +82,6 @@ fn archives_are_checked_unpacked_and_recorded() {
     let apply = |role: &str| run_role("apply", r, b.path(), role, &["--detailed-exitcodes"]);
 
     // Refusals first: nothing is written.
-    let before = listing(r);
     let t = apply("typo");
     assert_eq!(t.code, 78, "{}", t.all());
     assert!(t.stderr.contains("roles/typo/role.toml:7:1: unknown field `strip_component`"), "{}", t.stderr);
@@ -88,9 +96,10 @@ fn archives_are_checked_unpacked_and_recorded() {
     assert_eq!(hz.code, 4, "{}", hz.all());
     assert!(hz.all().contains("`..` in path"), "{}", hz.all());
     assert!(!r.join("opt/hostile").exists() && !r.join("etc/evil").exists() && !r.join("opt/etc/evil").exists());
-    let leftovers: Vec<_> = std::fs::read_dir(r.join("opt")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let leftovers: Vec<_> = std::fs::read_dir(r.join("opt"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(leftovers.is_empty(), "temp files left in /opt: {leftovers:?}");
-    let _ = before;
 
     // Over HTTP with strip_components; the second apply changes nothing (and downloads nothing).
     assert_eq!(apply("http").code, 2);
@@ -122,10 +131,20 @@ const KEY: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZtest\n-----END P
 fn repository_files_in_a_root_and_a_pinned_key_url() {
     let srv = HttpServer::start(|req| (req.path == "/key.asc").then(|| Response::new(200, KEY)));
     let key_url = format!("{}/key.asc", srv.url);
-    let repo = |extra: &str| format!("schema = 1\n[[step]]\nkind = \"repository\"\nname = \"k8s\"\nurl = \"https://pkgs.k8s.io/core:/stable:/v1.31/deb/\"\nsuites = [\"/\"]\n{extra}");
+    let repo = |extra: &str| {
+        format!(
+            "schema = 1\n[[step]]\nkind = \"repository\"\nname = \"k8s\"\nurl = \"https://pkgs.k8s.io/core:/stable:/v1.31/deb/\"\nsuites = [\"/\"]\n{extra}"
+        )
+    };
     let b = bundle(&[
-        ("roles/url/role.toml", &repo(&format!("key_url = \"{key_url}\"\nkey_sha256 = \"{}\"\n", sha256(KEY.as_bytes())))),
-        ("roles/badsha/role.toml", &repo(&format!("key_url = \"{key_url}\"\nkey_sha256 = \"{}\"\n", "1".repeat(64)))),
+        (
+            "roles/url/role.toml",
+            &repo(&format!("key_url = \"{key_url}\"\nkey_sha256 = \"{}\"\n", sha256(KEY.as_bytes()))),
+        ),
+        (
+            "roles/badsha/role.toml",
+            &repo(&format!("key_url = \"{key_url}\"\nkey_sha256 = \"{}\"\n", "1".repeat(64))),
+        ),
         ("roles/typo/role.toml", &repo("key = \"k.asc\"\nsuite = [\"x\"]\n")),
         ("roles/typo/files/k.asc", KEY),
         ("roles/nokey/role.toml", &repo("")),
@@ -146,7 +165,10 @@ fn repository_files_in_a_root_and_a_pinned_key_url() {
     assert_eq!(apply("url").code, 2);
     assert_eq!(std::fs::read_to_string(r.join("etc/apt/keyrings/k8s.asc")).unwrap(), KEY);
     let sources = std::fs::read_to_string(r.join("etc/apt/sources.list.d/k8s.sources")).unwrap();
-    assert!(sources.contains("Suites: /\n") && sources.contains("Signed-By: /etc/apt/keyrings/k8s.asc\n"), "{sources}");
+    assert!(
+        sources.contains("Suites: /\n") && sources.contains("Signed-By: /etc/apt/keyrings/k8s.asc\n"),
+        "{sources}"
+    );
     // In sync without a download: the server is gone.
     drop(srv);
     assert_eq!(apply("url").code, 0);
@@ -154,7 +176,12 @@ fn repository_files_in_a_root_and_a_pinned_key_url() {
 
 fn sh(script: &str, dir: &Path) {
     let o = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
-    assert!(o.status.success(), "{script}\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// A copy of the test apt repository with a Release file signed by a key made here (InRelease);
@@ -166,7 +193,10 @@ fn signed_repo(tmp: &Path) -> (std::path::PathBuf, String) {
     std::fs::create_dir_all(&gnupg).unwrap();
     std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let g = format!("gpg --batch --homedir {} ", gnupg.display());
-    sh(&format!("{g} --passphrase '' --quick-gen-key 'bootstrap test <test@example.com>' ed25519 sign never"), tmp);
+    sh(
+        &format!("{g} --passphrase '' --quick-gen-key 'bootstrap test <test@example.com>' ed25519 sign never"),
+        tmp,
+    );
     // A flat repository's Release: the indexes' sizes and sha256.
     sh(
         "{ echo 'Origin: bootstrap-test'; echo 'Label: bootstrap-test'; echo \"Date: $(date -Ru)\"; echo 'SHA256:';\
@@ -198,7 +228,11 @@ fn a_signed_repository_on_a_node_then_a_package_from_it() {
 
     let t = node.run_role("apply", "typo", &[]);
     assert_eq!(t.code, 78, "{}", t.all());
-    assert!(t.stderr.contains("/srv/bundle/roles/typo/role.toml:8:1: unknown field `enable`"), "{}", t.stderr);
+    assert!(
+        t.stderr.contains("/srv/bundle/roles/typo/role.toml:8:1: unknown field `enable`"),
+        "{}",
+        t.stderr
+    );
     assert!(!node.merged.join("etc/apt/sources.list.d/signed.sources").exists());
 
     let first = node.run_role("apply", "repo", &["--detailed-exitcodes"]);
@@ -207,6 +241,8 @@ fn a_signed_repository_on_a_node_then_a_package_from_it() {
     // apt verified the signature with the key the step wrote.
     let policy = node.sh("apt-cache policy hello").stdout;
     assert!(policy.contains("file:/srv/signedrepo ./"), "{policy}");
+    let lists = node.sh("ls /var/lib/apt/lists").stdout;
+    assert!(lists.contains("signedrepo_._InRelease"), "the signed InRelease was not used: {lists}");
     let second = node.run_role("apply", "repo", &["--detailed-exitcodes"]);
     assert_eq!(second.code, 0, "{}", second.all());
 
