@@ -35,7 +35,8 @@ pub enum UnpackError {
     TooManyEntries { limit: usize },
 }
 
-fn entry_path(raw: &Path) -> Result<PathBuf, String> {
+/// An entry's path made relative, refused when absolute, with `..`, or empty.
+pub fn entry_path(raw: &Path) -> Result<PathBuf, String> {
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {

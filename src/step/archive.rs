@@ -1,6 +1,6 @@
 //! `archive`: download a file (`https://`, `http://`, `s3://`, `file://`), check its pinned
 //! sha256, and unpack it into a directory (`.tar.gz`/`.tgz`, through the same safe unpack as
-//! bundles, with `strip_components`) or install it as a single file with a mode.
+//! bundles, with `strip_components`; also `.tar.xz` and `.zip`) or install it as a single file with a mode.
 //!
 //! In sync when `dest` exists and the sha256 recorded for it matches the pinned one. The record
 //! is a state file of its own, `/var/lib/bootstrap/archive-<h>.sha256` (`h`: the first 16 hex
@@ -9,8 +9,9 @@
 //!
 //! Apply downloads to a temp file next to `dest`, checks the sha256 before unpacking anything,
 //! unpacks into a temp directory next to `dest`, then replaces `dest` in one rename (an
-//! exchange with the old tree, which is removed after). `.tar.xz` and `.zip` are refused at
-//! load time: this version unpacks `.tar.gz` only.
+//! exchange with the old tree, which is removed after). `.tar.xz` (pure-Rust `lzma-rs`) is
+//! decompressed into a temp file and `.zip` (the `zip` crate, deflate only) rewritten as a tar
+//! stream first, so every archive goes through the one safe unpack.
 
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
@@ -51,6 +52,8 @@ const LIMITS: Limits = Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extract {
     TarGz,
+    TarXz,
+    Zip,
     /// A single file.
     None,
 }
@@ -58,16 +61,17 @@ pub enum Extract {
 fn extract_of(name: &str) -> std::result::Result<Extract, String> {
     match name {
         "tar.gz" | "tgz" => Ok(Extract::TarGz),
+        "tar.xz" | "txz" => Ok(Extract::TarXz),
+        "zip" => Ok(Extract::Zip),
         "none" => Ok(Extract::None),
-        "tar.xz" | "zip" => Err(format!("extract = {name:?} is not supported by this version (only tar.gz, or none for a single file)")),
-        _ => Err(format!("invalid extract {name:?}: expected \"tar.gz\", \"tgz\" or \"none\"")),
+        _ => Err(format!("invalid extract {name:?}: expected \"tar.gz\", \"tgz\", \"tar.xz\", \"zip\" or \"none\"")),
     }
 }
 
 /// The default by the URL's suffix: `.tar.gz`/`.tgz` unpack, anything else is a single file.
 fn extract_by_suffix(url: &str) -> std::result::Result<Extract, String> {
     let path = url.split(['?', '#']).next().unwrap_or_default();
-    for (suffix, name) in [(".tar.gz", "tar.gz"), (".tgz", "tgz"), (".tar.xz", "tar.xz"), (".zip", "zip")] {
+    for (suffix, name) in [(".tar.gz", "tar.gz"), (".tgz", "tgz"), (".tar.xz", "tar.xz"), (".txz", "txz"), (".zip", "zip")] {
         if path.ends_with(suffix) {
             return extract_of(name);
         }
@@ -223,6 +227,96 @@ fn chown_tree(p: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     Ok(())
 }
 
+/// A writer that fails past `max` bytes (a decompression bomb stops there).
+struct Capped<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(std::io::Error::other(format!("larger than the limit of {} bytes unpacked", LIMITS.max_bytes)));
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The most a decompressed tar stream may hold (contents plus headers).
+fn stream_cap() -> u64 {
+    LIMITS.max_bytes.saturating_mul(2) + 1024 * 1024
+}
+
+/// Unpack the downloaded `file` into `new` through the safe unpack of bundles: a `.tar.xz` is
+/// decompressed into a temp file first, a `.zip` rewritten as a tar stream (its entry names
+/// checked as a tar's are), both in `dir`.
+fn unpack(extract: Extract, file: &Path, dir: &Path, new: &Path, strip: usize) -> Result<()> {
+    use crate::fetch::unpack::{entry_path, unpack_tar, UnpackError};
+    let open = || std::fs::File::open(file).map(std::io::BufReader::new);
+    match extract {
+        Extract::TarGz => unpack_tar(flate2::read::GzDecoder::new(open()?), new, LIMITS, strip),
+        Extract::TarXz => {
+            let mut tar = tempfile::tempfile_in(dir)?;
+            let mut out = Capped {
+                inner: std::io::BufWriter::new(&mut tar),
+                left: stream_cap(),
+            };
+            lzma_rs::xz_decompress(&mut open()?, &mut out).map_err(|e| anyhow::anyhow!("xz: {e}"))?;
+            out.flush()?;
+            drop(out);
+            std::io::Seek::rewind(&mut tar)?;
+            unpack_tar(std::io::BufReader::new(tar), new, LIMITS, strip)
+        }
+        Extract::Zip => {
+            let mut zip = zip::ZipArchive::new(open()?).context("reading the zip")?;
+            if zip.len() > LIMITS.max_entries {
+                return Err(UnpackError::TooManyEntries { limit: LIMITS.max_entries }.into());
+            }
+            let mut tar = tar::Builder::new(tempfile::tempfile_in(dir)?);
+            let mut total = 0u64;
+            for i in 0..zip.len() {
+                let mut e = zip.by_index(i).context("reading the zip")?;
+                let name = e.name().context("zip entry name")?.into_owned();
+                let rel = entry_path(Path::new(&name)).map_err(|why| UnpackError::Entry { entry: name.clone(), why })?;
+                let mut h = tar::Header::new_gnu();
+                h.set_mtime(0);
+                if e.is_dir() {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    tar.append_data(&mut h, &rel, std::io::empty())?;
+                } else if e.is_symlink() {
+                    let mut target = String::new();
+                    (&mut e).take(4096).read_to_string(&mut target).context("zip symlink target")?;
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    tar.append_link(&mut h, &rel, &target)?;
+                } else {
+                    let size = e.size();
+                    total = total.saturating_add(size);
+                    if total > LIMITS.max_bytes {
+                        return Err(UnpackError::TooLarge { limit: LIMITS.max_bytes }.into());
+                    }
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(if e.unix_mode().unwrap_or(0o644) & 0o111 != 0 { 0o755 } else { 0o644 });
+                    h.set_size(size);
+                    tar.append_data(&mut h, &rel, (&mut e).take(size)).with_context(|| format!("zip entry {name}"))?;
+                }
+            }
+            let mut f = tar.into_inner()?;
+            std::io::Seek::rewind(&mut f)?;
+            unpack_tar(std::io::BufReader::new(f), new, LIMITS, strip)
+        }
+        Extract::None => bail!("not an archive"),
+    }
+}
+
 impl Kind for ArchiveStep {
     type Observed = Observed;
 
@@ -275,12 +369,10 @@ impl Kind for ArchiveStep {
                 chown_tree(tmp.path(), owner)?;
                 tmp.persist(&dest).with_context(|| format!("replacing {}", dest.display()))?;
             }
-            Extract::TarGz => {
+            Extract::TarGz | Extract::TarXz | Extract::Zip => {
                 let new = sibling(&dest, "new");
                 let _ = std::fs::remove_dir_all(&new);
-                let f = std::fs::File::open(tmp.path())?;
-                crate::fetch::unpack::unpack_tar(flate2::read::GzDecoder::new(std::io::BufReader::new(f)), &new, LIMITS, self.strip_components)
-                    .with_context(|| format!("unpacking {} into {}", self.url, self.dest))?;
+                unpack(self.extract, tmp.path(), parent, &new, self.strip_components).with_context(|| format!("unpacking {} into {}", self.url, self.dest))?;
                 let mode = self.mode.map(|m| m.0).unwrap_or(0o755);
                 std::fs::set_permissions(&new, std::fs::Permissions::from_mode(mode))?;
                 if let Err(e) = chown_tree(&new, owner) {
@@ -338,7 +430,8 @@ mod tests {
         assert_eq!(extract_by_suffix("https://e/x-1.2.tar.gz?v=1"), Ok(Extract::TarGz));
         assert_eq!(extract_by_suffix("file:///x.tgz"), Ok(Extract::TarGz));
         assert_eq!(extract_by_suffix("https://e/kubectl"), Ok(Extract::None));
-        assert!(extract_by_suffix("https://e/x.zip").is_err() && extract_by_suffix("https://e/x.tar.xz").is_err());
+        assert_eq!(extract_by_suffix("https://e/x.zip"), Ok(Extract::Zip));
+        assert_eq!(extract_by_suffix("https://e/x.tar.xz"), Ok(Extract::TarXz));
         assert_ne!(record_name("/opt/x"), record_name("/opt/y"));
     }
 

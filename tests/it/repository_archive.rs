@@ -32,6 +32,29 @@ fn tarball(entries: &[(&str, &[u8])]) -> Vec<u8> {
     b.into_inner().unwrap().finish().unwrap()
 }
 
+/// A deflated `.zip` of (path, content, unix mode).
+fn zipfile(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data, mode) in entries {
+        let o = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(*mode);
+        w.start_file(*name, o).unwrap();
+        w.write_all(data).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// `.tar.gz` bytes recompressed as `.tar.xz`.
+fn xz(tar_gz: &[u8]) -> Vec<u8> {
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(tar_gz), &mut tar).unwrap();
+    let mut out = Vec::new();
+    lzma_rs::xz_compress(&mut std::io::BufReader::new(tar.as_slice()), &mut out).unwrap();
+    out
+}
+
 fn archive_role(url: &str, sha: &str, dest: &str, extra: &str) -> String {
     format!("schema = 1\n[[step]]\nkind = \"archive\"\nurl = \"{url}\"\nsha256 = \"{sha}\"\ndest = \"{dest}\"\n{extra}")
 }
@@ -44,6 +67,13 @@ fn archives_are_checked_unpacked_and_recorded() {
     let files = tempfile::tempdir().unwrap();
     std::fs::write(files.path().join("v2.tar.gz"), &v2).unwrap();
     std::fs::write(files.path().join("tool"), b"binary").unwrap();
+    let txz = xz(&tarball(&[("tool-3/bin/tool", b"xz\n"), ("tool-3/share/doc", b"doc\n")]));
+    std::fs::write(files.path().join("tool-3.tar.xz"), &txz).unwrap();
+    let zip = zipfile(&[("app/bin/run", b"#!/bin/sh\n", 0o755), ("app/README", b"readme\n", 0o644)]);
+    std::fs::write(files.path().join("app.zip"), &zip).unwrap();
+    let evil_zip = zipfile(&[("ok", b"ok", 0o644), ("../evil", b"evil", 0o644)]);
+    std::fs::write(files.path().join("evil.zip"), &evil_zip).unwrap();
+    let file = |n: &str| format!("file://{}", files.path().join(n).display());
     let (g, h) = (good.clone(), hostile.clone());
     let srv = HttpServer::start(move |req| match req.path.as_str() {
         "/exporter-1.0.tar.gz" => Some(Response::new(200, g.clone())),
@@ -75,19 +105,32 @@ fn archives_are_checked_unpacked_and_recorded() {
             &archive_role(&format!("{}/hostile.tar.gz", srv.url), &sha256(&hostile), "/opt/hostile", ""),
         ),
         ("roles/typo/role.toml", &archive_role(&http, &sha256(&good), "/opt/x", "strip_component = 1\n")),
-        ("roles/zip/role.toml", &archive_role("https://example.com/x.zip", &sha256(&good), "/opt/x", "")),
+        (
+            "roles/rar/role.toml",
+            &archive_role("https://example.com/x.rar", &sha256(&good), "/opt/x", "extract = \"rar\"\n"),
+        ),
+        (
+            "roles/txz/role.toml",
+            &archive_role(&file("tool-3.tar.xz"), &sha256(&txz), "/opt/tool", "strip_components = 1\n"),
+        ),
+        (
+            "roles/zip/role.toml",
+            &archive_role(&file("app.zip"), &sha256(&zip), "/opt/app", "strip_components = 1\nowner = \"deploy\"\n"),
+        ),
+        ("roles/evilzip/role.toml", &archive_role(&file("evil.zip"), &sha256(&evil_zip), "/opt/evil", "")),
     ]);
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
     let apply = |role: &str| run_role("apply", r, b.path(), role, &["--detailed-exitcodes"]);
 
     // Refusals first: nothing is written.
     let t = apply("typo");
     assert_eq!(t.code, 78, "{}", t.all());
     assert!(t.stderr.contains("roles/typo/role.toml:7:1: unknown field `strip_component`"), "{}", t.stderr);
-    let z = apply("zip");
+    let z = apply("rar");
     assert_eq!(z.code, 78, "{}", z.all());
-    assert!(z.stderr.contains("not supported by this version"), "{}", z.stderr);
+    assert!(z.stderr.contains("invalid extract \"rar\""), "{}", z.stderr);
     let w = apply("wrongsha");
     assert_eq!(w.code, 4, "{}", w.all());
     assert!(w.all().contains(&format!("archive {http}: sha256 is {}", sha256(&good))), "{}", w.all());
@@ -96,6 +139,10 @@ fn archives_are_checked_unpacked_and_recorded() {
     assert_eq!(hz.code, 4, "{}", hz.all());
     assert!(hz.all().contains("`..` in path"), "{}", hz.all());
     assert!(!r.join("opt/hostile").exists() && !r.join("etc/evil").exists() && !r.join("opt/etc/evil").exists());
+    let ez = apply("evilzip");
+    assert_eq!(ez.code, 4, "{}", ez.all());
+    assert!(ez.all().contains("entry \"../evil\" rejected: `..` in path"), "{}", ez.all());
+    assert!(!r.join("opt/evil").exists() && !r.join("evil").exists());
     let leftovers: Vec<_> = std::fs::read_dir(r.join("opt"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -119,6 +166,23 @@ fn archives_are_checked_unpacked_and_recorded() {
     let p = run_role("plan", r, b.path(), "v2", &["--detailed-exitcodes"]);
     assert_eq!(p.code, 2, "{}", p.all());
     assert_eq!(apply("v2").code, 2);
+    // .tar.xz and .zip (deflated; an owner from the root's passwd).
+    let x = apply("txz");
+    assert_eq!(x.code, 2, "{}", x.all());
+    assert_eq!(std::fs::read_to_string(r.join("opt/tool/bin/tool")).unwrap(), "xz\n");
+    assert_eq!(apply("txz").code, 0);
+    std::fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ndeploy:x:1000:1000::/home/deploy:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(r.join("etc/group"), "root:x:0:\ndeploy:x:1000:\n").unwrap();
+    let zr = apply("zip");
+    assert_eq!(zr.code, 2, "{}", zr.all());
+    let snap = snapshot(r);
+    assert!(snap["/opt/app/bin/run"].starts_with("file 0755 1000:0"), "{snap:#?}");
+    assert!(snap["/opt/app/README"].starts_with("file 0644 1000:0"), "{snap:#?}");
+    assert_eq!(apply("zip").code, 0);
     // A single file with a mode.
     assert_eq!(apply("single").code, 2);
     assert!(snapshot(r)["/usr/local/bin/tool"].starts_with("file 0755 0:0"));
