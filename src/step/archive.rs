@@ -342,9 +342,14 @@ impl Kind for ArchiveStep {
     }
 
     fn apply(&self, host: &Host, _o: &Observed, _changes: &[Change]) -> Result<()> {
-        let dest = crate::fsutil::host_path(&host.root, &self.dest)?;
-        let parent = dest.parent().context("dest has no parent")?;
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        // `dest`'s directory resolved through the root like every host path (chroot-style, one
+        // descriptor at a time, missing directories made); everything below works in that
+        // directory through the descriptor's /proc/self/fd path, so no link on the way to it is
+        // followed by text.
+        let at = host.fs()?.parent(&self.dest, true)?.with_context(|| format!("no directory for {}", self.dest))?;
+        let parent_path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&at.dir)));
+        let parent = parent_path.as_path();
+        let dest = parent.join(&at.name);
         let owner = match (&self.owner, &self.group) {
             (None, None) => None,
             (u, g) => Some((
@@ -356,7 +361,7 @@ impl Kind for ArchiveStep {
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!(".{}", crate::fsutil::TMP_MARK))
             .tempfile_in(parent)
-            .with_context(|| format!("creating a temp file in {}", parent.display()))?;
+            .with_context(|| format!("creating a temp file beside {}", self.dest))?;
         let got = fetch_into(&self.url, MAX_DOWNLOAD, tmp.as_file_mut()).with_context(|| format!("downloading {}", self.url))?;
         if got != self.sha256 {
             bail!("archive {}: sha256 is {got}, but {} is pinned; nothing unpacked", self.url, self.sha256);
@@ -367,7 +372,7 @@ impl Kind for ArchiveStep {
                 let mode = self.mode.map(|m| m.0).unwrap_or(0o644);
                 tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
                 chown_tree(tmp.path(), owner)?;
-                tmp.persist(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+                tmp.persist(&dest).with_context(|| format!("replacing {}", self.dest))?;
             }
             Extract::TarGz | Extract::TarXz | Extract::Zip => {
                 let new = sibling(&dest, "new");
@@ -382,7 +387,7 @@ impl Kind for ArchiveStep {
                 if std::fs::symlink_metadata(&dest).is_ok() {
                     // One rename swaps the trees; the old one is removed after.
                     rustix::fs::renameat_with(rustix::fs::CWD, &new, rustix::fs::CWD, &dest, rustix::fs::RenameFlags::EXCHANGE)
-                        .with_context(|| format!("replacing {}", dest.display()))?;
+                        .with_context(|| format!("replacing {}", self.dest))?;
                     let old = &new;
                     if std::fs::symlink_metadata(old)?.is_dir() {
                         std::fs::remove_dir_all(old)?;
@@ -390,7 +395,7 @@ impl Kind for ArchiveStep {
                         std::fs::remove_file(old)?;
                     }
                 } else {
-                    std::fs::rename(&new, &dest).with_context(|| format!("creating {}", dest.display()))?;
+                    std::fs::rename(&new, &dest).with_context(|| format!("creating {}", self.dest))?;
                 }
             }
         }

@@ -319,3 +319,25 @@ fn a_signed_repository_on_a_node_then_a_package_from_it() {
     assert_eq!(c["field"], "content", "{step:#}");
     assert!(c["diff"].as_str().unwrap().contains("+Enabled: yes"), "{c:#}");
 }
+
+/// An archive's `dest` is resolved through the root like every host path: in an image whose
+/// `/opt` is the absolute link `/srv/NAME`, the tree lands in the image's `/srv/NAME`, and the
+/// host's `/srv/NAME` is never made.
+#[test]
+fn an_archive_behind_an_absolute_link_stays_in_the_image() {
+    let root = tempfile::tempdir().unwrap();
+    let name = format!("bootstrap-archive-image-{}", std::process::id());
+    std::fs::create_dir_all(root.path().join("srv").join(&name)).unwrap();
+    std::os::unix::fs::symlink(format!("/srv/{name}"), root.path().join("opt")).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let tgz = tarball(&[("tool-1.0/bin/tool", b"#!/bin/sh\n")]);
+    std::fs::write(files.path().join("t.tar.gz"), &tgz).unwrap();
+    let url = format!("file://{}", files.path().join("t.tar.gz").display());
+    let b = bundle(&[("roles/a/role.toml", &archive_role(&url, &sha256(&tgz), "/opt/tool", "strip_components = 1\n"))]);
+    let r = run_role("apply", root.path(), b.path(), "a", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(!Path::new(&format!("/srv/{name}")).exists(), "the archive was unpacked on the HOST");
+    assert!(root.path().join(format!("srv/{name}/tool/bin/tool")).is_file());
+    let r = run_role("apply", root.path(), b.path(), "a", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+}
