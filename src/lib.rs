@@ -12,6 +12,7 @@ pub mod docker;
 pub mod engine;
 pub mod error;
 pub mod facts;
+pub mod fetch;
 pub mod fsutil;
 pub mod logging;
 pub mod metrics;

@@ -66,3 +66,6 @@ mod filesystem_mount;
 
 #[path = "it/dnf_node.rs"]
 mod dnf_node;
+
+#[path = "it/repository_archive.rs"]
+mod repository_archive;

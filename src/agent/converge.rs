@@ -102,6 +102,7 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
         root: root.clone(),
         facts,
         systemd: Box::new(crate::systemd::Dbus::default()),
+        refresh_lists: Default::default(),
     };
     let mut report = engine::run(
         &steps,

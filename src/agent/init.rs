@@ -48,6 +48,7 @@ fn install_units(cx: &Context) -> Result<()> {
         root: cx.root.clone(),
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
+        refresh_lists: Default::default(),
     };
     for (name, text) in UNITS {
         let content = text.replace("/usr/local/bin/bootstrap", &exe).into_bytes();

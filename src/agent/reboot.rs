@@ -71,6 +71,7 @@ pub fn coordinate(cx: &Context, wait: bool, lock_timeout: Duration) -> anyhow::R
         root: root.to_path_buf(),
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
+        refresh_lists: Default::default(),
     };
     let ok = run_ok()?;
     let waiting = wait.then_some(crate::reboot::Waiting {

@@ -1,39 +1,14 @@
-//! Bundle tarballs: reproducible builds, verification (sha256, minisign), and a safe unpack
-//! that refuses anything able to write outside the bundle.
+//! Bundle tarballs: reproducible builds, verification (sha256, minisign), and the safe unpack
+//! of `fetch::unpack` (it refuses anything able to write outside the bundle).
 
 use crate::error::ConfigError;
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
-
-/// Unpack limits: a bundle is roles and templates, not data.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_bytes: u64,
-    pub max_entries: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_bytes: 64 * 1024 * 1024,
-            max_entries: 20_000,
-        }
-    }
-}
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("bundle entry {entry:?} rejected: {why}")]
-    Entry { entry: String, why: String },
-    #[error("bundle is larger than the limit of {limit} bytes unpacked")]
-    TooLarge { limit: u64 },
-    #[error("bundle has more than {limit} entries")]
-    TooManyEntries { limit: usize },
     #[error("bundle sha256 is {actual}, but {expected} is pinned")]
     Sha256Mismatch { expected: String, actual: String },
     #[error("bundle signature does not verify: {0}")]
@@ -48,9 +23,8 @@ pub enum BundleError {
     Unbound { name: String, newest: u64 },
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use crate::fetch::sha256_hex;
+pub use crate::fetch::unpack::{unpack_tar, Limits};
 
 /// Every file and directory under `dir/roles`, sorted, as paths relative to `dir`.
 fn collect(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -165,170 +139,16 @@ pub fn parse_trusted_comment(comment: &str, sha: &str) -> Result<crate::source::
     Ok(out)
 }
 
-fn entry_path(raw: &Path) -> Result<PathBuf, String> {
-    let mut out = PathBuf::new();
-    for c in raw.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
-            Component::ParentDir => return Err("`..` in path".into()),
-        }
-    }
-    if out.as_os_str().is_empty() {
-        return Err("empty path".into());
-    }
-    Ok(out)
-}
-
-/// Where a link target (relative to the link's directory) lands, resolved the way the kernel
-/// will: refused when it leaves the bundle, or when any component of it is itself a symlink of
-/// the bundle (`s -> .` would make `s/../x` point one level higher than it reads), so a
-/// textual resolution is the physical one.
-fn resolve_inside(link: &Path, target: &Path, links: &BTreeMap<PathBuf, PathBuf>) -> Result<PathBuf, String> {
-    if target.is_absolute() {
-        return Err(format!("symlink to {} leaves the bundle", target.display()));
-    }
-    let mut parts: Vec<_> = link.parent().map(|p| p.components().collect()).unwrap_or_default();
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => {
-                parts.push(c);
-                let so_far: PathBuf = parts.iter().collect();
-                if links.contains_key(&so_far) {
-                    return Err(format!("symlink to {} goes through another symlink ({})", target.display(), so_far.display()));
-                }
-            }
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if parts.pop().is_none() {
-                    return Err(format!("symlink to {} leaves the bundle", target.display()));
-                }
-            }
-            _ => return Err(format!("symlink to {} leaves the bundle", target.display())),
-        }
-    }
-    Ok(parts.iter().collect())
-}
-
-/// fsync every directory under `dir` (not following links), deepest first, then `dir`.
-fn sync_tree(dir: &Path) -> Result<()> {
-    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            sync_tree(&e.path())?;
-        }
-    }
-    crate::fsutil::fsync_dir(dir)
-}
-
 /// Unpack a `.tar.gz` into `dest` (which must not exist), refusing absolute paths, `..`,
 /// links that leave the bundle, paths through links, device files and oversize bundles.
 /// On error `dest` is removed.
 pub fn unpack(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
-    fs::create_dir(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let r = unpack_inner(bytes, dest, limits);
-    if r.is_err() {
-        let _ = fs::remove_dir_all(dest);
-    }
-    r
-}
-
-fn unpack_inner(bytes: &[u8], dest: &Path, limits: Limits) -> Result<()> {
-    // The decompressed stream is capped too, whatever the headers claim.
-    let gz = flate2::read::GzDecoder::new(bytes).take(limits.max_bytes.saturating_mul(2) + 1024 * 1024);
-    let mut archive = tar::Archive::new(gz);
-    let mut total: u64 = 0;
-    let mut links: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
-    let mut files: BTreeSet<PathBuf> = BTreeSet::new();
-    for (n, entry) in archive.entries().context("reading bundle tarball")?.enumerate() {
-        if n >= limits.max_entries {
-            return Err(BundleError::TooManyEntries { limit: limits.max_entries }.into());
-        }
-        let mut entry = entry.context("reading bundle tarball")?;
-        let raw = entry.path().context("bundle entry path")?.into_owned();
-        let reject = |why: &str| BundleError::Entry {
-            entry: raw.display().to_string(),
-            why: why.to_string(),
-        };
-        let rel = entry_path(&raw).map_err(|w| reject(&w))?;
-        if rel.ancestors().skip(1).any(|a| links.contains_key(a)) {
-            return Err(reject("path goes through a symlink").into());
-        }
-        let out = dest.join(&rel);
-        let kind = entry.header().entry_type();
-        match kind {
-            tar::EntryType::Directory => {
-                fs::create_dir_all(&out)?;
-                fs::set_permissions(&out, fs::Permissions::from_mode(0o755))?;
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.header().size()?;
-                total = total.saturating_add(size);
-                if total > limits.max_bytes {
-                    return Err(BundleError::TooLarge { limit: limits.max_bytes }.into());
-                }
-                if let Some(p) = out.parent() {
-                    fs::create_dir_all(p)?;
-                }
-                let mode = if entry.header().mode()? & 0o111 != 0 { 0o755 } else { 0o644 };
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&out)
-                    .map_err(|e| reject(&format!("cannot create: {e}")))?;
-                let copied = std::io::copy(&mut (&mut entry).take(size), &mut f)?;
-                if copied != size {
-                    return Err(reject("truncated").into());
-                }
-                f.set_permissions(fs::Permissions::from_mode(mode))?;
-                f.flush()?;
-                // On disk before the rename publishes the bundle: a power cut must not leave
-                // a truncated file in a bundle that looks complete.
-                f.sync_all().with_context(|| format!("fsync {}", out.display()))?;
-                files.insert(rel);
-            }
-            tar::EntryType::Symlink => {
-                let target = entry.link_name()?.context("symlink without target")?.into_owned();
-                resolve_inside(&rel, &target, &links).map_err(|w| reject(&w))?;
-                if let Some(p) = out.parent() {
-                    fs::create_dir_all(p)?;
-                }
-                std::os::unix::fs::symlink(&target, &out)?;
-                links.insert(rel, target);
-            }
-            tar::EntryType::Link => {
-                let target = entry.link_name()?.context("hard link without target")?.into_owned();
-                let target = entry_path(&target).map_err(|w| reject(&format!("hard link target: {w}")))?;
-                if !files.contains(&target) {
-                    return Err(reject(&format!("hard link to {} which is not a file of this bundle", target.display())).into());
-                }
-                if let Some(p) = out.parent() {
-                    fs::create_dir_all(p)?;
-                }
-                fs::hard_link(dest.join(&target), &out)?;
-                files.insert(rel);
-            }
-            other => {
-                return Err(reject(&format!(
-                    "entry type {other:?} is not allowed (only files, directories and links inside the bundle)"
-                ))
-                .into())
-            }
-        }
-    }
-    // Links checked again with every link of the bundle known: one unpacked later can
-    // change where an earlier one points.
-    for (rel, target) in &links {
-        resolve_inside(rel, target, &links).map_err(|why| BundleError::Entry {
-            entry: rel.display().to_string(),
-            why,
-        })?;
-    }
+    unpack_tar(flate2::read::GzDecoder::new(bytes), dest, limits, 0)?;
     if !dest.join("roles").is_dir() {
+        let _ = fs::remove_dir_all(dest);
         bail!("bundle has no roles/ directory");
     }
-    sync_tree(dest)
+    Ok(())
 }
 
 /// `validate` and `plan` on a tarball: unpack into a temp dir that lives as long as the value.
@@ -363,24 +183,4 @@ pub fn build_to_files(dir: &Path, out: &Path, secret_key: Option<&Path>) -> Resu
         crate::fsutil::atomic_write(&dir_out.join(format!("{name}.minisig")), sig.as_bytes(), 0o644, None)?;
     }
     Ok(sha)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_targets() {
-        let none = BTreeMap::new();
-        assert_eq!(resolve_inside(Path::new("roles/a/l"), Path::new("f"), &none), Ok(PathBuf::from("roles/a/f")));
-        assert_eq!(
-            resolve_inside(Path::new("roles/a/l"), Path::new("../b/f"), &none),
-            Ok(PathBuf::from("roles/b/f"))
-        );
-        assert!(resolve_inside(Path::new("roles/l"), Path::new("../../x"), &none).is_err());
-        assert!(resolve_inside(Path::new("roles/l"), Path::new("/etc"), &none).is_err());
-        assert!(entry_path(Path::new("/etc/passwd")).is_err());
-        assert!(entry_path(Path::new("roles/../../etc")).is_err());
-        assert_eq!(entry_path(Path::new("./roles/x")).unwrap(), PathBuf::from("roles/x"));
-    }
 }

@@ -3,8 +3,7 @@
 //! `last-good` (last fully successful) symlinks.
 
 pub mod bundle;
-pub mod http;
-pub mod s3;
+pub use crate::fetch::{http, s3};
 
 use crate::error::ConfigError;
 use anyhow::{bail, Context, Result};

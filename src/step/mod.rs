@@ -161,6 +161,8 @@ kinds! {
     "hostname" => Hostname(hostname),
     "filesystem" => Filesystem(filesystem),
     "mount" => Mount(mount),
+    "repository" => Repository(repository),
+    "archive" => Archive(archive),
 }
 
 /// A kind's parsed table: checked at load, prepared (templates rendered) into its step.
@@ -233,6 +235,9 @@ pub struct Host {
     pub root: PathBuf,
     pub facts: Facts,
     pub systemd: Box<dyn crate::systemd::Systemd>,
+    /// Set by a `repository` step that changed a source: the next package step that installs
+    /// refreshes its lists first (once; it clears the flag).
+    pub refresh_lists: std::cell::Cell<bool>,
 }
 
 impl Host {

@@ -333,7 +333,9 @@ impl Kind for PackageStep {
         c
     }
 
-    fn apply(&self, _host: &Host, o: &Observed, changes: &[Change]) -> Result<()> {
+    fn apply(&self, host: &Host, o: &Observed, changes: &[Change]) -> Result<()> {
+        // A repository step of this run changed a source: refresh the lists once, here.
+        let refresh = self.state != PkgState::Absent && host.refresh_lists.replace(false);
         let targets: Vec<String> = self
             .packages
             .iter()
@@ -355,7 +357,7 @@ impl Kind for PackageStep {
             Manager::Apt => {
                 let verb = if self.state == PkgState::Absent { "remove" } else { "install" };
                 if verb == "install" {
-                    apt_update_if_stale(false)?;
+                    apt_update_if_stale(refresh)?;
                 }
                 let args = |verb| [&[verb, "--"][..], &targets].concat();
                 let mut out = apt(&args(verb))?;
@@ -376,7 +378,11 @@ impl Kind for PackageStep {
                     PkgState::Absent => "remove",
                     PkgState::Latest | PkgState::Present => "install",
                 };
-                let mut argv = vec!["dnf", "-y", "-q", verb, "--"];
+                let mut argv = vec!["dnf", "-y", "-q"];
+                if refresh {
+                    argv.push("--refresh");
+                }
+                argv.extend([verb, "--"]);
                 argv.extend(&targets);
                 let out = run(&argv, &[], TRANSACTION_TIMEOUT)?;
                 if !out.success() {

@@ -9,7 +9,7 @@ use std::path::Path;
 /// layer's others nor a layer above.
 const LAYERS: &[&[&str]] = &[
     &["error", "fsutil", "runner", "aws", "clock"],
-    &["secrets", "systemd", "docker", "facts", "config", "state"],
+    &["secrets", "systemd", "docker", "facts", "config", "state", "fetch"],
     &["template", "logging", "runlock"],
     &["step"],
     &["role"],

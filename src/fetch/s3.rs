@@ -2,7 +2,7 @@
 //! a conditional GET with the cached ETag (an unchanged bundle costs one request and no body),
 //! and a streaming sha256 with a size cap.
 
-use super::bundle::sha256_hex;
+use super::sha256_hex;
 use anyhow::{anyhow, Result};
 use aws_sdk_s3::error::SdkError;
 use sha2::{Digest, Sha256};
