@@ -368,11 +368,8 @@ fn unpacked_bundles_are_fsynced_before_the_rename() {
 /// is still accepted, until a bound one of that bundle was applied.
 #[test]
 fn signatures_bind_bundle_name_and_build_time() {
-    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
     let keys = tempfile::tempdir().unwrap();
-    let sk = keys.path().join("bundle.key");
-    std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
-    let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
+    let (sk, pk) = signing_key(keys.path(), "bundle.key");
     let root = tempfile::tempdir().unwrap();
     write_config(root.path(), &format!("[bundle]\npublic_key = \"{pk}\"\n"));
     let serve = tempfile::tempdir().unwrap();
@@ -382,20 +379,7 @@ fn signatures_bind_bundle_name_and_build_time() {
     let publish = |dir: &Path, name: &str, t: &str| {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join(name);
-        let r: Run = cmd(&[
-            "bundle",
-            "build",
-            dir.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--sign",
-            sk.to_str().unwrap(),
-        ])
-        .env("SOURCE_DATE_EPOCH", t)
-        .output()
-        .unwrap()
-        .into();
-        assert_eq!(r.code, 0, "{}", r.all());
+        build_signed(dir, &out, &sk, t);
         std::fs::copy(&out, &served).unwrap();
         std::fs::copy(format!("{}.minisig", out.display()), format!("{}.minisig", served.display())).unwrap();
     };

@@ -152,10 +152,7 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
     expect_fail("last-good with a new pin", &format!("but {zeros} is pinned"));
 
     // A key added since: the cached bundle was never signed.
-    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
-    let sk = out.path().join("k.key");
-    std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
-    let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
+    let (sk, pk) = signing_key(out.path(), "k.key");
     write_config(root.path(), &format!("[bundle]\npublic_key = \"{pk}\"\n"));
     expect_fail("last-good with a new key", "signature");
     st.lock().unwrap().force = None;
@@ -198,27 +195,11 @@ fn cached_bundles_are_checked_against_the_current_pin_and_key() {
 #[test]
 fn last_good_fallback_is_not_refused_as_a_rollback() {
     let keys = tempfile::tempdir().unwrap();
-    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
-    let sk = keys.path().join("k.key");
-    std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
-    let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
+    let (sk, pk) = signing_key(keys.path(), "k.key");
     let build = |dir: &std::path::Path, t: &str| -> (Vec<u8>, Vec<u8>) {
         let out = tempfile::tempdir().unwrap();
         let f = out.path().join("b.tar.gz");
-        let r: Run = cmd(&[
-            "bundle",
-            "build",
-            dir.to_str().unwrap(),
-            "-o",
-            f.to_str().unwrap(),
-            "--sign",
-            sk.to_str().unwrap(),
-        ])
-        .env("SOURCE_DATE_EPOCH", t)
-        .output()
-        .unwrap()
-        .into();
-        assert_eq!(r.code, 0, "{}", r.all());
+        build_signed(dir, &f, &sk, t);
         (std::fs::read(&f).unwrap(), std::fs::read(format!("{}.minisig", f.display())).unwrap())
     };
     let (v1, s1) = build(&repo(), "1000");

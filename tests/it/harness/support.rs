@@ -172,3 +172,32 @@ pub fn shell_root() -> tempfile::TempDir {
     }
     d
 }
+
+/// A new minisign key pair in `dir` for signing bundles: (the secret key file, the public key
+/// line as `[bundle] public_key` takes it).
+pub fn signing_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let sk = dir.join(name);
+    std::fs::write(&sk, kp.sk.to_box(None).unwrap().to_string()).unwrap();
+    let pk = kp.pk.to_box().unwrap().to_string().lines().last().unwrap().to_string();
+    (sk, pk)
+}
+
+/// `bootstrap bundle build DIR -o OUT --sign SK` with `SOURCE_DATE_EPOCH=epoch` (the build time
+/// the signature binds); OUT.minisig is beside OUT.
+pub fn build_signed(dir: &Path, out: &Path, sk: &Path, epoch: &str) {
+    let r: Run = cmd(&[
+        "bundle",
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--sign",
+        sk.to_str().unwrap(),
+    ])
+    .env("SOURCE_DATE_EPOCH", epoch)
+    .output()
+    .unwrap()
+    .into();
+    assert_eq!(r.code, 0, "{}", r.all());
+}
