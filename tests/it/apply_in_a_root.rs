@@ -63,13 +63,7 @@ fn plan_shows_only_the_hand_edited_file_and_changes_nothing() {
     assert!(r.stdout.contains("--- /etc/haproxy/haproxy.cfg (on host)"), "{}", r.stdout);
 
     let json: serde_json::Value = serde_json::from_str(&run_role("plan", root.path(), &repo(), "haproxy", &["--json"]).stdout).unwrap();
-    let would: Vec<&str> = json["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "changed")
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    let would = changed_ids(&json);
     assert_eq!(would, ["file:/etc/haproxy/haproxy.cfg"]);
 
     let r = run_role("apply", root.path(), &repo(), "haproxy", &["--detailed-exitcodes"]);

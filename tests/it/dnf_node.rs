@@ -5,6 +5,7 @@
 //! bootstrap-other 1.0-1.
 
 use crate::harness::node::Node;
+use crate::harness::support::changed_ids;
 
 fn write_role(b: &std::path::Path, name: &str, steps: &str) {
     std::fs::create_dir_all(b.join(format!("roles/{name}"))).unwrap();
@@ -85,13 +86,7 @@ fn dnf_present_twice_plan_shows_a_drift_by_rpm_e_and_a_missing_package_fails() {
     let r = node.run_role("plan", "other", &["--json"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let drift: Vec<&str> = plan["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "changed")
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    let drift = changed_ids(&plan);
     assert_eq!(drift, ["package:bootstrap-other"], "{plan:#}");
     assert_eq!(rpm_q(&node, "bootstrap-other"), "", "plan changed the node");
     assert_eq!(node.run_role("plan", "other", &["--detailed-exitcodes"]).code, 2);

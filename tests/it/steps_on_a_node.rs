@@ -106,13 +106,7 @@ fn plan_on_a_drifted_node_lists_exactly_the_drift() {
     let r = node.run_role("plan", "edge", &["--json"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let drift: Vec<&str> = plan["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "changed")
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    let drift = changed_ids(&plan);
     assert_eq!(drift, ["unit:haproxy.service", "package:hello"]);
     assert_eq!(snapshot_node(&node), before, "plan changed the node");
     assert_eq!(node.sh("systemctl is-active haproxy").stdout.trim(), "inactive");

@@ -201,3 +201,14 @@ pub fn build_signed(dir: &Path, out: &Path, sk: &Path, epoch: &str) {
     .into();
     assert_eq!(r.code, 0, "{}", r.all());
 }
+
+/// The ids of the steps a report (or `plan --json`) lists as changed, in order.
+pub fn changed_ids(report: &serde_json::Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "changed")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
