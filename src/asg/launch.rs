@@ -21,6 +21,7 @@ pub const ABANDON: &str = "ABANDON";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LaunchOutcome {
     pub group: String,
+    pub instance_id: String,
     pub hook: String,
     /// CONTINUE or ABANDON.
     pub result: String,
@@ -148,6 +149,7 @@ fn complete_once(
     let sent = client.complete(hook, result);
     let outcome = LaunchOutcome {
         group: client.group.clone(),
+        instance_id: client.instance_id.clone(),
         hook: hook.to_string(),
         result: result.to_string(),
         reason,
@@ -189,6 +191,11 @@ impl Launch {
         let Some((group, id)) = super::membership(&settings, facts, group) else {
             return Ok(None);
         };
+        // Completed once already on this instance (an `init` run again by hand): nothing to hold.
+        if let Some(done) = super::read_record::<LaunchOutcome>(root, super::LAUNCH_STATE).filter(|o| o.instance_id == id && o.completed) {
+            tracing::info!("launch lifecycle action {} already completed with {} at {}", done.hook, done.result, done.at);
+            return Ok(None);
+        }
         let client = super::client(&settings, facts, &group, &id);
         let hook = client
             .hooks()
