@@ -232,7 +232,7 @@ fn two_failed_runs_mark_the_instance_unhealthy_but_not_while_it_holds_a_reboot_s
     let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(f.node.merged.join("var/lib/bootstrap/asg-health.json")).unwrap()).unwrap();
     assert_eq!(rec["not_marked"], "holds a reboot slot", "{rec}");
     assert_eq!(rec["consecutive_failures"], 3);
-    assert_eq!(etcd.holders("production-web"), [f.id.clone()]);
+    assert_eq!(etcd.holders("production-web"), std::slice::from_ref(&f.id));
 }
 
 /// Issue 19, show 3: `bootstrap-watch.service` on the node leaves an InService instance
@@ -273,7 +273,7 @@ fn watcher_drains_releases_the_slot_and_continues_the_termination() {
     }
     assert!(!f.node.merged.join("var/tmp/drained").exists());
     assert!(f.proxy.ok_calls("CompleteLifecycleAction").is_empty());
-    assert_eq!(etcd.holders("production-web"), [f.id.clone()]);
+    assert_eq!(etcd.holders("production-web"), std::slice::from_ref(&f.id));
 
     f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
     let start = Instant::now();
