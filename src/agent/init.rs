@@ -102,8 +102,9 @@ fn install_units(cx: &Context) -> Result<()> {
         let (enabled, active) = match name {
             "bootstrap.timer" => (Some(true), Some(true)),
             "bootstrap-firstboot.service" => (Some(true), None),
-            // Scale-in can come any time after the launch: the watcher runs from now on.
-            "bootstrap-watch.service" => (Some(true), Some(true)),
+            // Scale-in can come any time after the launch: in an Auto Scaling group the watcher
+            // runs from now on (elsewhere it would exit at once).
+            "bootstrap-watch.service" => (Some(true), crate::asg::watches(&cx.config, &cx.facts).then_some(true)),
             _ => (None, None),
         };
         let step = Step::Unit(UnitStep {

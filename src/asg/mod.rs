@@ -43,6 +43,13 @@ pub fn membership(s: &Settings, facts: &crate::facts::Facts, group: Option<Strin
     Some((group, facts.instance_id.clone()?))
 }
 
+/// Does `bootstrap watch` have anything to watch here: the instance is in an Auto Scaling
+/// group (its tag, or `[asg] group`) and `[asg] enabled` is not `false`. A scale-in drain needs
+/// no launch hook, so the watcher runs whatever `enabled` defaults to.
+pub fn watches(config: &crate::config::Config, facts: &crate::facts::Facts) -> bool {
+    config.asg.enabled != Some(false) && (config.asg.group.is_some() || facts.tags.contains_key(GROUP_TAG))
+}
+
 /// The API client for this instance.
 pub fn client(s: &Settings, facts: &crate::facts::Facts, group: &str, instance_id: &str) -> api::Client {
     api::Client::new(facts.region.as_deref(), s.endpoint.as_deref(), group, instance_id)

@@ -10,7 +10,7 @@ pub fn run(once: bool, root: Option<&Path>) -> Result<u8> {
     let cx = Context::gather(&root, &super::facts::naming(&super::NamingArgs::default()), false)?;
     let settings = crate::asg::Settings::new(&cx.config.asg)?;
     let group = cx.config.asg.group.as_deref().map(|g| cx.substitute(g)).transpose()?;
-    if cx.config.asg.enabled == Some(false) || (group.is_none() && !cx.facts.tags.contains_key(crate::asg::GROUP_TAG)) {
+    if !crate::asg::watches(&cx.config, &cx.facts) {
         tracing::info!("not in an Auto Scaling group (no aws:autoscaling:groupName tag, no [asg] group) or [asg] enabled = false: nothing to watch");
         return Ok(0);
     }

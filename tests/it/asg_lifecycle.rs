@@ -122,6 +122,8 @@ fn init_continues_the_launch_only_after_convergence_with_heartbeats_meanwhile() 
         "{prom}"
     );
     assert!(f.node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    // In a group, init leaves the scale-in watcher running.
+    assert_eq!(f.node.sh("systemctl is-active bootstrap-watch.service").stdout.trim(), "active");
 
     // Again: nothing changes, nothing is completed twice.
     let r = f.node.agent_env(&["init"], &AWS_ENV);
