@@ -25,6 +25,8 @@ const WARN_EVERY: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Drained {
     pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook_failure: Option<String>,
     pub released_reboot_slot: bool,
@@ -81,8 +83,18 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
 
 /// The instance is being terminated: hold the action, drain, release, complete.
 pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
+    // Drained once already (the watcher started again): nothing is done twice.
+    if let Some(done) =
+        super::read_record::<Drained>(w.root, super::TERMINATE_STATE).filter(|d| d.instance_id.is_some() && d.instance_id == w.facts.instance_id)
+    {
+        tracing::info!("this instance was drained at {}", done.at);
+        return Ok(done);
+    }
     tracing::warn!("this instance is being terminated by its Auto Scaling group: draining");
-    let mut out = Drained::default();
+    let mut out = Drained {
+        instance_id: w.facts.instance_id.clone(),
+        ..Default::default()
+    };
     let member = super::membership(w.settings, w.facts, w.group.clone());
     let mut beats = None;
     if let Some((group, id)) = &member {

@@ -309,9 +309,43 @@ fn watcher_drains_releases_the_slot_and_continues_the_termination() {
         (Some(true), Some(true)),
         "{rec}"
     );
+    // Started again (the instance still says Terminated): nothing is done twice.
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(stamp(&f.node, "/var/tmp/drained"), drained, "the drain hook ran again");
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
     println!(
         "watch: drained, slot released, CONTINUE {:.3} s after the drain hook ended, {} heartbeats",
         complete.at - drained,
         beats.len()
     );
+}
+
+/// `max_unhealthy` without etcd: the node counts the group's other instances already Unhealthy
+/// (DescribeAutoScalingGroups) and is not marked while that reaches the limit; once the other
+/// one is healthy again, its next failed run marks it.
+#[test]
+fn without_etcd_an_unhealthy_neighbour_holds_the_mark_back() {
+    let moto = Moto::start();
+    let ids = moto.create_asg_of(GROUP, &[], 2);
+    let (id, other) = (ids[0].clone(), ids[1].clone());
+    let proxy = moto.asg_proxy();
+    let imds = ImdsServer::start(ImdsServer::asg_instance("production-web", GROUP, &id));
+    let b = bundle(&[("roles/web/role.toml", FAILING_ROLE)]);
+    let node = Node::boot_host_net(b.path());
+    node.write_config(&format!(
+        "[imds]\nbase_url = \"{}\"\n[bundle]\nsource = \"/srv/bundle\"\n[asg]\nendpoint = \"{}\"\nunhealthy_after = 1\nmax_unhealthy = \"1\"\n",
+        imds.addr, proxy.url
+    ));
+    moto.autoscaling(&[("Action", "SetInstanceHealth"), ("InstanceId", &other), ("HealthStatus", "Unhealthy")]);
+    for _ in 0..2 {
+        assert_eq!(node.agent_env(&["apply"], &AWS_ENV).code, 1);
+    }
+    assert_eq!(moto.asg_health(&id), "Healthy");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(node.merged.join("var/lib/bootstrap/asg-health.json")).unwrap()).unwrap();
+    assert!(rec["not_marked"].as_str().unwrap().contains("1 other instances"), "{rec}");
+    moto.autoscaling(&[("Action", "SetInstanceHealth"), ("InstanceId", &other), ("HealthStatus", "Healthy")]);
+    assert_eq!(node.agent_env(&["apply"], &AWS_ENV).code, 1);
+    assert_eq!(moto.asg_health(&id), "Unhealthy");
+    assert_eq!(only(proxy.ok_calls("SetInstanceHealth")).params["InstanceId"], id);
 }

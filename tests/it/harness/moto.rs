@@ -338,6 +338,12 @@ impl Moto {
     /// A launch configuration, group `name` of one instance, and lifecycle hooks (name,
     /// transition, heartbeat timeout in seconds); returns the group's instance id.
     pub fn create_asg(&self, name: &str, hooks: &[(&str, &str, u32)]) -> String {
+        self.create_asg_of(name, hooks, 1).remove(0)
+    }
+
+    /// The same with `size` instances; returns their ids.
+    pub fn create_asg_of(&self, name: &str, hooks: &[(&str, &str, u32)], size: u32) -> Vec<String> {
+        let size = size.to_string();
         let lc = format!("{name}-lc");
         self.autoscaling(&[
             ("Action", "CreateLaunchConfiguration"),
@@ -349,9 +355,9 @@ impl Moto {
             ("Action", "CreateAutoScalingGroup"),
             ("AutoScalingGroupName", name),
             ("LaunchConfigurationName", &lc),
-            ("MinSize", "1"),
-            ("MaxSize", "2"),
-            ("DesiredCapacity", "1"),
+            ("MinSize", &size),
+            ("MaxSize", &size),
+            ("DesiredCapacity", &size),
             ("AvailabilityZones.member.1", "us-east-1a"),
         ]);
         for (hook, transition, timeout) in hooks {
@@ -365,7 +371,9 @@ impl Moto {
             ]);
         }
         let text = self.autoscaling(&[("Action", "DescribeAutoScalingGroups"), ("AutoScalingGroupNames.member.1", name)]);
-        xml_values(&text, "InstanceId").into_iter().next().expect("an instance in the group")
+        let ids = xml_values(&text, "InstanceId");
+        assert!(!ids.is_empty(), "no instance in the group: {text}");
+        ids
     }
 
     /// The instance's HealthStatus in its group (DescribeAutoScalingInstances).
