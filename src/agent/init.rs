@@ -31,6 +31,12 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
     };
     loop {
         let result = converge_once(cx, o, &mut *show);
+        if result.as_ref().is_ok_and(|r| r.reboot_now()) {
+            // Rebooting (a slot is held for it): the action stays pending; after the boot the
+            // firstboot unit runs init again, which holds it again and completes it.
+            tracing::warn!("rebooting before the launch lifecycle action is completed: init completes it after the boot");
+            return result;
+        }
         let failure = match &result {
             Ok(r) if !r.failed() => {
                 let failed = launch.failed_checks();

@@ -40,6 +40,20 @@ pub struct LaunchOutcome {
     pub error: Option<String>,
 }
 
+/// The launch action being held (asg-launch-pending.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub instance_id: String,
+    pub hook: String,
+    pub started_at: String,
+    /// The first-boot deadline, unix seconds.
+    pub deadline_unix: i64,
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 #[derive(Default)]
 struct Shared {
     heartbeats: u32,
@@ -61,10 +75,17 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
-    pub fn start(client: Client, hook: &str, interval: Duration, deadline: Option<Instant>, record: Option<(PathBuf, Option<String>)>) -> Heartbeats {
+    pub fn start(
+        client: Client,
+        hook: &str,
+        interval: Duration,
+        deadline: Option<Instant>,
+        record: Option<(PathBuf, Option<String>)>,
+        started_at: Option<String>,
+    ) -> Heartbeats {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (stop, stopped) = channel::<()>();
-        let started_at = crate::clock::now_rfc3339();
+        let started_at = started_at.unwrap_or_else(crate::clock::now_rfc3339);
         let thread = {
             let (client, hook, shared, started_at, record) = (client.clone(), hook.to_string(), shared.clone(), started_at.clone(), record.clone());
             std::thread::spawn(move || loop {
@@ -167,6 +188,10 @@ fn complete_once(
     if let Some((root, metrics)) = record {
         super::write_record(root, super::LAUNCH_STATE, &outcome);
         super::write_metrics(root, metrics.as_deref());
+        // Completed (or the API refused it for good): no later boot holds it again.
+        if let Err(e) = crate::state::StateDir::new(root).remove(super::LAUNCH_PENDING) {
+            tracing::warn!("removing /var/lib/bootstrap/{}: {e:#}", super::LAUNCH_PENDING);
+        }
     }
     s.outcome = Some(outcome.clone());
     outcome
@@ -212,16 +237,27 @@ impl Launch {
             }
         };
         let interval = super::settings::heartbeat_interval(settings.heartbeat_interval, hook.heartbeat_timeout);
-        let deadline = Instant::now() + settings.first_boot_deadline;
+        // Held before a reboot of this first boot: the same action, the same wall-clock deadline.
+        let pending = super::read_record::<Pending>(root, super::LAUNCH_PENDING)
+            .filter(|p| p.instance_id == id && p.hook == hook.name)
+            .unwrap_or_else(|| Pending {
+                instance_id: id.clone(),
+                hook: hook.name.clone(),
+                started_at: crate::clock::now_rfc3339(),
+                deadline_unix: now_unix().saturating_add(settings.first_boot_deadline.as_secs() as i64),
+            });
+        super::write_record(root, super::LAUNCH_PENDING, &pending);
+        let left = Duration::from_secs(pending.deadline_unix.saturating_sub(now_unix()).max(0) as u64);
+        let deadline = Instant::now() + left;
         tracing::info!(
             "holding launch lifecycle action {} of {group}: heartbeat every {}s, deadline in {}s",
             hook.name,
             interval.as_secs(),
-            settings.first_boot_deadline.as_secs()
+            left.as_secs()
         );
         let record = Some((root.to_path_buf(), config.metrics.textfile.clone()));
         Ok(Some(Launch {
-            beats: Heartbeats::start(client, &hook.name, interval, Some(deadline), record),
+            beats: Heartbeats::start(client, &hook.name, interval, Some(deadline), record, Some(pending.started_at)),
             host: super::host(root, facts),
             settings,
             deadline,

@@ -23,6 +23,9 @@ use std::path::Path;
 pub const GROUP_TAG: &str = "aws:autoscaling:groupName";
 /// How `init` completed the launch action (`LaunchOutcome`), under /var/lib/bootstrap.
 pub const LAUNCH_STATE: &str = "asg-launch.json";
+/// A launch action held and not completed yet (its hook and wall-clock deadline): a first boot
+/// that reboots picks it up again after the boot (the firstboot unit runs `init` while it exists).
+pub const LAUNCH_PENDING: &str = "asg-launch-pending.json";
 /// Consecutive failed runs and whether the instance was marked Unhealthy.
 pub const HEALTH_STATE: &str = "asg-health.json";
 /// What `watch` did when the instance was being terminated.

@@ -106,7 +106,7 @@ pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
             Ok(Some(h)) => {
                 let every = super::settings::heartbeat_interval(w.settings.heartbeat_interval, h.heartbeat_timeout);
                 out.lifecycle_hook = Some(h.name.clone());
-                beats = Some(super::launch::Heartbeats::start(client, &h.name, every, None, None));
+                beats = Some(super::launch::Heartbeats::start(client, &h.name, every, None, None, None));
             }
             Ok(None) => tracing::info!("Auto Scaling group {group} has no terminating lifecycle hook: draining without one"),
             Err(e) => tracing::error!("{e:#}"),

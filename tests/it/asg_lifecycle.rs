@@ -349,3 +349,46 @@ fn without_etcd_an_unhealthy_neighbour_holds_the_mark_back() {
     assert_eq!(moto.asg_health(&id), "Unhealthy");
     assert_eq!(only(proxy.ok_calls("SetInstanceHealth")).params["InstanceId"], id);
 }
+
+/// A first boot that reboots (a reboot needed and allowed, `immediate` here) leaves the launch
+/// action pending; after the boot the firstboot unit runs `init` again, which holds the same
+/// action (heartbeats on both sides of the reboot) and completes it with CONTINUE once the node
+/// converged in its new boot.
+#[test]
+fn a_first_boot_reboot_keeps_the_launch_pending_until_after_the_boot() {
+    let mut f = fleet("schema = 1\n", "[reboot]\nstrategy = \"immediate\"\n");
+    f.node.write_config(&format!(
+        "{}enabled = true\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    assert!(f.node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
+    // The firstboot unit that init installs runs with the instance role's credentials of this test.
+    let dropin = f.node.merged.join("etc/systemd/system/bootstrap-firstboot.service.d");
+    std::fs::create_dir_all(&dropin).unwrap();
+    let env: String = AWS_ENV.iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
+    std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
+    let _ = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(f.node.wait_exit(Duration::from_secs(60)), 133, "init rebooted");
+    let rebooted = now_unix();
+    assert!(f.proxy.ok_calls("CompleteLifecycleAction").is_empty(), "completed before the reboot");
+    assert!(f.node.merged.join("var/lib/bootstrap/asg-launch-pending.json").exists());
+    f.node.boot_again();
+    let start = Instant::now();
+    while f.proxy.ok_calls("CompleteLifecycleAction").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the launch was not completed after the boot: {}",
+            f.node.sh("journalctl -b -u bootstrap-firstboot.service -o cat --no-pager").stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
+    assert_eq!(complete.params["LifecycleActionResult"], "CONTINUE");
+    assert!(complete.at > rebooted);
+    let rep = f.node.report();
+    assert_eq!(rep["lifecycle"]["result"], "CONTINUE", "{rep}");
+    assert!(!f.node.merged.join("var/lib/bootstrap/asg-launch-pending.json").exists());
+    // The firstboot unit does not run again on the next boot.
+    let cond = f.node.sh("systemctl show -p ConditionResult --value bootstrap-firstboot.service").stdout;
+    assert_eq!(cond.trim(), "yes");
+}
