@@ -392,3 +392,26 @@ fn a_first_boot_reboot_keeps_the_launch_pending_until_after_the_boot() {
     let cond = f.node.sh("systemctl show -p ConditionResult --value bootstrap-firstboot.service").stdout;
     assert_eq!(cond.trim(), "yes");
 }
+
+/// A timer run that only waited for the run lock (another run, or the watcher's drain, held
+/// it) says nothing about the node's health: it is not counted towards `unhealthy_after`.
+#[test]
+fn runs_that_only_waited_for_the_run_lock_do_not_count() {
+    let f = fleet("schema = 1\n", "");
+    f.node.write_config(&format!(
+        "{}unhealthy_after = 1\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    let r = f
+        .node
+        .sh("mkdir -p /run/bootstrap && (setsid flock /run/bootstrap/lock sleep 120 >/dev/null 2>&1 &) && sleep 0.5 && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    for _ in 0..2 {
+        let r = f.node.agent_env(&["apply", "--lock-timeout", "1s"], &AWS_ENV);
+        assert_eq!(r.code, 1, "{}", r.all());
+        assert!(r.stderr.contains("another bootstrap run"), "{}", r.all());
+    }
+    assert_eq!(f.moto.asg_health(&f.id), "Healthy");
+    assert!(f.proxy.ok_calls("SetInstanceHealth").is_empty());
+    assert!(!f.node.merged.join("var/lib/bootstrap/asg-health.json").exists());
+}
