@@ -63,7 +63,8 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
     tracing::info!("watching {TARGET_STATE} every {}s", w.settings.watch_interval.as_secs());
     loop {
         match imds.meta(TARGET_STATE) {
-            Ok(Some(s)) if s == "Terminated" => return drain(w).map(Some),
+            // `Warmed:Terminated`: an instance of a warm pool being terminated.
+            Ok(Some(s)) if s == "Terminated" || s == "Warmed:Terminated" => return drain(w).map(Some),
             Ok(_) => {}
             Err(e) => {
                 if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
@@ -83,11 +84,22 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
 
 /// The instance is being terminated: hold the action, drain, release, complete.
 pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
-    // Drained once already (the watcher started again): nothing is done twice.
-    if let Some(done) =
-        super::read_record::<Drained>(w.root, super::TERMINATE_STATE).filter(|d| d.instance_id.is_some() && d.instance_id == w.facts.instance_id)
-    {
+    // Drained once already (the watcher started again): nothing is done twice, only a
+    // completion the API did not take is tried again.
+    let earlier = super::read_record::<Drained>(w.root, super::TERMINATE_STATE).filter(|d| d.instance_id.is_some() && d.instance_id == w.facts.instance_id);
+    if let Some(mut done) = earlier {
         tracing::info!("this instance was drained at {}", done.at);
+        let member = super::membership(w.settings, w.facts, w.group.clone());
+        if let (Some(hook), false, Some((group, id))) = (done.lifecycle_hook.clone(), done.completed, member) {
+            match super::client(w.settings, w.facts, &group, &id).complete(&hook, super::launch::CONTINUE) {
+                Ok(()) => {
+                    tracing::warn!("terminating lifecycle action of {hook} completed with CONTINUE");
+                    (done.completed, done.error) = (true, None);
+                }
+                Err(e) => done.error = Some(format!("{e:#}")),
+            }
+            super::write_record(w.root, super::TERMINATE_STATE, &done);
+        }
         return Ok(done);
     }
     tracing::warn!("this instance is being terminated by its Auto Scaling group: draining");

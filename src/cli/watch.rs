@@ -31,11 +31,10 @@ pub fn run(once: bool, root: Option<&Path>) -> Result<u8> {
     match crate::asg::watch::run(&w, once)? {
         Some(d) => {
             println!("{}", serde_json::to_string_pretty(&d)?);
-            Ok(if d.hook_failure.is_none() && (d.lifecycle_hook.is_none() || d.completed) {
-                0
-            } else {
-                1
-            })
+            // A completion the API did not take exits 1: systemd starts the watcher again, which
+            // retries only the completion. A failed drain hook is in the journal and the record;
+            // it is not run again (the termination goes on either way).
+            Ok(if d.lifecycle_hook.is_some() && !d.completed { 1 } else { 0 })
         }
         None => Ok(0),
     }

@@ -415,3 +415,27 @@ fn runs_that_only_waited_for_the_run_lock_do_not_count() {
     assert!(f.proxy.ok_calls("SetInstanceHealth").is_empty());
     assert!(!f.node.merged.join("var/lib/bootstrap/asg-health.json").exists());
 }
+
+/// A terminating action the API refused to complete: `watch` exits 1 (systemd starts it again)
+/// and the next start completes it without draining twice.
+#[test]
+fn watcher_retries_only_a_refused_completion() {
+    let f = fleet("schema = 1\n", "");
+    f.node.write_config(&format!(
+        "{}[[asg.terminate_hook]]\ncommand = [\"sh\", \"-c\", \"date +%s.%N >> /var/tmp/drains\"]\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
+    f.proxy.refuse_completions.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(f.proxy.ok_calls("CompleteLifecycleAction").is_empty());
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(only(f.proxy.ok_calls("CompleteLifecycleAction")).params["LifecycleActionResult"], "CONTINUE");
+    let drains = std::fs::read_to_string(f.node.merged.join("var/tmp/drains")).unwrap();
+    assert_eq!(drains.lines().count(), 1, "drained twice");
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
+}

@@ -278,6 +278,9 @@ pub struct AsgCall {
 pub struct AsgProxy {
     pub url: String,
     pub calls: std::sync::Arc<std::sync::Mutex<Vec<AsgCall>>>,
+    /// Fault: refuse this many CompleteLifecycleAction calls (a ValidationError, which the
+    /// SDKs do not retry).
+    pub refuse_completions: std::sync::Arc<std::sync::atomic::AtomicU32>,
     _http: super::http::HttpServer,
 }
 
@@ -409,6 +412,8 @@ impl Moto {
         let calls: std::sync::Arc<std::sync::Mutex<Vec<AsgCall>>> = Default::default();
         let (moto, rec) = (self.url.clone(), calls.clone());
         let completed: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>> = Default::default();
+        let refuse: std::sync::Arc<std::sync::atomic::AtomicU32> = Default::default();
+        let refusing = refuse.clone();
         let http = super::http::HttpServer::start(move |req| {
             let body = String::from_utf8_lossy(&req.body).into_owned();
             let params = form_decode(&body);
@@ -434,7 +439,12 @@ impl Moto {
                     let inst = ask(&[("Action", "DescribeAutoScalingInstances"), ("InstanceIds.member.1", &id)]);
                     let result = p("LifecycleActionResult");
                     let mut done = completed.lock().unwrap();
-                    let valid = xml_values(&hooks, "LifecycleHookName").contains(&hook)
+                    let refused = action == "CompleteLifecycleAction"
+                        && refusing
+                            .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                    let valid = !refused
+                        && xml_values(&hooks, "LifecycleHookName").contains(&hook)
                         && xml_values(&inst, "AutoScalingGroupName").contains(&group)
                         && !done.contains(&(id.clone(), hook.clone()))
                         && (action != "CompleteLifecycleAction" || result == "CONTINUE" || result == "ABANDON");
@@ -479,6 +489,7 @@ impl Moto {
         AsgProxy {
             url: http.url.clone(),
             calls,
+            refuse_completions: refuse,
             _http: http,
         }
     }
