@@ -181,6 +181,10 @@ fn kube_worker_role_end_to_end() {
     );
     assert!(node.sh("command -v containerd kubelet kubeadm || echo none").stdout.contains("none"));
 
+    // Drift a fresh node could have: bridged traffic bypassing iptables, a swap line in fstab.
+    let r = node.sh("sysctl -w net.bridge.bridge-nf-call-iptables=0 && echo '/swapfile none swap sw 0 0' >> /etc/fstab");
+    assert_eq!(r.code, 0, "{}", r.all());
+
     let plan = k.run("plan", &["--detailed-exitcodes"]);
     assert_eq!(plan.code, 2, "{}", plan.all());
 
@@ -191,6 +195,8 @@ fn kube_worker_role_end_to_end() {
         "kernel_module:overlay",
         "kernel_module:br_netfilter",
         "sysctl:net.ipv4.ip_forward",
+        "sysctl:net.bridge.bridge-nf-call-iptables",
+        "line:/etc/fstab:^\\s*[^#\\s]\\S*\\s+\\S+\\s+swap\\s",
         "unit:swap.target",
         "file:/etc/containerd/config.toml",
         "repository:kubernetes",
@@ -220,9 +226,20 @@ fn kube_worker_role_end_to_end() {
         let f = std::fs::read_to_string(node.merged.join(format!("etc/sysctl.d/90-bootstrap-{p}.conf"))).unwrap();
         assert!(f.ends_with(&format!("\n{p} = 1\n")), "{f}");
     }
-    // Swap: none now, and none at the next boot.
+    // Swap: none at the next boot (no fstab line, swap.target masked); none now, so
+    // `swapoff -a` had nothing to do (this host has no swap).
     assert_eq!(node.sh("systemctl is-enabled swap.target").stdout.trim(), "masked");
+    let fstab = std::fs::read_to_string(node.merged.join("etc/fstab")).unwrap();
+    assert!(!fstab.contains("swap"), "{fstab}");
     assert_eq!(node.sh("tail -n +2 /proc/swaps | wc -l").stdout.trim(), "0");
+    let swapoff = node.report()["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "exec:swapoff")
+        .cloned()
+        .unwrap();
+    assert_eq!(swapoff["status"], "in_sync", "{swapoff:#}");
 
     // The repository: deb822 with Signed-By, its key fetched once and checked; apt verified the
     // InRelease with it, and kubelet/kubeadm came from there.
@@ -263,6 +280,7 @@ fn kube_worker_role_end_to_end() {
         .find(|s| s.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]"))
         .unwrap_or_else(|| panic!("no runc options in\n{}", dump.stdout));
     assert!(runc.contains("SystemdCgroup = true"), "{runc}");
+    eprintln!("PLUGINS {}", node.sh("ctr plugins ls").all());
     let ctr = node.sh("ctr version");
     assert!(
         ctr.code == 0 && ctr.stdout.contains("Server:"),
