@@ -11,6 +11,8 @@ pub struct Moto {
     child: Child,
     pub url: String,
     pub log: PathBuf,
+    /// The CA that signed moto's certificate, when it serves HTTPS.
+    ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -23,16 +25,25 @@ pub fn moto_server() -> PathBuf {
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_with(None)
+    }
+
+    /// moto serving HTTPS on 127.0.0.1 with the server certificate of `tls` (signed by its CA).
+    pub fn start_tls(tls: &crate::harness::etcd::TlsFiles) -> Moto {
+        Moto::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&crate::harness::etcd::TlsFiles>) -> Moto {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
-        let child = Command::new(moto_server())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
+        let mut c = Command::new(moto_server());
+        c.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(t) = tls {
+            c.args(["--ssl-cert", &t.path("server.crt"), "--ssl-key", &t.path("server.key")]);
+        }
+        let child = c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let url = format!("{}://127.0.0.1:{port}", if tls.is_some() { "https" } else { "http" });
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -42,7 +53,13 @@ impl Moto {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Moto { child, url, log, _dir: dir }
+        Moto {
+            child,
+            url,
+            log,
+            ca: tls.map(|t| t.dir.join("ca.crt")),
+            _dir: dir,
+        }
     }
 
     /// Start moto inside the network namespace of process `pid` (a node's PID 1), on
@@ -67,6 +84,7 @@ impl Moto {
             child,
             url: format!("http://127.0.0.1:{port}"),
             log,
+            ca: None,
             _dir: dir,
         }
     }
@@ -102,7 +120,11 @@ impl Moto {
     }
 
     fn http(&self) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder().no_proxy().build().unwrap()
+        let mut b = reqwest::blocking::Client::builder().no_proxy();
+        if let Some(ca) = &self.ca {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap());
+        }
+        b.build().unwrap()
     }
 
     /// Raw S3 calls (moto wants some Authorization header).
