@@ -12,10 +12,11 @@ use crate::step::Step;
 use anyhow::{Context as _, Result};
 
 /// The agent's units, as shipped in units/ (ExecStart points at /usr/local/bin/bootstrap).
+/// The timer comes last: starting it does the one daemon-reload all three files owe.
 pub const UNITS: [(&str, &str); 3] = [
     ("bootstrap.service", include_str!("../../units/bootstrap.service")),
-    ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
     ("bootstrap-firstboot.service", include_str!("../../units/bootstrap-firstboot.service")),
+    ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
 ];
 
 /// Converge; once the steps succeeded and before reboot coordination may take a slot and
@@ -40,7 +41,7 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
 }
 
 /// Write the units (ExecStart at this binary), enable the timer and firstboot unit, start
-/// the timer. Unit steps do it, so it is idempotent and daemon-reloads only on change.
+/// the timer. Unit steps do it, so it is idempotent and daemon-reloads (once) only on change.
 fn install_units(cx: &Context) -> Result<()> {
     let exe = std::env::current_exe().context("finding the bootstrap binary")?;
     let exe = exe.to_string_lossy();
@@ -75,5 +76,5 @@ fn install_units(cx: &Context) -> Result<()> {
             tracing::info!("installed {name}");
         }
     }
-    Ok(())
+    host.systemd.settle().context("daemon-reload after installing the agent's units")
 }
