@@ -70,5 +70,11 @@ mod dnf_node;
 #[path = "it/repository_archive.rs"]
 mod repository_archive;
 
+#[path = "it/kube_worker.rs"]
+mod kube_worker;
+
+#[path = "it/asg_lifecycle.rs"]
+mod asg_lifecycle;
+
 #[path = "it/daemon_reload.rs"]
 mod daemon_reload;

@@ -7,6 +7,7 @@ pub mod init;
 pub mod lock;
 pub mod reboot;
 pub mod validate;
+pub mod watch;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -75,6 +76,16 @@ pub enum Command {
         group: Option<String>,
         #[command(flatten)]
         naming: NamingArgs,
+    },
+    /// Wait for this instance's Auto Scaling group to terminate it, then drain it, give back
+    /// its reboot slot and complete the terminating lifecycle action (bootstrap-watch.service).
+    Watch {
+        /// Look once: drain if the instance is being terminated, else exit.
+        #[arg(long)]
+        once: bool,
+        /// Treat DIR as the system's root.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
     },
     /// Print the facts templates and `when` see.
     Facts {
@@ -180,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             naming,
         } => reboot::run(check, request, wait, lock_timeout, &naming),
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
+        Command::Watch { once, root } => watch::run(once, root.as_deref()),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
         Command::Generate { what } => {
             use clap::CommandFactory;

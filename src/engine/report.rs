@@ -127,6 +127,9 @@ pub struct Report {
     pub reboot_pending: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reboot: Option<crate::reboot::Outcome>,
+    /// `init` under an Auto Scaling launch hook: how the lifecycle action was completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<crate::asg::LaunchOutcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

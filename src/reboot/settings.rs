@@ -109,6 +109,54 @@ fn duration(what: &str, s: &Option<String>, default: Duration) -> Result<Duratio
     }
 }
 
+/// Hook commands (`[[reboot.pre_hook]]`, `[[asg.terminate_hook]]`) checked; `what` names the
+/// table in errors.
+pub fn hooks(what: &str, cfg: &[crate::config::HookConfig]) -> Result<Vec<Hook>, ConfigError> {
+    let mut hooks = Vec::new();
+    for (i, h) in cfg.iter().enumerate() {
+        let what = format!("{what} #{}", i + 1);
+        if h.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(ConfigError::msg(format!("{what}: command must name a program")));
+        }
+        hooks.push(Hook {
+            argv: h.command.clone(),
+            timeout: duration(&what, &h.timeout, HOOK_TIMEOUT)?,
+        });
+    }
+    Ok(hooks)
+}
+
+/// Health checks (`[[reboot.health]]`, `[[asg.health]]`) checked; `what` names the table in
+/// errors.
+pub fn health_checks(what: &str, cfg: &[crate::config::HealthConfig]) -> Result<Vec<Health>, ConfigError> {
+    let mut health = Vec::new();
+    for (i, c) in cfg.iter().enumerate() {
+        let what = format!("{what} #{}", i + 1);
+        let check = match (&c.unit, &c.url, &c.command) {
+            (Some(u), None, None) => {
+                crate::step::unit::check_unit_name(u).map_err(|e| ConfigError::msg(format!("{what}: {e}")))?;
+                Check::Unit(u.clone())
+            }
+            (None, Some(url), None) => {
+                check_url(&format!("{what} url"), url)?;
+                Check::Url(url.clone())
+            }
+            (None, None, Some(argv)) => {
+                if argv.first().is_none_or(|c| c.is_empty()) {
+                    return Err(ConfigError::msg(format!("{what}: command must name a program")));
+                }
+                Check::Command(argv.clone())
+            }
+            _ => return Err(ConfigError::msg(format!("{what}: give exactly one of unit, url, command"))),
+        };
+        health.push(Health {
+            check,
+            timeout: duration(&what, &c.timeout, HEALTH_TIMEOUT)?,
+        });
+    }
+    Ok(health)
+}
+
 impl Settings {
     /// `group`: `[reboot] group` substituted, else ENV-SERVICE (None: neither). `holder`: the
     /// instance id, else the machine id, or why this node has no usable id. `live`: the run
@@ -158,42 +206,8 @@ impl Settings {
             (None, Some(w)) => (w.length.unsigned_abs() / 4).min(MAX_DEFAULT_SPLAY),
             (None, None) => Duration::ZERO,
         };
-        let mut hooks = Vec::new();
-        for (i, h) in cfg.pre_hook.iter().enumerate() {
-            let what = format!("[[reboot.pre_hook]] #{}", i + 1);
-            if h.command.first().is_none_or(|c| c.is_empty()) {
-                return Err(ConfigError::msg(format!("{what}: command must name a program")));
-            }
-            hooks.push(Hook {
-                argv: h.command.clone(),
-                timeout: duration(&what, &h.timeout, HOOK_TIMEOUT)?,
-            });
-        }
-        let mut health = Vec::new();
-        for (i, c) in cfg.health.iter().enumerate() {
-            let what = format!("[[reboot.health]] #{}", i + 1);
-            let check = match (&c.unit, &c.url, &c.command) {
-                (Some(u), None, None) => {
-                    crate::step::unit::check_unit_name(u).map_err(|e| ConfigError::msg(format!("{what}: {e}")))?;
-                    Check::Unit(u.clone())
-                }
-                (None, Some(url), None) => {
-                    check_url(&format!("{what} url"), url)?;
-                    Check::Url(url.clone())
-                }
-                (None, None, Some(argv)) => {
-                    if argv.first().is_none_or(|c| c.is_empty()) {
-                        return Err(ConfigError::msg(format!("{what}: command must name a program")));
-                    }
-                    Check::Command(argv.clone())
-                }
-                _ => return Err(ConfigError::msg(format!("{what}: give exactly one of unit, url, command"))),
-            };
-            health.push(Health {
-                check,
-                timeout: duration(&what, &c.timeout, HEALTH_TIMEOUT)?,
-            });
-        }
+        let hooks = hooks("[[reboot.pre_hook]]", &cfg.pre_hook)?;
+        let health = health_checks("[[reboot.health]]", &cfg.health)?;
         let holder = match holder {
             Ok(h) => h,
             Err(e) if coordinated && live => return Err(e),
