@@ -75,3 +75,6 @@ mod kube_worker;
 
 #[path = "it/asg_lifecycle.rs"]
 mod asg_lifecycle;
+
+#[path = "it/daemon_reload.rs"]
+mod daemon_reload;

@@ -17,6 +17,8 @@ pub struct RunOptions {
     pub lock_timeout: Duration,
     /// When the command started (a run that fails before its report records its duration).
     pub started: Instant,
+    /// The command the report names: `apply`, `plan` or `init`.
+    pub command: &'static str,
 }
 
 /// What a caller adds to a run.
@@ -113,6 +115,7 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
             source: source.to_string(),
         },
     );
+    report.command = o.command.into();
     report.bundle = Some(engine::report::BundleInfo {
         sha256: fetched.sha256.clone(),
         origin: fetched.origin.to_string(),

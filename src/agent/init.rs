@@ -12,11 +12,13 @@ use crate::step::Step;
 use anyhow::{Context as _, Result};
 
 /// The agent's units, as shipped in units/ (ExecStart points at /usr/local/bin/bootstrap).
+/// The timer comes last: starting it does the one daemon-reload all the files before it owe
+/// (two in an Auto Scaling group, where the watcher is started too).
 pub const UNITS: [(&str, &str); 4] = [
     ("bootstrap.service", include_str!("../../units/bootstrap.service")),
-    ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
     ("bootstrap-firstboot.service", include_str!("../../units/bootstrap-firstboot.service")),
     ("bootstrap-watch.service", include_str!("../../units/bootstrap-watch.service")),
+    ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
 ];
 
 /// Under an Auto Scaling launch hook (`[asg]`, docs/asg.md): hold the launch lifecycle action
@@ -93,7 +95,7 @@ fn converge_once(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> 
 }
 
 /// Write the units (ExecStart at this binary), enable the timer and firstboot unit, start
-/// the timer. Unit steps do it, so it is idempotent and daemon-reloads only on change.
+/// the timer. Unit steps do it, so it is idempotent and daemon-reloads (once) only on change.
 fn install_units(cx: &Context) -> Result<()> {
     let exe = std::env::current_exe().context("finding the bootstrap binary")?;
     let exe = exe.to_string_lossy();
@@ -131,5 +133,5 @@ fn install_units(cx: &Context) -> Result<()> {
             tracing::info!("installed {name}");
         }
     }
-    Ok(())
+    host.systemd.settle().context("daemon-reload after installing the agent's units")
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
-    let opts = options(a);
+    let opts = options(a, if mode == Mode::Plan { "plan" } else { "apply" });
     let cx = Context::gather(&root, &super::facts::naming(&a.naming), false)?;
     // `[asg]` checked before any step runs (exit 78).
     let asg = crate::asg::Settings::new(&cx.config.asg)?;
@@ -46,12 +46,13 @@ fn after_apply(cx: &Context, asg: &crate::asg::Settings, result: &anyhow::Result
     Ok(())
 }
 
-/// The run options the flags give (the clock starts here).
-pub fn options(a: &RunArgs) -> agent::RunOptions {
+/// The run options the flags give (the clock starts here); `command` is what the report names.
+pub fn options(a: &RunArgs, command: &'static str) -> agent::RunOptions {
     agent::RunOptions {
         source: a.source.clone(),
         lock_timeout: a.lock_timeout,
         started: std::time::Instant::now(),
+        command,
     }
 }
 

@@ -96,7 +96,16 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
             }
             Ok(())
         };
-        let result = step.run(host, if apply { Some(&mut before) } else { None });
+        // A daemon-reload owed by earlier unit steps is done before a step that may use
+        // systemd's view of the units (see `crate::systemd`).
+        let settled = if apply && step.settles_reload_first() {
+            host.systemd
+                .settle()
+                .map_err(|e| e.context("the daemon-reload owed for unit files changed by earlier steps"))
+        } else {
+            Ok(())
+        };
+        let result = settled.and_then(|()| step.run(host, if apply { Some(&mut before) } else { None }));
         match result {
             Ok(changes) if changes.is_empty() => {
                 sr.status = StepStatus::InSync;
@@ -146,6 +155,16 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
             }
         } else {
             run_handlers(&mut pending, host, &mut report);
+        }
+    }
+    // A reload still owed (no job came after the last unit step that changed files): now, even
+    // after a failed step, so systemd does not keep the old unit files loaded.
+    if apply {
+        if let Err(e) = host.systemd.settle() {
+            let msg = format!("daemon-reload for the changed unit files failed: {e:#}");
+            tracing::error!("{msg}");
+            report.error.get_or_insert(msg);
+            failed = true;
         }
     }
     if failed || report.notify.iter().any(|n| n.status == NotifyStatus::Failed) {

@@ -103,7 +103,7 @@ pub struct Summary {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub version: u32,
-    /// apply | plan
+    /// apply | plan | init
     pub command: String,
     pub started_at: String,
     /// The kernel boot id the run ran in: a report from before a reboot is no word on this boot.

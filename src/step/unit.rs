@@ -1,6 +1,9 @@
 //! `unit`: a systemd unit's file and drop-ins, and its enabled / active / masked state, over
-//! D-Bus. daemon-reload runs only when a unit file or drop-in changed. Under `--root` only the
-//! files are managed (there is no service manager to ask).
+//! D-Bus. A changed unit file, drop-in, enablement or mask owes a daemon-reload, done once for
+//! all of them before the next start/stop/restart job, before a step that may use systemd's
+//! view of the units ([`super::Step::settles_reload_first`]) or at the end of the run (see
+//! `crate::systemd`). Under `--root` only the files are managed (there is no service manager
+//! to ask).
 
 use super::content_diff;
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
@@ -222,8 +225,9 @@ impl Kind for UnitStep {
             return Ok(());
         }
         let sd = &host.systemd;
-        // Unit files, enable and mask all change things on disk: one daemon-reload after all of
-        // them (each reload costs about 100 ms), before any start or stop.
+        // Unit files, enable and mask all change things on disk: they owe one daemon-reload,
+        // done once for this and the other unit steps' changes before the next job (each reload
+        // costs about 100 ms), so a start or stop below sees the files as written.
         let mut reload = files_changed;
         if let (Some(m), true) = (self.masked, has("masked")) {
             reload = true;
@@ -247,7 +251,7 @@ impl Kind for UnitStep {
             reload = true;
         }
         if reload {
-            sd.daemon_reload()?;
+            sd.owe_reload()?;
         }
         match (self.active, has("active")) {
             (Some(true), true) => sd.start(&self.name)?,
@@ -255,6 +259,33 @@ impl Kind for UnitStep {
             _ => {}
         }
         Ok(())
+    }
+}
+
+impl super::Step {
+    /// The step may use systemd's view of the units (it runs commands, installs packages whose
+    /// scripts start services, talks to a daemon, or starts units itself): a daemon-reload
+    /// owed for unit files written by earlier steps is done before it runs. Steps that only
+    /// write files or use tools that do not ask systemd run without it. A new kind settles
+    /// first unless it is listed here.
+    pub fn settles_reload_first(&self) -> bool {
+        use super::Step as S;
+        !matches!(
+            self,
+            S::File(_)
+                | S::Directory(_)
+                | S::Link(_)
+                | S::User(_)
+                | S::Group(_)
+                | S::Unit(_)
+                | S::Line(_)
+                | S::AuthorizedKeys(_)
+                | S::Sysctl(_)
+                | S::KernelModule(_)
+                | S::Filesystem(_)
+                | S::Repository(_)
+                | S::Archive(_)
+        )
     }
 }
 

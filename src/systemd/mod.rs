@@ -1,8 +1,15 @@
 //! The systemd seam: what steps and notify handlers ask of the service manager, spoken over
 //! D-Bus (org.freedesktop.systemd1) with zbus.
+//!
+//! daemon-reload is batched: a step that changed unit files, their enablement or a mask only
+//! owes one ([`Systemd::owe_reload`]); the reload is done once, right before the next job
+//! (start, stop, restart, reload) or reboot, or when the engine settles it (before a step that
+//! may use systemd's view of the units, such as `exec` or `package`, and at the end of the run).
+//! Five changed unit files cost one reload, not five (each costs about 100 ms).
 
 use crate::runner::{self, Cmd};
 use anyhow::{bail, Context, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use zbus::blocking::connection::Builder as ConnBuilder;
@@ -48,8 +55,20 @@ impl UnitState {
 }
 
 pub trait Systemd {
+    /// Unit file state (read from disk by systemd) and active state: neither needs a reload
+    /// owed for files written since.
     fn unit_state(&self, unit: &str) -> Result<UnitState>;
+    /// daemon-reload now (it also pays a reload owed).
     fn daemon_reload(&self) -> Result<()>;
+    /// Unit files, enablement or a mask changed on disk: a daemon-reload is owed, done once
+    /// before the next job or reboot, or by [`Systemd::settle`]. (Without batching: now.)
+    fn owe_reload(&self) -> Result<()> {
+        self.daemon_reload()
+    }
+    /// Do the owed daemon-reload now, if one is owed.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
     /// Enable or disable on disk (symlinks); the caller reloads once afterwards.
     fn enable(&self, unit: &str, enable: bool) -> Result<()>;
     /// Mask or unmask on disk; the caller reloads once afterwards.
@@ -108,6 +127,8 @@ pub struct Dbus {
     timeouts: Timeouts,
     conn: OnceLock<Connection>,
     reload_conn: OnceLock<Connection>,
+    /// A daemon-reload is owed (see the module doc).
+    owed: AtomicBool,
 }
 
 impl Default for Dbus {
@@ -126,7 +147,13 @@ impl Dbus {
             timeouts,
             conn: OnceLock::new(),
             reload_conn: OnceLock::new(),
+            owed: AtomicBool::new(false),
         }
+    }
+
+    /// True while a daemon-reload is owed.
+    pub fn reload_owed(&self) -> bool {
+        self.owed.load(Ordering::SeqCst)
     }
 
     fn conn(&self) -> Result<&Connection> {
@@ -180,8 +207,10 @@ impl Dbus {
         Ok(self.proxy(path.as_str(), "org.freedesktop.systemd1.Unit")?.get_property::<String>(prop)?)
     }
 
-    /// Queue a job (StartUnit, StopUnit, ...) and wait until the unit has none pending.
+    /// Queue a job (StartUnit, StopUnit, ...) and wait until the unit has none pending. A
+    /// reload owed is done first: the job must see the unit files as they are now.
     fn job(&self, method: &str, unit: &str, want_active: bool) -> Result<()> {
+        self.settle().with_context(|| format!("before {method} {unit}"))?;
         let _job: OwnedObjectPath = self.manager()?.call(method, &(unit, "replace")).with_context(|| format!("{method} {unit}"))?;
         let path = self.unit_path(unit)?;
         let unit_proxy = self.proxy(path.as_str(), "org.freedesktop.systemd1.Unit")?;
@@ -255,10 +284,25 @@ impl Systemd for Dbus {
     }
 
     fn daemon_reload(&self) -> Result<()> {
+        // Cleared first: a reload that fails is not tried again by the next job (the run fails).
+        self.owed.store(false, Ordering::SeqCst);
+        tracing::debug!("daemon-reload");
         let conn = self.lazy(&self.reload_conn, self.timeouts.reload)?;
         self.proxy_on(conn, "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")?
             .call::<_, _, ()>("Reload", &())
             .context("daemon-reload")
+    }
+
+    fn owe_reload(&self) -> Result<()> {
+        self.owed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn settle(&self) -> Result<()> {
+        if self.reload_owed() {
+            self.daemon_reload()?;
+        }
+        Ok(())
     }
 
     fn enable(&self, unit: &str, enable: bool) -> Result<()> {
@@ -300,6 +344,7 @@ impl Systemd for Dbus {
     }
 
     fn reboot(&self) -> Result<()> {
+        self.settle().context("before rebooting")?;
         let login: Proxy<'_> = Builder::new(self.conn()?)
             .destination("org.freedesktop.login1")?
             .path("/org/freedesktop/login1")?
@@ -324,6 +369,18 @@ impl Systemd for Dbus {
             .with_context(|| format!("systemd-hostnamed SetStaticHostname {name:?}"))?;
         h.call::<_, _, ()>("SetHostname", &(name, false))
             .with_context(|| format!("systemd-hostnamed SetHostname {name:?}"))
+    }
+}
+
+/// A reload still owed when the connection goes (a run that ended on an error before the
+/// engine settled it) is done here, best effort: systemd must not keep stale unit files loaded.
+impl Drop for Dbus {
+    fn drop(&mut self) {
+        if self.reload_owed() {
+            if let Err(e) = self.daemon_reload() {
+                tracing::warn!("the daemon-reload owed for changed unit files: {e:#}");
+            }
+        }
     }
 }
 

@@ -231,3 +231,25 @@ fn init_that_cannot_install_its_units_takes_no_slot_and_runs_no_hook() {
     assert!(!node.merged.join("var/lib/bootstrap/firstboot.done").exists());
     assert!(node.still_up(&boot), "the node rebooted");
 }
+
+/// Issue 18: the report of an `init` run says `init` (it said `apply`), in last-run.json and
+/// on stdout; an `apply` after it says `apply`.
+#[test]
+fn init_report_says_init() {
+    let b = bundle(&[(
+        "roles/web/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"x\\n\"\n",
+    )]);
+    let node = Node::boot(b.path());
+    node.write_config("[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n");
+    let r = node.agent(&["init", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(shown["command"], "init", "{}", r.stdout);
+    let rep = node.report();
+    assert_eq!(rep["command"], "init", "{rep}");
+    assert_eq!(rep["summary"]["changed"], 1, "{rep}");
+    let r = node.agent(&["apply", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.report()["command"], "apply");
+}
