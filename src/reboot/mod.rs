@@ -51,7 +51,7 @@ impl Backend {
             Backend::Etcd(l, slots) => Ok(match l.wait_acquire(holder, *slots, deadline)? {
                 etcd::Waited::Acquired => Some(etcd::Acquire::Acquired),
                 etcd::Waited::AlreadyHeld => Some(etcd::Acquire::AlreadyHeld),
-                etcd::Waited::Deadline => None,
+                etcd::Waited::Deadline | etcd::Waited::Closed => None,
             }),
             Backend::Fleet(f) => poll_until(|| f.acquire(holder), deadline, std::time::Duration::from_secs(2)),
         }
@@ -219,8 +219,14 @@ fn run_hooks(s: &Settings) -> Option<String> {
 
 /// Every health check; the failures, described.
 fn failed_health(host: &Host, s: &Settings) -> Vec<String> {
+    health_failures(host, &s.health)
+}
+
+/// Run `checks` once each; the failures, described (`unit haproxy.service is failed`,
+/// `GET http://…: HTTP 503`). Also the rollout's health checks.
+pub fn health_failures(host: &Host, checks: &[settings::Health]) -> Vec<String> {
     let mut failed = Vec::new();
-    for c in &s.health {
+    for c in checks {
         match &c.check {
             Check::Unit(u) => match host.systemd.unit_state(u) {
                 Ok(st) if st.active_state == "active" => {}

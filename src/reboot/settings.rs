@@ -87,6 +87,36 @@ pub fn etcd_tls(e: &EtcdConfig) -> Result<Tls, ConfigError> {
     })
 }
 
+/// `[[SECTION.health]]` checked into typed checks (`[[reboot.health]]`, `[[rollout.health]]`).
+pub fn health_checks(section: &str, cfg: &[crate::config::HealthConfig]) -> Result<Vec<Health>, ConfigError> {
+    let mut health = Vec::new();
+    for (i, c) in cfg.iter().enumerate() {
+        let what = format!("[[{section}.health]] #{}", i + 1);
+        let check = match (&c.unit, &c.url, &c.command) {
+            (Some(u), None, None) => {
+                crate::step::unit::check_unit_name(u).map_err(|e| ConfigError::msg(format!("{what}: {e}")))?;
+                Check::Unit(u.clone())
+            }
+            (None, Some(url), None) => {
+                check_url(&format!("{what} url"), url)?;
+                Check::Url(url.clone())
+            }
+            (None, None, Some(argv)) => {
+                if argv.first().is_none_or(|c| c.is_empty()) {
+                    return Err(ConfigError::msg(format!("{what}: command must name a program")));
+                }
+                Check::Command(argv.clone())
+            }
+            _ => return Err(ConfigError::msg(format!("{what}: give exactly one of unit, url, command"))),
+        };
+        health.push(Health {
+            check,
+            timeout: duration(&what, &c.timeout, HEALTH_TIMEOUT)?,
+        });
+    }
+    Ok(health)
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub strategy: RebootStrategy,
@@ -169,31 +199,7 @@ impl Settings {
                 timeout: duration(&what, &h.timeout, HOOK_TIMEOUT)?,
             });
         }
-        let mut health = Vec::new();
-        for (i, c) in cfg.health.iter().enumerate() {
-            let what = format!("[[reboot.health]] #{}", i + 1);
-            let check = match (&c.unit, &c.url, &c.command) {
-                (Some(u), None, None) => {
-                    crate::step::unit::check_unit_name(u).map_err(|e| ConfigError::msg(format!("{what}: {e}")))?;
-                    Check::Unit(u.clone())
-                }
-                (None, Some(url), None) => {
-                    check_url(&format!("{what} url"), url)?;
-                    Check::Url(url.clone())
-                }
-                (None, None, Some(argv)) => {
-                    if argv.first().is_none_or(|c| c.is_empty()) {
-                        return Err(ConfigError::msg(format!("{what}: command must name a program")));
-                    }
-                    Check::Command(argv.clone())
-                }
-                _ => return Err(ConfigError::msg(format!("{what}: give exactly one of unit, url, command"))),
-            };
-            health.push(Health {
-                check,
-                timeout: duration(&what, &c.timeout, HEALTH_TIMEOUT)?,
-            });
-        }
+        let health = health_checks("reboot", &cfg.health)?;
         let holder = match holder {
             Ok(h) => h,
             Err(e) if coordinated && live => return Err(e),

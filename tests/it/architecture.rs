@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["source"],
     &["reboot"],
     &["engine"],
+    &["rollout"],
     &["metrics"],
     &["agent"],
     &["cli"],
