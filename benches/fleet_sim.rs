@@ -98,7 +98,7 @@ fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shar
                     .map_err(|e| format!("{id}: {e}"))?;
                 inputs.lock = Some(match w {
                     Waited::Acquired | Waited::AlreadyHeld => LockAnswer::Got,
-                    Waited::Deadline => LockAnswer::Full,
+                    Waited::Deadline | Waited::Closed => LockAnswer::Full,
                 });
             }
             Decision::Reboot => break,

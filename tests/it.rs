@@ -69,3 +69,6 @@ mod dnf_node;
 
 #[path = "it/repository_archive.rs"]
 mod repository_archive;
+
+#[path = "it/rollouts.rs"]
+mod rollouts;

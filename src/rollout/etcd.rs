@@ -131,10 +131,10 @@ impl Rollouts {
         }
         let r = self.lock.gateway("/v3/kv/txn", json!({ "success": ops }))?;
         let resp = |i: usize| r["responses"][i]["response_range"].clone();
-        let halted_by = match kvs(&resp(0)).into_iter().next() {
-            Some((_, v)) => Some(serde_json::from_slice::<Halt>(&v).map(|h| h.node).unwrap_or_else(|_| "?".into())),
-            None => None,
-        };
+        let halted_by = kvs(&resp(0))
+            .into_iter()
+            .next()
+            .map(|(_, v)| serde_json::from_slice::<Halt>(&v).map(|h| h.node).unwrap_or_else(|_| "?".into()));
         let held = match kvs(&resp(2)).into_iter().next() {
             Some((k, v)) => crate::reboot::lock::decode(&v)
                 .map_err(|e| LockError::Malformed { key: k, why: e.to_string() })?
