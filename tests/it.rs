@@ -72,3 +72,6 @@ mod repository_archive;
 
 #[path = "it/rollouts.rs"]
 mod rollouts;
+
+#[path = "it/fleet_view.rs"]
+mod fleet_view;

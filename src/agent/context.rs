@@ -129,7 +129,19 @@ impl Context {
     /// `[rollout]` and `[report]` validated, with the group and this node's holder id; every
     /// mistake is a `ConfigError` (exit 78), found before any step runs.
     pub fn rollout_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
-        crate::rollout::Settings::new(&self.config, self.rollout_group()?, self.holder_id(), self.root == std::path::Path::new("/"))
+        crate::rollout::Settings::new(
+            &self.config,
+            self.rollout_group()?,
+            self.holder_id(),
+            self.root == std::path::Path::new("/"),
+            true,
+        )
+    }
+
+    /// `[rollout]` for the operator commands (`rollout`, `fleet`): no group or holder id needed.
+    pub fn rollout_tool_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
+        let group = self.rollout_group().ok().flatten();
+        crate::rollout::Settings::new(&self.config, group, self.holder_id(), self.root == std::path::Path::new("/"), false)
     }
 
     /// A config string with `${env}`, `${service}`, `${region}`, `${instance_id}` filled in.

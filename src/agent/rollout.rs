@@ -100,8 +100,9 @@ pub(super) fn gated(
         Gate::Held => under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
         Gate::Queue(fb) => {
             let a = fallback(cx, o, b, fb, hooks)?;
-            if a.report.failed() {
-                note["state"] = "fallback_failed".into();
+            if a.report.failed() || a.report.reboot_now() {
+                // A failed fallback is no base for a new bundle; a reboot comes first.
+                note["state"] = if a.report.failed() { "fallback_failed" } else { "reboot_first" }.into();
                 a
             } else {
                 drop(a._lock);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 pub fn run(cmd: &FleetCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::Result<u8> {
     let cx = Context::gather(Path::new("/"), &super::facts::naming(naming), false)?;
-    let s = cx.rollout_settings()?;
+    let s = cx.rollout_tool_settings()?;
     let svc = s
         .etcd
         .as_ref()

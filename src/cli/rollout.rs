@@ -8,7 +8,7 @@ use crate::rollout::etcd::Rollouts;
 use std::path::Path;
 
 fn rollouts(cx: &Context, group: Option<&str>) -> anyhow::Result<(Rollouts, String, crate::rollout::Settings)> {
-    let s = cx.rollout_settings()?;
+    let s = cx.rollout_tool_settings()?;
     let group = match group {
         Some(g) => g.to_string(),
         None => s

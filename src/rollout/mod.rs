@@ -48,8 +48,15 @@ pub struct Settings {
 impl Settings {
     /// `group`: `[rollout] group` substituted, else ENV-SERVICE. `live`: only the running
     /// system is gated (an image build under --root is not), so only then do etcd, the group
-    /// and the holder id matter.
-    pub fn new(cfg: &crate::config::Config, group: Option<String>, holder: Result<String, ConfigError>, live: bool) -> Result<Settings, ConfigError> {
+    /// and the holder id matter. `run`: for a run (the operator commands name their group with
+    /// `--group` and need no holder id).
+    pub fn new(
+        cfg: &crate::config::Config,
+        group: Option<String>,
+        holder: Result<String, ConfigError>,
+        live: bool,
+        run: bool,
+    ) -> Result<Settings, ConfigError> {
         let r = &cfg.rollout;
         let strategy = r.strategy.unwrap_or_default();
         let dur = |what: &str, v: &Option<String>, d: Duration| -> Result<Duration, ConfigError> {
@@ -92,10 +99,10 @@ impl Settings {
         }
         let holder = match holder {
             Ok(h) => h,
-            Err(e) if gated => return Err(e),
+            Err(e) if gated && run => return Err(e),
             Err(_) => String::new(),
         };
-        if gated && group.is_none() {
+        if gated && run && group.is_none() {
             return Err(ConfigError::msg("no rollout group: set [rollout] group or name the node (ENV-SERVICE)"));
         }
         Ok(Settings {
@@ -367,7 +374,7 @@ mod tests {
 
     fn parse(text: &str, live: bool) -> Result<Settings, ConfigError> {
         let c = crate::config::Config::parse(std::path::Path::new("config.toml"), text).unwrap();
-        Settings::new(&c, Some("production-web".into()), Ok("i-1".into()), live)
+        Settings::new(&c, Some("production-web".into()), Ok("i-1".into()), live, true)
     }
 
     #[test]
