@@ -38,7 +38,7 @@ fn fleet_status_lists_nodes_per_bundle_and_the_ones_not_reporting() {
     assert_eq!(r.code, 0, "{}", r.all());
     eprintln!("fleet status:\n{}", r.stdout);
     let short = &v1[..12];
-    let mut ok = vec![ids[0].clone(), ids[2].clone()];
+    let mut ok = [ids[0].clone(), ids[2].clone()];
     ok.sort();
     assert!(r.stdout.contains("group production-web: 3 reporting, 0 not reporting"), "{}", r.stdout);
     assert!(r.stdout.contains(&format!("  {short:<14} ok           2  {}", ok.join(" "))), "{}", r.stdout);
