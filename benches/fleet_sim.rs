@@ -11,6 +11,9 @@
 //!
 //! Run: `benches/fleet-sim` (the issue's six scenarios, then 1000/50 with arrivals over 5 s)
 //! or `benches/fleet-sim NODES SLOTS [faults] [--arrivals SECONDS]`.
+//!
+//! `benches/fleet-sim rollout [NODES BATCH good|bad|leader]`: rollouts of a new bundle (see
+//! the `rollout` module below).
 
 #[path = "../tests/it/harness/etcd.rs"]
 #[allow(unused_imports)]
@@ -382,6 +385,9 @@ fn main() {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "rollout") {
+        return rollout::main(&args[1..]);
+    }
     let arrivals = match args.iter().position(|a| a == "--arrivals") {
         Some(i) => {
             let s = args.get(i + 1).and_then(|v| v.parse().ok()).expect("--arrivals SECONDS");
@@ -442,5 +448,288 @@ fn main() {
             r.conflicts,
             r.errors,
         );
+    }
+}
+
+/// Rollouts of a new bundle (issue 17): N simulated nodes, each a thread running the agent's
+/// real rollout code (`rollout::decide`, `Rollouts::view`, `wait_slot`, `applying`, `healthy`,
+/// `halt`, the node record's `fleet::publish`) in the order `agent::rollout::gated` runs it,
+/// against a real three-member etcd on loopback. Every node has last-good bundle "old" and has
+/// fetched the new one; "apply and health checks" is a 1 s sleep. Scenarios: a good bundle
+/// (canary 1, then batches), a bad bundle (every node that applies it fails its health check),
+/// and a bundle that fails on the first node to get a slot after the etcd leader is killed
+/// mid-rollout. Prints, per scenario: nodes that applied the bundle, nodes that applied it
+/// after it was halted (their last check of the halt started after the halt was recorded: must
+/// be 0), makespan against the ideal (1 + ceil((N - 1) / batch)) × 1 s, and etcd requests per
+/// node (everything: gate read, queue, records, release, node record; keepalives apart).
+mod rollout {
+    use super::etcd_harness;
+    use bootstrap::config::OnFailure;
+    use bootstrap::reboot::etcd::{EtcdLock, LockError, Waited};
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    use bootstrap::rollout::{decide, fleet, Gate, Inputs, Why};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    const APPLY: Duration = Duration::from_secs(1);
+    const CANARY: u64 = 1;
+    const SHA: &str = "5151515151515151515151515151515151515151515151515151515151515151";
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Kind {
+        Good,
+        Bad,
+        /// Fails on the first node to get a slot after the etcd leader was killed.
+        LeaderKilled,
+    }
+
+    struct Shared {
+        start: Instant,
+        /// (node, when its last halt check started, s).
+        applied: Mutex<Vec<(usize, f64)>>,
+        /// When the halt was recorded (s); NaN: not halted.
+        halted_at: Mutex<f64>,
+        killed_at: Mutex<Option<f64>>,
+        fail_taken: AtomicBool,
+        left_halted: AtomicU64,
+        retries: AtomicU64,
+    }
+
+    /// Retry transient etcd errors (a node's next run would, later), up to a minute.
+    fn retry<T>(sh: &Shared, mut f: impl FnMut() -> Result<T, LockError>) -> Result<T, String> {
+        let t0 = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && t0.elapsed() < Duration::from_secs(60) => {
+                    sh.retries.fetch_add(1, SeqCst);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn node(i: usize, r: Rollouts, kind: Kind, batch: u64, sh: &Shared) -> Result<(), String> {
+        let id = format!("i-{i:017x}");
+        let me = id.as_str();
+        let record = fleet::Record {
+            name: "sim-web".into(),
+            status: "ok".into(),
+            at: "t".into(),
+            ..Default::default()
+        };
+        let view = retry(sh, || r.view(SHA, Some("old"), me))?;
+        let gate = decide(Inputs {
+            gated: true,
+            fetched: Some(SHA),
+            last_good: Some("old"),
+            view: Some(&view),
+            me,
+            on_failure: OnFailure::Halt,
+        });
+        match gate {
+            Gate::Queue(_) | Gate::Held => {}
+            Gate::Fallback(_, Why::Halted | Why::Aborted) => {
+                sh.left_halted.fetch_add(1, SeqCst);
+                return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
+            }
+            g => return Err(format!("{id}: unexpected gate {g:?}")),
+        }
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        match retry(sh, || r.wait_slot(SHA, me, CANARY, deadline))? {
+            Waited::Acquired | Waited::AlreadyHeld => {}
+            Waited::Closed => {
+                sh.left_halted.fetch_add(1, SeqCst);
+                return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
+            }
+            Waited::Deadline => return Err(format!("{id}: no slot within the hour")),
+        }
+        // The check before touching the host (a linearizable read).
+        let checked = sh.start.elapsed().as_secs_f64();
+        let v = retry(sh, || r.view(SHA, Some("old"), me))?;
+        if v.halted_by.is_some() || v.aborted {
+            retry(sh, || r.give_back(SHA, me))?;
+            sh.left_halted.fetch_add(1, SeqCst);
+            return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
+        }
+        retry(sh, || r.applying(SHA, me))?;
+        sh.applied.lock().unwrap().push((i, checked));
+        std::thread::sleep(APPLY);
+        let fails = match kind {
+            Kind::Good => false,
+            Kind::Bad => true,
+            Kind::LeaderKilled => sh.killed_at.lock().unwrap().is_some_and(|k| checked > k) && !sh.fail_taken.swap(true, SeqCst),
+        };
+        if fails {
+            let h = Halt {
+                node: id.clone(),
+                step: None,
+                check: Some("sim".into()),
+                reason: "health check failed: sim".into(),
+                at: String::new(),
+            };
+            retry(sh, || r.halt(SHA, &h))?;
+            let mut at = sh.halted_at.lock().unwrap();
+            if at.is_nan() {
+                *at = sh.start.elapsed().as_secs_f64();
+            }
+        } else {
+            retry(sh, || r.healthy(SHA, me, CANARY, batch))?;
+        }
+        retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)))
+    }
+
+    pub struct Row {
+        n: usize,
+        batch: u64,
+        kind: Kind,
+        applied: usize,
+        after_halt: usize,
+        left_halted: u64,
+        makespan: f64,
+        ideal: f64,
+        req_mean: f64,
+        req_max: u64,
+        keepalives: f64,
+        retries: u64,
+        errors: usize,
+    }
+
+    pub fn scenario(n: usize, batch: u64, kind: Kind, arrivals: f64) -> Row {
+        let shm = std::path::Path::new("/dev/shm");
+        let mut etcd = etcd_harness::Etcd::start_with(3, false, shm.exists().then_some(shm));
+        let eps = etcd.endpoints();
+        let group = format!("rollout-{n}-{batch}-{kind:?}");
+        let clients: Vec<Rollouts> = (0..n).map(|_| Rollouts::from_lock(EtcdLock::new(&eps, super::PREFIX, &group).unwrap())).collect();
+        let sh = Arc::new(Shared {
+            start: Instant::now(),
+            applied: Mutex::new(Vec::new()),
+            halted_at: Mutex::new(f64::NAN),
+            killed_at: Mutex::new(None),
+            fail_taken: AtomicBool::new(false),
+            left_halted: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        });
+        let start = Instant::now();
+        let handles: Vec<_> = clients
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, r)| {
+                let sh = sh.clone();
+                let arrive = Duration::from_secs_f64(arrivals * i as f64 / n as f64);
+                std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        std::thread::sleep(arrive.saturating_sub(sh.start.elapsed()));
+                        node(i, r, kind, batch, &sh)
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let ideal = (1.0 + ((n as f64 - 1.0) / batch as f64).ceil()) * APPLY.as_secs_f64();
+        if kind == Kind::LeaderKilled {
+            std::thread::sleep(Duration::from_secs_f64(ideal / 3.0));
+            let http = reqwest::blocking::Client::new();
+            let leads = |i: usize| {
+                http.post(format!("{}/v3/maintenance/status", eps[i]))
+                    .body("{}")
+                    .send()
+                    .and_then(|r| r.json::<serde_json::Value>())
+                    .is_ok_and(|s| s["leader"] == s["header"]["member_id"])
+            };
+            let victim = (0..eps.len()).find(|&i| leads(i)).unwrap_or(1);
+            etcd.kill(victim);
+            *sh.killed_at.lock().unwrap() = Some(sh.start.elapsed().as_secs_f64());
+            eprintln!("  killed etcd member {victim} (the leader) at {:.1}s", start.elapsed().as_secs_f64());
+        }
+        let mut errors = 0;
+        for h in handles {
+            if let Err(e) = h.join().unwrap() {
+                eprintln!("  {e}");
+                errors += 1;
+            }
+        }
+        let makespan = start.elapsed().as_secs_f64();
+        let applied = sh.applied.lock().unwrap().clone();
+        let halted_at = *sh.halted_at.lock().unwrap();
+        let after_halt = applied.iter().filter(|(_, t)| !halted_at.is_nan() && *t > halted_at).count();
+        if !halted_at.is_nan() {
+            eprintln!("  halted at {halted_at:.2}s; {} nodes applied the bundle", applied.len());
+        }
+        let per: Vec<(u64, u64)> = clients
+            .iter()
+            .map(|c| {
+                let k = c.client().counters.keepalives.load(SeqCst);
+                (c.client().counters.requests.load(SeqCst) - k, k)
+            })
+            .collect();
+        let req_mean = per.iter().map(|p| p.0).sum::<u64>() as f64 / n as f64;
+        let req_max = per.iter().map(|p| p.0).max().unwrap_or(0);
+        let keepalives = per.iter().map(|p| p.1).sum::<u64>() as f64 / n as f64;
+        Row {
+            n,
+            batch,
+            kind,
+            applied: applied.len(),
+            after_halt,
+            left_halted: sh.left_halted.load(SeqCst),
+            makespan,
+            ideal,
+            req_mean,
+            req_max,
+            keepalives,
+            retries: sh.retries.load(SeqCst),
+            errors,
+        }
+    }
+
+    pub fn main(args: &[String]) {
+        let kind = |s: &str| match s {
+            "good" => Kind::Good,
+            "bad" => Kind::Bad,
+            "leader" => Kind::LeaderKilled,
+            _ => panic!("good|bad|leader"),
+        };
+        let scenarios: Vec<(usize, u64, Kind)> = if args.is_empty() {
+            vec![(1000, 50, Kind::Good), (1000, 50, Kind::Bad), (1000, 50, Kind::LeaderKilled), (200, 50, Kind::Good)]
+        } else {
+            vec![(args[0].parse().expect("NODES"), args[1].parse().expect("BATCH"), kind(args.get(2).map_or("good", String::as_str)))]
+        };
+        let mut rows = Vec::new();
+        for (n, b, k) in scenarios {
+            eprintln!("rollout scenario: {n} nodes, canary {CANARY}, batch {b}, bundle {k:?}");
+            rows.push(scenario(n, b, k, super::ARRIVALS));
+        }
+        println!();
+        println!("| nodes | canary | batch | bundle | applied | applied after the halt | left on last-good (halted) | makespan | ideal | ratio | etcd requests / node (mean / max) | keepalives / node | retried | errors |");
+        println!("|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in rows {
+            println!(
+                "| {} | {CANARY} | {} | {} | {} | {} | {} | {:.1}s | {:.0}s | {} | {:.1} / {} | {:.2} | {} | {} |",
+                r.n,
+                r.batch,
+                match r.kind {
+                    Kind::Good => "good",
+                    Kind::Bad => "bad (fails its health check)",
+                    Kind::LeaderKilled => "fails after the etcd leader is killed",
+                },
+                r.applied,
+                r.after_halt,
+                r.left_halted,
+                r.makespan,
+                r.ideal,
+                if r.kind == Kind::Good { format!("{:.3}", r.makespan / r.ideal) } else { "-".into() },
+                r.req_mean,
+                r.req_max,
+                r.keepalives,
+                r.retries,
+                r.errors,
+            );
+        }
     }
 }
