@@ -604,7 +604,9 @@ mod rollout {
         let mut etcd = etcd_harness::Etcd::start_with(3, false, shm.exists().then_some(shm));
         let eps = etcd.endpoints();
         let group = format!("rollout-{n}-{batch}-{kind:?}");
-        let clients: Vec<Rollouts> = (0..n).map(|_| Rollouts::from_lock(EtcdLock::new(&eps, super::PREFIX, &group).unwrap())).collect();
+        let clients: Vec<Rollouts> = (0..n)
+            .map(|_| Rollouts::from_lock(EtcdLock::new(&eps, super::PREFIX, &group).unwrap()))
+            .collect();
         let sh = Arc::new(Shared {
             start: Instant::now(),
             applied: Mutex::new(Vec::new()),
@@ -696,9 +698,18 @@ mod rollout {
             _ => panic!("good|bad|leader"),
         };
         let scenarios: Vec<(usize, u64, Kind)> = if args.is_empty() {
-            vec![(1000, 50, Kind::Good), (1000, 50, Kind::Bad), (1000, 50, Kind::LeaderKilled), (200, 50, Kind::Good)]
+            vec![
+                (1000, 50, Kind::Good),
+                (1000, 50, Kind::Bad),
+                (1000, 50, Kind::LeaderKilled),
+                (200, 50, Kind::Good),
+            ]
         } else {
-            vec![(args[0].parse().expect("NODES"), args[1].parse().expect("BATCH"), kind(args.get(2).map_or("good", String::as_str)))]
+            vec![(
+                args[0].parse().expect("NODES"),
+                args[1].parse().expect("BATCH"),
+                kind(args.get(2).map_or("good", String::as_str)),
+            )]
         };
         let mut rows = Vec::new();
         for (n, b, k) in scenarios {
@@ -723,7 +734,11 @@ mod rollout {
                 r.left_halted,
                 r.makespan,
                 r.ideal,
-                if r.kind == Kind::Good { format!("{:.3}", r.makespan / r.ideal) } else { "-".into() },
+                if r.kind == Kind::Good {
+                    format!("{:.3}", r.makespan / r.ideal)
+                } else {
+                    "-".into()
+                },
                 r.req_mean,
                 r.req_max,
                 r.keepalives,

@@ -293,3 +293,89 @@ fn with_etcd_down_no_node_applies_a_new_bundle_and_drift_is_still_corrected() {
         assert_eq!(std::fs::read_to_string(n.merged.join("etc/web.conf")).unwrap(), "v2\n");
     }
 }
+
+/// The protocol's keys against a real etcd, without nodes: the canary's slot, waiters that
+/// leave when the bundle is halted (the semaphore closes), the halt record, resume (slots for
+/// the phase), the canaries healthy growing the semaphore to `batch`, abort (not resumable).
+#[test]
+fn halt_closes_the_queue_resume_reopens_it_and_abort_is_final() {
+    use bootstrap::reboot::etcd::Waited;
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let r = Rollouts::from_lock(etcd.lock("production-x"));
+    let sha = "ab".repeat(32);
+    let soon = || Instant::now() + Duration::from_secs(60);
+    assert_eq!(r.wait_slot(&sha, "n1", 1, soon()).unwrap(), Waited::Acquired);
+    let waiters: Vec<_> = ["n2", "n3"]
+        .iter()
+        .map(|id| {
+            let (r, sha) = (r.clone(), sha.clone());
+            std::thread::spawn(move || r.wait_slot(&sha, id, 1, Instant::now() + Duration::from_secs(60)).unwrap())
+        })
+        .collect();
+    let start = Instant::now();
+    while r.semaphore(&sha).backlog(10).unwrap().waiting < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the waiters never queued");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = r.view(&sha, Some("old"), "n1").unwrap();
+    assert!(v.held && v.halted_by.is_none() && !v.aborted, "{v:?}");
+    let h = Halt {
+        node: "n1".into(),
+        step: None,
+        check: Some("GET http://127.0.0.1/: HTTP 503".into()),
+        reason: "health check failed".into(),
+        at: "t".into(),
+    };
+    r.halt(&sha, &h).unwrap();
+    for w in waiters {
+        assert_eq!(w.join().unwrap(), Waited::Closed, "a waiter of a halted bundle leaves the queue");
+    }
+    assert_eq!(r.semaphore(&sha).backlog(10).unwrap().waiting, 0);
+    assert_eq!(r.view(&sha, Some("old"), "n2").unwrap().halted_by.as_deref(), Some("n1"));
+    // A second failure does not replace the first halt record.
+    r.halt(
+        &sha,
+        &Halt {
+            node: "n9".into(),
+            ..h.clone()
+        },
+    )
+    .unwrap();
+    let st = r.status().unwrap();
+    assert_eq!(st.len(), 1);
+    assert_eq!(
+        (st[0].state.as_str(), st[0].slots, st[0].holders.clone()),
+        ("halted", 0, vec!["n1".to_string()])
+    );
+    assert_eq!(st[0].halt.as_ref().unwrap(), &h);
+    assert_eq!(st[0].failed, ["n1", "n9"]);
+    // A node arriving now is told so at once.
+    assert_eq!(r.wait_slot(&sha, "n4", 1, soon()).unwrap(), Waited::Closed);
+
+    // Resume: canary slots again (no node healthy yet); the halted canary still holds its slot.
+    assert_eq!(r.resume(&sha, 1, 2).unwrap(), 1);
+    assert_eq!(
+        r.view(&sha, Some("old"), "n1").unwrap(),
+        bootstrap::rollout::View {
+            held: true,
+            ..Default::default()
+        }
+    );
+    // The canary healthy: the semaphore grows to the batch, its slot goes back.
+    r.healthy(&sha, "n1", 1, 2).unwrap();
+    let (s, _) = r.semaphore(&sha).get().unwrap().unwrap();
+    assert_eq!((s.total_slots, s.holders.len()), (2, 0));
+    assert_eq!(r.status().unwrap()[0].state, "rolling");
+    assert_eq!(r.wait_slot(&sha, "n2", 1, soon()).unwrap(), Waited::Acquired);
+    assert_eq!(r.wait_slot(&sha, "n3", 1, soon()).unwrap(), Waited::Acquired);
+
+    // Abort: final; and a node whose last-good it was learns it from its gate read.
+    r.abort(&sha, "operator").unwrap();
+    assert!(r.view(&sha, Some("old"), "n2").unwrap().aborted);
+    assert!(r.view("cd".repeat(32).as_str(), Some(&sha), "n2").unwrap().last_good_aborted);
+    let e = r.resume(&sha, 1, 2).unwrap_err().to_string();
+    assert!(e.contains("aborted"), "{e}");
+    assert_eq!(r.status().unwrap()[0].state, "aborted");
+}
