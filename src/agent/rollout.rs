@@ -148,11 +148,25 @@ pub(super) fn gated(
             fallback(cx, o, b, fb, hooks)?
         }
         Gate::Hold => {
+            // Still alive and still on the bad bundle: say so in the fleet view.
+            let rec = crate::rollout::fleet::Record {
+                name: node_name(cx),
+                instance_id: cx.facts.instance_id.clone(),
+                bundle: crate::rollout::fleet::BundleRef {
+                    sha256: new.clone(),
+                    origin: "held".into(),
+                },
+                status: "held".into(),
+                at: now(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            };
+            publish_record(cx, rl, &rec);
             return Err(anyhow::anyhow!(
                 "bundle {sha} was halted by this node and is kept for inspection (on_failure = \"halt\"): \
                  nothing applied; `bootstrap rollout abort {sha}` puts the node back on its last-good bundle, \
                  `bootstrap rollout resume {sha}` lets it try again"
-            ))
+            ));
         }
         Gate::Refuse(why) => {
             return Err(anyhow::anyhow!(
@@ -207,7 +221,10 @@ fn under_slot(
         return fallback(cx, o, b, Fallback::LastGood, hooks);
     }
     note["applied_at"] = now().into();
-    let mut a = apply_bundle(cx, o, Mode::Apply, b, fetched, hooks, false)?;
+    // `current` back on the new bundle (the fallback pointed it at last-good), checked again
+    // against the pin and key.
+    let fetched = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, fetched.origin)?;
+    let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, false)?;
     let failures = if a.report.failed() { Vec::new() } else { health(cx, &rl.health) };
     let run_ok = !a.report.failed();
     match settle(run_ok, failures.is_empty(), rl.on_failure) {
@@ -301,19 +318,27 @@ fn health(cx: &Context, checks: &[crate::reboot::settings::Health]) -> Vec<Strin
 /// Put this node's status record for the fleet view (when etcd is configured). Best effort:
 /// a failure is a warning, never a failed run.
 pub(super) fn publish(cx: &Context, rl: &Settings, report: &Report) {
-    let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else { return };
-    if rl.holder.is_empty() || cx.root != std::path::Path::new("/") {
-        return;
-    }
     let value = match serde_json::to_value(report) {
         Ok(v) => v,
         Err(e) => return tracing::warn!("node record: {e}"),
     };
-    let name = cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone());
-    let rec = crate::rollout::fleet::record_of(&value, &name, cx.facts.instance_id.as_deref());
+    let rec = crate::rollout::fleet::record_of(&value, &node_name(cx), cx.facts.instance_id.as_deref());
+    publish_record(cx, rl, &rec);
+}
+
+fn node_name(cx: &Context) -> String {
+    cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone())
+}
+
+/// Put `rec` (when etcd is configured and this is the live system). Best effort.
+fn publish_record(cx: &Context, rl: &Settings, rec: &crate::rollout::fleet::Record) {
+    let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else { return };
+    if rl.holder.is_empty() || cx.root != std::path::Path::new("/") {
+        return;
+    }
     let r = Rollouts::new(svc, group)
         .map_err(anyhow::Error::from)
-        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, &rec, rl.report_ttl)?));
+        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, rec, rl.report_ttl)?));
     if let Err(e) = r {
         tracing::warn!("publishing the node record to etcd (fleet view): {e:#}");
     }

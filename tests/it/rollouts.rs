@@ -175,6 +175,9 @@ fn a_bad_bundle_stops_at_the_canary_and_a_fixed_one_goes_out_one_node_at_a_time(
     let r = apply(&nodes[c], c);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("kept for inspection"), "{}", r.all());
+    let j: serde_json::Value = serde_json::from_str(&nodes[other].agent(&["fleet", "status", "--json"]).stdout).unwrap();
+    assert_eq!(j["groups"][0]["nodes"][&ids[c]]["status"], "held", "{j:#}");
+    assert_eq!(j["groups"][0]["nodes"][&ids[c]]["bundle"]["sha256"], v2.as_str(), "{j:#}");
     // The others' next runs still converge the old bundle.
     let r = apply(&nodes[other], other);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -224,6 +227,53 @@ fn a_bad_bundle_stops_at_the_canary_and_a_fixed_one_goes_out_one_node_at_a_time(
         "{}",
         r.stdout
     );
+    let r = nodes[0].agent(&["fleet", "status"]);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert!(
+        r.stdout.contains(&format!("  {:<14} ok           3  {}", &v3[..12], sorted.join(" "))),
+        "{}",
+        r.stdout
+    );
+}
+
+/// `on_failure = "rollback"`: the canary that fails its health check halts the bundle and
+/// re-applies its last-good bundle in the same run; its later runs converge last-good.
+#[test]
+fn on_failure_rollback_puts_the_canary_back_in_the_same_run() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&format!(
+            "[rollout]\nstrategy = \"canary\"\non_failure = \"rollback\"\n\
+             [[rollout.health]]\ncommand = [\"grep\", \"-qxv\", \"bad\", \"/etc/web.conf\"]\n\
+             [reboot.etcd]\nendpoints = [\"{}\"]\n",
+            etcd.endpoints()[0]
+        ));
+        assert_eq!(apply_web(n).code, 0);
+    }
+    web_bundle(src.path(), "bad");
+    let bad = publish_web(src.path(), out.path());
+    let r = apply_web(&nodes[0]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = nodes[0].report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["rollout"]["rolled_back"], true, "{rep:#}");
+    assert!(rep["error"].as_str().unwrap().contains("rolled back to the last-good bundle"), "{rep:#}");
+    assert_eq!(std::fs::read_to_string(nodes[0].merged.join("etc/web.conf")).unwrap(), "v1\n");
+    let st = nodes[1].agent(&["rollout", "status", "--group", "production-web"]).stdout;
+    assert!(st.contains(&format!("{bad}  halted  applied 1  healthy 0  failed 1")), "{st}");
+    assert!(st.contains(&format!("halted by {} at ", nodes[0].machine_id())) && st.contains("grep"), "{st}");
+    for n in &nodes {
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(n.report()["bundle"]["sha256"], v1.as_str());
+        assert_eq!(n.report()["summary"]["changed"], 0);
+    }
 }
 
 /// The `web` role: one file, whose content names the bundle.
