@@ -452,7 +452,7 @@ fn main() {
 }
 
 /// Rollouts of a new bundle (issue 17): N simulated nodes, each a thread running the agent's
-/// real rollout code (`rollout::decide`, `Rollouts::view`, `wait_slot`, `applying`, `healthy`,
+/// real rollout code (`rollout::decide`, `Rollouts::view`, `wait_slot`, `start_applying`, `healthy`,
 /// `halt`, the node record's `fleet::publish`) in the order `agent::rollout::gated` runs it,
 /// against a real three-member etcd on loopback. Every node has last-good bundle "old" and has
 /// fetched the new one; "apply and health checks" is a 1 s sleep. Scenarios: a good bundle
@@ -494,6 +494,8 @@ mod rollout {
         fail_taken: AtomicBool,
         left_halted: AtomicU64,
         retries: AtomicU64,
+        /// When the last node that applied the bundle had released its slot (s).
+        last_done: Mutex<f64>,
     }
 
     /// Retry transient etcd errors (a node's next run would, later), up to a minute.
@@ -548,15 +550,13 @@ mod rollout {
             }
             Waited::Deadline => return Err(format!("{id}: no slot within the hour")),
         }
-        // The check before touching the host (a linearizable read).
+        // The check before touching the host (at the leader, with the `applied` record).
         let checked = sh.start.elapsed().as_secs_f64();
-        let v = retry(sh, || r.view(SHA, Some("old"), me))?;
-        if v.halted_by.is_some() || v.aborted {
+        if !retry(sh, || r.start_applying(SHA, me))? {
             retry(sh, || r.give_back(SHA, me))?;
             sh.left_halted.fetch_add(1, SeqCst);
             return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
         }
-        retry(sh, || r.applying(SHA, me))?;
         sh.applied.lock().unwrap().push((i, checked));
         std::thread::sleep(APPLY);
         let fails = match kind {
@@ -580,10 +580,15 @@ mod rollout {
         } else {
             retry(sh, || r.healthy(SHA, me, CANARY, batch))?;
         }
+        {
+            let mut d = sh.last_done.lock().unwrap();
+            *d = d.max(sh.start.elapsed().as_secs_f64());
+        }
         retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)))
     }
 
     pub struct Row {
+        arrivals: f64,
         n: usize,
         batch: u64,
         kind: Kind,
@@ -615,6 +620,7 @@ mod rollout {
             fail_taken: AtomicBool::new(false),
             left_halted: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            last_done: Mutex::new(0.0),
         });
         let start = Instant::now();
         let handles: Vec<_> = clients
@@ -656,8 +662,23 @@ mod rollout {
                 errors += 1;
             }
         }
-        let makespan = start.elapsed().as_secs_f64();
+        let all_done = start.elapsed().as_secs_f64();
+        // The rollout is done when the last node released its slot (healthy); its node record
+        // afterwards is not part of it. (`sh.start` is a moment before `start`.)
+        let makespan = *sh.last_done.lock().unwrap() - start.duration_since(sh.start).as_secs_f64();
+        eprintln!("  last node released at {makespan:.2}s; every node (records included) done at {all_done:.2}s");
         let applied = sh.applied.lock().unwrap().clone();
+        let mut at: Vec<f64> = applied.iter().map(|a| a.1).collect();
+        at.sort_by(f64::total_cmp);
+        eprintln!(
+            "  applies started by time: {}",
+            at.iter()
+                .enumerate()
+                .filter(|(i, _)| i % (batch as usize).max(1) == 1 || *i == 0 || *i + 1 == at.len())
+                .map(|(i, t)| format!("#{i}@{t:.2}s"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let halted_at = *sh.halted_at.lock().unwrap();
         let after_halt = applied.iter().filter(|(_, t)| !halted_at.is_nan() && *t > halted_at).count();
         if !halted_at.is_nan() {
@@ -674,6 +695,7 @@ mod rollout {
         let req_max = per.iter().map(|p| p.0).max().unwrap_or(0);
         let keepalives = per.iter().map(|p| p.1).sum::<u64>() as f64 / n as f64;
         Row {
+            arrivals,
             n,
             batch,
             kind,
@@ -691,38 +713,51 @@ mod rollout {
     }
 
     pub fn main(args: &[String]) {
+        let mut args = args.to_vec();
+        let arrivals = match args.iter().position(|a| a == "--arrivals") {
+            Some(i) => {
+                let s: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).expect("--arrivals SECONDS");
+                args.drain(i..i + 2);
+                Some(s)
+            }
+            None => None,
+        };
         let kind = |s: &str| match s {
             "good" => Kind::Good,
             "bad" => Kind::Bad,
             "leader" => Kind::LeaderKilled,
             _ => panic!("good|bad|leader"),
         };
-        let scenarios: Vec<(usize, u64, Kind)> = if args.is_empty() {
+        let a = arrivals.unwrap_or(super::ARRIVALS);
+        let scenarios: Vec<(usize, u64, Kind, f64)> = if args.is_empty() {
             vec![
-                (1000, 50, Kind::Good),
-                (1000, 50, Kind::Bad),
-                (1000, 50, Kind::LeaderKilled),
-                (200, 50, Kind::Good),
+                (1000, 50, Kind::Good, a),
+                (1000, 50, Kind::Good, arrivals.unwrap_or(5.0)),
+                (1000, 50, Kind::Bad, a),
+                (1000, 50, Kind::LeaderKilled, a),
+                (200, 50, Kind::Good, a),
             ]
         } else {
             vec![(
                 args[0].parse().expect("NODES"),
                 args[1].parse().expect("BATCH"),
                 kind(args.get(2).map_or("good", String::as_str)),
+                a,
             )]
         };
         let mut rows = Vec::new();
-        for (n, b, k) in scenarios {
-            eprintln!("rollout scenario: {n} nodes, canary {CANARY}, batch {b}, bundle {k:?}");
-            rows.push(scenario(n, b, k, super::ARRIVALS));
+        for (n, b, k, a) in scenarios {
+            eprintln!("rollout scenario: {n} nodes, canary {CANARY}, batch {b}, bundle {k:?}, arrivals over {a} s");
+            rows.push(scenario(n, b, k, a));
         }
         println!();
-        println!("| nodes | canary | batch | bundle | applied | applied after the halt | left on last-good (halted) | makespan | ideal | ratio | etcd requests / node (mean / max) | keepalives / node | retried | errors |");
-        println!("|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| nodes | arrivals | canary | batch | bundle | applied | applied after the halt | left on last-good (halted) | makespan | ideal | ratio | etcd requests / node (mean / max) | keepalives / node | retried | errors |");
+        println!("|---:|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in rows {
             println!(
-                "| {} | {CANARY} | {} | {} | {} | {} | {} | {:.1}s | {:.0}s | {} | {:.1} / {} | {:.2} | {} | {} |",
+                "| {} | {:.0}s | {CANARY} | {} | {} | {} | {} | {} | {:.1}s | {:.0}s | {} | {:.1} / {} | {:.2} | {} | {} |",
                 r.n,
+                r.arrivals,
                 r.batch,
                 match r.kind {
                     Kind::Good => "good",

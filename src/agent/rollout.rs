@@ -111,21 +111,7 @@ pub(super) fn gated(
                 match rollouts.wait_slot(&sha, me, rl.first_slots(), deadline) {
                     Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
                         note["slot_at"] = now().into();
-                        // The bundle may have been halted while we waited: read again, at the
-                        // leader (a linearizable read), before touching the host.
-                        match rollouts.view(&sha, last_good.as_deref(), me) {
-                            Ok(v) if v.halted_by.is_none() && !v.aborted => under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
-                            Ok(_) => {
-                                let _ = rollouts.give_back(&sha, me);
-                                note["state"] = "halted".into();
-                                Applied { report: a.report, _lock: None }
-                            }
-                            Err(e) => {
-                                tracing::warn!("rollout of bundle {sha}: {e}; the slot is kept for the next run, nothing new applied");
-                                note["state"] = "unavailable".into();
-                                Applied { report: a.report, _lock: None }
-                            }
-                        }
+                        under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?
                     }
                     Ok(crate::reboot::etcd::Waited::Closed) => {
                         note["state"] = "halted".into();
@@ -214,11 +200,23 @@ fn under_slot(
     let me = rl.holder.as_str();
     let sha = fetched.sha256.clone().unwrap_or_default();
     let old_good = crate::source::last_good(&cx.root);
-    if let Err(e) = rollouts.applying(&sha, me) {
-        // Not even the record of starting reached etcd: nothing new without the lock service.
-        tracing::warn!("rollout of bundle {sha}: {e}; nothing new applied");
-        note["state"] = "unavailable".into();
-        return fallback(cx, o, b, Fallback::LastGood, hooks);
+    // The bundle may have been halted while this node waited or was away: checked at the
+    // leader in the same transaction that records the start, before the host is touched.
+    match rollouts.start_applying(&sha, me) {
+        Ok(true) => {}
+        Ok(false) => {
+            if let Err(e) = rollouts.give_back(&sha, me) {
+                tracing::warn!("giving back the slot of the halted bundle {sha}: {e}");
+            }
+            note["state"] = "halted".into();
+            return fallback(cx, o, b, Fallback::LastGood, hooks);
+        }
+        Err(e) => {
+            // Nothing new without the lock service; the slot is kept for the next run.
+            tracing::warn!("rollout of bundle {sha}: {e}; nothing new applied");
+            note["state"] = "unavailable".into();
+            return fallback(cx, o, b, Fallback::LastGood, hooks);
+        }
     }
     note["applied_at"] = now().into();
     // `current` back on the new bundle (the fallback pointed it at last-good), checked again

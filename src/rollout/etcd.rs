@@ -155,9 +155,21 @@ impl Rollouts {
         self.semaphore(sha).wait_acquire(me, first_slots, deadline)
     }
 
-    /// `me` starts applying `sha` under its slot.
-    pub fn applying(&self, sha: &str, me: &str) -> Result<(), LockError> {
-        self.put(&format!("{}/applied/{me}", self.dir(sha)), &json!({ "at": at() }))
+    /// `me` starts applying `sha` under its slot, if the bundle is neither halted nor aborted:
+    /// one transaction that checks both (at the leader) and records `applied/<me>`. False:
+    /// stopped, nothing recorded, the bundle must not be applied.
+    pub fn start_applying(&self, sha: &str, me: &str) -> Result<bool, LockError> {
+        let d = self.dir(sha);
+        let absent = |k: &str| json!({ "key": b64(&format!("{d}/{k}")), "result": "EQUAL", "target": "VERSION", "version": "0" });
+        let r = self.lock.gateway(
+            "/v3/kv/txn",
+            json!({
+                "compare": [absent("halt"), absent("abort")],
+                "success": [{ "request_put": { "key": b64(&format!("{d}/applied/{me}")), "value": b64(&json!({ "at": at() }).to_string()) } }],
+                "failure": [],
+            }),
+        )?;
+        Ok(r["succeeded"] == true)
     }
 
     fn put(&self, key: &str, v: &Value) -> Result<(), LockError> {
@@ -165,9 +177,12 @@ impl Rollouts {
         Ok(())
     }
 
-    /// `me` applied `sha` and is healthy: record it, grow the semaphore to `batch` once
-    /// `canary` nodes are healthy (never reopening a closed one), and give the slot back.
+    /// `me` applied `sha` and is healthy: give the slot back (through the queue head, like a
+    /// reboot release: the next node starts as soon as possible), then record it and grow the
+    /// semaphore to `batch` once `canary` nodes are healthy (never reopening a closed one).
     pub fn healthy(&self, sha: &str, me: &str, canary: u64, batch: u64) -> Result<(), LockError> {
+        let sema = self.semaphore(sha);
+        sema.release(me, canary.max(1))?;
         let d = self.dir(sha);
         let hd = format!("{d}/healthy/");
         let r = self.lock.gateway(
@@ -183,20 +198,16 @@ impl Rollouts {
             .into_iter()
             .next()
             .and_then(|(_, v)| crate::reboot::lock::decode(&v).ok());
-        let sema = self.semaphore(sha);
-        if let Some(s) = sem {
-            let want = super::slots_for(false, healthy, canary, batch);
-            if s.total_slots != 0 && s.total_slots != want {
-                sema.update_with(want, |s: &mut Semaphore| {
-                    let grow = s.total_slots != 0 && s.total_slots != want;
-                    if grow {
-                        s.total_slots = want;
-                    }
-                    grow
-                })?;
-            }
+        let want = super::slots_for(false, healthy, canary, batch);
+        if sem.is_some_and(|s| s.total_slots != 0 && s.total_slots != want) {
+            sema.update_with(want, |s: &mut Semaphore| {
+                let grow = s.total_slots != 0 && s.total_slots != want;
+                if grow {
+                    s.total_slots = want;
+                }
+                grow
+            })?;
         }
-        sema.release(me, canary.max(1))?;
         Ok(())
     }
 

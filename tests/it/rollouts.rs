@@ -208,10 +208,10 @@ fn a_bad_bundle_stops_at_the_canary_and_a_fixed_one_goes_out_one_node_at_a_time(
         assert_eq!(rep["rollout"]["state"], "healthy", "{rep:#}");
         assert_eq!(http_get(ports[i]), (200, "v3".into()));
         assert_eq!(starts(n, &cursors[i]), 1, "haproxy restarted once on node {i}");
-        spans.push((secs(&rep["rollout"]["applied_at"]), secs(&rep["rollout"]["released_at"]), i));
+        spans.push((secs(&rep["rollout"]["applied_at"]), secs(&rep["rollout"]["healthy_at"]), i));
     }
     spans.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    eprintln!("applied..released per node (s): {spans:?}");
+    eprintln!("applied..healthy per node (s): {spans:?}");
     for w in spans.windows(2) {
         assert!(w[0].1 <= w[1].0, "two nodes applied the bundle at once: {spans:?}");
     }
@@ -401,6 +401,9 @@ fn halt_closes_the_queue_resume_reopens_it_and_abort_is_final() {
     );
     assert_eq!(st[0].halt.as_ref().unwrap(), &h);
     assert_eq!(st[0].failed, ["n1", "n9"]);
+    assert!(st[0].applied.is_empty());
+    // A node that got its slot just before the halt cannot start: the start transaction fails.
+    assert!(!r.start_applying(&sha, "n1").unwrap(), "started a halted bundle");
     // A node arriving now is told so at once.
     assert_eq!(r.wait_slot(&sha, "n4", 1, soon()).unwrap(), Waited::Closed);
 
@@ -413,6 +416,7 @@ fn halt_closes_the_queue_resume_reopens_it_and_abort_is_final() {
             ..Default::default()
         }
     );
+    assert!(r.start_applying(&sha, "n1").unwrap());
     // The canary healthy: the semaphore grows to the batch, its slot goes back.
     r.healthy(&sha, "n1", 1, 2).unwrap();
     let (s, _) = r.semaphore(&sha).get().unwrap().unwrap();
@@ -423,6 +427,7 @@ fn halt_closes_the_queue_resume_reopens_it_and_abort_is_final() {
 
     // Abort: final; and a node whose last-good it was learns it from its gate read.
     r.abort(&sha, "operator").unwrap();
+    assert!(!r.start_applying(&sha, "n2").unwrap(), "started an aborted bundle");
     assert!(r.view(&sha, Some("old"), "n2").unwrap().aborted);
     assert!(r.view("cd".repeat(32).as_str(), Some(&sha), "n2").unwrap().last_good_aborted);
     let e = r.resume(&sha, 1, 2).unwrap_err().to_string();
