@@ -373,11 +373,16 @@ fn scenario(n: usize, slots: u64, faults: bool, arrivals: f64) -> Row {
 
 fn main() {
     // RUST_LOG=bootstrap=debug: the lock client's retries, with timestamps, on stderr.
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .with_thread_names(false)
+    // (The same directive syntax as BOOTSTRAP_LOG: tracing's `Targets`, no env-filter.)
+    if let Some(targets) = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_thread_names(false))
+            .with(targets)
             .init();
     }
     // One connection per waiting node, plus etcd's own: raise the soft fd limit to the hard one.

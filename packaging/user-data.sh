@@ -11,9 +11,11 @@ set -eu
 URL_DEFAULT='@BOOTSTRAP_URL@'            # https://…/bootstrap or s3://bucket/key
 SHA_DEFAULT='@BOOTSTRAP_SHA256@'         # sha256 of that binary
 BUNDLE_DEFAULT='@BOOTSTRAP_BUNDLE@'      # e.g. s3://my-roles/roles-${env}.tar.gz (agent substitutes)
+ASG_DEFAULT='@BOOTSTRAP_ASG@'            # "true": complete the group's lifecycle hooks ([asg] enabled)
 BOOTSTRAP_URL=${BOOTSTRAP_URL:-$URL_DEFAULT}
 BOOTSTRAP_SHA256=${BOOTSTRAP_SHA256:-$SHA_DEFAULT}
 BOOTSTRAP_BUNDLE=${BOOTSTRAP_BUNDLE:-$BUNDLE_DEFAULT}
+BOOTSTRAP_ASG=${BOOTSTRAP_ASG:-$ASG_DEFAULT}
 # More agent config (TOML), written to its own fragment; optional.
 BOOTSTRAP_CONFIG=${BOOTSTRAP_CONFIG:-}
 BOOTSTRAP_BIN=${BOOTSTRAP_BIN:-/usr/local/bin/bootstrap}
@@ -61,6 +63,10 @@ mv -f "$BOOTSTRAP_BIN.new" "$BOOTSTRAP_BIN"
 
 # The bundle source for init; config.toml and later fragments still win.
 printf '# written by the user_data script\n[bundle]\nsource = "%s"\n' "$BOOTSTRAP_BUNDLE" > /etc/bootstrap/config.d/10-user-data.toml
+# Auto Scaling lifecycle: hold the launch hook until converged, drain on scale-in (docs/asg.md).
+if [ "$BOOTSTRAP_ASG" = true ]; then
+  printf '[asg]\nenabled = true\n' >> /etc/bootstrap/config.d/10-user-data.toml
+fi
 if [ -n "$BOOTSTRAP_CONFIG" ]; then
   printf '# written by the user_data script\n%s\n' "$BOOTSTRAP_CONFIG" > /etc/bootstrap/config.d/11-user-data-extra.toml
 fi

@@ -16,7 +16,16 @@ pub fn sdk_config(region: Option<&str>) -> aws_config::SdkConfig {
         .connect_timeout(CONNECT_TIMEOUT)
         .operation_timeout(OPERATION_TIMEOUT)
         .build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
+    // The SDKs' HTTPS client: rustls on ring, the crypto provider reqwest uses too, so the binary
+    // carries one TLS stack (the SDKs' default client would bring aws-lc as a second one). Trust
+    // roots are the system's (rustls-native-certs), as with the default client.
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    let https = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .http_client(https);
     if let Some(r) = region {
         loader = loader.region(aws_config::Region::new(r.to_string()));
     }

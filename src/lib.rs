@@ -4,6 +4,7 @@
 //! lives here so integration tests can use the library types.
 
 pub mod agent;
+pub mod asg;
 pub mod aws;
 pub mod cli;
 pub mod clock;

@@ -1,24 +1,31 @@
 //! tracing setup: stderr, `-v`/`-q`, `BOOTSTRAP_LOG` directives, no timestamps under systemd.
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 pub fn init(verbose: u8, quiet: u8) {
     let level = match (verbose as i8) - (quiet as i8) {
-        i8::MIN..=-1 => "error",
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+        i8::MIN..=-1 => Level::ERROR,
+        0 => Level::WARN,
+        1 => Level::INFO,
+        2 => Level::DEBUG,
+        _ => Level::TRACE,
     };
-    let filter = EnvFilter::try_from_env("BOOTSTRAP_LOG").unwrap_or_else(|_| EnvFilter::new(format!("bootstrap={level},warn")));
+    // `BOOTSTRAP_LOG`: `target=level` directives (`bootstrap=debug,warn`); unset or invalid,
+    // the -v/-q level for the agent and warnings for its libraries.
+    let filter = std::env::var("BOOTSTRAP_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_target("bootstrap", level).with_default(Level::WARN));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(|| crate::secrets::Redacting(std::io::stderr()))
         .with_target(false);
     // The journal stamps every line itself.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
+        builder.without_time().with_ansi(false).finish().with(filter).init();
     } else {
-        builder.init();
+        builder.finish().with(filter).init();
     }
 }

@@ -75,3 +75,9 @@ mod rollouts;
 
 #[path = "it/fleet_view.rs"]
 mod fleet_view;
+
+#[path = "it/kube_worker.rs"]
+mod kube_worker;
+
+#[path = "it/asg_lifecycle.rs"]
+mod asg_lifecycle;

@@ -2,6 +2,11 @@
 # installs the agent (pinned sha256) and runs `bootstrap init`; the instance role lets the
 # agent read the role bundle, its instance's tags, other instances' state (lock reap) and its
 # SSM secrets. The Name tag `${var.env}-${var.service}` picks the bundle and the role.
+#
+# Lifecycle (docs/asg.md): a launching hook keeps each new instance in Pending:Wait (out of
+# its load balancer) until `bootstrap init` has converged it and its [[asg.health]] checks
+# pass (CONTINUE), or abandons it at the first-boot deadline so the group replaces it; a
+# terminating hook gives `bootstrap watch` the time to drain a node being scaled in.
 
 terraform {
   required_version = ">= 1.3"
@@ -16,10 +21,11 @@ terraform {
 locals {
   name = "${var.env}-${var.service}"
   # replace(), not templatefile(): the script stays a plain POSIX shell script.
-  user_data = replace(replace(replace(file("${path.module}/../user-data.sh"),
+  user_data = replace(replace(replace(replace(file("${path.module}/../user-data.sh"),
     "@BOOTSTRAP_URL@", var.bootstrap_url),
     "@BOOTSTRAP_SHA256@", var.bootstrap_sha256),
-  "@BOOTSTRAP_BUNDLE@", "s3://${var.bundle_bucket}/roles-$${env}.tar.gz")
+  "@BOOTSTRAP_BUNDLE@", "s3://${var.bundle_bucket}/roles-$${env}.tar.gz"),
+  "@BOOTSTRAP_ASG@", "true")
 }
 
 data "aws_iam_policy_document" "assume" {
@@ -55,6 +61,21 @@ data "aws_iam_policy_document" "agent" {
     sid       = "ReadSecrets"
     actions   = ["ssm:GetParameter"]
     resources = ["arn:aws:ssm:${var.region}:${var.account_id}:parameter/${var.env}/*", "arn:aws:ssm:${var.region}:${var.account_id}:parameter/kube/${var.env}/*"]
+  }
+  # The Auto Scaling lifecycle of this group's instances: heartbeats and the result of the
+  # launch and terminating actions, Unhealthy after unhealthy_after failed runs.
+  statement {
+    sid     = "LifecycleOfThisGroup"
+    actions = ["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat", "autoscaling:SetInstanceHealth"]
+    resources = [
+      "arn:aws:autoscaling:${var.region}:${var.account_id}:autoScalingGroup:*:autoScalingGroupName/${local.name}",
+    ]
+  }
+  # Finding the hooks (and, for max_unhealthy = "N%" without etcd, the group's size and health).
+  statement {
+    sid       = "DescribeLifecycle"
+    actions   = ["autoscaling:DescribeLifecycleHooks", "autoscaling:DescribeAutoScalingGroups"]
+    resources = ["*"]
   }
   statement {
     sid       = "DecryptSecrets"
@@ -107,6 +128,25 @@ resource "aws_autoscaling_group" "nodes" {
   desired_capacity    = var.desired_capacity
   vpc_zone_identifier = var.subnet_ids
   health_check_type   = "EC2"
+  # SetInstanceHealth from unhealthy_after respects this (ShouldRespectGracePeriod).
+  health_check_grace_period = var.first_boot_deadline_seconds
+
+  # New instances wait in Pending:Wait until init completes this with CONTINUE; no answer by the
+  # timeout (init heartbeats well inside it) abandons the instance.
+  initial_lifecycle_hook {
+    name                 = "launch"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    heartbeat_timeout    = var.lifecycle_heartbeat_timeout
+    default_result       = "ABANDON"
+  }
+
+  # Instances being scaled in wait in Terminating:Wait while bootstrap watch drains them.
+  initial_lifecycle_hook {
+    name                 = "drain"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+    heartbeat_timeout    = var.lifecycle_heartbeat_timeout
+    default_result       = "CONTINUE"
+  }
 
   launch_template {
     id      = aws_launch_template.node.id

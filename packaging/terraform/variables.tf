@@ -67,3 +67,15 @@ variable "desired_capacity" {
   type    = number
   default = 2
 }
+
+variable "lifecycle_heartbeat_timeout" {
+  description = "Seconds a lifecycle action waits for a heartbeat (init and watch send one every quarter of it, at most every 5 minutes)."
+  type        = number
+  default     = 600
+}
+
+variable "first_boot_deadline_seconds" {
+  description = "Health check grace period of new instances; keep it at least [asg] first_boot_deadline (default 30 minutes)."
+  type        = number
+  default     = 1800
+}

@@ -12,17 +12,70 @@ use crate::step::Step;
 use anyhow::{Context as _, Result};
 
 /// The agent's units, as shipped in units/ (ExecStart points at /usr/local/bin/bootstrap).
-pub const UNITS: [(&str, &str); 3] = [
+pub const UNITS: [(&str, &str); 4] = [
     ("bootstrap.service", include_str!("../../units/bootstrap.service")),
     ("bootstrap.timer", include_str!("../../units/bootstrap.timer")),
     ("bootstrap-firstboot.service", include_str!("../../units/bootstrap-firstboot.service")),
+    ("bootstrap-watch.service", include_str!("../../units/bootstrap-watch.service")),
 ];
+
+/// Under an Auto Scaling launch hook (`[asg]`, docs/asg.md): hold the launch lifecycle action
+/// (heartbeats) while converging, try again after a failure until the first-boot deadline, and
+/// complete the action with CONTINUE only after a successful run whose `[[asg.health]]` checks
+/// pass, else ABANDON at the deadline (the group replaces the instance). The report
+/// (`lifecycle`) and the metrics say which. Without a launch hook: one converge.
+pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
+    let group = cx.config.asg.group.as_deref().map(|g| cx.substitute(g)).transpose()?;
+    let Some(launch) = crate::asg::Launch::start(&cx.root, &cx.facts, &cx.config, group)? else {
+        return converge_once(cx, o, show);
+    };
+    loop {
+        let result = converge_once(cx, o, &mut *show);
+        if result.as_ref().is_ok_and(|r| r.reboot_now()) {
+            // Rebooting (a slot is held for it): the action stays pending; after the boot the
+            // firstboot unit runs init again, which holds it again and completes it.
+            tracing::warn!("rebooting before the launch lifecycle action is completed: init completes it after the boot");
+            return result;
+        }
+        let failure = match &result {
+            Ok(r) if !r.failed() => {
+                let failed = launch.failed_checks();
+                (!failed.is_empty()).then(|| format!("[[asg.health]] failed: {}", failed.join("; ")))
+            }
+            Ok(r) => Some(r.error.clone().unwrap_or_else(|| "the run failed".into())),
+            Err(e) => Some(format!("{e:#}")),
+        };
+        let outcome = match failure {
+            None => launch.complete(crate::asg::launch::CONTINUE, "converged and healthy".into()),
+            Some(why) => {
+                if launch.wait_retry() {
+                    continue;
+                }
+                launch.complete(
+                    crate::asg::launch::ABANDON,
+                    format!("not converged and healthy by the first-boot deadline: {why}"),
+                )
+            }
+        };
+        return result.and_then(|mut report| {
+            if outcome.result != crate::asg::launch::CONTINUE && !report.failed() {
+                report.status = crate::engine::report::RunStatus::Failed;
+                report
+                    .error
+                    .get_or_insert_with(|| format!("launch lifecycle action abandoned: {}", outcome.reason));
+            }
+            report.lifecycle = Some(outcome);
+            crate::engine::write_report(&cx.root, &report)?;
+            Ok(report)
+        });
+    }
+}
 
 /// Converge; once the steps succeeded and before reboot coordination may take a slot and
 /// drain the node, install the units and write the marker (a failure there fails the run: no
 /// slot is taken, no reboot); then the report is shown and a reboot the run holds a slot for
 /// happens.
-pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
+fn converge_once(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
     let mut after_steps = || -> Result<()> {
         install_units(cx)?;
         let now = format!("{}\n", crate::clock::now_rfc3339());
@@ -55,6 +108,9 @@ fn install_units(cx: &Context) -> Result<()> {
         let (enabled, active) = match name {
             "bootstrap.timer" => (Some(true), Some(true)),
             "bootstrap-firstboot.service" => (Some(true), None),
+            // Scale-in can come any time after the launch: in an Auto Scaling group the watcher
+            // runs from now on (elsewhere it would exit at once).
+            "bootstrap-watch.service" => (Some(true), crate::asg::watches(&cx.config, &cx.facts).then_some(true)),
             _ => (None, None),
         };
         let step = Step::Unit(UnitStep {

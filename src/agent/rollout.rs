@@ -305,7 +305,7 @@ fn health(cx: &Context, checks: &[crate::reboot::settings::Health]) -> Vec<Strin
     };
     let deadline = Instant::now() + checks.iter().map(|c| c.timeout).max().unwrap_or_default();
     loop {
-        let failures = crate::reboot::health_failures(&host, checks);
+        let failures = crate::reboot::failed_checks(&host, checks);
         if failures.is_empty() || Instant::now() >= deadline {
             return failures;
         }

@@ -11,12 +11,39 @@ pub fn run(a: &RunArgs, mode: Mode) -> anyhow::Result<u8> {
     let root = a.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let opts = options(a);
     let cx = Context::gather(&root, &super::facts::naming(&a.naming), false)?;
+    // `[asg]` checked before any step runs (exit 78).
+    let asg = crate::asg::Settings::new(&cx.config.asg)?;
     let hooks = agent::Hooks {
         after_steps: None,
         show: &mut |r| print(a, mode, r),
     };
-    let report = agent::converge(&cx, &opts, mode, hooks)?;
-    Ok(report.exit_code(a.detailed_exitcodes))
+    let result = agent::converge(&cx, &opts, mode, hooks);
+    if mode == Mode::Apply {
+        after_apply(&cx, &asg, &result)?;
+    }
+    Ok(result?.exit_code(a.detailed_exitcodes))
+}
+
+/// `[asg] unhealthy_after`: count this run, and mark the instance Unhealthy when it is due.
+fn after_apply(cx: &Context, asg: &crate::asg::Settings, result: &anyhow::Result<Report>) -> anyhow::Result<()> {
+    let (ok, why) = match result {
+        Ok(r) => (!r.failed(), r.error.clone()),
+        // Only waited for another run (or the watcher's drain): no word on this node's health.
+        Err(e) if e.downcast_ref::<crate::error::LockTimeout>().is_some() => return Ok(()),
+        Err(e) => (false, Some(format!("{e:#}"))),
+    };
+    crate::asg::unhealthy::after_apply(crate::asg::unhealthy::RunInputs {
+        root: &cx.root,
+        facts: &cx.facts,
+        config: &cx.config,
+        settings: asg,
+        group: cx.config.asg.group.as_deref().map(|g| cx.substitute(g)).transpose()?,
+        reboot_group: cx.reboot_group().ok(),
+        holder: cx.holder_id().ok(),
+        ok,
+        why,
+    });
+    Ok(())
 }
 
 /// The run options the flags give (the clock starts here).

@@ -9,6 +9,7 @@ pub mod lock;
 pub mod reboot;
 pub mod rollout;
 pub mod validate;
+pub mod watch;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -97,6 +98,16 @@ pub enum Command {
         group: Option<String>,
         #[command(flatten)]
         naming: NamingArgs,
+    },
+    /// Wait for this instance's Auto Scaling group to terminate it, then drain it, give back
+    /// its reboot slot and complete the terminating lifecycle action (bootstrap-watch.service).
+    Watch {
+        /// Look once: drain if the instance is being terminated, else exit.
+        #[arg(long)]
+        once: bool,
+        /// Treat DIR as the system's root.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
     },
     /// Print the facts templates and `when` see.
     Facts {
@@ -227,6 +238,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
         Command::Rollout { cmd, group, naming } => rollout::run(&cmd, group.as_deref(), &naming),
         Command::Fleet { cmd, group, naming } => fleet::run(&cmd, group.as_deref(), &naming),
+        Command::Watch { once, root } => watch::run(once, root.as_deref()),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
         Command::Generate { what } => {
             use clap::CommandFactory;

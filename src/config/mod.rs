@@ -28,6 +28,8 @@ pub struct Config {
     pub rollout: RolloutConfig,
     #[serde(default)]
     pub report: ReportConfig,
+    #[serde(default)]
+    pub asg: AsgConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -78,6 +80,46 @@ pub struct RolloutConfig {
 pub struct ReportConfig {
     /// The record's lease in etcd (default 90m: three timer periods).
     pub ttl: Option<String>,
+}
+
+/// `[asg]`: the EC2 Auto Scaling lifecycle (docs/asg.md). Checked into `asg::Settings`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsgConfig {
+    /// Use the Auto Scaling lifecycle with a discovered launch hook (default: on when
+    /// `launch_hook` or `unhealthy_after` is set).
+    pub enabled: Option<bool>,
+    /// The launching lifecycle hook `init` completes (default: the group's one hook for
+    /// `autoscaling:EC2_INSTANCE_LAUNCHING`, found with DescribeLifecycleHooks).
+    pub launch_hook: Option<String>,
+    /// The Auto Scaling group (default: the instance's `aws:autoscaling:groupName` tag).
+    pub group: Option<String>,
+    /// How often `init` records a heartbeat (default: a quarter of the hook's
+    /// HeartbeatTimeout, at most 5m); must be under half of it.
+    pub heartbeat_interval: Option<String>,
+    /// How long `init` may try to converge before it abandons the launch (default 30m).
+    pub first_boot_deadline: Option<String>,
+    /// The pause between failed first-boot runs (default 30s).
+    pub retry_interval: Option<String>,
+    /// Mark the instance Unhealthy after this many consecutive failed `apply` runs.
+    pub unhealthy_after: Option<u32>,
+    /// At most this many (`"2"`) or this share (`"10%"`) of the group marked at once (default 1).
+    pub max_unhealthy: Option<String>,
+    /// How often `bootstrap watch` reads `autoscaling/target-lifecycle-state` (default 5s).
+    pub watch_interval: Option<String>,
+    /// The terminating lifecycle hook `watch` completes (default: the group's one hook for
+    /// `autoscaling:EC2_INSTANCE_TERMINATING`).
+    pub terminate_lifecycle_hook: Option<String>,
+    /// Auto Scaling API endpoint override (tests).
+    pub endpoint: Option<String>,
+    /// Checks that must pass before the launch completes with CONTINUE (the forms of
+    /// `[[reboot.health]]`).
+    #[serde(default)]
+    pub health: Vec<HealthConfig>,
+    /// Drain commands `watch` runs when the instance is being terminated (default: the
+    /// `[[reboot.pre_hook]]` commands).
+    #[serde(default)]
+    pub terminate_hook: Vec<HookConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -250,9 +292,10 @@ macro_rules! merge_fields {
 }
 
 merge_fields! {
-    Config { bundle, naming, imds, aws, reboot, metrics, rollout, report }
+    Config { bundle, naming, imds, aws, reboot, metrics, rollout, report, asg }
     RolloutConfig { strategy, canary, batch, group, on_failure, wait, health, etcd }
     ReportConfig { ttl }
+    AsgConfig { enabled, launch_hook, group, heartbeat_interval, first_boot_deadline, retry_interval, unhealthy_after, max_unhealthy, watch_interval, terminate_lifecycle_hook, endpoint, health, terminate_hook }
     BundleConfig { source, sha256, public_key, max_bytes, max_entries, s3_endpoint, s3_region }
     NamingConfig { name }
     ImdsConfig { enabled, base_url }
@@ -279,6 +322,7 @@ impl Config {
             ("[aws] ec2_endpoint", &self.aws.ec2_endpoint),
             ("[aws] ssm_endpoint", &self.aws.ssm_endpoint),
             ("[bundle] s3_endpoint", &self.bundle.s3_endpoint),
+            ("[asg] endpoint", &self.asg.endpoint),
         ];
         for (what, url) in urls {
             if let Some(u) = url {
@@ -437,6 +481,26 @@ cert_file = "/cert"
 key_file = "/key"
 [report]
 ttl = "1m"
+[asg]
+enabled = true
+launch_hook = "launch"
+group = "asg"
+heartbeat_interval = "1m"
+first_boot_deadline = "20m"
+retry_interval = "10s"
+unhealthy_after = 2
+max_unhealthy = "10%"
+watch_interval = "5s"
+terminate_lifecycle_hook = "drain"
+endpoint = "http://as"
+[[asg.health]]
+unit = "b.service"
+url = "http://h2"
+command = ["true"]
+timeout = "2s"
+[[asg.terminate_hook]]
+command = ["drain"]
+timeout = "2m"
 "#;
 
     #[test]

@@ -49,6 +49,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         reboot_pending: false,
         reboot: None,
         rollout: None,
+        lifecycle: None,
         error: None,
     };
     let mut pending: BTreeSet<Notify> = if apply && host.is_live() {

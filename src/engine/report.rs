@@ -131,6 +131,9 @@ pub struct Report {
     /// docs/rollouts.md): the bundle's state in its rollout, the slot and health times.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<serde_json::Value>,
+    /// `init` under an Auto Scaling launch hook: how the lifecycle action was completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<crate::asg::LaunchOutcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -43,6 +43,8 @@ impl Imds {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .no_proxy()
+            // Instance metadata is plain HTTP: no trust store to read from disk on every run.
+            .tls_built_in_root_certs(!base_url.starts_with("http://"))
             .build()
             .context("building the IMDS HTTP client")?;
         Ok(Imds {

@@ -202,7 +202,13 @@ pub fn check(root: &Path, os_family: &str, boot_id: &str) -> anyhow::Result<Opti
 
 /// Run the pre-reboot hooks in order; the first failure is returned.
 fn run_hooks(s: &Settings) -> Option<String> {
-    for h in &s.hooks {
+    run_commands("pre-reboot hook", &s.hooks)
+}
+
+/// Run hook commands in order, each with its timeout; the first failure is returned, described
+/// with `what` (`pre-reboot hook`, `terminate hook`).
+pub fn run_commands(what: &str, hooks: &[settings::Hook]) -> Option<String> {
+    for h in hooks {
         let cmd = crate::runner::Cmd {
             argv: h.argv.clone(),
             timeout: Some(h.timeout),
@@ -210,8 +216,8 @@ fn run_hooks(s: &Settings) -> Option<String> {
         };
         match crate::runner::run(&cmd) {
             Ok(o) if o.success() => {}
-            Ok(o) => return Some(format!("pre-reboot hook {:?} {}: {}", h.argv, o.describe(), o.tail(5))),
-            Err(e) => return Some(format!("pre-reboot hook {:?}: {e:#}", h.argv)),
+            Ok(o) => return Some(format!("{what} {:?} {}: {}", h.argv, o.describe(), o.tail(5))),
+            Err(e) => return Some(format!("{what} {:?}: {e:#}", h.argv)),
         }
     }
     None
@@ -219,12 +225,11 @@ fn run_hooks(s: &Settings) -> Option<String> {
 
 /// Every health check; the failures, described.
 fn failed_health(host: &Host, s: &Settings) -> Vec<String> {
-    health_failures(host, &s.health)
+    failed_checks(host, &s.health)
 }
 
-/// Run `checks` once each; the failures, described (`unit haproxy.service is failed`,
-/// `GET http://…: HTTP 503`). Also the rollout's health checks.
-pub fn health_failures(host: &Host, checks: &[settings::Health]) -> Vec<String> {
+/// Every check of `checks` (`[[reboot.health]]`, `[[asg.health]]`); the failures, described.
+pub fn failed_checks(host: &Host, checks: &[settings::Health]) -> Vec<String> {
     let mut failed = Vec::new();
     for c in checks {
         match &c.check {

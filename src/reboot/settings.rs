@@ -87,11 +87,51 @@ pub fn etcd_tls(e: &EtcdConfig) -> Result<Tls, ConfigError> {
     })
 }
 
-/// `[[SECTION.health]]` checked into typed checks (`[[reboot.health]]`, `[[rollout.health]]`).
-pub fn health_checks(section: &str, cfg: &[crate::config::HealthConfig]) -> Result<Vec<Health>, ConfigError> {
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub strategy: RebootStrategy,
+    /// The reboot group (always set for `etcd` and `fleet_lock` on the live system).
+    pub group: Option<String>,
+    /// This node's id in the lock service (checked for `etcd` and `fleet_lock` on the live
+    /// system); also seeds this node's turn in the window.
+    pub holder: String,
+    pub service: Service,
+    pub window: Option<Window>,
+    pub splay: Duration,
+    pub hooks: Vec<Hook>,
+    pub health: Vec<Health>,
+}
+
+fn duration(what: &str, s: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match s {
+        Some(t) => humantime::parse_duration(t).map_err(|e| ConfigError::msg(format!("{what} timeout {t:?}: {e}"))),
+        None => Ok(default),
+    }
+}
+
+/// Hook commands (`[[reboot.pre_hook]]`, `[[asg.terminate_hook]]`) checked; `what` names the
+/// table in errors.
+pub fn hooks(what: &str, cfg: &[crate::config::HookConfig]) -> Result<Vec<Hook>, ConfigError> {
+    let mut hooks = Vec::new();
+    for (i, h) in cfg.iter().enumerate() {
+        let what = format!("{what} #{}", i + 1);
+        if h.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(ConfigError::msg(format!("{what}: command must name a program")));
+        }
+        hooks.push(Hook {
+            argv: h.command.clone(),
+            timeout: duration(&what, &h.timeout, HOOK_TIMEOUT)?,
+        });
+    }
+    Ok(hooks)
+}
+
+/// Health checks (`[[reboot.health]]`, `[[asg.health]]`) checked; `what` names the table in
+/// errors.
+pub fn health_checks(what: &str, cfg: &[crate::config::HealthConfig]) -> Result<Vec<Health>, ConfigError> {
     let mut health = Vec::new();
     for (i, c) in cfg.iter().enumerate() {
-        let what = format!("[[{section}.health]] #{}", i + 1);
+        let what = format!("{what} #{}", i + 1);
         let check = match (&c.unit, &c.url, &c.command) {
             (Some(u), None, None) => {
                 crate::step::unit::check_unit_name(u).map_err(|e| ConfigError::msg(format!("{what}: {e}")))?;
@@ -115,28 +155,6 @@ pub fn health_checks(section: &str, cfg: &[crate::config::HealthConfig]) -> Resu
         });
     }
     Ok(health)
-}
-
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub strategy: RebootStrategy,
-    /// The reboot group (always set for `etcd` and `fleet_lock` on the live system).
-    pub group: Option<String>,
-    /// This node's id in the lock service (checked for `etcd` and `fleet_lock` on the live
-    /// system); also seeds this node's turn in the window.
-    pub holder: String,
-    pub service: Service,
-    pub window: Option<Window>,
-    pub splay: Duration,
-    pub hooks: Vec<Hook>,
-    pub health: Vec<Health>,
-}
-
-fn duration(what: &str, s: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    match s {
-        Some(t) => humantime::parse_duration(t).map_err(|e| ConfigError::msg(format!("{what} timeout {t:?}: {e}"))),
-        None => Ok(default),
-    }
 }
 
 impl Settings {
@@ -188,18 +206,8 @@ impl Settings {
             (None, Some(w)) => (w.length.unsigned_abs() / 4).min(MAX_DEFAULT_SPLAY),
             (None, None) => Duration::ZERO,
         };
-        let mut hooks = Vec::new();
-        for (i, h) in cfg.pre_hook.iter().enumerate() {
-            let what = format!("[[reboot.pre_hook]] #{}", i + 1);
-            if h.command.first().is_none_or(|c| c.is_empty()) {
-                return Err(ConfigError::msg(format!("{what}: command must name a program")));
-            }
-            hooks.push(Hook {
-                argv: h.command.clone(),
-                timeout: duration(&what, &h.timeout, HOOK_TIMEOUT)?,
-            });
-        }
-        let health = health_checks("reboot", &cfg.health)?;
+        let hooks = hooks("[[reboot.pre_hook]]", &cfg.pre_hook)?;
+        let health = health_checks("[[reboot.health]]", &cfg.health)?;
         let holder = match holder {
             Ok(h) => h,
             Err(e) if coordinated && live => return Err(e),

@@ -112,7 +112,7 @@ impl Settings {
             group,
             on_failure: r.on_failure.unwrap_or_default(),
             wait: dur("[rollout] wait", &r.wait, DEFAULT_WAIT)?,
-            health: crate::reboot::settings::health_checks("rollout", &r.health)?,
+            health: crate::reboot::settings::health_checks("[[rollout.health]]", &r.health)?,
             etcd,
             holder,
             report_ttl: dur("[report] ttl", &cfg.report.ttl, DEFAULT_REPORT_TTL)?,

@@ -1,6 +1,8 @@
 //! `kernel_module`: a module loaded at every boot (`/etc/modules-load.d/NAME.conf`), with its
 //! options (`/etc/modprobe.d/NAME.conf`), and loaded now (`modprobe NAME`, on the running
-//! system only: under `--root` only the files are managed).
+//! system only: under `--root` only the files are managed). A module built into the kernel
+//! (listed in `/lib/modules/RELEASE/modules.builtin`) is always loaded, though only one with
+//! parameters shows in `/sys/module`.
 
 use super::{content_diff, Change, Host, Kind, LoadCtx, PrepCtx, State};
 use crate::error::ConfigError;
@@ -86,7 +88,7 @@ pub struct ModuleStep {
 pub struct Observed {
     pub load_file: Option<Vec<u8>>,
     pub options_file: Option<Vec<u8>>,
-    /// `/sys/module/NAME` exists; None under `--root` (not looked at).
+    /// `/sys/module/NAME` exists or the module is built in; None under `--root` (not looked at).
     pub loaded: Option<bool>,
 }
 
@@ -105,6 +107,36 @@ impl ModuleStep {
     fn sys_path(&self) -> String {
         format!("/sys/module/{}", self.name.replace('-', "_"))
     }
+
+    /// Loaded now: in `/sys/module`, or built into the running kernel.
+    fn loaded(&self, fs: &crate::fsutil::Root) -> Result<bool> {
+        Ok(fs.exists(&self.sys_path())? || self.built_in(fs)?)
+    }
+
+    /// Listed in the running kernel's `/lib/modules/RELEASE/modules.builtin` (as `modprobe`
+    /// itself reads it): a built-in module without parameters has no `/sys/module/NAME`.
+    fn built_in(&self, fs: &crate::fsutil::Root) -> Result<bool> {
+        let Some(release) = fs.read("/proc/sys/kernel/osrelease")? else {
+            return Ok(false);
+        };
+        let release = String::from_utf8_lossy(&release).trim().to_string();
+        if release.is_empty() || release.contains('/') || release.starts_with('.') {
+            return Ok(false);
+        }
+        let Some(list) = fs.read(&format!("/lib/modules/{release}/modules.builtin"))? else {
+            return Ok(false);
+        };
+        Ok(listed_built_in(&String::from_utf8_lossy(&list), &self.name))
+    }
+}
+
+/// `name` is in a `modules.builtin` list (`kernel/net/bridge/br_netfilter.ko` per line; `-`
+/// and `_` alike).
+fn listed_built_in(list: &str, name: &str) -> bool {
+    let want = name.replace('-', "_");
+    list.lines()
+        .filter_map(|l| l.trim().rsplit('/').next()?.strip_suffix(".ko"))
+        .any(|m| m.replace('-', "_") == want)
 }
 
 fn file_change(field: &str, path: &str, have: Option<&[u8]>, want: &[u8]) -> Option<Change> {
@@ -120,7 +152,7 @@ impl Kind for ModuleStep {
     fn check(&self, host: &Host) -> Result<Observed> {
         let fs = host.fs()?;
         let loaded = if host.is_live() && self.state == State::Present {
-            Some(fs.exists(&self.sys_path())?)
+            Some(self.loaded(&fs)?)
         } else {
             None
         };
@@ -185,7 +217,7 @@ impl Kind for ModuleStep {
             if !out.success() {
                 bail!("loading kernel module {}: `{}` {}: {}", self.name, argv.join(" "), out.describe(), out.tail(5));
             }
-            if !fs.exists(&self.sys_path())? {
+            if !self.loaded(&fs)? {
                 bail!("loading kernel module {}: modprobe succeeded but {} does not exist", self.name, self.sys_path());
             }
         }
@@ -235,5 +267,13 @@ mod tests {
         assert!(check_name("br_netfilter").is_ok() && check_name("br-netfilter").is_ok());
         assert!(check_name("../x").is_err() && check_name("").is_err() && check_name("a b").is_err());
         assert_eq!(step(None).sys_path(), "/sys/module/br_netfilter");
+    }
+
+    #[test]
+    fn built_in_modules_by_the_kernel_list() {
+        let list = "kernel/fs/overlayfs/overlay.ko\nkernel/net/bridge/br_netfilter.ko\nkernel/drivers/md/dm-mod.ko\n";
+        assert!(listed_built_in(list, "br_netfilter") && listed_built_in(list, "br-netfilter"));
+        assert!(listed_built_in(list, "overlay") && listed_built_in(list, "dm_mod"));
+        assert!(!listed_built_in(list, "bridge") && !listed_built_in(list, "netfilter") && !listed_built_in("", "overlay"));
     }
 }

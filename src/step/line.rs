@@ -6,7 +6,7 @@ use super::{check_abs_path, content_diff, Change, Host, Kind, LoadCtx, PrepCtx, 
 use crate::error::ConfigError;
 use crate::fsutil;
 use anyhow::{bail, Context, Result};
-use regex::Regex;
+use regex_lite::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -15,7 +15,8 @@ use toml::Spanned;
 pub struct Spec {
     pub path: Spanned<String>,
     pub line: Option<Spanned<String>>,
-    /// A regular expression (Rust `regex` syntax) for the line to replace (or remove).
+    /// A regular expression (Rust `regex` syntax without Unicode classes: `regex-lite`) for the
+    /// line to replace (or remove).
     #[serde(rename = "match")]
     pub match_: Option<Spanned<String>>,
     #[serde(default)]
@@ -28,7 +29,7 @@ const NEW_FILE_MODE: u32 = 0o644;
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 fn compile(pattern: &str) -> std::result::Result<Regex, String> {
-    regex::RegexBuilder::new(pattern)
+    regex_lite::RegexBuilder::new(pattern)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
         .map_err(|e| format!("invalid regular expression {pattern:?}: {e}"))

@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["role"],
     &["source"],
     &["reboot"],
+    &["asg"],
     &["engine"],
     &["rollout"],
     &["metrics"],

@@ -2,9 +2,10 @@
 //! scripts/rootfs-rhel (Debian's dnf 4.14 and rpm, a Rocky Linux 9 os-release, so the facts
 //! say os.family = rhel) and the test rpm repository (rpmbuild -bb, createrepo_c) at
 //! /srv/rpmrepo through /etc/yum.repos.d/test.repo: bootstrap-probe 1.0-1 and 2.0-1,
-//! bootstrap-other 1.0-1.
+//! bootstrap-other 1.0-1. And the `repository` step's dnf form (a `.repo` with `gpgkey`) with a
+//! repository signed here.
 
-use crate::harness::node::Node;
+use crate::harness::node::{rpmrepo, Node};
 use crate::harness::support::changed_ids;
 
 fn write_role(b: &std::path::Path, name: &str, steps: &str) {
@@ -120,4 +121,155 @@ fn dnf_latest_on_a_fresh_node_installs_and_upgrades_without_a_cache() {
     twice(&node, "latest", "latest of one installed by hand and one not installed");
     assert_eq!(rpm_q(&node, "bootstrap-probe"), "2.0-1");
     assert_eq!(rpm_q(&node, "bootstrap-other"), "1.0-1");
+}
+
+fn sh_ok(script: &str) {
+    let o = std::process::Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A copy of the test rpm repository's bootstrap-other, signed (`rpmsign`) with an RSA key made
+/// here and indexed with createrepo_c; returns (the repository, the armored public key).
+fn signed_rpm_repo(tmp: &std::path::Path) -> (std::path::PathBuf, String) {
+    let (repo, gnupg) = (tmp.join("repo"), tmp.join("gnupg"));
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::create_dir_all(&gnupg).unwrap();
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::copy(
+        rpmrepo().join("bootstrap-other-1.0-1.noarch.rpm"),
+        repo.join("bootstrap-other-1.0-1.noarch.rpm"),
+    )
+    .unwrap();
+    let g = format!("gpg --batch --homedir {}", gnupg.display());
+    sh_ok(&format!(
+        "{g} --passphrase '' --quick-gen-key 'bootstrap rpm test <rpm@example.com>' rsa2048 sign never 2>/dev/null"
+    ));
+    sh_ok(&format!(
+        "rpmsign --addsign --define '_gpg_name bootstrap rpm test' --define '_gpg_path {}' --define '__gpg /usr/bin/gpg' {}/*.rpm",
+        gnupg.display(),
+        repo.display()
+    ));
+    sh_ok(&format!("createrepo_c -q {}", repo.display()));
+    let key = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{g} --armor --export"))
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("gpgconf")
+        .args(["--homedir"])
+        .arg(&gnupg)
+        .args(["--kill", "all"])
+        .status();
+    (repo, String::from_utf8(key.stdout).unwrap())
+}
+
+/// Ahead of dnf on PATH: records each argv, then runs the real dnf.
+const DNF_RECORDER: &str = "#!/bin/sh\necho \"dnf $*\" >> /var/log/dnf-argv.log\nexec /usr/bin/dnf \"$@\"\n";
+
+/// Show 5 (repository, dnf form): a `.repo` with `gpgcheck=1` and its `gpgkey` on the real dnf
+/// node. The first apply writes both, and the package step after it runs dnf with `--refresh`,
+/// once; dnf checks the package's signature with that key (imported into rpm's database). The
+/// second apply changes nothing and runs no dnf; a hand edit shows in `plan` as a diff (and
+/// plan leaves it); a bad input exits 78 with nothing touched.
+#[test]
+fn dnf_repository_with_gpgkey_then_a_signed_package_on_a_rhel_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, key) = signed_rpm_repo(tmp.path());
+    assert!(key.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"), "{key}");
+    let b = tempfile::tempdir().unwrap();
+    let repo_step = "[[step]]\nkind = \"repository\"\nname = \"signed\"\nurl = \"file:///srv/signedrpms\"\nkey = \"signed.asc\"\n";
+    write_role(b.path(), "repo", &format!("{repo_step}{}", pkg("\"bootstrap-other\"", "present")));
+    write_role(b.path(), "typo", &format!("{repo_step}gpgcheck = false\n"));
+    write_role(b.path(), "badname", &repo_step.replace("name = \"signed\"", "name = \"../signed\""));
+    for r in ["repo", "typo", "badname"] {
+        std::fs::create_dir_all(b.path().join(format!("roles/{r}/files"))).unwrap();
+        std::fs::write(b.path().join(format!("roles/{r}/files/signed.asc")), &key).unwrap();
+    }
+    let (_, other_key) = signed_rpm_repo(&tmp.path().join("other"));
+    write_role(b.path(), "wrongkey", &format!("{repo_step}{}", pkg("\"bootstrap-other\"", "present")));
+    std::fs::create_dir_all(b.path().join("roles/wrongkey/files")).unwrap();
+    std::fs::write(b.path().join("roles/wrongkey/files/signed.asc"), &other_key).unwrap();
+    let node = Node::boot_rhel(b.path(), &[(&repo, "/srv/signedrpms")]);
+    // Only the signed repository: the node's unsigned test repository goes.
+    let r = node.sh("rm /etc/yum.repos.d/test.repo && ! rpm -q gpg-pubkey && echo ok");
+    assert!(r.stdout.ends_with("ok\n"), "{}", r.all());
+    let recorder = node.merged.join("usr/local/bin/dnf");
+    std::fs::write(&recorder, DNF_RECORDER).unwrap();
+    std::fs::set_permissions(&recorder, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dnf_calls = || std::fs::read_to_string(node.merged.join("var/log/dnf-argv.log")).unwrap_or_default();
+
+    // Bad inputs: exit 78 naming the position, nothing written.
+    let probe = "ls /etc/yum.repos.d /etc/pki 2>&1";
+    let before = node.sh(probe).all();
+    for (role, want) in [
+        ("typo", "roles/typo/role.toml:7:1: unknown field `gpgcheck`"),
+        ("badname", "roles/badname/role.toml:4:8: invalid repository name \"../signed\""),
+    ] {
+        let r = node.run_role("apply", role, &[]);
+        assert_eq!(r.code, 78, "{role}: {}", r.all());
+        assert!(r.stderr.contains(want), "{role}: want {want:?} in\n{}", r.stderr);
+    }
+    assert_eq!(node.sh(probe).all(), before, "a refused role touched the node");
+    assert_eq!(dnf_calls(), "", "a refused role ran dnf");
+
+    let first = node.run_role("apply", "repo", &["--detailed-exitcodes"]);
+    assert_eq!(first.code, 2, "{}", first.all());
+    assert_eq!(changed_ids(&node.report()), ["repository:signed", "package:bootstrap-other"]);
+    let repo_file = std::fs::read_to_string(node.merged.join("etc/yum.repos.d/signed.repo")).unwrap();
+    assert!(
+        repo_file.contains("[signed]\n")
+            && repo_file.contains("baseurl=file:///srv/signedrpms\n")
+            && repo_file.contains("gpgcheck=1\ngpgkey=file:///etc/pki/rpm-gpg/RPM-GPG-KEY-signed\n"),
+        "{repo_file}"
+    );
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/pki/rpm-gpg/RPM-GPG-KEY-signed")).unwrap(), key);
+    assert_eq!(rpm_q(&node, "bootstrap-other"), "1.0-1");
+    // dnf checked the signature: it imported the repository's key into rpm's database.
+    let keys = node.sh("rpm -q gpg-pubkey --qf '%{SUMMARY}\\n'").stdout;
+    assert!(keys.contains("bootstrap rpm test"), "{keys}");
+    let calls = dnf_calls();
+    let refreshes: Vec<&str> = calls.lines().filter(|l| l.contains("--refresh")).collect();
+    assert_eq!(refreshes.len(), 1, "one refresh, by the package step: {calls}");
+    assert!(refreshes[0].contains("install") && refreshes[0].contains("bootstrap-other"), "{calls}");
+
+    let second = node.run_role("apply", "repo", &["--detailed-exitcodes"]);
+    assert_eq!(second.code, 0, "{}", second.all());
+    assert_eq!(dnf_calls(), calls, "the second apply ran dnf");
+
+    // A hand edit: plan shows the diff and leaves the file as it is.
+    node.sh("sed -i 's/^enabled=1/enabled=0/' /etc/yum.repos.d/signed.repo");
+    let p = node.run_role("plan", "repo", &["--json"]);
+    assert_eq!(p.code, 0, "{}", p.all());
+    let doc: serde_json::Value = serde_json::from_str(&p.stdout).unwrap_or_else(|e| panic!("{e}\n{}", p.all()));
+    assert_eq!(changed_ids(&doc), ["repository:signed"], "{doc:#}");
+    let step = doc["steps"].as_array().unwrap().iter().find(|s| s["id"] == "repository:signed").unwrap();
+    let c = &step["changes"][0];
+    assert_eq!(c["field"], "content", "{step:#}");
+    let diff = c["diff"].as_str().unwrap();
+    assert!(diff.contains("-enabled=0") && diff.contains("+enabled=1"), "{diff}");
+    assert!(
+        node.sh("cat /etc/yum.repos.d/signed.repo").stdout.contains("enabled=0\n"),
+        "plan changed the file"
+    );
+    let r = node.run_role("apply", "repo", &["--detailed-exitcodes"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert_eq!(node.run_role("apply", "repo", &["--detailed-exitcodes"]).code, 0);
+
+    // The check is real: with another key (and the right one gone from rpm's database) dnf
+    // refuses the package.
+    let r = node.sh("rpm -e bootstrap-other $(rpm -q gpg-pubkey) && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let r = node.run_role("apply", "wrongkey", &[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.all().contains("Public key for bootstrap-other-1.0-1.noarch.rpm is not installed") && r.all().contains("GPG check FAILED"),
+        "{}",
+        r.all()
+    );
+    assert_eq!(rpm_q(&node, "bootstrap-other"), "", "installed with the wrong key");
 }

@@ -1,19 +1,11 @@
-//! kubeadm_join on a booted node (kubeadm is a stand-in .deb from the test repo that records its
-//! argv), the join token from SSM (moto), and secrets never leaking.
+//! kubeadm_join on a booted node (kubeadm is a stand-in .deb from the test Kubernetes repository
+//! that records its argv), the join token from SSM (moto), and secrets never leaking.
 
-use crate::harness::moto::{Moto, AWS_ENV};
 use crate::harness::node::Node;
 use crate::harness::support::*;
+use crate::kube_worker::{KubeNode, TOKEN};
 
-const TOKEN: &str = "abcdef.0123456789abcdef";
 const FILE_SECRET: &str = "db-password-7Hq2";
-
-fn node_with_ssm(moto: &Moto) -> (Node, tempfile::TempDir) {
-    let b = bundle_copy();
-    let node = Node::boot_host_net(b.path());
-    node.write_config(&format!("[aws]\nssm_endpoint = \"{}\"\n", moto.url));
-    (node, b)
-}
 
 /// Ahead of the package's kubeadm on PATH: records the JoinConfiguration kubeadm is given (its
 /// mode, owner and content, while kubeadm runs), then runs the real one (the shim).
@@ -35,10 +27,8 @@ fn record_join_config(node: &Node) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-fn apply(node: &Node, verb: &str, extra: &[&str]) -> Run {
-    let mut args = vec![verb, "--source", "/srv/bundle", "--role", "kube-worker", "--name", "production-kube-worker"];
-    args.extend_from_slice(extra);
-    node.agent_env(&args, &AWS_ENV)
+fn apply(k: &KubeNode, verb: &str, extra: &[&str]) -> Run {
+    k.run(verb, extra)
 }
 
 /// Show 3 and 4: the kube-worker role joins once with the token from SSM (argv golden); the
@@ -48,18 +38,17 @@ fn apply(node: &Node, verb: &str, extra: &[&str]) -> Run {
 /// the join runs): kubeadm reads it from a 0600 JoinConfiguration, removed after the join.
 #[test]
 fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
-    let moto = Moto::start();
-    moto.put_parameter("/kube/production/join-token", TOKEN);
-    let (node, _b) = node_with_ssm(&moto);
-    record_join_config(&node);
+    let k = KubeNode::boot();
+    let node = &k.node;
+    record_join_config(node);
     let mut seen = String::new();
 
-    let plan = apply(&node, "plan", &[]);
+    let plan = apply(&k, "plan", &[]);
     assert_eq!(plan.code, 0, "{}", plan.all());
     assert!(plan.stdout.contains("kubeadm_join"), "{}", plan.all());
     seen += &plan.all();
 
-    let r = apply(&node, "apply", &["-vv"]);
+    let r = apply(&k, "apply", &["-vv"]);
     assert_eq!(r.code, 0, "{}", r.all());
     seen += &r.all();
     let shim = std::fs::read_to_string(node.merged.join("var/log/kubeadm-shim.log")).unwrap();
@@ -83,7 +72,7 @@ fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     seen += &std::fs::read_to_string(node.merged.join("var/lib/bootstrap/last-run.json")).unwrap();
 
     // Joined: never again.
-    let r = apply(&node, "apply", &["--detailed-exitcodes"]);
+    let r = apply(&k, "apply", &["--detailed-exitcodes"]);
     assert_eq!(r.code, 0, "{}", r.all());
     seen += &r.all();
     let shim = std::fs::read_to_string(node.merged.join("var/log/kubeadm-shim.log")).unwrap();
@@ -93,7 +82,7 @@ fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     std::fs::remove_file(node.merged.join("etc/kubernetes/kubelet.conf")).unwrap();
     std::fs::create_dir_all(node.merged.join("etc/kubeadm-shim")).unwrap();
     std::fs::write(node.merged.join("etc/kubeadm-shim/fail"), "").unwrap();
-    let r = apply(&node, "apply", &["-vv", "--json"]);
+    let r = apply(&k, "apply", &["-vv", "--json"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
         r.all().contains("`kubeadm join --config /run/bootstrap/kubeadm-join.yaml --node-name node`"),
@@ -107,7 +96,7 @@ fn kube_worker_joins_once_with_the_token_from_ssm_and_never_shows_it() {
     );
     seen += &r.all();
     seen += &std::fs::read_to_string(node.merged.join("var/lib/bootstrap/last-run.json")).unwrap();
-    let plan = apply(&node, "plan", &["-vv"]);
+    let plan = apply(&k, "plan", &["-vv"]);
     seen += &plan.all();
     seen += &node.sh("journalctl --no-pager -o cat").stdout;
     // The test can see the secret: the recorded JoinConfiguration holds it, so a leak would be

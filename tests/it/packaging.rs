@@ -156,6 +156,10 @@ fn deb_on_a_booted_node_firstboot_then_timer_corrects_drift() {
     let timers = node.sh("systemctl list-timers --all --no-pager bootstrap.timer").stdout;
     assert!(timers.contains("bootstrap.timer") && timers.contains("bootstrap.service"), "{timers}");
     assert_eq!(node.sh("systemctl is-active bootstrap.timer").stdout.trim(), "active");
+    // The scale-in watcher is installed and enabled; off EC2 (in no Auto Scaling group) it
+    // exits at once, cleanly.
+    let w = node.sh("systemctl is-enabled bootstrap-watch.service; systemctl show -p Result --value bootstrap-watch.service");
+    assert_eq!(w.stdout, "enabled\nsuccess\n", "{}", w.all());
     // firstboot does not run again on later boots (its condition).
     assert!(node.sh("systemctl show -p ConditionResult --value bootstrap-firstboot.service").stdout.trim() == "yes");
 
@@ -209,7 +213,17 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
     ] {
         assert!(resources.iter().any(|r| r == want), "{want} missing: {resources:?}");
     }
-    for action in ["s3:GetObject", "ec2:DescribeTags", "ec2:DescribeInstances", "ssm:GetParameter", "kms:Decrypt"] {
+    for action in [
+        "s3:GetObject",
+        "ec2:DescribeTags",
+        "ec2:DescribeInstances",
+        "ssm:GetParameter",
+        "kms:Decrypt",
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+        "autoscaling:SetInstanceHealth",
+        "autoscaling:DescribeLifecycleHooks",
+    ] {
         assert!(text.contains(action), "the instance role lacks {action}");
     }
     assert!(
@@ -217,6 +231,9 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
         "IMDSv2 with tags"
     );
     assert!(text.contains("user-data.sh"), "the launch template uses packaging/user-data.sh");
+    for t in ["autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"] {
+        assert!(text.contains(t), "the group has no {t} lifecycle hook");
+    }
     // Every variable main.tf uses is declared.
     let declared: Vec<String> = vars["variable"]
         .as_array()
@@ -234,7 +251,7 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
     }
     // The placeholders main.tf fills are the script's, and the rendered user_data fits EC2's 16 KB.
     let script = std::fs::read_to_string(repo().join("packaging/user-data.sh")).unwrap();
-    for p in ["@BOOTSTRAP_URL@", "@BOOTSTRAP_SHA256@", "@BOOTSTRAP_BUNDLE@"] {
+    for p in ["@BOOTSTRAP_URL@", "@BOOTSTRAP_SHA256@", "@BOOTSTRAP_BUNDLE@", "@BOOTSTRAP_ASG@"] {
         assert!(src.contains(p) && script.contains(p), "{p}");
     }
     let rendered = script
@@ -243,7 +260,8 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
             "https://releases.example.com/bootstrap/0.1.0/bootstrap-x86_64-unknown-linux-musl",
         )
         .replace("@BOOTSTRAP_SHA256@", &"0".repeat(64))
-        .replace("@BOOTSTRAP_BUNDLE@", "s3://example-roles/roles-${env}.tar.gz");
+        .replace("@BOOTSTRAP_BUNDLE@", "s3://example-roles/roles-${env}.tar.gz")
+        .replace("@BOOTSTRAP_ASG@", "true");
     assert!(rendered.len() < 16 * 1024);
 }
 
@@ -261,6 +279,7 @@ fn rpm_carries_the_agent_units_config_and_docs() {
         "/usr/lib/systemd/system/bootstrap.service",
         "/usr/lib/systemd/system/bootstrap.timer",
         "/usr/lib/systemd/system/bootstrap-firstboot.service",
+        "/usr/lib/systemd/system/bootstrap-watch.service",
         "/etc/bootstrap/config.d/00-defaults.toml",
         "/usr/lib/tmpfiles.d/bootstrap.conf",
         "/usr/share/man/man1/bootstrap.1.gz",

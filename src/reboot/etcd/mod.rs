@@ -419,3 +419,53 @@ impl EtcdLock {
         result
     }
 }
+
+impl EtcdLock {
+    /// Read-modify-write of a small JSON record of the group, `<prefix>/groups/<group>/v1/NAME`,
+    /// by compare-and-swap on its revision (retried until it sticks). `f` sees the current value
+    /// (None: absent) and returns the new one (None: leave the key as it is) and its answer.
+    pub fn update_record<R>(&self, name: &str, mut f: impl FnMut(Option<&serde_json::Value>) -> (Option<serde_json::Value>, R)) -> Result<R, LockError> {
+        let key = format!("{}/{name}", self.base);
+        let k64 = B64.encode(&key);
+        let decode = |kvs: Vec<Kv>| -> Result<Option<(serde_json::Value, String)>, LockError> {
+            let Some(kv) = kvs.into_iter().next() else { return Ok(None) };
+            let raw = B64.decode(kv.value.unwrap_or_default()).map_err(|e| LockError::Malformed {
+                key: key.clone(),
+                why: e.to_string(),
+            })?;
+            let v = serde_json::from_slice(&raw).map_err(|e| LockError::Malformed {
+                key: key.clone(),
+                why: e.to_string(),
+            })?;
+            Ok(Some((v, kv.mod_revision.unwrap_or_default())))
+        };
+        let r: RangeResp = self.post("/v3/kv/range", serde_json::json!({ "key": k64 }))?;
+        let mut current = decode(r.kvs)?;
+        let deadline = Instant::now() + CAS_DEADLINE;
+        for attempt in 0.. {
+            if Instant::now() > deadline {
+                break;
+            }
+            let (new, answer) = f(current.as_ref().map(|(v, _)| v));
+            let Some(new) = new else { return Ok(answer) };
+            let compare = match &current {
+                Some((_, rev)) => serde_json::json!({ "key": k64, "result": "EQUAL", "target": "MOD", "mod_revision": rev }),
+                None => serde_json::json!({ "key": k64, "result": "EQUAL", "target": "VERSION", "version": "0" }),
+            };
+            let r: serde_json::Value = self.post(
+                "/v3/kv/txn",
+                serde_json::json!({
+                    "compare": [compare],
+                    "success": [{ "request_put": { "key": k64, "value": B64.encode(new.to_string()) } }],
+                    "failure": [{ "request_range": { "key": k64 } }],
+                }),
+            )?;
+            if r["succeeded"] == true {
+                return Ok(answer);
+            }
+            current = decode(txn_range(&r, 0)?)?;
+            cas_pause(attempt);
+        }
+        Err(LockError::Conflict(key))
+    }
+}

@@ -174,3 +174,29 @@ fn respond(method: &str, path: &str, headers: &BTreeMap<String, String>, st: &Mu
         None => (404, String::new()),
     }
 }
+
+impl ImdsServer {
+    /// Set (or with None remove) a meta-data item while the server runs, e.g.
+    /// `autoscaling/target-lifecycle-state` going from `InService` to `Terminated`.
+    pub fn set_meta(&self, key: &str, value: Option<&str>) {
+        let mut s = self.state.lock().unwrap();
+        match value {
+            Some(v) => s.meta.insert(key.to_string(), v.to_string()),
+            None => s.meta.remove(key),
+        };
+    }
+
+    /// An instance of Auto Scaling group `group` (the tag EC2 Auto Scaling sets) with this id,
+    /// in us-east-1 (moto's default region), `InService`.
+    pub fn asg_instance(name: &str, group: &str, instance_id: &str) -> State {
+        let mut st = ImdsServer::instance(name);
+        st.meta.insert("instance-id".into(), instance_id.into());
+        st.meta.insert("placement/region".into(), "us-east-1".into());
+        st.meta.insert("placement/availability-zone".into(), "us-east-1a".into());
+        st.meta.insert("autoscaling/target-lifecycle-state".into(), "InService".into());
+        st.tags
+            .get_or_insert_with(Default::default)
+            .insert("aws:autoscaling:groupName".into(), group.into());
+        st
+    }
+}

@@ -24,8 +24,20 @@ pub fn rootfs() -> PathBuf {
 pub fn aptrepo() -> PathBuf {
     let p = PathBuf::from(std::env::var("APTREPO").unwrap_or_else(|_| "/var/tmp/bootstrap-aptrepo".into()));
     assert!(
-        p.join(".complete-2").exists(),
-        "no test apt repository at {}: run `scripts/rootfs`",
+        p.join(".complete-3").exists(),
+        "no test apt repository at {} (or an old one, without containerd): run `scripts/rootfs`",
+        p.display()
+    );
+    p
+}
+
+/// The signed stand-in Kubernetes apt repository (scripts/rootfs): kubelet and kubeadm, an
+/// InRelease signed by the key in `key.asc`. Not bound into nodes by default.
+pub fn kuberepo() -> PathBuf {
+    let p = PathBuf::from(std::env::var("KUBEREPO").unwrap_or_else(|_| "/var/tmp/bootstrap-kuberepo".into()));
+    assert!(
+        p.join(".complete-1").exists(),
+        "no test Kubernetes apt repository at {}: run `scripts/rootfs`",
         p.display()
     );
     p

@@ -1,0 +1,441 @@
+//! The Auto Scaling lifecycle on booted nodes (issue 19): the IMDS test server (the group tag,
+//! `autoscaling/target-lifecycle-state` switched at runtime) and moto's Auto Scaling backend
+//! (group, launch configuration, lifecycle hooks, instance health) behind the harness's
+//! recording proxy for the two lifecycle-action calls moto does not implement (see
+//! `harness::moto::AsgProxy`). Order is proven by timestamps: the node writes `date +%s.%N`
+//! from its steps and hooks, the proxy stamps every call on the same clock.
+
+use crate::harness::etcd::Etcd;
+use crate::harness::imds::ImdsServer;
+use crate::harness::moto::{AsgCall, Moto, AWS_ENV};
+use crate::harness::node::Node;
+use crate::harness::support::*;
+use std::time::{Duration, Instant};
+
+const GROUP: &str = "production-web-asg";
+const LAUNCHING: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+
+/// A role whose one step takes 4 s and stamps its start and end.
+const SLOW_ROLE: &str = r#"schema = 1
+[[step]]
+kind = "exec"
+command = ["sh", "-c", "date +%s.%N > /var/tmp/slow.start; sleep 4; date +%s.%N > /var/tmp/slow.done"]
+creates = "/var/tmp/slow.done"
+"#;
+
+/// A role that always fails, counting its attempts.
+const FAILING_ROLE: &str = r#"schema = 1
+[[step]]
+kind = "exec"
+command = ["sh", "-c", "date +%s.%N >> /var/tmp/attempts; exit 3"]
+creates = "/var/tmp/never"
+"#;
+
+struct Fleet {
+    moto: Moto,
+    proxy: crate::harness::moto::AsgProxy,
+    imds: ImdsServer,
+    id: String,
+    node: Node,
+    _bundle: tempfile::TempDir,
+}
+
+/// moto with the group and its hooks, the proxy, IMDS for the group's instance, and a node on
+/// the host's network (it reaches all three, and etcd, on loopback) with `role` as `web`.
+fn fleet(role: &str, extra_config: &str) -> Fleet {
+    let moto = Moto::start();
+    let id = moto.create_asg(GROUP, &[("launch", LAUNCHING, 30), ("drain", TERMINATING, 30)]);
+    let proxy = moto.asg_proxy();
+    let imds = ImdsServer::start(ImdsServer::asg_instance("production-web", GROUP, &id));
+    let b = bundle(&[("roles/web/role.toml", role)]);
+    let node = Node::boot_host_net(b.path());
+    node.write_config(&format!(
+        "[imds]\nbase_url = \"{}\"\n[bundle]\nsource = \"/srv/bundle\"\n[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n{extra_config}\n[asg]\nendpoint = \"{}\"\nheartbeat_interval = \"1s\"\n",
+        imds.addr, proxy.url
+    ));
+    Fleet {
+        moto,
+        proxy,
+        imds,
+        id,
+        node,
+        _bundle: b,
+    }
+}
+
+fn stamp(node: &Node, file: &str) -> f64 {
+    let t = std::fs::read_to_string(node.merged.join(file.trim_start_matches('/'))).unwrap();
+    t.trim().parse().unwrap_or_else(|e| panic!("{file}: {t:?}: {e}"))
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+fn only(calls: Vec<AsgCall>) -> AsgCall {
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    calls.into_iter().next().unwrap()
+}
+
+/// Issue 19, show 1 (success): `init` holds the launch action with heartbeats during a slow
+/// step, and completes it with CONTINUE only after the run converged and the `[[asg.health]]`
+/// check passed; the report and the metrics say so; a second `init` completes nothing again.
+#[test]
+fn init_continues_the_launch_only_after_convergence_with_heartbeats_meanwhile() {
+    let f = fleet(SLOW_ROLE, "");
+    f.node.write_config(&format!(
+        "{}enabled = true\n[[asg.health]]\ncommand = [\"test\", \"-e\", \"/var/tmp/slow.done\"]\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let (start, done) = (stamp(&f.node, "/var/tmp/slow.start"), stamp(&f.node, "/var/tmp/slow.done"));
+    let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
+    assert_eq!(complete.params["LifecycleActionResult"], "CONTINUE");
+    assert_eq!(
+        (
+            complete.params["LifecycleHookName"].as_str(),
+            complete.params["AutoScalingGroupName"].as_str(),
+            complete.params["InstanceId"].as_str()
+        ),
+        ("launch", GROUP, f.id.as_str())
+    );
+    assert!(complete.at > done, "CONTINUE at {} before the slow step ended at {done}", complete.at);
+    let beats = f.proxy.ok_calls("RecordLifecycleActionHeartbeat");
+    let during: Vec<&AsgCall> = beats.iter().filter(|b| b.at > start && b.at < done).collect();
+    assert!(during.len() >= 2, "heartbeats during the 4 s step: {beats:?} (step {start}..{done})");
+    assert!(beats.iter().all(|b| b.at < complete.at && b.params["LifecycleHookName"] == "launch"));
+    println!(
+        "launch: {} heartbeats, {} during the slow step; CONTINUE {:.3} s after the step ended",
+        beats.len(),
+        during.len(),
+        complete.at - done
+    );
+    let rep = f.node.report();
+    assert_eq!(rep["lifecycle"]["result"], "CONTINUE", "{rep}");
+    assert_eq!(rep["lifecycle"]["completed"], true);
+    assert_eq!(rep["lifecycle"]["heartbeats"].as_u64().unwrap() as usize, beats.len());
+    let prom = std::fs::read_to_string(f.node.merged.join("var/lib/metrics/bootstrap_asg.prom")).unwrap();
+    assert!(
+        prom.contains("bootstrap_asg_launch_result{hook=\"launch\",result=\"CONTINUE\",completed=\"true\"} 1"),
+        "{prom}"
+    );
+    assert!(f.node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    // In a group, init leaves the scale-in watcher running.
+    assert_eq!(f.node.sh("systemctl is-active bootstrap-watch.service").stdout.trim(), "active");
+
+    // Again: nothing changes, nothing is completed twice.
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.node.report()["summary"]["changed"], 0);
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
+    assert!(f.proxy.calls.lock().unwrap().iter().all(|c| c.status == 200), "a refused call");
+}
+
+/// Issue 19, show 1 (failure): an `init` that keeps failing tries again until the first-boot
+/// deadline and then completes the launch with ABANDON (not before the deadline, never
+/// CONTINUE); the report says so and no firstboot marker is written.
+#[test]
+fn init_that_keeps_failing_abandons_the_launch_at_the_deadline() {
+    let f = fleet(FAILING_ROLE, "");
+    f.node.write_config(&format!(
+        "{}enabled = true\nfirst_boot_deadline = \"6s\"\nretry_interval = \"1s\"\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    let t0 = now_unix();
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
+    assert_eq!(complete.params["LifecycleActionResult"], "ABANDON");
+    assert!(
+        complete.at >= t0 + 6.0,
+        "ABANDON {:.3} s after init started, before the 6 s deadline",
+        complete.at - t0
+    );
+    let attempts = std::fs::read_to_string(f.node.merged.join("var/tmp/attempts")).unwrap();
+    assert!(attempts.lines().count() >= 2, "init tried again before abandoning: {attempts}");
+    println!(
+        "abandon: {} attempts, ABANDON {:.3} s after init started (deadline 6 s)",
+        attempts.lines().count(),
+        complete.at - t0
+    );
+    let rep = f.node.report();
+    assert_eq!(rep["lifecycle"]["result"], "ABANDON", "{rep}");
+    assert_eq!(rep["status"], "failed");
+    assert!(rep["lifecycle"]["reason"].as_str().unwrap().contains("first-boot deadline"), "{rep}");
+    assert!(!f.node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    assert!(std::fs::read_to_string(f.node.merged.join("var/lib/metrics/bootstrap_asg.prom"))
+        .unwrap()
+        .contains("result=\"ABANDON\""));
+}
+
+fn write_reboot_state(node: &Node, id: &str) {
+    // What reboot coordination leaves while a node holds a slot, here from before its reboot.
+    let st = serde_json::json!({
+        "group": "production-web", "holder": id, "boot_id": "00000000000000000000000000000000",
+        "acquired_at": "2026-11-30T00:00:00Z", "reason": "test: a slot taken before the reboot",
+    });
+    let r = node.sh("install -d -m 0700 /var/lib/bootstrap && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    std::fs::write(node.merged.join("var/lib/bootstrap/reboot.json"), st.to_string()).unwrap();
+}
+
+/// Issue 19, show 2: `unhealthy_after = 2`: the first failed timer run marks nothing, the
+/// second sets the instance Unhealthy in moto (respecting the grace period), taking a place in
+/// the group's etcd record; a third does not call again. A node that holds a reboot slot is
+/// never marked, however often it fails.
+#[test]
+fn two_failed_runs_mark_the_instance_unhealthy_but_not_while_it_holds_a_reboot_slot() {
+    let etcd = Etcd::start(1);
+    let f = fleet(
+        FAILING_ROLE,
+        &format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n", etcd.endpoints()[0]),
+    );
+    f.node.write_config(&format!(
+        "{}unhealthy_after = 2\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    let apply = || f.node.agent_env(&["apply"], &AWS_ENV);
+    let r = apply();
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(f.moto.asg_health(&f.id), "Healthy");
+    assert!(f.proxy.ok_calls("SetInstanceHealth").is_empty());
+    let r = apply();
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(f.moto.asg_health(&f.id), "Unhealthy", "{}", r.all());
+    let set = only(f.proxy.ok_calls("SetInstanceHealth"));
+    assert_eq!(
+        (set.params["HealthStatus"].as_str(), set.params["ShouldRespectGracePeriod"].as_str()),
+        ("Unhealthy", "true")
+    );
+    let record = etcd.ctl(&["get", "--print-value-only", "com.coreos.airlock/groups/production-web/v1/asg-unhealthy"]);
+    assert!(record.contains(&f.id), "{record}");
+    assert_eq!(apply().code, 1);
+    assert_eq!(f.proxy.ok_calls("SetInstanceHealth").len(), 1, "marked twice");
+    let prom = std::fs::read_to_string(f.node.merged.join("var/lib/metrics/bootstrap_asg.prom")).unwrap();
+    assert!(
+        prom.contains("bootstrap_asg_marked_unhealthy 1") && prom.contains("bootstrap_asg_consecutive_failed_runs 3"),
+        "{prom}"
+    );
+
+    // The same node healthy again, then failing while it holds a reboot slot (back from its
+    // reboot, not converging: the rollout stops here, the group must not replace it).
+    f.moto
+        .autoscaling(&[("Action", "SetInstanceHealth"), ("InstanceId", &f.id), ("HealthStatus", "Healthy")]);
+    std::fs::remove_file(f.node.merged.join("var/lib/bootstrap/asg-health.json")).unwrap();
+    etcd.lock("production-web").acquire(&f.id, 1).unwrap();
+    write_reboot_state(&f.node, &f.id);
+    for _ in 0..3 {
+        assert_eq!(apply().code, 1);
+    }
+    assert_eq!(f.moto.asg_health(&f.id), "Healthy");
+    assert_eq!(f.proxy.ok_calls("SetInstanceHealth").len(), 1, "marked while holding a reboot slot");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(f.node.merged.join("var/lib/bootstrap/asg-health.json")).unwrap()).unwrap();
+    assert_eq!(rec["not_marked"], "holds a reboot slot", "{rec}");
+    assert_eq!(rec["consecutive_failures"], 3);
+    assert_eq!(etcd.holders("production-web"), std::slice::from_ref(&f.id));
+}
+
+/// Issue 19, show 3: `bootstrap-watch.service` on the node leaves an InService instance
+/// alone; when IMDS says `Terminated` it runs the drain hook, gives back the reboot slot in
+/// etcd, and completes the terminating action with CONTINUE after the drain, then exits.
+#[test]
+fn watcher_drains_releases_the_slot_and_continues_the_termination() {
+    let etcd = Etcd::start(1);
+    let f = fleet(
+        SLOW_ROLE,
+        &format!("[reboot]\nstrategy = \"etcd\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n", etcd.endpoints()[0]),
+    );
+    f.node.write_config(&format!(
+        "{}watch_interval = \"1s\"\n[[asg.terminate_hook]]\ncommand = [\"sh\", \"-c\", \"sleep 2; date +%s.%N > /var/tmp/drained\"]\ntimeout = \"30s\"\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    etcd.lock("production-web").acquire(&f.id, 1).unwrap();
+    write_reboot_state(&f.node, &f.id);
+    // The unit as packaged, with the instance role's credentials of this test.
+    let unit = std::fs::read_to_string(repo().join("units/bootstrap-watch.service")).unwrap();
+    std::fs::write(f.node.merged.join("etc/systemd/system/bootstrap-watch.service"), unit).unwrap();
+    let dropin = f.node.merged.join("etc/systemd/system/bootstrap-watch.service.d");
+    std::fs::create_dir_all(&dropin).unwrap();
+    let env: String = AWS_ENV.iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
+    std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
+    let r = f
+        .node
+        .sh("systemctl daemon-reload && systemctl start bootstrap-watch.service && systemctl is-active bootstrap-watch.service");
+    assert_eq!(r.stdout.trim(), "active", "{}", r.all());
+
+    // In service: polled, nothing done.
+    let polled = || f.imds.state.lock().unwrap().gets;
+    let before = polled();
+    let start = Instant::now();
+    while polled() < before + 3 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the watcher does not poll");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!f.node.merged.join("var/tmp/drained").exists());
+    assert!(f.proxy.ok_calls("CompleteLifecycleAction").is_empty());
+    assert_eq!(etcd.holders("production-web"), std::slice::from_ref(&f.id));
+
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
+    let start = Instant::now();
+    while f.node.sh("systemctl is-active bootstrap-watch.service").stdout.trim() == "active" {
+        assert!(start.elapsed() < Duration::from_secs(60), "the watcher did not finish its drain");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = f.node.sh("journalctl -u bootstrap-watch.service -o cat --no-pager").stdout;
+    assert_eq!(
+        f.node.sh("systemctl show -p Result --value bootstrap-watch.service").stdout.trim(),
+        "success",
+        "{log}"
+    );
+    let drained = stamp(&f.node, "/var/tmp/drained");
+    assert!(etcd.holders("production-web").is_empty(), "slot still held: {log}");
+    assert!(!f.node.merged.join("var/lib/bootstrap/reboot.json").exists());
+    let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
+    assert_eq!(
+        (complete.params["LifecycleHookName"].as_str(), complete.params["LifecycleActionResult"].as_str()),
+        ("drain", "CONTINUE")
+    );
+    assert!(complete.at > drained, "CONTINUE at {} before the drain hook ended at {drained}", complete.at);
+    let beats = f.proxy.ok_calls("RecordLifecycleActionHeartbeat");
+    assert!(
+        beats.iter().all(|b| b.params["LifecycleHookName"] == "drain" && b.at < complete.at),
+        "{beats:?}"
+    );
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(f.node.merged.join("var/lib/bootstrap/asg-terminate.json")).unwrap()).unwrap();
+    assert_eq!(
+        (rec["released_reboot_slot"].as_bool(), rec["completed"].as_bool()),
+        (Some(true), Some(true)),
+        "{rec}"
+    );
+    // Started again (the instance still says Terminated): nothing is done twice.
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(stamp(&f.node, "/var/tmp/drained"), drained, "the drain hook ran again");
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
+    println!(
+        "watch: drained, slot released, CONTINUE {:.3} s after the drain hook ended, {} heartbeats",
+        complete.at - drained,
+        beats.len()
+    );
+}
+
+/// `max_unhealthy` without etcd: the node counts the group's other instances already Unhealthy
+/// (DescribeAutoScalingGroups) and is not marked while that reaches the limit; once the other
+/// one is healthy again, its next failed run marks it.
+#[test]
+fn without_etcd_an_unhealthy_neighbour_holds_the_mark_back() {
+    let moto = Moto::start();
+    let ids = moto.create_asg_of(GROUP, &[], 2);
+    let (id, other) = (ids[0].clone(), ids[1].clone());
+    let proxy = moto.asg_proxy();
+    let imds = ImdsServer::start(ImdsServer::asg_instance("production-web", GROUP, &id));
+    let b = bundle(&[("roles/web/role.toml", FAILING_ROLE)]);
+    let node = Node::boot_host_net(b.path());
+    node.write_config(&format!(
+        "[imds]\nbase_url = \"{}\"\n[bundle]\nsource = \"/srv/bundle\"\n[asg]\nendpoint = \"{}\"\nunhealthy_after = 1\nmax_unhealthy = \"1\"\n",
+        imds.addr, proxy.url
+    ));
+    moto.autoscaling(&[("Action", "SetInstanceHealth"), ("InstanceId", &other), ("HealthStatus", "Unhealthy")]);
+    for _ in 0..2 {
+        assert_eq!(node.agent_env(&["apply"], &AWS_ENV).code, 1);
+    }
+    assert_eq!(moto.asg_health(&id), "Healthy");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(node.merged.join("var/lib/bootstrap/asg-health.json")).unwrap()).unwrap();
+    assert!(rec["not_marked"].as_str().unwrap().contains("1 other instances"), "{rec}");
+    moto.autoscaling(&[("Action", "SetInstanceHealth"), ("InstanceId", &other), ("HealthStatus", "Healthy")]);
+    assert_eq!(node.agent_env(&["apply"], &AWS_ENV).code, 1);
+    assert_eq!(moto.asg_health(&id), "Unhealthy");
+    assert_eq!(only(proxy.ok_calls("SetInstanceHealth")).params["InstanceId"], id);
+}
+
+/// A first boot that reboots (a reboot needed and allowed, `immediate` here) leaves the launch
+/// action pending; after the boot the firstboot unit runs `init` again, which holds the same
+/// action (heartbeats on both sides of the reboot) and completes it with CONTINUE once the node
+/// converged in its new boot.
+#[test]
+fn a_first_boot_reboot_keeps_the_launch_pending_until_after_the_boot() {
+    let mut f = fleet("schema = 1\n", "[reboot]\nstrategy = \"immediate\"\n");
+    f.node.write_config(&format!(
+        "{}enabled = true\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    assert!(f.node.sh("touch /run/reboot-required && echo ok").stdout.contains("ok"));
+    // The firstboot unit that init installs runs with the instance role's credentials of this test.
+    let dropin = f.node.merged.join("etc/systemd/system/bootstrap-firstboot.service.d");
+    std::fs::create_dir_all(&dropin).unwrap();
+    let env: String = AWS_ENV.iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
+    std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
+    let _ = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(f.node.wait_exit(Duration::from_secs(60)), 133, "init rebooted");
+    let rebooted = now_unix();
+    assert!(f.proxy.ok_calls("CompleteLifecycleAction").is_empty(), "completed before the reboot");
+    assert!(f.node.merged.join("var/lib/bootstrap/asg-launch-pending.json").exists());
+    f.node.boot_again();
+    let start = Instant::now();
+    while f.proxy.ok_calls("CompleteLifecycleAction").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the launch was not completed after the boot: {}",
+            f.node.sh("journalctl -b -u bootstrap-firstboot.service -o cat --no-pager").stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
+    assert_eq!(complete.params["LifecycleActionResult"], "CONTINUE");
+    assert!(complete.at > rebooted);
+    let rep = f.node.report();
+    assert_eq!(rep["lifecycle"]["result"], "CONTINUE", "{rep}");
+    assert!(!f.node.merged.join("var/lib/bootstrap/asg-launch-pending.json").exists());
+    // The firstboot unit does not run again on the next boot.
+    let cond = f.node.sh("systemctl show -p ConditionResult --value bootstrap-firstboot.service").stdout;
+    assert_eq!(cond.trim(), "yes");
+}
+
+/// A timer run that only waited for the run lock (another run, or the watcher's drain, held
+/// it) says nothing about the node's health: it is not counted towards `unhealthy_after`.
+#[test]
+fn runs_that_only_waited_for_the_run_lock_do_not_count() {
+    let f = fleet("schema = 1\n", "");
+    f.node.write_config(&format!(
+        "{}unhealthy_after = 1\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    let r = f
+        .node
+        .sh("mkdir -p /run/bootstrap && (setsid flock /run/bootstrap/lock sleep 120 >/dev/null 2>&1 &) && sleep 0.5 && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    for _ in 0..2 {
+        let r = f.node.agent_env(&["apply", "--lock-timeout", "1s"], &AWS_ENV);
+        assert_eq!(r.code, 1, "{}", r.all());
+        assert!(r.stderr.contains("another bootstrap run"), "{}", r.all());
+    }
+    assert_eq!(f.moto.asg_health(&f.id), "Healthy");
+    assert!(f.proxy.ok_calls("SetInstanceHealth").is_empty());
+    assert!(!f.node.merged.join("var/lib/bootstrap/asg-health.json").exists());
+}
+
+/// A terminating action the API refused to complete: `watch` exits 1 (systemd starts it again)
+/// and the next start completes it without draining twice.
+#[test]
+fn watcher_retries_only_a_refused_completion() {
+    let f = fleet("schema = 1\n", "");
+    f.node.write_config(&format!(
+        "{}[[asg.terminate_hook]]\ncommand = [\"sh\", \"-c\", \"date +%s.%N >> /var/tmp/drains\"]\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
+    f.proxy.refuse_completions.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(f.proxy.ok_calls("CompleteLifecycleAction").is_empty());
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(only(f.proxy.ok_calls("CompleteLifecycleAction")).params["LifecycleActionResult"], "CONTINUE");
+    let drains = std::fs::read_to_string(f.node.merged.join("var/tmp/drains")).unwrap();
+    assert_eq!(drains.lines().count(), 1, "drained twice");
+    let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
+}
