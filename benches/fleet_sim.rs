@@ -11,6 +11,9 @@
 //!
 //! Run: `benches/fleet-sim` (the issue's six scenarios, then 1000/50 with arrivals over 5 s)
 //! or `benches/fleet-sim NODES SLOTS [faults] [--arrivals SECONDS]`.
+//!
+//! `benches/fleet-sim rollout [NODES BATCH good|bad|leader]`: rollouts of a new bundle (see
+//! the `rollout` module below).
 
 #[path = "../tests/it/harness/etcd.rs"]
 #[allow(unused_imports)]
@@ -98,7 +101,7 @@ fn node(i: usize, lock: EtcdLock, group: &str, slots: u64, dies: bool, sh: &Shar
                     .map_err(|e| format!("{id}: {e}"))?;
                 inputs.lock = Some(match w {
                     Waited::Acquired | Waited::AlreadyHeld => LockAnswer::Got,
-                    Waited::Deadline => LockAnswer::Full,
+                    Waited::Deadline | Waited::Closed => LockAnswer::Full,
                 });
             }
             Decision::Reboot => break,
@@ -370,11 +373,16 @@ fn scenario(n: usize, slots: u64, faults: bool, arrivals: f64) -> Row {
 
 fn main() {
     // RUST_LOG=bootstrap=debug: the lock client's retries, with timestamps, on stderr.
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .with_thread_names(false)
+    // (The same directive syntax as BOOTSTRAP_LOG: tracing's `Targets`, no env-filter.)
+    if let Some(targets) = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_thread_names(false))
+            .with(targets)
             .init();
     }
     // One connection per waiting node, plus etcd's own: raise the soft fd limit to the hard one.
@@ -382,6 +390,9 @@ fn main() {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "rollout") {
+        return rollout::main(&args[1..]);
+    }
     let arrivals = match args.iter().position(|a| a == "--arrivals") {
         Some(i) => {
             let s = args.get(i + 1).and_then(|v| v.parse().ok()).expect("--arrivals SECONDS");
@@ -442,5 +453,338 @@ fn main() {
             r.conflicts,
             r.errors,
         );
+    }
+}
+
+/// Rollouts of a new bundle (issue 17): N simulated nodes, each a thread running the agent's
+/// real rollout code (`rollout::decide`, `Rollouts::view`, `wait_slot`, `start_applying`, `healthy`,
+/// `halt`, the node record's `fleet::publish`) in the order `agent::rollout::gated` runs it,
+/// against a real three-member etcd on loopback. Every node has last-good bundle "old" and has
+/// fetched the new one; "apply and health checks" is a 1 s sleep. Scenarios: a good bundle
+/// (canary 1, then batches), a bad bundle (every node that applies it fails its health check),
+/// and a bundle that fails on the first node to get a slot after the etcd leader is killed
+/// mid-rollout. Prints, per scenario: nodes that applied the bundle, nodes that applied it
+/// after it was halted (their last check of the halt started after the halt was recorded: must
+/// be 0), makespan against the ideal (1 + ceil((N - 1) / batch)) × 1 s, and etcd requests per
+/// node (everything: gate read, queue, records, release, node record; keepalives apart).
+mod rollout {
+    use super::etcd_harness;
+    use bootstrap::config::OnFailure;
+    use bootstrap::reboot::etcd::{EtcdLock, LockError, Waited};
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    use bootstrap::rollout::{decide, fleet, Gate, Inputs, Why};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    const APPLY: Duration = Duration::from_secs(1);
+    const CANARY: u64 = 1;
+    const SHA: &str = "5151515151515151515151515151515151515151515151515151515151515151";
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Kind {
+        Good,
+        Bad,
+        /// Fails on the first node to get a slot after the etcd leader was killed.
+        LeaderKilled,
+    }
+
+    struct Shared {
+        start: Instant,
+        /// (node, when its last halt check started, s).
+        applied: Mutex<Vec<(usize, f64)>>,
+        /// When the halt was recorded (s); NaN: not halted.
+        halted_at: Mutex<f64>,
+        killed_at: Mutex<Option<f64>>,
+        fail_taken: AtomicBool,
+        left_halted: AtomicU64,
+        retries: AtomicU64,
+        /// When the last node that applied the bundle had released its slot (s).
+        last_done: Mutex<f64>,
+    }
+
+    /// Retry transient etcd errors (a node's next run would, later), up to a minute.
+    fn retry<T>(sh: &Shared, mut f: impl FnMut() -> Result<T, LockError>) -> Result<T, String> {
+        let t0 = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && t0.elapsed() < Duration::from_secs(60) => {
+                    sh.retries.fetch_add(1, SeqCst);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn node(i: usize, r: Rollouts, kind: Kind, batch: u64, sh: &Shared) -> Result<(), String> {
+        let id = format!("i-{i:017x}");
+        let me = id.as_str();
+        let record = fleet::Record {
+            name: "sim-web".into(),
+            status: "ok".into(),
+            at: "t".into(),
+            ..Default::default()
+        };
+        let view = retry(sh, || r.view(SHA, Some("old"), me))?;
+        let gate = decide(Inputs {
+            gated: true,
+            fetched: Some(SHA),
+            last_good: Some("old"),
+            view: Some(&view),
+            me,
+            on_failure: OnFailure::Halt,
+        });
+        match gate {
+            Gate::Queue(_) | Gate::Held => {}
+            Gate::Fallback(_, Why::Halted | Why::Aborted) => {
+                sh.left_halted.fetch_add(1, SeqCst);
+                return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
+            }
+            g => return Err(format!("{id}: unexpected gate {g:?}")),
+        }
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        match retry(sh, || r.wait_slot(SHA, me, CANARY, deadline))? {
+            Waited::Acquired | Waited::AlreadyHeld => {}
+            Waited::Closed => {
+                sh.left_halted.fetch_add(1, SeqCst);
+                return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
+            }
+            Waited::Deadline => return Err(format!("{id}: no slot within the hour")),
+        }
+        // The check before touching the host (at the leader, with the `applied` record).
+        let checked = sh.start.elapsed().as_secs_f64();
+        if !retry(sh, || r.start_applying(SHA, me))? {
+            retry(sh, || r.give_back(SHA, me))?;
+            sh.left_halted.fetch_add(1, SeqCst);
+            return retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)));
+        }
+        sh.applied.lock().unwrap().push((i, checked));
+        std::thread::sleep(APPLY);
+        let fails = match kind {
+            Kind::Good => false,
+            Kind::Bad => true,
+            Kind::LeaderKilled => sh.killed_at.lock().unwrap().is_some_and(|k| checked > k) && !sh.fail_taken.swap(true, SeqCst),
+        };
+        if fails {
+            let h = Halt {
+                node: id.clone(),
+                step: None,
+                check: Some("sim".into()),
+                reason: "health check failed: sim".into(),
+                at: String::new(),
+            };
+            retry(sh, || r.halt(SHA, &h))?;
+            let mut at = sh.halted_at.lock().unwrap();
+            if at.is_nan() {
+                *at = sh.start.elapsed().as_secs_f64();
+            }
+        } else {
+            retry(sh, || r.healthy(SHA, me, CANARY, batch))?;
+        }
+        {
+            let mut d = sh.last_done.lock().unwrap();
+            *d = d.max(sh.start.elapsed().as_secs_f64());
+        }
+        retry(sh, || fleet::publish(&r, me, &record, Duration::from_secs(600)))
+    }
+
+    pub struct Row {
+        arrivals: f64,
+        n: usize,
+        batch: u64,
+        kind: Kind,
+        applied: usize,
+        after_halt: usize,
+        left_halted: u64,
+        makespan: f64,
+        ideal: f64,
+        req_mean: f64,
+        req_max: u64,
+        keepalives: f64,
+        retries: u64,
+        errors: usize,
+    }
+
+    pub fn scenario(n: usize, batch: u64, kind: Kind, arrivals: f64) -> Row {
+        let shm = std::path::Path::new("/dev/shm");
+        let mut etcd = etcd_harness::Etcd::start_with(3, false, shm.exists().then_some(shm));
+        let eps = etcd.endpoints();
+        let group = format!("rollout-{n}-{batch}-{kind:?}");
+        let clients: Vec<Rollouts> = (0..n)
+            .map(|_| Rollouts::from_lock(EtcdLock::new(&eps, super::PREFIX, &group).unwrap()))
+            .collect();
+        let sh = Arc::new(Shared {
+            start: Instant::now(),
+            applied: Mutex::new(Vec::new()),
+            halted_at: Mutex::new(f64::NAN),
+            killed_at: Mutex::new(None),
+            fail_taken: AtomicBool::new(false),
+            left_halted: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            last_done: Mutex::new(0.0),
+        });
+        let start = Instant::now();
+        let handles: Vec<_> = clients
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, r)| {
+                let sh = sh.clone();
+                let arrive = Duration::from_secs_f64(arrivals * i as f64 / n as f64);
+                std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        std::thread::sleep(arrive.saturating_sub(sh.start.elapsed()));
+                        node(i, r, kind, batch, &sh)
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let ideal = (1.0 + ((n as f64 - 1.0) / batch as f64).ceil()) * APPLY.as_secs_f64();
+        if kind == Kind::LeaderKilled {
+            std::thread::sleep(Duration::from_secs_f64(ideal / 3.0));
+            let http = reqwest::blocking::Client::new();
+            let leads = |i: usize| {
+                http.post(format!("{}/v3/maintenance/status", eps[i]))
+                    .body("{}")
+                    .send()
+                    .and_then(|r| r.json::<serde_json::Value>())
+                    .is_ok_and(|s| s["leader"] == s["header"]["member_id"])
+            };
+            let victim = (0..eps.len()).find(|&i| leads(i)).unwrap_or(1);
+            etcd.kill(victim);
+            *sh.killed_at.lock().unwrap() = Some(sh.start.elapsed().as_secs_f64());
+            eprintln!("  killed etcd member {victim} (the leader) at {:.1}s", start.elapsed().as_secs_f64());
+        }
+        let mut errors = 0;
+        for h in handles {
+            if let Err(e) = h.join().unwrap() {
+                eprintln!("  {e}");
+                errors += 1;
+            }
+        }
+        let all_done = start.elapsed().as_secs_f64();
+        // The rollout is done when the last node released its slot (healthy); its node record
+        // afterwards is not part of it. (`sh.start` is a moment before `start`.)
+        let makespan = *sh.last_done.lock().unwrap() - start.duration_since(sh.start).as_secs_f64();
+        eprintln!("  last node released at {makespan:.2}s; every node (records included) done at {all_done:.2}s");
+        let applied = sh.applied.lock().unwrap().clone();
+        let mut at: Vec<f64> = applied.iter().map(|a| a.1).collect();
+        at.sort_by(f64::total_cmp);
+        eprintln!(
+            "  applies started by time: {}",
+            at.iter()
+                .enumerate()
+                .filter(|(i, _)| i % (batch as usize).max(1) == 1 || *i == 0 || *i + 1 == at.len())
+                .map(|(i, t)| format!("#{i}@{t:.2}s"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let halted_at = *sh.halted_at.lock().unwrap();
+        let after_halt = applied.iter().filter(|(_, t)| !halted_at.is_nan() && *t > halted_at).count();
+        if !halted_at.is_nan() {
+            eprintln!("  halted at {halted_at:.2}s; {} nodes applied the bundle", applied.len());
+        }
+        let per: Vec<(u64, u64)> = clients
+            .iter()
+            .map(|c| {
+                let k = c.client().counters.keepalives.load(SeqCst);
+                (c.client().counters.requests.load(SeqCst) - k, k)
+            })
+            .collect();
+        let req_mean = per.iter().map(|p| p.0).sum::<u64>() as f64 / n as f64;
+        let req_max = per.iter().map(|p| p.0).max().unwrap_or(0);
+        let keepalives = per.iter().map(|p| p.1).sum::<u64>() as f64 / n as f64;
+        Row {
+            arrivals,
+            n,
+            batch,
+            kind,
+            applied: applied.len(),
+            after_halt,
+            left_halted: sh.left_halted.load(SeqCst),
+            makespan,
+            ideal,
+            req_mean,
+            req_max,
+            keepalives,
+            retries: sh.retries.load(SeqCst),
+            errors,
+        }
+    }
+
+    pub fn main(args: &[String]) {
+        let mut args = args.to_vec();
+        let arrivals = match args.iter().position(|a| a == "--arrivals") {
+            Some(i) => {
+                let s: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).expect("--arrivals SECONDS");
+                args.drain(i..i + 2);
+                Some(s)
+            }
+            None => None,
+        };
+        let kind = |s: &str| match s {
+            "good" => Kind::Good,
+            "bad" => Kind::Bad,
+            "leader" => Kind::LeaderKilled,
+            _ => panic!("good|bad|leader"),
+        };
+        let a = arrivals.unwrap_or(super::ARRIVALS);
+        let scenarios: Vec<(usize, u64, Kind, f64)> = if args.is_empty() {
+            vec![
+                (1000, 50, Kind::Good, a),
+                (1000, 50, Kind::Good, arrivals.unwrap_or(5.0)),
+                (1000, 50, Kind::Bad, a),
+                (1000, 50, Kind::LeaderKilled, a),
+                (200, 50, Kind::Good, a),
+            ]
+        } else {
+            vec![(
+                args[0].parse().expect("NODES"),
+                args[1].parse().expect("BATCH"),
+                kind(args.get(2).map_or("good", String::as_str)),
+                a,
+            )]
+        };
+        let mut rows = Vec::new();
+        for (n, b, k, a) in scenarios {
+            eprintln!("rollout scenario: {n} nodes, canary {CANARY}, batch {b}, bundle {k:?}, arrivals over {a} s");
+            rows.push(scenario(n, b, k, a));
+        }
+        println!();
+        println!("| nodes | arrivals | canary | batch | bundle | applied | applied after the halt | left on last-good (halted) | makespan | ideal | ratio | etcd requests / node (mean / max) | keepalives / node | retried | errors |");
+        println!("|---:|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in rows {
+            println!(
+                "| {} | {:.0}s | {CANARY} | {} | {} | {} | {} | {} | {:.1}s | {:.0}s | {} | {:.1} / {} | {:.2} | {} | {} |",
+                r.n,
+                r.arrivals,
+                r.batch,
+                match r.kind {
+                    Kind::Good => "good",
+                    Kind::Bad => "bad (fails its health check)",
+                    Kind::LeaderKilled => "fails after the etcd leader is killed",
+                },
+                r.applied,
+                r.after_halt,
+                r.left_halted,
+                r.makespan,
+                r.ideal,
+                if r.kind == Kind::Good {
+                    format!("{:.3}", r.makespan / r.ideal)
+                } else {
+                    "-".into()
+                },
+                r.req_mean,
+                r.req_max,
+                r.keepalives,
+                r.retries,
+                r.errors,
+            );
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod reboot;
 pub mod role;
+pub mod rollout;
 pub mod runlock;
 pub mod runner;
 pub mod secrets;

@@ -70,6 +70,12 @@ mod dnf_node;
 #[path = "it/repository_archive.rs"]
 mod repository_archive;
 
+#[path = "it/rollouts.rs"]
+mod rollouts;
+
+#[path = "it/fleet_view.rs"]
+mod fleet_view;
+
 #[path = "it/kube_worker.rs"]
 mod kube_worker;
 

@@ -114,6 +114,36 @@ impl Context {
         )
     }
 
+    /// The rollout group: `[rollout] group` (substituted), else `ENV-SERVICE`.
+    pub fn rollout_group(&self) -> Result<Option<String>, crate::error::ConfigError> {
+        Ok(match (&self.config.rollout.group, &self.facts.env, &self.facts.service) {
+            (Some(g), _, _) => Some(
+                self.substitute(g)
+                    .map_err(|e| crate::error::ConfigError::msg(format!("[rollout] group: {e}")))?,
+            ),
+            (None, Some(e), Some(s)) => Some(format!("{e}-{s}")),
+            _ => None,
+        })
+    }
+
+    /// `[rollout]` and `[report]` validated, with the group and this node's holder id; every
+    /// mistake is a `ConfigError` (exit 78), found before any step runs.
+    pub fn rollout_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
+        crate::rollout::Settings::new(
+            &self.config,
+            self.rollout_group()?,
+            self.holder_id(),
+            self.root == std::path::Path::new("/"),
+            true,
+        )
+    }
+
+    /// `[rollout]` for the operator commands (`rollout`, `fleet`): no group or holder id needed.
+    pub fn rollout_tool_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
+        let group = self.rollout_group().ok().flatten();
+        crate::rollout::Settings::new(&self.config, group, self.holder_id(), self.root == std::path::Path::new("/"), false)
+    }
+
     /// A config string with `${env}`, `${service}`, `${region}`, `${instance_id}` filled in.
     pub fn substitute(&self, s: &str) -> Result<String, crate::error::ConfigError> {
         let f = &self.facts;

@@ -57,10 +57,11 @@ fn failed_metrics(cx: &Context, e: &anyhow::Error, start: Instant) {
     }
 }
 
-fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Result<Report> {
+fn run(cx: &Context, o: &RunOptions, mode: Mode, mut hooks: Hooks<'_>) -> anyhow::Result<Report> {
     let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
     // Every config error before anything else, so none is found after the steps ran.
     let reboot = cx.reboot_settings()?;
+    let rollout = cx.rollout_settings()?;
     let role = facts
         .service
         .clone()
@@ -88,15 +89,63 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
     let src = crate::source::Source::parse(&source)?;
     // A tarball is checked and unpacked (into the cache for apply) before roles are read.
     let fetched = crate::source::fetch(&src, &root, &verify, mode == Mode::Apply)?;
-    let bundle = fetched.root.clone();
+    let b = Bundle {
+        reboot: &reboot,
+        role: &role,
+        source: &source,
+        verify: &verify,
+    };
+    let applied = if mode == Mode::Apply && rollout.gated() {
+        super::rollout::gated(cx, o, &b, &rollout, fetched, &mut hooks)?
+    } else {
+        apply_bundle(cx, o, mode, &b, &fetched, &mut hooks, true)?
+    };
+    if mode == Mode::Apply {
+        super::rollout::publish(cx, &rollout, &applied.report);
+    }
+    (hooks.show)(&applied.report)?;
+    if applied.report.reboot_now() {
+        super::reboot()?;
+    }
+    Ok(applied.report)
+}
 
+/// What every apply of a bundle in one run shares.
+pub(super) struct Bundle<'a> {
+    pub reboot: &'a crate::reboot::Settings,
+    pub role: &'a str,
+    /// The source as given (for the report and the cache's bundle names).
+    pub source: &'a str,
+    pub verify: &'a crate::source::Verify,
+}
+
+/// A finished apply of one bundle, with the run lock still held (a reboot happens under it).
+pub(super) struct Applied {
+    pub report: Report,
+    pub _lock: Option<crate::runlock::RunLock>,
+}
+
+/// Load and prepare the role from `fetched`, take the run lock, run, `after_steps`, coordinate
+/// the reboot, persist the report and metrics, and with `mark_good` point `last-good` at the
+/// bundle when the run succeeded (a rollout marks it only once its health checks pass).
+pub(super) fn apply_bundle(
+    cx: &Context,
+    o: &RunOptions,
+    mode: Mode,
+    b: &Bundle<'_>,
+    fetched: &crate::source::Fetched,
+    hooks: &mut Hooks<'_>,
+    mark_good: bool,
+) -> anyhow::Result<Applied> {
+    let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
+    let bundle = fetched.root.clone();
     let env = crate::template::environment();
-    let roles = crate::role::resolve(&bundle, &role, &env)?;
+    let roles = crate::role::resolve(&bundle, b.role, &env)?;
     let vars = crate::role::merged_vars(&roles, facts.env.as_deref())?;
     let steps = crate::role::prepare(&roles, &vars, &facts, &root, &env)?;
 
     // Everything above only reads; the host is touched from here on.
-    let _lock = match mode {
+    let lock = match mode {
         Mode::Apply => Some(crate::runlock::acquire(&root, o.lock_timeout)?),
         Mode::Plan => None,
     };
@@ -111,8 +160,8 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
         &host,
         mode,
         RunInfo {
-            role: role.clone(),
-            source: source.to_string(),
+            role: b.role.to_string(),
+            source: b.source.to_string(),
         },
     );
     report.command = o.command.into();
@@ -120,7 +169,7 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
         sha256: fetched.sha256.clone(),
         origin: fetched.origin.to_string(),
     });
-    if let (Mode::Apply, false, Some(after)) = (mode, report.failed(), hooks.after_steps) {
+    if let (Mode::Apply, false, Some(after)) = (mode, report.failed(), hooks.after_steps.as_mut()) {
         if let Err(e) = after() {
             report.status = RunStatus::Failed;
             report.error.get_or_insert(format!("{e:#}"));
@@ -137,7 +186,7 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
             ok: !report.failed(),
             changed: changed.as_deref(),
         };
-        match crate::reboot::coordinate(&host, &reboot, run, None) {
+        match crate::reboot::coordinate(&host, b.reboot, run, None) {
             Ok(o) => {
                 report.reboot_pending = o.action == crate::reboot::Action::Pending;
                 if o.action.is_failure() {
@@ -152,7 +201,7 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
             }
         }
         engine::write_report(&root, &report)?;
-        if let (false, Some(sha)) = (report.failed(), &fetched.sha256) {
+        if let (false, Some(sha), true) = (report.failed(), &fetched.sha256, mark_good) {
             crate::source::mark_good(&root, sha)?;
         }
         let m = crate::metrics::RunMetrics {
@@ -165,9 +214,5 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> anyhow::Re
             tracing::warn!("writing metrics: {e:#}");
         }
     }
-    (hooks.show)(&report)?;
-    if report.reboot_now() {
-        super::reboot()?;
-    }
-    Ok(report)
+    Ok(Applied { report, _lock: lock })
 }

@@ -12,6 +12,7 @@ pub mod context;
 pub mod converge;
 pub mod init;
 pub mod reboot;
+mod rollout;
 
 pub use context::Context;
 pub use converge::{converge, Hooks, RunOptions};

@@ -3,9 +3,11 @@
 pub mod apply;
 pub mod bundle;
 pub mod facts;
+pub mod fleet;
 pub mod init;
 pub mod lock;
 pub mod reboot;
+pub mod rollout;
 pub mod validate;
 pub mod watch;
 
@@ -77,6 +79,26 @@ pub enum Command {
         #[command(flatten)]
         naming: NamingArgs,
     },
+    /// Rollouts of new bundles in the group (`[rollout] strategy = "canary"`).
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+        /// The rollout group (default: [rollout] group, else ENV-SERVICE of this node).
+        #[arg(long, global = true)]
+        group: Option<String>,
+        #[command(flatten)]
+        naming: NamingArgs,
+    },
+    /// The fleet view: what every node runs, from the records nodes put in etcd after each run.
+    Fleet {
+        #[command(subcommand)]
+        cmd: FleetCmd,
+        /// Only this group (default: every group under the etcd prefix).
+        #[arg(long, global = true)]
+        group: Option<String>,
+        #[command(flatten)]
+        naming: NamingArgs,
+    },
     /// Wait for this instance's Auto Scaling group to terminate it, then drain it, give back
     /// its reboot slot and complete the terminating lifecycle action (bootstrap-watch.service).
     Watch {
@@ -132,6 +154,29 @@ pub enum LockCmd {
     SetSlots { n: u64 },
     /// Remove holders whose EC2 instance is terminated or unknown (ec2:DescribeInstances).
     Reap,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// Each bundle in flight: state, nodes applied/healthy/failed, the halt reason.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a halt: the bundle goes on (the node that halted it tries again first).
+    Resume { sha256: String },
+    /// Mark the bundle bad: no node applies it, nodes that applied it go back to their good
+    /// bundle before it.
+    Abort { sha256: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCmd {
+    /// Groups, nodes per bundle and status, nodes not reporting, rollouts and reboots in flight.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -191,6 +236,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             naming,
         } => reboot::run(check, request, wait, lock_timeout, &naming),
         Command::Lock { cmd, group, naming } => lock::run(&cmd, group.as_deref(), &naming),
+        Command::Rollout { cmd, group, naming } => rollout::run(&cmd, group.as_deref(), &naming),
+        Command::Fleet { cmd, group, naming } => fleet::run(&cmd, group.as_deref(), &naming),
         Command::Watch { once, root } => watch::run(once, root.as_deref()),
         Command::Facts { naming, format, root } => facts::run(&naming, format, root.as_deref()),
         Command::Generate { what } => {

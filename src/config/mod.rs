@@ -25,7 +25,61 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub rollout: RolloutConfig,
+    #[serde(default)]
+    pub report: ReportConfig,
+    #[serde(default)]
     pub asg: AsgConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStrategy {
+    /// Apply a new bundle as soon as it is fetched (the default).
+    #[default]
+    Immediate,
+    /// A new bundle only under a rollout slot in etcd: canaries first, then batches.
+    Canary,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Keep the failed node on the new bundle, for inspection (the default).
+    #[default]
+    Halt,
+    /// Re-apply last-good on the failed node.
+    Rollback,
+}
+
+/// `[rollout]`: how a new bundle goes out to the group (see docs/rollouts.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    pub strategy: Option<RolloutStrategy>,
+    /// Nodes that apply a new bundle first (default 1).
+    pub canary: Option<u64>,
+    /// Nodes applying a new bundle at once after the canaries are healthy (default 1).
+    pub batch: Option<u64>,
+    /// Default `${env}-${service}`.
+    pub group: Option<String>,
+    pub on_failure: Option<OnFailure>,
+    /// How long a run waits for a rollout slot (default 25m, within a timer period).
+    pub wait: Option<String>,
+    /// Checks after a new bundle was applied; the slot is released only when all pass.
+    #[serde(default)]
+    pub health: Vec<HealthConfig>,
+    /// Default: `[reboot.etcd]`.
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+}
+
+/// `[report]`: where a node publishes its status record after every run (the fleet view).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The record's lease in etcd (default 90m: three timer periods).
+    pub ttl: Option<String>,
 }
 
 /// `[asg]`: the EC2 Auto Scaling lifecycle (docs/asg.md). Checked into `asg::Settings`.
@@ -238,7 +292,9 @@ macro_rules! merge_fields {
 }
 
 merge_fields! {
-    Config { bundle, naming, imds, aws, reboot, metrics, asg }
+    Config { bundle, naming, imds, aws, reboot, metrics, rollout, report, asg }
+    RolloutConfig { strategy, canary, batch, group, on_failure, wait, health, etcd }
+    ReportConfig { ttl }
     AsgConfig { enabled, launch_hook, group, heartbeat_interval, first_boot_deadline, retry_interval, unhealthy_after, max_unhealthy, watch_interval, terminate_lifecycle_hook, endpoint, health, terminate_hook }
     BundleConfig { source, sha256, public_key, max_bytes, max_entries, s3_endpoint, s3_region }
     NamingConfig { name }
@@ -404,6 +460,27 @@ unit = "a.service"
 url = "http://h"
 command = ["true"]
 timeout = "1s"
+[rollout]
+strategy = "canary"
+canary = 2
+batch = 2
+group = "g"
+on_failure = "rollback"
+wait = "1m"
+[[rollout.health]]
+unit = "a.service"
+url = "http://h"
+command = ["true"]
+timeout = "1s"
+[rollout.etcd]
+endpoints = ["http://e:2379"]
+prefix = "/p"
+slots = 2
+ca_file = "/ca"
+cert_file = "/cert"
+key_file = "/key"
+[report]
+ttl = "1m"
 [asg]
 enabled = true
 launch_hook = "launch"
@@ -438,6 +515,8 @@ timeout = "2m"
                 .replace("= \"", "= \"x")
                 .replace("[\"", "[\"x")
                 .replace("\"xetcd\"", "\"fleet_lock\"")
+                .replace("\"xcanary\"", "\"immediate\"")
+                .replace("\"xrollback\"", "\"halt\"")
                 .replace(" = 7", " = 70")
                 .replace(" = 8", " = 80")
                 .replace(" = 2", " = 20")

@@ -48,6 +48,7 @@ pub fn run(steps: &[Prepared], host: &Host, mode: Mode, info: RunInfo) -> Report
         reboot_required: false,
         reboot_pending: false,
         reboot: None,
+        rollout: None,
         lifecycle: None,
         error: None,
     };

@@ -127,6 +127,10 @@ pub struct Report {
     pub reboot_pending: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reboot: Option<crate::reboot::Outcome>,
+    /// What the rollout gate did in this run (`[rollout] strategy = "canary"`; see
+    /// docs/rollouts.md): the bundle's state in its rollout, the slot and health times.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<serde_json::Value>,
     /// `init` under an Auto Scaling launch hook: how the lifecycle action was completed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<crate::asg::LaunchOutcome>,

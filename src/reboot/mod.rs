@@ -51,7 +51,7 @@ impl Backend {
             Backend::Etcd(l, slots) => Ok(match l.wait_acquire(holder, *slots, deadline)? {
                 etcd::Waited::Acquired => Some(etcd::Acquire::Acquired),
                 etcd::Waited::AlreadyHeld => Some(etcd::Acquire::AlreadyHeld),
-                etcd::Waited::Deadline => None,
+                etcd::Waited::Deadline | etcd::Waited::Closed => None,
             }),
             Backend::Fleet(f) => poll_until(|| f.acquire(holder), deadline, std::time::Duration::from_secs(2)),
         }

@@ -467,6 +467,25 @@ fn remote(src: &Source, cache: &Path, v: &Verify, persist: bool, url: &str) -> R
     }
 }
 
+/// A bundle already in the cache (the rollout gate's fallback: last-good, or the good one
+/// before it), checked against the pin and key configured now like a last-good fallback, and
+/// made `current`. `label` is the source it came from (for the bundle name and messages).
+pub fn from_cache(host_root: &Path, sha: &str, label: &str, v: &Verify, origin: &'static str) -> Result<Fetched> {
+    let cache = crate::state::StateDir::new(host_root).bundles();
+    if !cache.join(sha).join("roles").is_dir() {
+        bail!("bundle {sha} is not in the cache {}", cache.display());
+    }
+    let name = expected_name(label);
+    let signed = check_cached(&cache, sha, label, &name, v, None)?;
+    make_current(&cache, sha, &name, signed.as_ref())?;
+    Ok(Fetched {
+        root: cache.join(sha),
+        sha256: Some(sha.to_string()),
+        origin,
+        _temp: None,
+    })
+}
+
 /// What `last-good` points at, when its bundle is still in the cache.
 pub fn last_good(host_root: &Path) -> Option<String> {
     last_good_in(&crate::state::StateDir::new(host_root).bundles())

@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["reboot"],
     &["asg"],
     &["engine"],
+    &["rollout"],
     &["metrics"],
     &["agent"],
     &["cli"],

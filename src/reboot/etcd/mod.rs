@@ -87,6 +87,11 @@ pub struct EtcdLock {
     /// The endpoint that answered last; tried first.
     preferred: Arc<AtomicUsize>,
     pub counters: Arc<Counters>,
+    /// A semaphore with no slots is closed: waiters leave the queue (`Waited::Closed`) instead
+    /// of waiting for a slot. The rollout semaphores (`rollout/<sha256>/`) close when their
+    /// bundle is halted or aborted; the reboot semaphore never does (`lock set-slots 0` pauses
+    /// reboots, and the waiters wait).
+    closes_at_zero: bool,
 }
 
 /// How a wait for a slot ended.
@@ -96,6 +101,8 @@ pub enum Waited {
     AlreadyHeld,
     /// The deadline (the end of the reboot window) came first; the queue entry is gone.
     Deadline,
+    /// The semaphore was closed (no slots, for one that closes at zero); the queue entry is gone.
+    Closed,
 }
 
 /// The waiting queue and pending release requests, for `lock status`.
@@ -113,6 +120,13 @@ impl EtcdLock {
     }
 
     pub fn with_tls(endpoints: &[String], prefix: &str, group: &str, tls: &Tls) -> Result<EtcdLock, LockError> {
+        EtcdLock::at_base(endpoints, &format!("{prefix}/groups/{group}/v1"), tls)
+    }
+
+    /// A semaphore with its queue under `base` (`base/semaphore`, `base/queue/`, …): the
+    /// reboot semaphore is at `<prefix>/groups/<group>/v1`, a rollout's at
+    /// `<prefix>/groups/<group>/v1/rollout/<sha256>`.
+    pub fn at_base(endpoints: &[String], base: &str, tls: &Tls) -> Result<EtcdLock, LockError> {
         let bad = |what: &str, e: reqwest::Error| LockError::Malformed {
             key: what.to_string(),
             why: e.to_string(),
@@ -131,7 +145,7 @@ impl EtcdLock {
             b = b.identity(reqwest::Identity::from_pem(id).map_err(|e| bad("etcd cert_file/key_file", e))?);
         }
         let client = b.build().map_err(|e| LockError::Unavailable(e.to_string()))?;
-        let base = format!("{prefix}/groups/{group}/v1");
+        let base = base.to_string();
         Ok(EtcdLock {
             endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
             key: format!("{base}/semaphore"),
@@ -140,11 +154,54 @@ impl EtcdLock {
             // Start at a random member so a fleet spreads its connections over the cluster.
             preferred: Arc::new(AtomicUsize::new(rand::Rng::random_range(&mut rand::rng(), 0..endpoints.len().max(1)))),
             counters: Arc::default(),
+            closes_at_zero: false,
         })
+    }
+
+    /// This semaphore, at the same place, closing when it has no slots (see `Waited::Closed`).
+    pub fn closing_at_zero(mut self) -> EtcdLock {
+        self.closes_at_zero = true;
+        self
+    }
+
+    /// Whether `s` is closed for this lock's waiters.
+    fn closed(&self, s: &Semaphore) -> bool {
+        self.closes_at_zero && s.total_slots == 0
+    }
+
+    /// The same client (endpoints, TLS, counters) for the semaphore under another `base`.
+    pub fn rebased(&self, base: &str) -> EtcdLock {
+        EtcdLock {
+            base: base.to_string(),
+            key: format!("{base}/semaphore"),
+            closes_at_zero: false,
+            ..self.clone()
+        }
     }
 
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// `<prefix>/groups/<group>/v1` (or the base given to `at_base`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Change the semaphore by compare-and-swap (retried): `f` edits it and says whether to write.
+    pub fn update_with(&self, default_slots: u64, mut f: impl FnMut(&mut Semaphore) -> bool) -> Result<(), LockError> {
+        self.update(default_slots, &[], |s| (f(s).then_some(()), ()))
+    }
+
+    /// One request to etcd's v3 JSON gateway (`/v3/kv/txn`, `/v3/kv/range`, …), with the
+    /// endpoint failover and timeouts of the lock; keys and values in the body are base64.
+    pub fn gateway(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value, LockError> {
+        self.post(path, body)
+    }
+
+    /// A lease of `ttl` seconds (its ID).
+    pub fn grant(&self, ttl: u64) -> Result<String, LockError> {
+        self.lease_grant(ttl)
     }
 
     /// Take a slot for `id` (idempotent). The semaphore is created with `default_slots` if absent.
@@ -346,7 +403,7 @@ impl EtcdLock {
         drop(stop);
         let _ = keeper.join();
         // A slot granted by the waiter ahead just as our deadline passed goes back at once.
-        if matches!(result, Ok(Waited::Deadline)) {
+        if matches!(result, Ok(Waited::Deadline | Waited::Closed)) {
             self.release_now(id, default_slots)?;
         }
         // Revoking the lease deletes our queue key if it is still there (gave up, or already

@@ -282,6 +282,9 @@ impl EtcdLock {
                 left.set(v.my_rev.is_none());
                 return Ok(Some(Waited::Acquired));
             }
+            if self.closed(&s) {
+                return Ok(Some(Waited::Closed));
+            }
             if v.my_rev.is_none() {
                 return Ok(None);
             }
@@ -354,6 +357,9 @@ impl EtcdLock {
                     return Ok(Some(if first { Waited::AlreadyHeld } else { Waited::Acquired }));
                 }
                 first = false;
+                if v.sem.as_ref().is_some_and(|(s, _)| self.closed(s)) {
+                    return Ok(Some(Waited::Closed));
+                }
                 if v.my_rev.is_none() {
                     // Our lease expired (etcd unreachable for a minute): to the back of the queue.
                     let q = enqueue()?;

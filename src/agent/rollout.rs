@@ -1,0 +1,343 @@
+//! The rollout gate of a run (`[rollout] strategy = "canary"`): which bundle the run applies,
+//! by `rollout::decide` on what etcd says, and the slot around a new bundle: wait for it, apply
+//! the bundle under it (its `restart:` handlers too), health checks, then release it or halt
+//! the bundle for the group. Also the node's status record for the fleet view.
+
+use super::converge::{apply_bundle, Applied, Bundle, Hooks, RunOptions};
+use super::Context;
+use crate::engine::report::{Report, RunStatus};
+use crate::engine::{self, Mode};
+use crate::rollout::etcd::{Halt, Rollouts};
+use crate::rollout::{decide, settle, Fallback, Gate, Inputs, Settings, Settle, Why};
+use crate::step::Host;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// The node's own record of its rollouts (`/var/lib/bootstrap/rollout.json`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Local {
+    /// The good bundle before the current last-good one.
+    previous: Option<String>,
+}
+
+fn read_local(cx: &Context) -> Local {
+    crate::state::StateDir::new(&cx.root)
+        .read(crate::rollout::STATE_FILE)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn why_str(w: Why) -> &'static str {
+    match w {
+        Why::Halted => "halted",
+        Why::Aborted => "aborted",
+        Why::Unavailable => "etcd unavailable",
+    }
+}
+
+fn now() -> String {
+    crate::clock::now_rfc3339()
+}
+
+/// Run the gate: see `rollout::decide` for the rules.
+pub(super) fn gated(
+    cx: &Context,
+    o: &RunOptions,
+    b: &Bundle<'_>,
+    rl: &Settings,
+    fetched: crate::source::Fetched,
+    hooks: &mut Hooks<'_>,
+) -> anyhow::Result<Applied> {
+    let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else {
+        return apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, true);
+    };
+    let me = rl.holder.as_str();
+    let rollouts = Rollouts::new(svc, group)?;
+    let new = fetched.sha256.clone();
+    let last_good = crate::source::last_good(&cx.root);
+    let view = match &new {
+        Some(sha) => match rollouts.view(sha, last_good.as_deref(), me) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!("rollout of bundle {sha} in group {group}: {e}; no new bundle is applied");
+                None
+            }
+        },
+        None => None,
+    };
+    let gate = decide(Inputs {
+        gated: true,
+        fetched: new.as_deref(),
+        last_good: last_good.as_deref(),
+        view: view.as_ref(),
+        me,
+        on_failure: rl.on_failure,
+    });
+    tracing::info!(
+        ?gate,
+        bundle = new.as_deref().unwrap_or("-"),
+        last_good = last_good.as_deref().unwrap_or("-"),
+        "rollout gate"
+    );
+    let mut note = json!({ "group": group, "sha256": new, "last_good": last_good });
+    let sha = new.clone().unwrap_or_default();
+    let mut applied = match gate {
+        Gate::Fetched => {
+            let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, true)?;
+            note["state"] = "applied".into();
+            // Applied and marked good, but the release did not reach etcd (or was killed):
+            // give the slot back now.
+            if view.as_ref().is_some_and(|v| v.held) && !a.report.failed() {
+                match rollouts.healthy(&sha, me, rl.canary, rl.batch) {
+                    Ok(()) => note["released_at"] = now().into(),
+                    Err(e) => fail(&mut a.report, format!("releasing the rollout slot of bundle {sha}: {e}")),
+                }
+            }
+            a
+        }
+        Gate::Held => under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
+        Gate::Queue(fb) => {
+            let a = fallback(cx, o, b, fb, hooks)?;
+            if a.report.failed() || a.report.reboot_now() {
+                // A failed fallback is no base for a new bundle; a reboot comes first.
+                note["state"] = if a.report.failed() { "fallback_failed" } else { "reboot_first" }.into();
+                a
+            } else {
+                drop(a._lock);
+                let deadline = Instant::now() + rl.wait;
+                note["queued_at"] = now().into();
+                match rollouts.wait_slot(&sha, me, rl.first_slots(), deadline) {
+                    Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
+                        note["slot_at"] = now().into();
+                        under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?
+                    }
+                    Ok(crate::reboot::etcd::Waited::Closed) => {
+                        note["state"] = "halted".into();
+                        Applied { report: a.report, _lock: None }
+                    }
+                    Ok(crate::reboot::etcd::Waited::Deadline) => {
+                        note["state"] = "waiting".into();
+                        Applied { report: a.report, _lock: None }
+                    }
+                    Err(e) => {
+                        tracing::warn!("waiting for a rollout slot of bundle {sha}: {e}");
+                        note["state"] = "unavailable".into();
+                        Applied { report: a.report, _lock: None }
+                    }
+                }
+            }
+        }
+        Gate::Fallback(fb, why) => {
+            note["state"] = why_str(why).into();
+            fallback(cx, o, b, fb, hooks)?
+        }
+        Gate::Hold => {
+            // Still alive and still on the bad bundle: say so in the fleet view.
+            let rec = crate::rollout::fleet::Record {
+                name: node_name(cx),
+                instance_id: cx.facts.instance_id.clone(),
+                bundle: crate::rollout::fleet::BundleRef {
+                    sha256: new.clone(),
+                    origin: "held".into(),
+                },
+                status: "held".into(),
+                at: now(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            };
+            publish_record(cx, rl, &rec);
+            return Err(anyhow::anyhow!(
+                "bundle {sha} was halted by this node and is kept for inspection (on_failure = \"halt\"): \
+                 nothing applied; `bootstrap rollout abort {sha}` puts the node back on its last-good bundle, \
+                 `bootstrap rollout resume {sha}` lets it try again"
+            ));
+        }
+        Gate::Refuse(why) => {
+            return Err(anyhow::anyhow!(
+                "bundle {sha} is {} in group {group} and this node has no last-good bundle to apply instead",
+                why_str(why)
+            ))
+        }
+    };
+    note["gate"] = format!("{gate:?}").into();
+    applied.report.rollout = Some(note);
+    engine::write_report(&cx.root, &applied.report)?;
+    Ok(applied)
+}
+
+fn fail(r: &mut Report, msg: String) {
+    r.status = RunStatus::Failed;
+    r.error.get_or_insert(msg);
+}
+
+/// Apply the fallback bundle (last-good, or the good one before it) from the cache.
+fn fallback(cx: &Context, o: &RunOptions, b: &Bundle<'_>, fb: Fallback, hooks: &mut Hooks<'_>) -> anyhow::Result<Applied> {
+    let (sha, origin) = match fb {
+        Fallback::LastGood => (crate::source::last_good(&cx.root), "last-good"),
+        Fallback::Previous => (read_local(cx).previous, "previous-good"),
+    };
+    let Some(sha) = sha else {
+        anyhow::bail!("the rollout gate falls back to the {origin} bundle, but this node has none cached: nothing applied");
+    };
+    let f = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, origin)?;
+    apply_bundle(cx, o, Mode::Apply, b, &f, hooks, true)
+}
+
+/// Apply the new bundle under this node's slot, check health, then release or halt.
+#[allow(clippy::too_many_arguments)]
+fn under_slot(
+    cx: &Context,
+    o: &RunOptions,
+    b: &Bundle<'_>,
+    rl: &Settings,
+    rollouts: &Rollouts,
+    fetched: &crate::source::Fetched,
+    hooks: &mut Hooks<'_>,
+    note: &mut serde_json::Value,
+) -> anyhow::Result<Applied> {
+    let me = rl.holder.as_str();
+    let sha = fetched.sha256.clone().unwrap_or_default();
+    let old_good = crate::source::last_good(&cx.root);
+    // The bundle may have been halted while this node waited or was away: checked at the
+    // leader in the same transaction that records the start, before the host is touched.
+    match rollouts.start_applying(&sha, me) {
+        Ok(true) => {}
+        Ok(false) => {
+            if let Err(e) = rollouts.give_back(&sha, me) {
+                tracing::warn!("giving back the slot of the halted bundle {sha}: {e}");
+            }
+            note["state"] = "halted".into();
+            return fallback(cx, o, b, Fallback::LastGood, hooks);
+        }
+        Err(e) => {
+            // Nothing new without the lock service; the slot is kept for the next run.
+            tracing::warn!("rollout of bundle {sha}: {e}; nothing new applied");
+            note["state"] = "unavailable".into();
+            return fallback(cx, o, b, Fallback::LastGood, hooks);
+        }
+    }
+    note["applied_at"] = now().into();
+    // `current` back on the new bundle (the fallback pointed it at last-good), checked again
+    // against the pin and key.
+    let fetched = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, fetched.origin)?;
+    let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, false)?;
+    let failures = if a.report.failed() { Vec::new() } else { health(cx, &rl.health) };
+    let run_ok = !a.report.failed();
+    match settle(run_ok, failures.is_empty(), rl.on_failure) {
+        Settle::Release => {
+            crate::source::mark_good(&cx.root, &sha)?;
+            if old_good.as_deref() != Some(sha.as_str()) {
+                let local = Local { previous: old_good.clone() };
+                crate::state::StateDir::new(&cx.root).write(crate::rollout::STATE_FILE, &serde_json::to_vec(&local)?)?;
+            }
+            note["healthy_at"] = now().into();
+            match rollouts.healthy(&sha, me, rl.canary, rl.batch) {
+                Ok(()) => {
+                    note["released_at"] = now().into();
+                    note["state"] = "healthy".into();
+                }
+                // Kept: the next run (unchanged bundle, slot held) releases it.
+                Err(e) => fail(&mut a.report, format!("releasing the rollout slot of bundle {sha}: {e}")),
+            }
+            Ok(a)
+        }
+        Settle::Halt { rollback } => {
+            let failed_step = a
+                .report
+                .steps
+                .iter()
+                .find(|s| s.status == engine::report::StepStatus::Failed)
+                .map(|s| s.id.clone());
+            let h = Halt {
+                node: me.to_string(),
+                step: failed_step,
+                check: (!failures.is_empty()).then(|| failures.join("; ")),
+                reason: if run_ok {
+                    format!("health check failed: {}", failures.join("; "))
+                } else {
+                    format!("run failed: {}", a.report.error.clone().unwrap_or_default())
+                },
+                at: now(),
+            };
+            tracing::error!("bundle {sha} halted for the group: {}", h.reason);
+            note["state"] = "halted_here".into();
+            note["halt"] = serde_json::to_value(&h)?;
+            let recorded = rollouts.halt(&sha, &h);
+            if let Err(e) = &recorded {
+                tracing::error!("recording the halt of bundle {sha} in etcd: {e}");
+            }
+            let msg = format!(
+                "bundle {sha} {}; halted for the group{}",
+                h.reason,
+                if recorded.is_ok() {
+                    ""
+                } else {
+                    " (NOT recorded in etcd: it was unreachable)"
+                }
+            );
+            if rollback {
+                drop(a);
+                let mut r = fallback(cx, o, b, Fallback::LastGood, hooks)?;
+                note["rolled_back"] = true.into();
+                fail(&mut r.report, format!("{msg}; rolled back to the last-good bundle"));
+                Ok(r)
+            } else {
+                fail(&mut a.report, msg);
+                Ok(a)
+            }
+        }
+    }
+}
+
+/// The rollout's health checks, each retried for up to its timeout (a service just restarted
+/// may need a moment); the failures, described.
+fn health(cx: &Context, checks: &[crate::reboot::settings::Health]) -> Vec<String> {
+    if checks.is_empty() {
+        return Vec::new();
+    }
+    let host = Host {
+        root: cx.root.clone(),
+        facts: cx.facts.clone(),
+        systemd: Box::new(crate::systemd::Dbus::default()),
+        refresh_lists: Default::default(),
+    };
+    let deadline = Instant::now() + checks.iter().map(|c| c.timeout).max().unwrap_or_default();
+    loop {
+        let failures = crate::reboot::failed_checks(&host, checks);
+        if failures.is_empty() || Instant::now() >= deadline {
+            return failures;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Put this node's status record for the fleet view (when etcd is configured). Best effort:
+/// a failure is a warning, never a failed run.
+pub(super) fn publish(cx: &Context, rl: &Settings, report: &Report) {
+    let value = match serde_json::to_value(report) {
+        Ok(v) => v,
+        Err(e) => return tracing::warn!("node record: {e}"),
+    };
+    let rec = crate::rollout::fleet::record_of(&value, &node_name(cx), cx.facts.instance_id.as_deref());
+    publish_record(cx, rl, &rec);
+}
+
+fn node_name(cx: &Context) -> String {
+    cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone())
+}
+
+/// Put `rec` (when etcd is configured and this is the live system). Best effort.
+fn publish_record(cx: &Context, rl: &Settings, rec: &crate::rollout::fleet::Record) {
+    let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else { return };
+    if rl.holder.is_empty() || cx.root != std::path::Path::new("/") {
+        return;
+    }
+    let r = Rollouts::new(svc, group)
+        .map_err(anyhow::Error::from)
+        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, rec, rl.report_ttl)?));
+    if let Err(e) = r {
+        tracing::warn!("publishing the node record to etcd (fleet view): {e:#}");
+    }
+}

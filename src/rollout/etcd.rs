@@ -1,0 +1,337 @@
+//! The rollout protocol's keys in etcd, under `<prefix>/groups/<group>/v1/rollout/<sha256>/`:
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `semaphore`, `queue/<id>`, `tail`, `release/<id>` | the reboot semaphore's layout and queue (`reboot::etcd`): `canary` slots, then `batch`; 0 once halted or aborted (closed: waiters leave) | nodes, by compare-and-swap |
+//! | `applied/<id>` | `{"at"}`: the node started applying the bundle under its slot | the node |
+//! | `healthy/<id>` | `{"at"}`: applied, and its health checks passed | the node |
+//! | `failed/<id>` | `{"at","step","check","reason"}` | the node |
+//! | `halt` | `{"node","step","check","reason","at"}`: the first failure; written only if absent | the failing node; `rollout resume` deletes it |
+//! | `abort` | `{"at","by"}`: the bundle is bad | `rollout abort` |
+
+use super::View;
+use crate::reboot::etcd::{EtcdLock, LockError, Semaphore, Waited};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The most keys `rollout status` and `fleet status` read in one range.
+const STATUS_LIMIT: u64 = 100_000;
+
+/// Why a bundle was halted (the `halt` and `failed/<id>` records).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Halt {
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    pub reason: String,
+    pub at: String,
+}
+
+/// One rollout, as `rollout status` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub sha256: String,
+    /// `canary` | `rolling` | `halted` | `aborted`
+    pub state: String,
+    pub slots: u64,
+    pub holders: Vec<String>,
+    pub waiting: u64,
+    pub applied: Vec<String>,
+    pub healthy: Vec<String>,
+    pub failed: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halt: Option<Halt>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<Value>,
+}
+
+/// The key prefix's end for a range over everything under `p`.
+pub(crate) fn prefix_end(p: &str) -> String {
+    let mut end = p.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    B64.encode(end)
+}
+
+pub(crate) fn b64(s: &str) -> String {
+    B64.encode(s)
+}
+
+/// The (key, value) pairs of a range answer (`kvs`), decoded.
+pub(crate) fn kvs(r: &Value) -> Vec<(String, Vec<u8>)> {
+    let dec = |v: &Value| B64.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
+    r["kvs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|kv| (String::from_utf8_lossy(&dec(&kv["key"])).into_owned(), dec(&kv["value"])))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn count(r: &Value) -> u64 {
+    r["count"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+fn at() -> String {
+    crate::clock::now_rfc3339()
+}
+
+/// The group's rollouts.
+#[derive(Clone)]
+pub struct Rollouts {
+    /// The group's client, at `<prefix>/groups/<group>/v1`.
+    lock: EtcdLock,
+}
+
+impl Rollouts {
+    pub fn new(svc: &crate::reboot::settings::EtcdService, group: &str) -> Result<Rollouts, crate::error::ConfigError> {
+        let lock =
+            EtcdLock::with_tls(&svc.endpoints, &svc.prefix, group, &svc.tls).map_err(|e| crate::error::ConfigError::msg(format!("rollout etcd: {e}")))?;
+        Ok(Rollouts { lock })
+    }
+
+    /// Around an existing client (its endpoints, TLS and request counters).
+    pub fn from_lock(lock: EtcdLock) -> Rollouts {
+        Rollouts { lock }
+    }
+
+    pub fn client(&self) -> &EtcdLock {
+        &self.lock
+    }
+
+    pub fn dir(&self, sha: &str) -> String {
+        format!("{}/rollout/{sha}", self.lock.base())
+    }
+
+    /// The rollout's semaphore (closing when halted or aborted).
+    pub fn semaphore(&self, sha: &str) -> EtcdLock {
+        self.lock.rebased(&self.dir(sha)).closing_at_zero()
+    }
+
+    /// One consistent read: is `sha` halted or aborted, does `me` hold a slot of it, and is
+    /// `last_good` aborted.
+    pub fn view(&self, sha: &str, last_good: Option<&str>, me: &str) -> Result<View, LockError> {
+        let d = self.dir(sha);
+        let mut ops = vec![
+            json!({ "request_range": { "key": b64(&format!("{d}/halt")) } }),
+            json!({ "request_range": { "key": b64(&format!("{d}/abort")), "count_only": true } }),
+            json!({ "request_range": { "key": b64(&format!("{d}/semaphore")) } }),
+        ];
+        if let Some(lg) = last_good.filter(|lg| *lg != sha) {
+            ops.push(json!({ "request_range": { "key": b64(&format!("{}/abort", self.dir(lg))), "count_only": true } }));
+        }
+        let r = self.lock.gateway("/v3/kv/txn", json!({ "success": ops }))?;
+        let resp = |i: usize| r["responses"][i]["response_range"].clone();
+        let halted_by = kvs(&resp(0))
+            .into_iter()
+            .next()
+            .map(|(_, v)| serde_json::from_slice::<Halt>(&v).map(|h| h.node).unwrap_or_else(|_| "?".into()));
+        let held = match kvs(&resp(2)).into_iter().next() {
+            Some((k, v)) => crate::reboot::lock::decode(&v)
+                .map_err(|e| LockError::Malformed { key: k, why: e.to_string() })?
+                .holds(me),
+            None => false,
+        };
+        Ok(View {
+            halted_by,
+            aborted: count(&resp(1)) > 0,
+            held,
+            last_good_aborted: ops_len(&r) > 3 && count(&resp(3)) > 0,
+        })
+    }
+
+    /// Queue for a slot of `sha`'s rollout until `deadline` (the semaphore is created with
+    /// `first_slots`, the canaries').
+    pub fn wait_slot(&self, sha: &str, me: &str, first_slots: u64, deadline: Instant) -> Result<Waited, LockError> {
+        self.semaphore(sha).wait_acquire(me, first_slots, deadline)
+    }
+
+    /// `me` starts applying `sha` under its slot, if the bundle is neither halted nor aborted:
+    /// one transaction that checks both (at the leader) and records `applied/<me>`. False:
+    /// stopped, nothing recorded, the bundle must not be applied.
+    pub fn start_applying(&self, sha: &str, me: &str) -> Result<bool, LockError> {
+        let d = self.dir(sha);
+        let absent = |k: &str| json!({ "key": b64(&format!("{d}/{k}")), "result": "EQUAL", "target": "VERSION", "version": "0" });
+        let r = self.lock.gateway(
+            "/v3/kv/txn",
+            json!({
+                "compare": [absent("halt"), absent("abort")],
+                "success": [{ "request_put": { "key": b64(&format!("{d}/applied/{me}")), "value": b64(&json!({ "at": at() }).to_string()) } }],
+                "failure": [],
+            }),
+        )?;
+        Ok(r["succeeded"] == true)
+    }
+
+    fn put(&self, key: &str, v: &Value) -> Result<(), LockError> {
+        self.lock.gateway("/v3/kv/put", json!({ "key": b64(key), "value": b64(&v.to_string()) }))?;
+        Ok(())
+    }
+
+    /// `me` applied `sha` and is healthy: give the slot back (through the queue head, like a
+    /// reboot release: the next node starts as soon as possible), then record it and grow the
+    /// semaphore to `batch` once `canary` nodes are healthy (never reopening a closed one).
+    pub fn healthy(&self, sha: &str, me: &str, canary: u64, batch: u64) -> Result<(), LockError> {
+        let sema = self.semaphore(sha);
+        sema.release(me, canary.max(1))?;
+        let d = self.dir(sha);
+        let hd = format!("{d}/healthy/");
+        let r = self.lock.gateway(
+            "/v3/kv/txn",
+            json!({ "success": [
+                { "request_put": { "key": b64(&format!("{hd}{me}")), "value": b64(&json!({ "at": at() }).to_string()) } },
+                { "request_range": { "key": b64(&hd), "range_end": prefix_end(&hd), "count_only": true } },
+                { "request_range": { "key": b64(&format!("{d}/semaphore")) } },
+            ] }),
+        )?;
+        let healthy = count(&r["responses"][1]["response_range"]);
+        let sem = kvs(&r["responses"][2]["response_range"])
+            .into_iter()
+            .next()
+            .and_then(|(_, v)| crate::reboot::lock::decode(&v).ok());
+        let want = super::slots_for(false, healthy, canary, batch);
+        if sem.is_some_and(|s| s.total_slots != 0 && s.total_slots != want) {
+            sema.update_with(want, |s: &mut Semaphore| {
+                let grow = s.total_slots != 0 && s.total_slots != want;
+                if grow {
+                    s.total_slots = want;
+                }
+                grow
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Halt `sha`: the first failure is the `halt` record (a later one only adds its
+    /// `failed/<id>`), and the semaphore closes (no slots: every waiter leaves the queue).
+    /// `me` keeps its slot, so `rollout status` shows who holds the halted bundle.
+    pub fn halt(&self, sha: &str, h: &Halt) -> Result<(), LockError> {
+        let d = self.dir(sha);
+        let hk = b64(&format!("{d}/halt"));
+        let v = b64(&serde_json::to_string(h).unwrap_or_default());
+        self.lock.gateway(
+            "/v3/kv/txn",
+            json!({
+                "compare": [{ "key": hk, "result": "EQUAL", "target": "VERSION", "version": "0" }],
+                "success": [
+                    { "request_put": { "key": hk, "value": v } },
+                    { "request_put": { "key": b64(&format!("{d}/failed/{}", h.node)), "value": v } },
+                ],
+                "failure": [{ "request_put": { "key": b64(&format!("{d}/failed/{}", h.node)), "value": v } }],
+            }),
+        )?;
+        self.close(sha)
+    }
+
+    fn close(&self, sha: &str) -> Result<(), LockError> {
+        self.semaphore(sha).update_with(0, |s| {
+            let open = s.total_slots != 0;
+            s.total_slots = 0;
+            open
+        })
+    }
+
+    /// `rollout abort`: the bundle is bad. Nodes that applied it go back to the good bundle
+    /// before it on their next run; no node applies it again.
+    pub fn abort(&self, sha: &str, by: &str) -> Result<(), LockError> {
+        self.put(&format!("{}/abort", self.dir(sha)), &json!({ "at": at(), "by": by }))?;
+        self.close(sha)
+    }
+
+    /// `rollout resume`: lift the halt (not an abort) and reopen the semaphore with the slots
+    /// its healthy nodes call for. The node that halted it applies it again on its next run
+    /// (it still holds its slot).
+    pub fn resume(&self, sha: &str, canary: u64, batch: u64) -> Result<u64, LockError> {
+        let d = self.dir(sha);
+        let hd = format!("{d}/healthy/");
+        let r = self.lock.gateway(
+            "/v3/kv/txn",
+            json!({ "success": [
+                { "request_range": { "key": b64(&format!("{d}/abort")), "count_only": true } },
+                { "request_range": { "key": b64(&hd), "range_end": prefix_end(&hd), "count_only": true } },
+            ] }),
+        )?;
+        if count(&r["responses"][0]["response_range"]) > 0 {
+            return Err(LockError::Malformed {
+                key: format!("{d}/abort"),
+                why: "the bundle was aborted; an aborted bundle is not resumed (publish a new bundle)".into(),
+            });
+        }
+        let want = super::slots_for(false, count(&r["responses"][1]["response_range"]), canary, batch);
+        self.lock.gateway("/v3/kv/deleterange", json!({ "key": b64(&format!("{d}/halt")) }))?;
+        self.semaphore(sha).update_with(want, |s| {
+            s.total_slots = want;
+            true
+        })?;
+        Ok(want)
+    }
+
+    /// Give `me`'s slot of `sha` back directly (a holder that found the bundle stopped).
+    pub fn give_back(&self, sha: &str, me: &str) -> Result<bool, LockError> {
+        self.semaphore(sha).release_now(me, 1)
+    }
+
+    /// Every rollout recorded for the group, by sha256.
+    pub fn status(&self) -> Result<Vec<Status>, LockError> {
+        let dir = format!("{}/rollout/", self.lock.base());
+        let r = self.lock.gateway(
+            "/v3/kv/range",
+            json!({ "key": b64(&dir), "range_end": prefix_end(&dir), "limit": STATUS_LIMIT.to_string() }),
+        )?;
+        let mut all: BTreeMap<String, Status> = BTreeMap::new();
+        for (k, v) in kvs(&r) {
+            let Some(rest) = k.strip_prefix(&dir) else { continue };
+            let mut parts = rest.splitn(3, '/');
+            let (Some(sha), Some(kind)) = (parts.next(), parts.next()) else { continue };
+            let id = parts.next().unwrap_or_default().to_string();
+            let s = all.entry(sha.to_string()).or_insert_with(|| Status {
+                sha256: sha.to_string(),
+                ..Default::default()
+            });
+            match kind {
+                "semaphore" => {
+                    if let Ok(sem) = crate::reboot::lock::decode(&v) {
+                        s.slots = sem.total_slots;
+                        s.holders = sem.holders;
+                    }
+                }
+                "queue" => s.waiting += 1,
+                "applied" => s.applied.push(id),
+                "healthy" => s.healthy.push(id),
+                "failed" => s.failed.push(id),
+                "halt" => s.halt = serde_json::from_slice(&v).ok(),
+                "abort" => s.abort = serde_json::from_slice(&v).ok(),
+                _ => {}
+            }
+        }
+        Ok(all
+            .into_values()
+            .map(|mut s| {
+                s.state = if s.abort.is_some() {
+                    "aborted"
+                } else if s.halt.is_some() {
+                    "halted"
+                } else if s.healthy.is_empty() {
+                    "canary"
+                } else {
+                    "rolling"
+                }
+                .into();
+                s
+            })
+            .collect())
+    }
+}
+
+fn ops_len(r: &Value) -> usize {
+    r["responses"].as_array().map(Vec::len).unwrap_or(0)
+}

@@ -1,0 +1,236 @@
+//! The fleet view: after every run a node puts its status record at
+//! `<prefix>/groups/<group>/v1/nodes/<holder>` under a lease of `[report] ttl` (three timer
+//! periods by default), and a note that it exists at `…/v1/seen/<holder>` under a lease of
+//! [`FORGET_AFTER`]. A node whose record expired but whose note did not is "not reporting".
+//! `bootstrap fleet status` reads both, the rollouts and the reboot semaphore.
+
+use super::etcd::{b64, kvs, prefix_end, Rollouts, Status};
+use crate::reboot::etcd::LockError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How long a node that stopped reporting is still listed (then its `seen/` note expires).
+pub const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(3 * 24 * 3600);
+/// The most keys one read of a fleet view takes.
+const LIMIT: u64 = 100_000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BundleRef {
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub origin: String,
+}
+
+/// A node's status record (the contract's fields).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    pub name: String,
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub bundle: BundleRef,
+    /// `ok` | `failed`
+    pub status: String,
+    #[serde(default)]
+    pub changed: u64,
+    #[serde(default)]
+    pub failed: u64,
+    #[serde(default)]
+    pub failed_step: Option<String>,
+    pub at: String,
+    #[serde(default)]
+    pub agent_version: String,
+    /// The reboot part's action (`none`, `pending`, `released`, `halted`, …).
+    #[serde(default)]
+    pub reboot: Option<String>,
+}
+
+/// What `seen/<holder>` keeps: enough to list a node that stopped reporting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Seen {
+    pub name: String,
+    pub at: String,
+}
+
+/// Put `record` for `holder` under a lease of `ttl`, and the `seen/` note: three requests.
+pub fn publish(r: &Rollouts, holder: &str, record: &Record, ttl: std::time::Duration) -> Result<(), LockError> {
+    let c = r.client();
+    let lease = c.grant(ttl.as_secs().max(1))?;
+    let long = c.grant(FORGET_AFTER.as_secs())?;
+    let base = c.base();
+    let seen = Seen {
+        name: record.name.clone(),
+        at: record.at.clone(),
+    };
+    c.gateway(
+        "/v3/kv/txn",
+        json!({ "success": [
+            { "request_put": { "key": b64(&format!("{base}/nodes/{holder}")), "value": b64(&serde_json::to_string(record).unwrap_or_default()), "lease": lease } },
+            { "request_put": { "key": b64(&format!("{base}/seen/{holder}")), "value": b64(&serde_json::to_string(&seen).unwrap_or_default()), "lease": long } },
+        ] }),
+    )?;
+    Ok(())
+}
+
+/// One group of the fleet view.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Group {
+    pub group: String,
+    /// Reporting nodes by holder id.
+    pub nodes: BTreeMap<String, Record>,
+    /// Nodes seen before whose record expired: holder id → the last note.
+    pub not_reporting: BTreeMap<String, Seen>,
+    pub rollouts: Vec<Status>,
+    /// The reboot semaphore's holders (reboots in flight or halted).
+    pub reboot_holders: Vec<String>,
+}
+
+/// The fleet view of `group`, or of every group under the prefix.
+pub fn view(svc: &crate::reboot::settings::EtcdService, group: Option<&str>) -> anyhow::Result<Vec<Group>> {
+    let groups: Vec<String> = match group {
+        Some(g) => vec![g.to_string()],
+        None => {
+            let any = Rollouts::new(svc, "-")?;
+            let dir = format!("{}/groups/", svc.prefix);
+            let r = any.client().gateway(
+                "/v3/kv/range",
+                json!({ "key": b64(&dir), "range_end": prefix_end(&dir), "keys_only": true, "limit": LIMIT.to_string() }),
+            )?;
+            let mut gs = BTreeSet::new();
+            for (k, _) in kvs(&r) {
+                if let Some((g, rest)) = k.strip_prefix(&dir).and_then(|r| r.split_once('/')) {
+                    if rest.starts_with("v1/nodes/") || rest.starts_with("v1/seen/") {
+                        gs.insert(g.to_string());
+                    }
+                }
+            }
+            gs.into_iter().collect()
+        }
+    };
+    let mut out = Vec::new();
+    for g in groups {
+        let r = Rollouts::new(svc, &g)?;
+        let c = r.client();
+        let range = |sub: &str| -> Result<Vec<(String, Vec<u8>)>, LockError> {
+            let d = format!("{}/{sub}/", c.base());
+            let resp = c.gateway(
+                "/v3/kv/range",
+                json!({ "key": b64(&d), "range_end": prefix_end(&d), "limit": LIMIT.to_string() }),
+            )?;
+            Ok(kvs(&resp).into_iter().map(|(k, v)| (k.trim_start_matches(&d).to_string(), v)).collect())
+        };
+        let mut grp = Group {
+            group: g.clone(),
+            ..Default::default()
+        };
+        for (id, v) in range("nodes")? {
+            match serde_json::from_slice::<Record>(&v) {
+                Ok(rec) => {
+                    grp.nodes.insert(id, rec);
+                }
+                Err(e) => tracing::warn!("{}/nodes/{id}: not a node record: {e}", c.base()),
+            }
+        }
+        for (id, v) in range("seen")? {
+            if !grp.nodes.contains_key(&id) {
+                grp.not_reporting.insert(id, serde_json::from_slice(&v).unwrap_or_default());
+            }
+        }
+        grp.rollouts = r.status()?;
+        grp.reboot_holders = c.get()?.map(|(s, _)| s.holders).unwrap_or_default();
+        out.push(grp);
+    }
+    Ok(out)
+}
+
+/// The fleet view for people: per group, nodes per bundle and status, the silent ones, the
+/// rollouts and reboots in flight.
+pub fn human(groups: &[Group]) -> String {
+    let mut s = String::new();
+    if groups.is_empty() {
+        s.push_str("no node has reported\n");
+    }
+    for g in groups {
+        s.push_str(&format!(
+            "group {}: {} reporting, {} not reporting\n",
+            g.group,
+            g.nodes.len(),
+            g.not_reporting.len()
+        ));
+        let mut by: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
+        for (id, r) in &g.nodes {
+            let sha = r
+                .bundle
+                .sha256
+                .as_deref()
+                .map(|s| s[..s.len().min(12)].to_string())
+                .unwrap_or_else(|| "-".into());
+            by.entry((sha, r.status.clone())).or_default().push(id);
+        }
+        s.push_str(&format!("  {:<14} {:<8} {:>5}  nodes\n", "BUNDLE", "STATUS", "COUNT"));
+        for ((sha, status), ids) in &by {
+            s.push_str(&format!("  {sha:<14} {status:<8} {:>5}  {}\n", ids.len(), ids.join(" ")));
+        }
+        for (id, r) in &g.nodes {
+            if let Some(step) = &r.failed_step {
+                s.push_str(&format!("  failed: {id} ({}) at step {step}, {}\n", r.name, r.at));
+            }
+        }
+        for (id, seen) in &g.not_reporting {
+            s.push_str(&format!("  not reporting: {id} ({}), last report {}\n", seen.name, seen.at));
+        }
+        for r in &g.rollouts {
+            let halt = r
+                .halt
+                .as_ref()
+                .map(|h| {
+                    format!(
+                        ", halted by {} at {}: {}",
+                        h.node,
+                        h.check.as_deref().or(h.step.as_deref()).unwrap_or("run"),
+                        h.reason
+                    )
+                })
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "  rollout {}: {} (applied {}, healthy {}, failed {}, slots {}){halt}\n",
+                &r.sha256[..r.sha256.len().min(12)],
+                r.state,
+                r.applied.len(),
+                r.healthy.len(),
+                r.failed.len(),
+                r.slots
+            ));
+        }
+        if !g.reboot_holders.is_empty() {
+            s.push_str(&format!("  reboots in flight: {}\n", g.reboot_holders.join(" ")));
+        }
+    }
+    s
+}
+
+/// The record of a run (`report` is the report's JSON).
+pub fn record_of(report: &Value, name: &str, instance_id: Option<&str>) -> Record {
+    let failed_step = report["steps"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["status"] == "failed"))
+        .and_then(|s| s["id"].as_str())
+        .map(str::to_string);
+    Record {
+        name: name.to_string(),
+        instance_id: instance_id.map(str::to_string),
+        bundle: BundleRef {
+            sha256: report["bundle"]["sha256"].as_str().map(str::to_string),
+            origin: report["bundle"]["origin"].as_str().unwrap_or_default().to_string(),
+        },
+        status: report["status"].as_str().unwrap_or("unknown").to_string(),
+        changed: report["summary"]["changed"].as_u64().unwrap_or(0),
+        failed: report["summary"]["failed"].as_u64().unwrap_or(0),
+        failed_step,
+        at: crate::clock::now_rfc3339(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        reboot: report["reboot"]["action"].as_str().map(str::to_string),
+    }
+}

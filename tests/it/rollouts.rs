@@ -1,0 +1,436 @@
+//! Rollouts of a new bundle through one real etcd shared by booted nodes (`[rollout] strategy =
+//! "canary"`): a bad bundle stops at the canary, the others keep their config, `rollout abort`
+//! puts the canary back, a fixed bundle goes out one node at a time; with etcd down no node
+//! applies a new bundle and drift is still corrected.
+
+use crate::harness::etcd::Etcd;
+use crate::harness::node::Node;
+use crate::harness::support::*;
+use std::io::{Read, Write};
+use std::path::Path;
+
+pub const GROUP: &str = "production-lb";
+
+/// A free loopback port (the nodes share the host's network).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET http://127.0.0.1:PORT/ → (status, body); (0, error) when nothing answers.
+pub fn http_get(port: u16) -> (u16, String) {
+    let mut s = match std::net::TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(e) => return (0, e.to_string()),
+    };
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(s, "GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_string();
+    (status, body)
+}
+
+/// The `lb` role: haproxy answering `status` with `body` on the port its env overlay names.
+fn lb_bundle(dir: &Path, ports: &[u16], status: u16, body: &str) {
+    let role = format!(
+        r#"schema = 1
+[[step]]
+kind = "package"
+names = ["haproxy"]
+
+[[step]]
+kind = "file"
+path = "/etc/haproxy/haproxy.cfg"
+template = true
+content = """
+global
+    log stdout format raw local0
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend web
+    bind 127.0.0.1:{{{{ port }}}}
+    http-request return status {status} content-type text/plain string {body}
+"""
+notify = ["restart:haproxy.service"]
+
+[[step]]
+kind = "unit"
+name = "haproxy.service"
+enabled = true
+active = true
+"#
+    );
+    std::fs::create_dir_all(dir.join("roles/lb/env")).unwrap();
+    std::fs::write(dir.join("roles/lb/role.toml"), role).unwrap();
+    for (i, p) in ports.iter().enumerate() {
+        std::fs::write(dir.join(format!("roles/lb/env/n{}.toml", i + 1)), format!("[vars]\nport = {p}\n")).unwrap();
+    }
+}
+
+/// Build `src` into `<out>/lb.tar.gz` (replaced atomically); its sha256.
+pub fn publish(src: &Path, out: &Path) -> String {
+    let tmp = out.join(".lb.tar.gz.new");
+    let r = agent(&["bundle", "build", src.to_str().unwrap(), "-o", tmp.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let bytes = std::fs::read(&tmp).unwrap();
+    std::fs::rename(&tmp, out.join("lb.tar.gz")).unwrap();
+    let _ = std::fs::remove_file(out.join(".lb.tar.gz.new.sha256"));
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+pub fn apply(n: &Node, i: usize) -> Run {
+    n.agent(&["apply", "--source", "/srv/bundle/lb.tar.gz", "--name", &format!("n{}-lb", i + 1)])
+}
+
+/// RFC 3339 (UTC) → seconds, for comparing times of the nodes' reports (one host clock).
+fn secs(t: &serde_json::Value) -> f64 {
+    let t = t.as_str().unwrap_or_else(|| panic!("not a time: {t}"));
+    let (date, time) = t.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<f64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let h: Vec<f64> = time.split(':').map(|x| x.parse().unwrap()).collect();
+    ((d[0] * 12.0 + d[1]) * 31.0 + d[2]) * 86400.0 + h[0] * 3600.0 + h[1] * 60.0 + h[2]
+}
+
+fn starts(n: &Node, cursor: &str) -> usize {
+    n.journal_since(cursor, "haproxy.service")
+        .lines()
+        .filter(|l| l.starts_with("Started haproxy"))
+        .count()
+}
+
+/// Show 1: three nodes, one etcd, canary = 1, batch = 1.
+#[test]
+fn a_bad_bundle_stops_at_the_canary_and_a_fixed_one_goes_out_one_node_at_a_time() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    lb_bundle(src.path(), &ports, 200, "v1");
+    let v1 = publish(src.path(), out.path());
+    let nodes: Vec<Node> = (0..3).map(|_| Node::boot_host_net(out.path())).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        n.write_config(&format!(
+            "[rollout]\nstrategy = \"canary\"\ncanary = 1\nbatch = 1\ngroup = \"{GROUP}\"\nwait = \"10m\"\n\
+             [[rollout.health]]\nurl = \"http://127.0.0.1:{}/\"\ntimeout = \"3s\"\n\
+             [reboot.etcd]\nendpoints = [\"{}\"]\n",
+            ports[i],
+            etcd.endpoints()[0]
+        ));
+    }
+    let ids: Vec<String> = nodes.iter().map(|n| n.machine_id()).collect();
+
+    // The first bundle of a node needs no slot (it has nothing else to converge to); twice.
+    for (i, n) in nodes.iter().enumerate() {
+        let r = apply(n, i);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(http_get(ports[i]), (200, "v1".into()));
+        let r = apply(n, i);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(n.report()["summary"]["changed"], 0, "second run changes nothing: {:#}", n.report());
+        assert_eq!(n.report()["bundle"]["sha256"], v1.as_str());
+    }
+
+    // A bad bundle: haproxy starts, but answers 503, so the health check fails.
+    lb_bundle(src.path(), &ports, 503, "v2");
+    let v2 = publish(src.path(), out.path());
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes.iter().enumerate().map(|(i, n)| s.spawn(move || apply(n, i))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let reports: Vec<serde_json::Value> = nodes.iter().map(|n| n.report()).collect();
+    let canaries: Vec<usize> = (0..3).filter(|&i| reports[i]["bundle"]["sha256"] == v2.as_str()).collect();
+    assert_eq!(canaries.len(), 1, "exactly one node applied the bad bundle: {reports:#?}");
+    let c = canaries[0];
+    assert_eq!(runs[c].code, 1, "{}", runs[c].all());
+    assert!(reports[c]["error"].as_str().unwrap().contains("HTTP 503"), "{:#}", reports[c]);
+    for i in (0..3).filter(|&i| i != c) {
+        assert_eq!(runs[i].code, 0, "{}", runs[i].all());
+        assert_eq!(reports[i]["bundle"]["sha256"], v1.as_str(), "{:#}", reports[i]);
+        assert_eq!(reports[i]["rollout"]["state"], "halted", "{:#}", reports[i]);
+        assert_eq!(http_get(ports[i]), (200, "v1".into()), "node {i} still serves the old config");
+    }
+    assert_eq!(http_get(ports[c]).0, 503, "the canary keeps the bad bundle for inspection");
+
+    // The operator sees the halt: which node, which check.
+    let other = (c + 1) % 3;
+    let r = nodes[other].agent(&["rollout", "status"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    eprintln!("rollout status:\n{}", r.stdout);
+    assert!(r.stdout.contains(&format!("{v2}  halted  applied 1  healthy 0  failed 1")), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("halted by {} at ", ids[c])) && r.stdout.contains(&format!("GET http://127.0.0.1:{}/: HTTP 503", ports[c])),
+        "{}",
+        r.stdout
+    );
+    let j: serde_json::Value = serde_json::from_str(&nodes[other].agent(&["rollout", "status", "--json"]).stdout).unwrap();
+    let ro = j["rollouts"].as_array().unwrap().iter().find(|r| r["sha256"] == v2.as_str()).unwrap().clone();
+    assert_eq!(ro["applied"], serde_json::json!([ids[c]]), "{ro:#}");
+    assert_eq!(ro["halt"]["node"], ids[c].as_str());
+    // The halted canary applies nothing on its next run (kept for inspection), and fails.
+    let r = apply(&nodes[c], c);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("kept for inspection"), "{}", r.all());
+    let j: serde_json::Value = serde_json::from_str(&nodes[other].agent(&["fleet", "status", "--json"]).stdout).unwrap();
+    assert_eq!(j["groups"][0]["nodes"][&ids[c]]["status"], "held", "{j:#}");
+    assert_eq!(j["groups"][0]["nodes"][&ids[c]]["bundle"]["sha256"], v2.as_str(), "{j:#}");
+    // The others' next runs still converge the old bundle.
+    let r = apply(&nodes[other], other);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[other].report()["bundle"]["sha256"], v1.as_str());
+
+    // Abort: the canary goes back to its last-good bundle.
+    let r = nodes[other].agent(&["rollout", "abort", &v2]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = apply(&nodes[c], c);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[c].report()["bundle"]["sha256"], v1.as_str(), "{:#}", nodes[c].report());
+    assert_eq!(http_get(ports[c]), (200, "v1".into()));
+    assert!(nodes[other].agent(&["rollout", "status"]).stdout.contains(&format!("{v2}  aborted")));
+
+    // A fixed bundle reaches all three, one at a time, haproxy restarted once per node.
+    lb_bundle(src.path(), &ports, 200, "v3");
+    let v3 = publish(src.path(), out.path());
+    let cursors: Vec<String> = nodes.iter().map(|n| n.journal_cursor()).collect();
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes.iter().enumerate().map(|(i, n)| s.spawn(move || apply(n, i))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut spans = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(runs[i].code, 0, "{}", runs[i].all());
+        let rep = n.report();
+        assert_eq!(rep["bundle"]["sha256"], v3.as_str(), "{rep:#}");
+        assert_eq!(rep["rollout"]["state"], "healthy", "{rep:#}");
+        assert_eq!(http_get(ports[i]), (200, "v3".into()));
+        assert_eq!(starts(n, &cursors[i]), 1, "haproxy restarted once on node {i}");
+        spans.push((secs(&rep["rollout"]["applied_at"]), secs(&rep["rollout"]["healthy_at"]), i));
+    }
+    spans.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!("applied..healthy per node (s): {spans:?}");
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two nodes applied the bundle at once: {spans:?}");
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let r = apply(n, i);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(n.report()["summary"]["changed"], 0, "{:#}", n.report());
+        assert_eq!(n.report()["rollout"]["gate"], "Fetched");
+    }
+    let r = nodes[0].agent(&["rollout", "status"]);
+    assert!(
+        r.stdout.contains(&format!("{v3}  rolling  applied 3  healthy 3  failed 0  slots 0/1")),
+        "{}",
+        r.stdout
+    );
+    let r = nodes[0].agent(&["fleet", "status"]);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert!(
+        r.stdout.contains(&format!("  {:<14} ok           3  {}", &v3[..12], sorted.join(" "))),
+        "{}",
+        r.stdout
+    );
+}
+
+/// `on_failure = "rollback"`: the canary that fails its health check halts the bundle and
+/// re-applies its last-good bundle in the same run; its later runs converge last-good.
+#[test]
+fn on_failure_rollback_puts_the_canary_back_in_the_same_run() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&format!(
+            "[rollout]\nstrategy = \"canary\"\non_failure = \"rollback\"\n\
+             [[rollout.health]]\ncommand = [\"grep\", \"-qxv\", \"bad\", \"/etc/web.conf\"]\n\
+             [reboot.etcd]\nendpoints = [\"{}\"]\n",
+            etcd.endpoints()[0]
+        ));
+        assert_eq!(apply_web(n).code, 0);
+    }
+    web_bundle(src.path(), "bad");
+    let bad = publish_web(src.path(), out.path());
+    let r = apply_web(&nodes[0]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = nodes[0].report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["rollout"]["rolled_back"], true, "{rep:#}");
+    assert!(rep["error"].as_str().unwrap().contains("rolled back to the last-good bundle"), "{rep:#}");
+    assert_eq!(std::fs::read_to_string(nodes[0].merged.join("etc/web.conf")).unwrap(), "v1\n");
+    let st = nodes[1].agent(&["rollout", "status", "--group", "production-web"]).stdout;
+    assert!(st.contains(&format!("{bad}  halted  applied 1  healthy 0  failed 1")), "{st}");
+    assert!(st.contains(&format!("halted by {} at ", nodes[0].machine_id())) && st.contains("grep"), "{st}");
+    for n in &nodes {
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(n.report()["bundle"]["sha256"], v1.as_str());
+        assert_eq!(n.report()["summary"]["changed"], 0);
+    }
+}
+
+/// The `web` role: one file, whose content names the bundle.
+pub fn web_bundle(dir: &Path, version: &str) {
+    std::fs::create_dir_all(dir.join("roles/web")).unwrap();
+    std::fs::write(
+        dir.join("roles/web/role.toml"),
+        format!("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"{version}\\n\"\n"),
+    )
+    .unwrap();
+}
+
+pub fn publish_web(src: &Path, out: &Path) -> String {
+    let tmp = out.join(".web.tar.gz.new");
+    let r = agent(&["bundle", "build", src.to_str().unwrap(), "-o", tmp.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let bytes = std::fs::read(&tmp).unwrap();
+    std::fs::rename(&tmp, out.join("web.tar.gz")).unwrap();
+    let _ = std::fs::remove_file(out.join(".web.tar.gz.new.sha256"));
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+pub fn apply_web(n: &Node) -> Run {
+    n.agent(&["apply", "--source", "/srv/bundle/web.tar.gz", "--name", "production-web"])
+}
+
+/// Show 2: etcd down while a new bundle is out: no node applies it, the old one still
+/// corrects drift; etcd back, the new bundle goes out.
+#[test]
+fn with_etcd_down_no_node_applies_a_new_bundle_and_drift_is_still_corrected() {
+    let mut etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&format!(
+            "[rollout]\nstrategy = \"canary\"\n[[rollout.health]]\ncommand = [\"true\"]\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+            etcd.endpoints()[0]
+        ));
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    web_bundle(src.path(), "v2");
+    let v2 = publish_web(src.path(), out.path());
+    etcd.kill(0);
+    for n in &nodes {
+        std::fs::write(n.merged.join("etc/web.conf"), "drifted\n").unwrap();
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let rep = n.report();
+        assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+        assert_eq!(rep["rollout"]["state"], "etcd unavailable", "{rep:#}");
+        assert_eq!(
+            std::fs::read_to_string(n.merged.join("etc/web.conf")).unwrap(),
+            "v1\n",
+            "drift corrected to the old bundle"
+        );
+    }
+    etcd.restart(0);
+    for n in &nodes {
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(n.report()["bundle"]["sha256"], v2.as_str(), "{:#}", n.report());
+        assert_eq!(std::fs::read_to_string(n.merged.join("etc/web.conf")).unwrap(), "v2\n");
+    }
+}
+
+/// The protocol's keys against a real etcd, without nodes: the canary's slot, waiters that
+/// leave when the bundle is halted (the semaphore closes), the halt record, resume (slots for
+/// the phase), the canaries healthy growing the semaphore to `batch`, abort (not resumable).
+#[test]
+fn halt_closes_the_queue_resume_reopens_it_and_abort_is_final() {
+    use bootstrap::reboot::etcd::Waited;
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let r = Rollouts::from_lock(etcd.lock("production-x"));
+    let sha = "ab".repeat(32);
+    let soon = || Instant::now() + Duration::from_secs(60);
+    assert_eq!(r.wait_slot(&sha, "n1", 1, soon()).unwrap(), Waited::Acquired);
+    let waiters: Vec<_> = ["n2", "n3"]
+        .iter()
+        .map(|id| {
+            let (r, sha) = (r.clone(), sha.clone());
+            std::thread::spawn(move || r.wait_slot(&sha, id, 1, Instant::now() + Duration::from_secs(60)).unwrap())
+        })
+        .collect();
+    let start = Instant::now();
+    while r.semaphore(&sha).backlog(10).unwrap().waiting < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the waiters never queued");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = r.view(&sha, Some("old"), "n1").unwrap();
+    assert!(v.held && v.halted_by.is_none() && !v.aborted, "{v:?}");
+    let h = Halt {
+        node: "n1".into(),
+        step: None,
+        check: Some("GET http://127.0.0.1/: HTTP 503".into()),
+        reason: "health check failed".into(),
+        at: "t".into(),
+    };
+    r.halt(&sha, &h).unwrap();
+    for w in waiters {
+        assert_eq!(w.join().unwrap(), Waited::Closed, "a waiter of a halted bundle leaves the queue");
+    }
+    assert_eq!(r.semaphore(&sha).backlog(10).unwrap().waiting, 0);
+    assert_eq!(r.view(&sha, Some("old"), "n2").unwrap().halted_by.as_deref(), Some("n1"));
+    // A second failure does not replace the first halt record.
+    r.halt(
+        &sha,
+        &Halt {
+            node: "n9".into(),
+            ..h.clone()
+        },
+    )
+    .unwrap();
+    let st = r.status().unwrap();
+    assert_eq!(st.len(), 1);
+    assert_eq!(
+        (st[0].state.as_str(), st[0].slots, st[0].holders.clone()),
+        ("halted", 0, vec!["n1".to_string()])
+    );
+    assert_eq!(st[0].halt.as_ref().unwrap(), &h);
+    assert_eq!(st[0].failed, ["n1", "n9"]);
+    assert!(st[0].applied.is_empty());
+    // A node that got its slot just before the halt cannot start: the start transaction fails.
+    assert!(!r.start_applying(&sha, "n1").unwrap(), "started a halted bundle");
+    // A node arriving now is told so at once.
+    assert_eq!(r.wait_slot(&sha, "n4", 1, soon()).unwrap(), Waited::Closed);
+
+    // Resume: canary slots again (no node healthy yet); the halted canary still holds its slot.
+    assert_eq!(r.resume(&sha, 1, 2).unwrap(), 1);
+    assert_eq!(
+        r.view(&sha, Some("old"), "n1").unwrap(),
+        bootstrap::rollout::View {
+            held: true,
+            ..Default::default()
+        }
+    );
+    assert!(r.start_applying(&sha, "n1").unwrap());
+    // The canary healthy: the semaphore grows to the batch, its slot goes back.
+    r.healthy(&sha, "n1", 1, 2).unwrap();
+    let (s, _) = r.semaphore(&sha).get().unwrap().unwrap();
+    assert_eq!((s.total_slots, s.holders.len()), (2, 0));
+    assert_eq!(r.status().unwrap()[0].state, "rolling");
+    assert_eq!(r.wait_slot(&sha, "n2", 1, soon()).unwrap(), Waited::Acquired);
+    assert_eq!(r.wait_slot(&sha, "n3", 1, soon()).unwrap(), Waited::Acquired);
+
+    // Abort: final; and a node whose last-good it was learns it from its gate read.
+    r.abort(&sha, "operator").unwrap();
+    assert!(!r.start_applying(&sha, "n2").unwrap(), "started an aborted bundle");
+    assert!(r.view(&sha, Some("old"), "n2").unwrap().aborted);
+    assert!(r.view("cd".repeat(32).as_str(), Some(&sha), "n2").unwrap().last_good_aborted);
+    let e = r.resume(&sha, 1, 2).unwrap_err().to_string();
+    assert!(e.contains("aborted"), "{e}");
+    assert_eq!(r.status().unwrap()[0].state, "aborted");
+}
