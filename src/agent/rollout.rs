@@ -148,11 +148,7 @@ pub(super) fn gated(
                 ..Default::default()
             };
             publish_record(cx, rl, &rec);
-            return Err(anyhow::anyhow!(
-                "bundle {sha} was halted by this node and is kept for inspection (on_failure = \"halt\"): \
-                 nothing applied; `bootstrap rollout abort {sha}` puts the node back on its last-good bundle, \
-                 `bootstrap rollout resume {sha}` lets it try again"
-            ));
+            return Err(crate::rollout::KeptForInspection { sha }.into());
         }
         Gate::Refuse(why) => {
             return Err(anyhow::anyhow!(

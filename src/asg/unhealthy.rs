@@ -69,6 +69,8 @@ pub struct RunInputs<'a> {
     pub holder: Option<String>,
     pub ok: bool,
     pub why: Option<String>,
+    /// The node keeps a rollout slot for inspection (`[rollout] on_failure = "halt"`).
+    pub holds_rollout_slot: bool,
 }
 
 /// After an `apply`: count, and mark the instance Unhealthy when it is due and allowed. Errors
@@ -88,7 +90,7 @@ pub fn after_apply(i: RunInputs<'_>) {
         }
     }
     let before: HealthRecord = super::read_record(i.root, super::HEALTH_STATE).unwrap_or_default();
-    let holds_slot = !matches!(crate::reboot::read_state(i.root), Ok(None));
+    let holds_slot = i.holds_rollout_slot || !matches!(crate::reboot::read_state(i.root), Ok(None));
     let (n, verdict) = decide(ok, before.consecutive_failures, after, before.marked_unhealthy_at.is_some(), holds_slot);
     let mut rec = HealthRecord {
         consecutive_failures: n,
@@ -105,8 +107,13 @@ pub fn after_apply(i: RunInputs<'_>) {
     match verdict {
         Verdict::Nothing => {}
         Verdict::HoldsSlot => {
-            tracing::warn!("not marking this instance Unhealthy: it holds a reboot slot");
-            rec.not_marked = Some("holds a reboot slot".into());
+            let what = if i.holds_rollout_slot {
+                "a rollout slot (kept for inspection)"
+            } else {
+                "a reboot slot"
+            };
+            tracing::warn!("not marking this instance Unhealthy: it holds {what}");
+            rec.not_marked = Some(format!("holds {what}"));
         }
         Verdict::Mark => {
             let client = super::client(i.settings, i.facts, &group, &id);

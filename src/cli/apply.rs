@@ -42,6 +42,7 @@ fn after_apply(cx: &Context, asg: &crate::asg::Settings, result: &anyhow::Result
         holder: cx.holder_id().ok(),
         ok,
         why,
+        holds_rollout_slot: crate::rollout::kept_for_inspection(result),
     });
     Ok(())
 }

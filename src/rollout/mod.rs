@@ -27,6 +27,33 @@ pub const DEFAULT_REPORT_TTL: Duration = Duration::from_secs(90 * 60);
 /// last-good one (what `rollout abort` of the last-good bundle goes back to).
 pub const STATE_FILE: &str = "rollout.json";
 
+/// A run on a node that halted a bundle with `on_failure = "halt"`: it keeps the bad bundle and
+/// its rollout slot for inspection and applies nothing.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "bundle {sha} was halted by this node and is kept for inspection (on_failure = \"halt\"): \
+     nothing applied; `bootstrap rollout abort {sha}` puts the node back on its last-good bundle, \
+     `bootstrap rollout resume {sha}` lets it try again"
+)]
+pub struct KeptForInspection {
+    pub sha: String,
+}
+
+/// Whether the run left this node holding a rollout slot for inspection: it halted the bundle
+/// in this run (and did not roll back), or an earlier run did. Such a node is not one for its
+/// Auto Scaling group to replace: `[asg] unhealthy_after` leaves it alone.
+pub fn kept_for_inspection(result: &anyhow::Result<crate::engine::report::Report>) -> bool {
+    match result {
+        Err(e) => e.downcast_ref::<KeptForInspection>().is_some(),
+        Ok(r) => r.rollout.as_ref().is_some_and(halted_here_and_kept),
+    }
+}
+
+/// A run's rollout note (`Report::rollout`) of a node that halted the bundle and kept it.
+fn halted_here_and_kept(note: &serde_json::Value) -> bool {
+    note["state"] == "halted_here" && note["rolled_back"] != true
+}
+
 /// `[rollout]` and `[report]`, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -275,6 +302,21 @@ pub fn slots_for(halted_or_aborted: bool, healthy: u64, canary: u64, batch: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The node kept for inspection is told apart from every other outcome of a run, so that
+    /// `[asg] unhealthy_after` never has its group replace it.
+    #[test]
+    fn a_node_kept_for_inspection_is_recognised() {
+        let kept: anyhow::Result<crate::engine::report::Report> = Err(KeptForInspection { sha: "ab".into() }.into());
+        assert!(kept_for_inspection(&kept));
+        let other: anyhow::Result<crate::engine::report::Report> = Err(anyhow::anyhow!("a step failed"));
+        assert!(!kept_for_inspection(&other));
+        assert!(halted_here_and_kept(&serde_json::json!({ "state": "halted_here" })));
+        assert!(!halted_here_and_kept(&serde_json::json!({ "state": "halted_here", "rolled_back": true })));
+        for state in ["healthy", "halted", "waiting", "unavailable", "applied"] {
+            assert!(!halted_here_and_kept(&serde_json::json!({ "state": state })), "{state}");
+        }
+    }
 
     /// Every combination of the gate's inputs, checked against the rules the fleet relies on.
     #[test]

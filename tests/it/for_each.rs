@@ -288,18 +288,19 @@ template = true
     assert_eq!(read(root.path(), "etc/loop-x"), "/etc/loop x\n");
 }
 
-/// The peer benchmark's role (written by `benches/peer-bench`, its loops one `for_each` step
+/// The peer benchmark's role (`benches/lib/bench-role.sh`, its loops one `for_each` step
 /// each) validates and applies into a root: 10 data directories, 40 config files, 5 units, ids
 /// per item, and a second apply changes nothing. (The benchmark itself is not run: it is slow.)
 #[test]
 fn the_peer_benchmark_role_loops_and_converges_in_a_root() {
     let w = tempfile::tempdir().unwrap();
-    let script = repo().join("benches/peer-bench");
-    // The block of the script that writes the role, run on its own.
+    // The role as the benchmarks write it (benches/lib/bench-role.sh, sourced by peer-bench and
+    // first-boot).
+    let lib = repo().join("benches/lib/bench-role.sh");
     let gen = format!(
-        "W={w}; mkdir -p \"$W/roles/bench/files\"; eval \"$(awk '/^# --- the workload/{{f=1;next}} f&&/^\\{{$/{{p=1}} p{{print}} p&&/roles\\/bench\\/role.toml\"$/{{exit}}' {script})\"",
+        "mkdir -p '{w}/roles/bench/files' && source '{lib}' && bench_role_toml > '{w}/roles/bench/role.toml'",
         w = w.path().display(),
-        script = script.display()
+        lib = lib.display()
     );
     let out = std::process::Command::new("bash").args(["-c", &gen]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
