@@ -147,6 +147,11 @@ pub fn view(svc: &crate::reboot::settings::EtcdService, group: Option<&str>) -> 
 
 /// The fleet view for people: per group, nodes per bundle and status, the silent ones, the
 /// rollouts and reboots in flight.
+/// The first 12 characters of a bundle sha for the table (characters: etcd's text is anyone's).
+fn short_sha(s: &str) -> String {
+    s.chars().take(12).collect()
+}
+
 pub fn human(groups: &[Group]) -> String {
     let mut s = String::new();
     if groups.is_empty() {
@@ -161,12 +166,7 @@ pub fn human(groups: &[Group]) -> String {
         ));
         let mut by: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
         for (id, r) in &g.nodes {
-            let sha = r
-                .bundle
-                .sha256
-                .as_deref()
-                .map(|s| s[..s.len().min(12)].to_string())
-                .unwrap_or_else(|| "-".into());
+            let sha = r.bundle.sha256.as_deref().map(short_sha).unwrap_or_else(|| "-".into());
             by.entry((sha, r.status.clone())).or_default().push(id);
         }
         s.push_str(&format!("  {:<14} {:<8} {:>5}  nodes\n", "BUNDLE", "STATUS", "COUNT"));
@@ -196,7 +196,7 @@ pub fn human(groups: &[Group]) -> String {
                 .unwrap_or_default();
             s.push_str(&format!(
                 "  rollout {}: {} (applied {}, healthy {}, failed {}, slots {}){halt}\n",
-                &r.sha256[..r.sha256.len().min(12)],
+                short_sha(&r.sha256),
                 r.state,
                 r.applied.len(),
                 r.healthy.len(),
@@ -232,5 +232,33 @@ pub fn record_of(report: &Value, name: &str, instance_id: Option<&str>) -> Recor
         at: crate::clock::now_rfc3339(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         reboot: report["reboot"]["action"].as_str().map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records come from etcd, written by any node: a bundle sha that is not hex (here with a
+    /// two-byte character across byte 12) is shown, not a panic.
+    #[test]
+    fn odd_shas_from_etcd_are_shown_not_a_panic() {
+        let odd = "aaaaaaaaaaaé-not-a-sha".to_string();
+        let mut g = Group {
+            group: "g".into(),
+            ..Default::default()
+        };
+        let mut r = Record::default();
+        r.bundle.sha256 = Some(odd.clone());
+        r.status = "ok".into();
+        g.nodes.insert("i-1".into(), r);
+        g.rollouts.push(super::super::etcd::Status {
+            sha256: odd,
+            state: "canary".into(),
+            ..Default::default()
+        });
+        let text = human(&[g]);
+        assert!(text.contains("aaaaaaaaaaaé "), "{text}");
+        assert!(text.contains("rollout aaaaaaaaaaaé: canary"), "{text}");
     }
 }
