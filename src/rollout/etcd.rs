@@ -217,7 +217,16 @@ impl Rollouts {
     pub fn halt(&self, sha: &str, h: &Halt) -> Result<(), LockError> {
         let d = self.dir(sha);
         let hk = b64(&format!("{d}/halt"));
-        let v = b64(&serde_json::to_string(h).unwrap_or_default());
+        // Every node and `rollout status` read it: the failed run's words go out redacted.
+        let redact = crate::secrets::redact;
+        let h = Halt {
+            node: h.node.clone(),
+            step: h.step.as_deref().map(redact),
+            check: h.check.as_deref().map(redact),
+            reason: redact(&h.reason),
+            at: h.at.clone(),
+        };
+        let v = b64(&serde_json::to_string(&h).unwrap_or_default());
         self.lock.gateway(
             "/v3/kv/txn",
             json!({

@@ -434,3 +434,32 @@ fn halt_closes_the_queue_resume_reopens_it_and_abort_is_final() {
     assert!(e.contains("aborted"), "{e}");
     assert_eq!(r.status().unwrap()[0].state, "aborted");
 }
+
+/// A halt record goes to the group's etcd, which every node and `rollout status` read: a secret
+/// in the failed run's error (a command's output, say) is redacted before it is written, in the
+/// halt record and in the node's `failed/` record.
+#[test]
+fn a_secret_in_the_halt_reason_never_reaches_etcd() {
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    let etcd = Etcd::start(1);
+    let r = Rollouts::from_lock(etcd.lock("production-y"));
+    let sha = "cd".repeat(32);
+    let secret = "hunter2-rollout-secret-value";
+    bootstrap::secrets::register(secret);
+    let h = Halt {
+        node: "n1".into(),
+        step: Some("exec:deploy".into()),
+        check: Some(format!("command `check --token {secret}` exited 1")),
+        reason: format!("run failed: step exec:deploy: {secret} rejected"),
+        at: "t".into(),
+    };
+    r.halt(&sha, &h).unwrap();
+    let status = r.status().unwrap();
+    let s = status.iter().find(|s| s.sha256 == sha).expect("the halted rollout is listed");
+    let shown = serde_json::to_string(s).unwrap();
+    assert!(shown.contains("rejected") && shown.contains("check --token"), "{shown}");
+    assert!(!shown.contains(secret), "{shown}");
+    let raw = etcd.ctl(&["get", "", "--prefix"]);
+    assert!(raw.contains("run failed: step exec:deploy"), "the halt is in etcd: {raw}");
+    assert!(!raw.contains(secret), "{raw}");
+}
