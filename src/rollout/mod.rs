@@ -70,6 +70,8 @@ pub struct Settings {
     pub holder: String,
     /// The node record's lease.
     pub report_ttl: Duration,
+    /// The running system (`--root /`): only it is gated; an image build never is.
+    pub live: bool,
 }
 
 impl Settings {
@@ -143,12 +145,13 @@ impl Settings {
             etcd,
             holder,
             report_ttl: dur("[report] ttl", &cfg.report.ttl, DEFAULT_REPORT_TTL)?,
+            live,
         })
     }
 
     /// Whether new bundles go through rollout slots.
     pub fn gated(&self) -> bool {
-        self.strategy == RolloutStrategy::Canary && self.etcd.is_some() && self.group.is_some()
+        self.live && self.strategy == RolloutStrategy::Canary && self.etcd.is_some() && self.group.is_some()
     }
 
     /// The slots of a rollout semaphore when it is created: the canaries'.
@@ -455,6 +458,15 @@ mod tests {
         }
         // An image build is never gated.
         assert!(!parse("[rollout]\nstrategy = \"canary\"\n", false).unwrap().gated());
+        assert!(
+            !parse(
+                "[rollout]\nstrategy = \"canary\"\n[reboot.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+                false
+            )
+            .unwrap()
+            .gated(),
+            "an image build with etcd configured is not gated either"
+        );
         let c = crate::config::Config::parse(std::path::Path::new("c"), "[rollout]\nstrategy = \"canary\"\nstrategy2 = 1\n");
         assert!(c.unwrap_err().to_string().contains("unknown field `strategy2`"));
     }
