@@ -4,8 +4,8 @@
 //! it holds the terminating lifecycle action (heartbeats), takes the run lock (no timer run
 //! starts a change or takes a reboot slot behind the drain), runs the drain hooks
 //! (`[[asg.terminate_hook]]`, else the `[[reboot.pre_hook]]` commands) with their timeouts,
-//! gives back a reboot slot and an `unhealthy_after` place the node holds, and completes the
-//! action with CONTINUE. Then it exits.
+//! gives back a reboot slot, every rollout slot and an `unhealthy_after` place the node holds,
+//! and completes the action with CONTINUE. Then it exits.
 
 use super::api;
 use crate::reboot::settings::Service;
@@ -30,6 +30,9 @@ pub struct Drained {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hook_failure: Option<String>,
     pub released_reboot_slot: bool,
+    /// The bundles (sha256) whose rollout slot the drain gave back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released_rollout_slots: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lifecycle_hook: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -47,6 +50,10 @@ pub struct Watch<'a> {
     pub reboot: &'a crate::reboot::Settings,
     pub group: Option<String>,
     pub holder: Option<String>,
+    /// Gives back every rollout slot this node holds in its rollout group (the bundles'
+    /// sha256); None when the node takes part in no rollout (`[rollout] strategy` not
+    /// `canary`). A closure: the rollout protocol lives above this module.
+    pub release_rollout_slots: Option<&'a dyn Fn() -> anyhow::Result<Vec<String>>>,
 }
 
 /// Poll until the instance is being terminated, then drain. `once`: look once (None: not
@@ -140,6 +147,18 @@ pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
     match release_slot(w) {
         Ok(released) => out.released_reboot_slot = released,
         Err(e) => tracing::error!("releasing the reboot slot: {e:#}"),
+    }
+    // A slot of a bundle's rollout would stop the group's rollout until someone released it.
+    if let Some(release) = w.release_rollout_slots {
+        match release() {
+            Ok(shas) => {
+                for sha in &shas {
+                    tracing::warn!("rollout slot of bundle {sha} released: this instance is going away");
+                }
+                out.released_rollout_slots = shas;
+            }
+            Err(e) => tracing::error!("releasing the rollout slots: {e:#}"),
+        }
     }
     if let Err(e) = release_unhealthy_place(w) {
         tracing::warn!("giving back the unhealthy_after place: {e:#}");

@@ -19,6 +19,22 @@ pub fn run(once: bool, root: Option<&Path>) -> Result<u8> {
     let mut settings = settings;
     settings.enabled = true;
     let reboot = cx.reboot_settings()?;
+    let rollout = match cx.rollout_settings() {
+        Ok(r) => Some(r).filter(|r| r.gated() && !r.holder.is_empty()),
+        Err(e) => {
+            tracing::warn!("[rollout]: {e}; no rollout slot is given back in a drain");
+            None
+        }
+    };
+    let release = || -> anyhow::Result<Vec<String>> {
+        let Some(rl) = &rollout else { return Ok(Vec::new()) };
+        let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else {
+            return Ok(Vec::new());
+        };
+        let r = crate::rollout::etcd::Rollouts::new(svc, group)?;
+        r.give_back_all(&rl.holder)
+            .map_err(|e| anyhow::anyhow!("rollout slots of {} in group {group}: {e}", rl.holder))
+    };
     let w = crate::asg::watch::Watch {
         root: &cx.root,
         facts: &cx.facts,
@@ -27,6 +43,7 @@ pub fn run(once: bool, root: Option<&Path>) -> Result<u8> {
         reboot: &reboot,
         group,
         holder: cx.holder_id().ok(),
+        release_rollout_slots: rollout.is_some().then_some(&release as &dyn Fn() -> anyhow::Result<Vec<String>>),
     };
     match crate::asg::watch::run(&w, once)? {
         Some(d) => {

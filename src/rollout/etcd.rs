@@ -21,6 +21,17 @@ use std::time::Instant;
 /// The most keys `rollout status` and `fleet status` read in one range.
 const STATUS_LIMIT: u64 = 100_000;
 
+/// Semaphores read in one transaction by [`Rollouts::held_by`] (etcd allows 128 operations).
+const HELD_READS_PER_TXN: usize = 64;
+
+/// A rollout slot a node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSlot {
+    pub sha256: String,
+    /// `rollout abort`ed: the semaphore is closed, the slot stops nothing.
+    pub aborted: bool,
+}
+
 /// Why a bundle was halted (the `halt` and `failed/<id>` records).
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Halt {
@@ -287,6 +298,62 @@ impl Rollouts {
     /// Give `me`'s slot of `sha` back directly (a holder that found the bundle stopped).
     pub fn give_back(&self, sha: &str, me: &str) -> Result<bool, LockError> {
         self.semaphore(sha).release_now(me, 1)
+    }
+
+    /// Every rollout slot `me` holds in the group: one keys-only range over the group's
+    /// rollouts, then reads of the semaphores there are (in transactions of
+    /// `HELD_READS_PER_TXN`). A bundle that is aborted is said so (its slot no longer stops
+    /// anything: the semaphore is closed).
+    pub fn held_by(&self, me: &str) -> Result<Vec<HeldSlot>, LockError> {
+        let dir = format!("{}/rollout/", self.lock.base());
+        let r = self.lock.gateway(
+            "/v3/kv/range",
+            json!({ "key": b64(&dir), "range_end": prefix_end(&dir), "keys_only": true, "limit": STATUS_LIMIT.to_string() }),
+        )?;
+        let mut sems = Vec::new();
+        let mut aborted = std::collections::BTreeSet::new();
+        for (k, _) in kvs(&r) {
+            let Some(rest) = k.strip_prefix(&dir) else { continue };
+            match rest.split_once('/') {
+                Some((sha, "semaphore")) => sems.push(sha.to_string()),
+                Some((sha, "abort")) => {
+                    aborted.insert(sha.to_string());
+                }
+                _ => {}
+            }
+        }
+        let mut held = Vec::new();
+        for chunk in sems.chunks(HELD_READS_PER_TXN) {
+            let ops: Vec<Value> = chunk
+                .iter()
+                .map(|sha| json!({ "request_range": { "key": b64(&format!("{dir}{sha}/semaphore")) } }))
+                .collect();
+            let r = self.lock.gateway("/v3/kv/txn", json!({ "success": ops }))?;
+            for (i, sha) in chunk.iter().enumerate() {
+                for (k, v) in kvs(&r["responses"][i]["response_range"]) {
+                    let sem = crate::reboot::lock::decode(&v).map_err(|e| LockError::Malformed { key: k, why: e.to_string() })?;
+                    if sem.holds(me) {
+                        held.push(HeldSlot {
+                            sha256: sha.clone(),
+                            aborted: aborted.contains(sha),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Give back every rollout slot `me` holds in the group (a node going away: `bootstrap
+    /// watch`'s drain); the bundles' sha256 whose slot it gave back.
+    pub fn give_back_all(&self, me: &str) -> Result<Vec<String>, LockError> {
+        let mut out = Vec::new();
+        for h in self.held_by(me)? {
+            if self.give_back(&h.sha256, me)? {
+                out.push(h.sha256);
+            }
+        }
+        Ok(out)
     }
 
     /// Every rollout recorded for the group, by sha256.

@@ -44,14 +44,18 @@ struct Fleet {
 /// moto with the group and its hooks, the proxy, IMDS for the group's instance, and a node on
 /// the host's network (it reaches all three, and etcd, on loopback) with `role` as `web`.
 fn fleet(role: &str, extra_config: &str) -> Fleet {
+    fleet_in(bundle(&[("roles/web/role.toml", role)]), "/srv/bundle", extra_config)
+}
+
+/// `fleet`, with the bundle directory `b` (the node's /srv/bundle) and `[bundle] source`.
+fn fleet_in(b: tempfile::TempDir, source: &str, extra_config: &str) -> Fleet {
     let moto = Moto::start();
     let id = moto.create_asg(GROUP, &[("launch", LAUNCHING, 30), ("drain", TERMINATING, 30)]);
     let proxy = moto.asg_proxy();
     let imds = ImdsServer::start(ImdsServer::asg_instance("production-web", GROUP, &id));
-    let b = bundle(&[("roles/web/role.toml", role)]);
     let node = Node::boot_host_net(b.path());
     node.write_config(&format!(
-        "[imds]\nbase_url = \"{}\"\n[bundle]\nsource = \"/srv/bundle\"\n[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n{extra_config}\n[asg]\nendpoint = \"{}\"\nheartbeat_interval = \"1s\"\n",
+        "[imds]\nbase_url = \"{}\"\n[bundle]\nsource = \"{source}\"\n[metrics]\ntextfile = \"/var/lib/metrics/bootstrap.prom\"\n{extra_config}\n[asg]\nendpoint = \"{}\"\nheartbeat_interval = \"1s\"\n",
         imds.addr, proxy.url
     ));
     Fleet {
@@ -438,4 +442,98 @@ fn watcher_retries_only_a_refused_completion() {
     let r = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
+}
+
+/// The `web` role of the rollout tests: `/etc/web.conf` names the bundle; the run fails while
+/// `/var/tmp/break` exists on the node.
+fn web_role(src: &std::path::Path, version: &str) {
+    std::fs::create_dir_all(src.join("roles/web")).unwrap();
+    std::fs::write(
+        src.join("roles/web/role.toml"),
+        format!(
+            "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web.conf\"\ncontent = \"{version}\\n\"\n\
+             [[step]]\nkind = \"exec\"\ncommand = [\"false\"]\nonlyif = [\"test\", \"-e\", \"/var/tmp/break\"]\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// A node of the group under `[rollout] strategy = "canary"` over `etcd` (`etcd_section`:
+/// `[rollout.etcd]` or `[reboot.etcd]`), its bundle `/srv/bundle/web.tar.gz` built from `src`
+/// into `out`; `v1` applied (a node's first bundle needs no slot). The bundle's sha256.
+fn rollout_fleet(etcd: &Etcd, etcd_section: &str, rollout: &str) -> (Fleet, tempfile::TempDir, String) {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    web_role(src.path(), "v1");
+    let v1 = crate::rollouts::publish_web(src.path(), out.path());
+    let f = fleet_in(
+        out,
+        "/srv/bundle/web.tar.gz",
+        &format!(
+            "[rollout]\nstrategy = \"canary\"\nwait = \"10m\"\n{rollout}\n[{etcd_section}]\nendpoints = [\"{}\"]\n",
+            etcd.endpoints()[0]
+        ),
+    );
+    let r = f.node.agent_env(&["apply"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.node.report()["bundle"]["sha256"], v1.as_str());
+    (f, src, v1)
+}
+
+fn publish_version(f: &Fleet, src: &std::path::Path, version: &str) -> String {
+    web_role(src, version);
+    crate::rollouts::publish_web(src, f._bundle.path())
+}
+
+fn rollout_status(f: &Fleet, sha: &str) -> serde_json::Value {
+    let r = f.node.agent(&["rollout", "status", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    j["rollouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sha256"] == sha)
+        .unwrap_or_else(|| panic!("no rollout {sha}: {j:#}"))
+        .clone()
+}
+
+/// Issue 19, show 3 with a rollout slot: a node scaled in while it holds a slot of a bundle's
+/// rollout gives it back in its drain (it would block the group's rollout until someone
+/// released it by hand), and says so in its drain record; `rollout status` shows the slot free
+/// and the next node gets it at once. Another node's slot is left alone.
+#[test]
+fn the_drain_gives_back_a_rollout_slot_the_node_holds() {
+    use bootstrap::reboot::etcd::Waited;
+    let etcd = Etcd::start(1);
+    let (f, src, _v1) = rollout_fleet(&etcd, "reboot.etcd", "canary = 1\nbatch = 2\n");
+    let v2 = publish_version(&f, src.path(), "v2");
+    let v3 = publish_version(&f, src.path(), "v3");
+    // The node was granted v2's canary slot while it queued (its run killed with the instance's
+    // scale-in, say); another node holds a slot of v3.
+    let r = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock("production-web"));
+    let soon = || Instant::now() + Duration::from_secs(30);
+    assert_eq!(r.wait_slot(&v2, &f.id, 1, soon()).unwrap(), Waited::Acquired);
+    assert_eq!(r.wait_slot(&v3, "i-other", 1, soon()).unwrap(), Waited::Acquired);
+    assert_eq!(rollout_status(&f, &v2)["holders"], serde_json::json!([f.id]));
+
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
+    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(w.code, 0, "{}", w.all());
+    let st = rollout_status(&f, &v2);
+    assert_eq!(
+        st["holders"],
+        serde_json::json!([]),
+        "the drained node still holds its slot: {st:#}\n{}",
+        w.all()
+    );
+    assert_eq!(rollout_status(&f, &v3)["holders"], serde_json::json!(["i-other"]), "another node's slot");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(f.node.merged.join("var/lib/bootstrap/asg-terminate.json")).unwrap()).unwrap();
+    assert_eq!(rec["released_rollout_slots"], serde_json::json!([v2]), "{rec}");
+    assert_eq!(only(f.proxy.ok_calls("CompleteLifecycleAction")).params["LifecycleActionResult"], "CONTINUE");
+    // The group's rollout goes on: the next node gets the slot now, not after a timeout.
+    assert_eq!(
+        r.wait_slot(&v2, "i-next", 1, Instant::now() + Duration::from_secs(5)).unwrap(),
+        Waited::Acquired
+    );
 }
