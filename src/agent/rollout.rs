@@ -111,7 +111,18 @@ pub(super) fn gated(
                 match rollouts.wait_slot(&sha, me, rl.first_slots(), deadline) {
                     Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
                         note["slot_at"] = now().into();
-                        under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?
+                        match relock_undrained(cx, o, &rollouts, &sha, me)? {
+                            Some(lock) => {
+                                let mut applied = under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?;
+                                // The lock taken here outlives the nested one of the apply.
+                                applied._lock = Some(lock);
+                                applied
+                            }
+                            None => {
+                                note["state"] = "drained".into();
+                                Applied { report: a.report, _lock: None }
+                            }
+                        }
                     }
                     Ok(crate::reboot::etcd::Waited::Closed) => {
                         note["state"] = "halted".into();
@@ -161,6 +172,25 @@ pub(super) fn gated(
     applied.report.rollout = Some(note);
     engine::write_report(&cx.root, &applied.report)?;
     Ok(applied)
+}
+
+/// A slot came to a run that waited for it without the run lock: take the lock again, and
+/// check that `bootstrap watch` did not drain the node meanwhile (a scale-in). Drained: give
+/// the slot back, apply nothing new (None). The lock is held from here to the end of the run.
+fn relock_undrained(cx: &Context, o: &RunOptions, rollouts: &Rollouts, sha: &str, me: &str) -> anyhow::Result<Option<crate::runlock::RunLock>> {
+    let lock = crate::runlock::acquire(&cx.root, o.lock_timeout).inspect_err(|_| {
+        if let Err(e) = rollouts.give_back(sha, me) {
+            tracing::warn!("giving back the rollout slot of bundle {sha}: {e}");
+        }
+    })?;
+    let Some(at) = crate::asg::watch::drained_at(&cx.root, cx.facts.instance_id.as_deref()) else {
+        return Ok(Some(lock));
+    };
+    tracing::warn!("this instance was drained for a scale-in at {at}: bundle {sha} is not applied, its rollout slot is given back");
+    if let Err(e) = rollouts.give_back(sha, me) {
+        tracing::warn!("giving back the rollout slot of bundle {sha}: {e}");
+    }
+    Ok(None)
 }
 
 fn fail(r: &mut Report, msg: String) {

@@ -56,6 +56,13 @@ pub struct Watch<'a> {
     pub release_rollout_slots: Option<&'a dyn Fn() -> anyhow::Result<Vec<String>>>,
 }
 
+/// When `bootstrap watch` drained this instance (`instance_id`) for a scale-in: the drain
+/// record's time. A run must apply nothing new on a node going away.
+pub fn drained_at(root: &Path, instance_id: Option<&str>) -> Option<String> {
+    let d = super::read_record::<Drained>(root, super::TERMINATE_STATE)?;
+    (instance_id.is_some() && d.instance_id.as_deref() == instance_id).then_some(d.at)
+}
+
 /// Poll until the instance is being terminated, then drain. `once`: look once (None: not
 /// terminating).
 pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {

@@ -485,6 +485,10 @@ fn publish_version(f: &Fleet, src: &std::path::Path, version: &str) -> String {
     crate::rollouts::publish_web(src, f._bundle.path())
 }
 
+fn web_conf(f: &Fleet) -> String {
+    std::fs::read_to_string(f.node.merged.join("etc/web.conf")).unwrap()
+}
+
 fn rollout_status(f: &Fleet, sha: &str) -> serde_json::Value {
     let r = f.node.agent(&["rollout", "status", "--json"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -536,4 +540,43 @@ fn the_drain_gives_back_a_rollout_slot_the_node_holds() {
         r.wait_slot(&v2, "i-next", 1, Instant::now() + Duration::from_secs(5)).unwrap(),
         Waited::Acquired
     );
+}
+
+/// A run queued for a rollout slot (it dropped the run lock while it waits) whose slot comes
+/// after the watcher drained the node: it gives the slot back and applies nothing new on a
+/// node that is going away (the old bundle stays, no `applied` record in etcd).
+#[test]
+fn a_run_queued_for_a_rollout_slot_applies_nothing_once_the_node_was_drained() {
+    let etcd = Etcd::start(1);
+    let (f, src, v1) = rollout_fleet(&etcd, "reboot.etcd", "");
+    let v2 = publish_version(&f, src.path(), "v2");
+    // The canary slot is another node's: this node's run queues.
+    let r = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock("production-web"));
+    assert_eq!(
+        r.wait_slot(&v2, "i-canary", 1, Instant::now() + Duration::from_secs(30)).unwrap(),
+        bootstrap::reboot::etcd::Waited::Acquired
+    );
+    std::thread::scope(|s| {
+        let run = s.spawn(|| f.node.agent_env(&["apply"], &AWS_ENV));
+        let start = Instant::now();
+        while r.semaphore(&v2).backlog(10).unwrap().waiting < 1 {
+            assert!(start.elapsed() < Duration::from_secs(60), "the run never queued");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
+        let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+        assert_eq!(w.code, 0, "{}", w.all());
+        assert!(f.node.merged.join("var/lib/bootstrap/asg-terminate.json").exists());
+        // The canary is done: its slot goes to the queued run of the drained node.
+        assert!(r.give_back(&v2, "i-canary").unwrap());
+        let run = run.join().unwrap();
+        assert_eq!(run.code, 0, "{}", run.all());
+    });
+    assert_eq!(web_conf(&f), "v1\n", "the drained node applied the new bundle");
+    let rep = f.node.report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["rollout"]["state"], "drained", "{rep:#}");
+    let st = rollout_status(&f, &v2);
+    assert_eq!(st["holders"], serde_json::json!([]), "{st:#}");
+    assert_eq!(st["applied"], serde_json::json!([]), "{st:#}");
 }
