@@ -1,7 +1,8 @@
 //! `unhealthy_after = N`: after N consecutive failed `apply` runs (a failed run, or a run whose
 //! `[[asg.health]]` checks fail), SetInstanceHealth Unhealthy (respecting the group's grace
 //! period) so the group replaces the node. Never while the node holds a reboot slot (a node in
-//! the middle of a coordinated reboot is not broken, and the rollout stops at it anyway); never
+//! the middle of a coordinated reboot is not broken, and the rollout stops at it anyway) or a
+//! slot of a bundle's rollout (asked of etcd by the caller, `rollout::unhealthy_hold`); never
 //! for more than `max_unhealthy` of the group at once: with etcd configured (`[reboot.etcd]`)
 //! the node takes a place in `<prefix>/groups/<group>/v1/asg-unhealthy` by compare-and-swap
 //! (places older than `MARK_TTL` lapse: those nodes were replaced); without etcd it counts the
@@ -69,8 +70,9 @@ pub struct RunInputs<'a> {
     pub holder: Option<String>,
     pub ok: bool,
     pub why: Option<String>,
-    /// The node keeps a rollout slot for inspection (`[rollout] on_failure = "halt"`).
-    pub holds_rollout_slot: bool,
+    /// Asked only when the node is due: why its rollout slots hold the mark back (it holds
+    /// one, or cannot tell), or None. A closure: the rollout protocol lives above this module.
+    pub rollout_hold: &'a dyn Fn() -> Option<String>,
 }
 
 /// After an `apply`: count, and mark the instance Unhealthy when it is due and allowed. Errors
@@ -90,8 +92,14 @@ pub fn after_apply(i: RunInputs<'_>) {
         }
     }
     let before: HealthRecord = super::read_record(i.root, super::HEALTH_STATE).unwrap_or_default();
-    let holds_slot = i.holds_rollout_slot || !matches!(crate::reboot::read_state(i.root), Ok(None));
-    let (n, verdict) = decide(ok, before.consecutive_failures, after, before.marked_unhealthy_at.is_some(), holds_slot);
+    let reboot_slot = !matches!(crate::reboot::read_state(i.root), Ok(None));
+    let (n, mut verdict) = decide(ok, before.consecutive_failures, after, before.marked_unhealthy_at.is_some(), reboot_slot);
+    let mut held = "holds a reboot slot".to_string();
+    if verdict == Verdict::Mark {
+        if let Some(why) = (i.rollout_hold)() {
+            (verdict, held) = (Verdict::HoldsSlot, why);
+        }
+    }
     let mut rec = HealthRecord {
         consecutive_failures: n,
         last_failure: if ok { before.last_failure.clone() } else { Some(crate::clock::now_rfc3339()) },
@@ -107,13 +115,8 @@ pub fn after_apply(i: RunInputs<'_>) {
     match verdict {
         Verdict::Nothing => {}
         Verdict::HoldsSlot => {
-            let what = if i.holds_rollout_slot {
-                "a rollout slot (kept for inspection)"
-            } else {
-                "a reboot slot"
-            };
-            tracing::warn!("not marking this instance Unhealthy: it holds {what}");
-            rec.not_marked = Some(format!("holds {what}"));
+            tracing::warn!("not marking this instance Unhealthy: it {held}");
+            rec.not_marked = Some(held);
         }
         Verdict::Mark => {
             let client = super::client(i.settings, i.facts, &group, &id);

@@ -42,9 +42,32 @@ fn after_apply(cx: &Context, asg: &crate::asg::Settings, result: &anyhow::Result
         holder: cx.holder_id().ok(),
         ok,
         why,
-        holds_rollout_slot: crate::rollout::kept_for_inspection(result),
+        rollout_hold: &|| rollout_hold(cx, result),
     });
     Ok(())
+}
+
+/// Why this node's rollout slots hold `unhealthy_after`'s mark back (`rollout::unhealthy_hold`):
+/// etcd is asked which slots of its rollout group it holds.
+fn rollout_hold(cx: &Context, result: &anyhow::Result<Report>) -> Option<String> {
+    let kept = crate::rollout::kept_for_inspection(result);
+    let rl = match cx.rollout_settings() {
+        Ok(rl) => rl,
+        // A canary node whose `[rollout]` cannot be read cannot tell either.
+        Err(e) => {
+            let canary = cx.config.rollout.strategy == Some(crate::config::RolloutStrategy::Canary);
+            return crate::rollout::unhealthy_hold(kept, canary, canary.then(|| Err(format!("[rollout]: {e}"))));
+        }
+    };
+    let held = match (&rl.etcd, &rl.group) {
+        (Some(svc), Some(group)) if rl.live && !rl.holder.is_empty() => Some(
+            crate::rollout::etcd::Rollouts::new(svc, group)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.held_by(&rl.holder).map_err(|e| format!("etcd unreachable, rollout group {group}: {e}"))),
+        ),
+        _ => None,
+    };
+    crate::rollout::unhealthy_hold(kept, rl.gated(), held)
 }
 
 /// The run options the flags give (the clock starts here); `command` is what the report names.

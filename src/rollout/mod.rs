@@ -49,6 +49,24 @@ pub fn kept_for_inspection(result: &anyhow::Result<crate::engine::report::Report
     }
 }
 
+/// Why `[asg] unhealthy_after` must leave this node alone for its rollout slots, or None. A
+/// node that holds a slot of a bundle's rollout stops that rollout where it is (the halt names
+/// it, the next node waits for it): its group must not replace it underneath. `kept`: this run
+/// says the node keeps a slot for inspection; `gated`: `[rollout] strategy = "canary"`;
+/// `held`: what etcd says of the slots it holds (None: not asked, no rollout etcd; Err: etcd
+/// did not answer). A slot of an aborted bundle stops nothing and does not count. With etcd
+/// unreachable a canary node cannot tell, and is not marked.
+pub fn unhealthy_hold(kept: bool, gated: bool, held: Option<Result<Vec<etcd::HeldSlot>, String>>) -> Option<String> {
+    if kept {
+        return Some("holds a rollout slot (kept for inspection)".into());
+    }
+    match held {
+        Some(Ok(slots)) if slots.iter().any(|s| !s.aborted) => Some("holds a rollout slot".into()),
+        Some(Err(e)) if gated => Some(format!("cannot tell whether it holds a rollout slot ({e})")),
+        _ => None,
+    }
+}
+
 /// A run's rollout note (`Report::rollout`) of a node that halted the bundle and kept it.
 fn halted_here_and_kept(note: &serde_json::Value) -> bool {
     note["state"] == "halted_here" && note["rolled_back"] != true
@@ -319,6 +337,28 @@ mod tests {
         for state in ["healthy", "halted", "waiting", "unavailable", "applied"] {
             assert!(!halted_here_and_kept(&serde_json::json!({ "state": state })), "{state}");
         }
+    }
+
+    /// `unhealthy_after` is held back by any rollout slot of a bundle not aborted, by a node
+    /// kept for inspection, and by etcd not answering a canary node; by nothing else.
+    #[test]
+    fn a_rollout_slot_or_not_knowing_holds_the_unhealthy_mark_back() {
+        let slot = |sha: &str, aborted| etcd::HeldSlot { sha256: sha.into(), aborted };
+        let down = || Some(Err("etcd unreachable: connection refused".to_string()));
+        for gated in [false, true] {
+            for held in [None, Some(Ok(vec![])), Some(Ok(vec![slot("a", false)])), down()] {
+                assert_eq!(unhealthy_hold(true, gated, held).as_deref(), Some("holds a rollout slot (kept for inspection)"));
+            }
+            assert_eq!(unhealthy_hold(false, gated, None), None);
+            assert_eq!(unhealthy_hold(false, gated, Some(Ok(vec![]))), None);
+            assert_eq!(unhealthy_hold(false, gated, Some(Ok(vec![slot("a", true)]))), None, "an aborted bundle's slot");
+            for slots in [vec![slot("a", false)], vec![slot("a", true), slot("b", false)]] {
+                assert_eq!(unhealthy_hold(false, gated, Some(Ok(slots))).as_deref(), Some("holds a rollout slot"));
+            }
+        }
+        let why = unhealthy_hold(false, true, down()).unwrap();
+        assert!(why.contains("etcd unreachable") && why.contains("connection refused"), "{why}");
+        assert_eq!(unhealthy_hold(false, false, down()), None, "no canary strategy: no slot to hold");
     }
 
     /// Every combination of the gate's inputs, checked against the rules the fleet relies on.

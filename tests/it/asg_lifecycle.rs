@@ -580,3 +580,50 @@ fn a_run_queued_for_a_rollout_slot_applies_nothing_once_the_node_was_drained() {
     assert_eq!(st["holders"], serde_json::json!([]), "{st:#}");
     assert_eq!(st["applied"], serde_json::json!([]), "{st:#}");
 }
+
+/// Issue 19: `unhealthy_after` never marks a node that holds a rollout slot, whatever left it
+/// holding one: here the canary that halted a bad bundle with `on_failure = "rollback"` (its
+/// run failed; it keeps the slot so the halt names it). With etcd unreachable a canary node
+/// cannot know, and is not marked either. A slot of an aborted bundle no longer counts: then
+/// a failing node is marked. (`[rollout.etcd]` only: `max_unhealthy` is checked with the
+/// Auto Scaling API, which does not need etcd.)
+#[test]
+fn unhealthy_after_never_marks_a_node_holding_a_rollout_slot() {
+    let mut etcd = Etcd::start(1);
+    let (f, src, v1) = rollout_fleet(
+        &etcd,
+        "rollout.etcd",
+        "on_failure = \"rollback\"\n[[rollout.health]]\ncommand = [\"grep\", \"-qxv\", \"bad\", \"/etc/web.conf\"]\n",
+    );
+    f.node.write_config(&format!(
+        "{}unhealthy_after = 1\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    let health = || -> serde_json::Value { serde_json::from_slice(&std::fs::read(f.node.merged.join("var/lib/bootstrap/asg-health.json")).unwrap()).unwrap() };
+    let bad = publish_version(&f, src.path(), "bad");
+    let r = f.node.agent_env(&["apply"], &AWS_ENV);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(f.node.report()["rollout"]["rolled_back"], true, "{:#}", f.node.report());
+    assert_eq!(rollout_status(&f, &bad)["holders"], serde_json::json!([f.id]));
+    assert_eq!(f.moto.asg_health(&f.id), "Healthy", "marked while holding a rollout slot: {}", r.all());
+    assert!(f.proxy.ok_calls("SetInstanceHealth").is_empty());
+    assert_eq!(health()["not_marked"], "holds a rollout slot", "{}", health());
+
+    // etcd unreachable, the run failing: a canary node cannot know whether it holds a slot.
+    etcd.kill(0);
+    assert!(f.node.sh("touch /var/tmp/break && echo ok").stdout.contains("ok"));
+    let r = f.node.agent_env(&["apply"], &AWS_ENV);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(f.node.report()["bundle"]["sha256"], v1.as_str());
+    assert_eq!(f.moto.asg_health(&f.id), "Healthy", "marked without knowing its rollout slots: {}", r.all());
+    assert!(health()["not_marked"].as_str().unwrap().contains("etcd"), "{}", health());
+
+    // The bad bundle aborted: its slot no longer counts, and the failing node is marked.
+    etcd.restart(0);
+    let r = f.node.agent(&["rollout", "abort", &bad]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = f.node.agent_env(&["apply"], &AWS_ENV);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(f.moto.asg_health(&f.id), "Unhealthy", "{}\n{}", r.all(), health());
+    assert_eq!(only(f.proxy.ok_calls("SetInstanceHealth")).params["InstanceId"], f.id);
+}
