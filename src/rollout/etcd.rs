@@ -8,6 +8,10 @@
 //! | `failed/<id>` | `{"at","step","check","reason"}` | the node |
 //! | `halt` | `{"node","step","check","reason","at"}`: the first failure; written only if absent | the failing node; `rollout resume` deletes it |
 //! | `abort` | `{"at","by"}`: the bundle is bad | `rollout abort` |
+//!
+//! A finished rollout (no halt, no abort, no slot held, nobody queued, no reporting node's
+//! bundle) is deleted a week after its last record, by the canary release of a later rollout
+//! ([`Rollouts::prune`]).
 
 use super::View;
 use crate::reboot::etcd::{EtcdLock, LockError, Semaphore, Waited};
@@ -20,6 +24,12 @@ use std::time::Instant;
 
 /// The most keys `rollout status` and `fleet status` read in one range.
 const STATUS_LIMIT: u64 = 100_000;
+
+/// A finished rollout's records are deleted once its newest record is this old (and no
+/// reporting node runs the bundle): see [`Rollouts::prune`].
+pub const PRUNE_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// The most rollouts one prune deletes.
+const PRUNE_MAX: usize = 16;
 
 /// Semaphores read in one transaction by [`Rollouts::held_by`] (etcd allows 128 operations).
 const HELD_READS_PER_TXN: usize = 64;
@@ -209,6 +219,16 @@ impl Rollouts {
             .into_iter()
             .next()
             .and_then(|(_, v)| crate::reboot::lock::decode(&v).ok());
+        // The canaries of this rollout just became healthy (one node sees this count): once
+        // per rollout, old finished rollouts of the group are deleted. Never fails the release.
+        if healthy == canary.max(1) {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            match self.prune(sha, now, PRUNE_AFTER) {
+                Ok(gone) if !gone.is_empty() => tracing::info!("deleted the records of {} finished rollouts: {}", gone.len(), gone.join(" ")),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("deleting old rollouts of the group: {e}"),
+            }
+        }
         let want = super::slots_for(false, healthy, canary, batch);
         if sem.is_some_and(|s| s.total_slots != 0 && s.total_slots != want) {
             sema.update_with(want, |s: &mut Semaphore| {
@@ -354,6 +374,108 @@ impl Rollouts {
             }
         }
         Ok(out)
+    }
+
+    /// Delete the records of the group's finished rollouts (at most `PRUNE_MAX`, never
+    /// `keep`'s): no `halt` and no `abort` (an operator's decision, and what keeps a bad bundle
+    /// from going out again, stay until deleted by hand), no slot held, nobody queued, no
+    /// reporting node's bundle (`nodes/<holder>`), and the newest `at` of its `applied`,
+    /// `healthy` and `failed` records at least `retain` before `now` (unix seconds). Each is one
+    /// transaction that deletes `<sha>/` only if its semaphore did not change since it was
+    /// read and its queue is still empty. The sha256s deleted.
+    pub fn prune(&self, keep: &str, now: i64, retain: std::time::Duration) -> Result<Vec<String>, LockError> {
+        #[derive(Default)]
+        struct Seen {
+            stopped: bool,
+            queued: bool,
+            /// (mod revision, holders) of the semaphore.
+            sem: Option<(String, usize)>,
+            newest: Option<i64>,
+        }
+        let dir = format!("{}/rollout/", self.lock.base());
+        let r = self.lock.gateway(
+            "/v3/kv/range",
+            json!({ "key": b64(&dir), "range_end": prefix_end(&dir), "limit": STATUS_LIMIT.to_string() }),
+        )?;
+        let revs: Vec<String> = r["kvs"]
+            .as_array()
+            .map(|a| a.iter().map(|kv| kv["mod_revision"].as_str().unwrap_or_default().to_string()).collect())
+            .unwrap_or_default();
+        let mut all: BTreeMap<String, Seen> = BTreeMap::new();
+        for ((k, v), rev) in kvs(&r).into_iter().zip(revs) {
+            let Some(rest) = k.strip_prefix(&dir) else { continue };
+            let Some((sha, kind)) = rest.split_once('/') else { continue };
+            let s = all.entry(sha.to_string()).or_default();
+            let kind = kind.split('/').next().unwrap_or_default();
+            match kind {
+                "halt" | "abort" => s.stopped = true,
+                "queue" => s.queued = true,
+                "semaphore" => match crate::reboot::lock::decode(&v) {
+                    Ok(sem) => s.sem = Some((rev, sem.holders.len())),
+                    // Not ours to judge: kept.
+                    Err(_) => s.stopped = true,
+                },
+                "applied" | "healthy" | "failed" => {
+                    let at = serde_json::from_slice::<Value>(&v)
+                        .ok()
+                        .and_then(|j| j["at"].as_str().and_then(|t| humantime::parse_rfc3339_weak(t).ok()))
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs() as i64);
+                    match at {
+                        Some(t) => s.newest = Some(s.newest.map_or(t, |n| n.max(t))),
+                        // A record without a time: not known to be old, kept.
+                        None => s.newest = Some(now),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let candidates: Vec<(String, String)> = all
+            .into_iter()
+            .filter(|(sha, s)| {
+                sha != keep
+                    && !s.stopped
+                    && !s.queued
+                    && s.sem.as_ref().is_some_and(|(_, holders)| *holders == 0)
+                    && s.newest.is_some_and(|t| now.saturating_sub(t) >= retain.as_secs() as i64)
+            })
+            .filter_map(|(sha, s)| Some((sha, s.sem?.0)))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The bundles the reporting nodes run are kept: `rollout status` still shows them.
+        let nd = format!("{}/nodes/", self.lock.base());
+        let r = self.lock.gateway(
+            "/v3/kv/range",
+            json!({ "key": b64(&nd), "range_end": prefix_end(&nd), "limit": STATUS_LIMIT.to_string() }),
+        )?;
+        let running: std::collections::BTreeSet<String> = kvs(&r)
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice::<Value>(&v).ok()?["bundle"]["sha256"].as_str().map(str::to_string))
+            .collect();
+        let mut gone = Vec::new();
+        for (sha, rev) in candidates.into_iter().filter(|(sha, _)| !running.contains(sha)).take(PRUNE_MAX) {
+            let d = format!("{dir}{sha}/");
+            let q = format!("{d}queue/");
+            let r = self.lock.gateway(
+                "/v3/kv/txn",
+                json!({
+                    "compare": [
+                        { "key": b64(&format!("{d}semaphore")), "result": "EQUAL", "target": "MOD", "mod_revision": rev },
+                        { "key": b64(&q), "range_end": prefix_end(&q), "result": "EQUAL", "target": "CREATE", "create_revision": "0" },
+                        { "key": b64(&format!("{d}halt")), "result": "EQUAL", "target": "VERSION", "version": "0" },
+                        { "key": b64(&format!("{d}abort")), "result": "EQUAL", "target": "VERSION", "version": "0" },
+                    ],
+                    "success": [{ "request_delete_range": { "key": b64(&d), "range_end": prefix_end(&d) } }],
+                    "failure": [],
+                }),
+            )?;
+            if r["succeeded"] == true {
+                gone.push(sha);
+            }
+        }
+        Ok(gone)
     }
 
     /// Every rollout recorded for the group, by sha256.

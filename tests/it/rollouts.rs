@@ -463,3 +463,82 @@ fn a_secret_in_the_halt_reason_never_reaches_etcd() {
     assert!(raw.contains("run failed: step exec:deploy"), "the halt is in etcd: {raw}");
     assert!(!raw.contains(secret), "{raw}");
 }
+
+/// Old rollouts do not pile up in etcd: when the canaries of a new rollout become healthy, the
+/// group's finished rollouts whose newest record is older than `PRUNE_AFTER` are deleted, and
+/// nothing else: not a halted or aborted bundle (they keep a bad bundle from going out again),
+/// not one whose slot is held or that has a node queued, not the bundle a reporting node runs,
+/// not a recent one.
+#[test]
+fn finished_rollouts_older_than_a_week_are_deleted_and_nothing_else() {
+    use bootstrap::reboot::etcd::Waited;
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let r = Rollouts::from_lock(etcd.lock("production-z"));
+    let soon = || Instant::now() + Duration::from_secs(30);
+    let old = serde_json::json!({ "at": "2026-01-01T00:00:00Z" }).to_string();
+    // A rollout of `sha` finished by n1, its records dated `at`; with 2 canaries (n1 alone is
+    // not the canaries becoming healthy: these releases delete nothing).
+    let done = |sha: &str, at: Option<&str>| {
+        assert_eq!(r.wait_slot(sha, "n1", 1, soon()).unwrap(), Waited::Acquired);
+        assert!(r.start_applying(sha, "n1").unwrap());
+        r.healthy(sha, "n1", 2, 2).unwrap();
+        if let Some(at) = at {
+            for k in ["applied", "healthy"] {
+                etcd.ctl(&["put", &format!("{}/{k}/n1", r.dir(sha)), at]);
+            }
+        }
+    };
+    let sha = |c: char| c.to_string().repeat(64);
+    let (a, b, c, d, e, q, f, g) = (sha('a'), sha('b'), sha('c'), sha('d'), sha('e'), sha('9'), sha('f'), sha('1'));
+    done(&a, Some(&old));
+    // Halted long ago by n1.
+    assert_eq!(r.wait_slot(&b, "n1", 1, soon()).unwrap(), Waited::Acquired);
+    r.halt(
+        &b,
+        &Halt {
+            node: "n1".into(),
+            reason: "health check failed".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.give_back(&b, "n1").unwrap());
+    done(&c, Some(&old));
+    r.abort(&c, "operator").unwrap();
+    etcd.ctl(&["put", &format!("{}/abort", r.dir(&c)), &old]);
+    // Old, but a reporting node runs it.
+    done(&d, Some(&old));
+    let node = serde_json::json!({ "name": "n9", "bundle": { "sha256": d, "origin": "s3" }, "status": "ok" }).to_string();
+    etcd.ctl(&["put", &format!("{}/nodes/n9", etcd.lock("production-z").base()), &node]);
+    // Old, but a node holds a slot of it (say it was granted one and went quiet).
+    done(&e, Some(&old));
+    assert_eq!(r.wait_slot(&e, "n2", 1, soon()).unwrap(), Waited::Acquired);
+    // Old, but a node is queued for it.
+    done(&q, Some(&old));
+    etcd.ctl(&["put", &format!("{}/queue/n3", r.dir(&q)), "n3"]);
+    // Finished recently.
+    done(&f, None);
+    let listed = |r: &Rollouts| -> Vec<String> { r.status().unwrap().into_iter().map(|s| s.sha256).collect() };
+    assert_eq!(listed(&r).len(), 7);
+
+    // A new rollout (canary = 1): its canary's release deletes `a`, only.
+    assert_eq!(r.wait_slot(&g, "n1", 1, soon()).unwrap(), Waited::Acquired);
+    assert!(r.start_applying(&g, "n1").unwrap());
+    r.healthy(&g, "n1", 1, 2).unwrap();
+    let mut want = vec![b.clone(), c.clone(), d.clone(), e.clone(), q.clone(), f.clone(), g.clone()];
+    want.sort();
+    assert_eq!(listed(&r), want, "only the old finished rollout is deleted");
+    let left = etcd.ctl(&["get", &r.dir(&a), "--prefix", "--keys-only"]);
+    assert!(left.trim().is_empty(), "records of {a} left: {left}");
+    // The kept ones are whole: the halt still stops the bad bundle, the abort too.
+    assert_eq!(r.wait_slot(&b, "n4", 1, soon()).unwrap(), Waited::Closed);
+    assert!(r.view(&c, None, "n4").unwrap().aborted);
+    assert_eq!(r.status().unwrap().iter().find(|s| s.sha256 == e).unwrap().holders, ["n2"]);
+    // A deleted rollout of a bundle fetched again starts over, canary first.
+    assert_eq!(r.wait_slot(&a, "n5", 1, soon()).unwrap(), Waited::Acquired);
+    let (s, _) = r.semaphore(&a).get().unwrap().unwrap();
+    assert_eq!((s.total_slots, s.holders), (1, vec!["n5".to_string()]));
+}
