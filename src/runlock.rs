@@ -17,18 +17,22 @@ const POLL: Duration = Duration::from_millis(50);
 /// must outlive it.
 pub struct RunLock {
     _lock: Option<Flock<File>>,
-    path: PathBuf,
+    /// The thread that took the lock, and the lock file: this guard's entry in `HELD`.
+    owner: (std::thread::ThreadId, PathBuf),
 }
 
-thread_local! {
-    /// The run locks this thread holds (their paths).
-    static HELD: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+/// The run locks held in this process: (the thread that took it, the lock file). Keyed by
+/// the taking thread, so a guard moved to another thread still drops its own entry.
+static HELD: std::sync::Mutex<Vec<(std::thread::ThreadId, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn held() -> std::sync::MutexGuard<'static, Vec<(std::thread::ThreadId, PathBuf)>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for RunLock {
     fn drop(&mut self) {
         if self._lock.is_some() {
-            HELD.with(|h| h.borrow_mut().retain(|p| *p != self.path));
+            held().retain(|o| *o != self.owner);
         }
     }
 }
@@ -36,8 +40,9 @@ impl Drop for RunLock {
 /// Take the exclusive run lock under `root`, waiting up to `timeout` for another run.
 pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
     let path: PathBuf = crate::state::StateDir::new(root).run_lock();
-    if HELD.with(|h| h.borrow().contains(&path)) {
-        return Ok(RunLock { _lock: None, path });
+    let owner = (std::thread::current().id(), path.clone());
+    if held().contains(&owner) {
+        return Ok(RunLock { _lock: None, owner });
     }
     let start = Instant::now();
     let mut told = false;
@@ -53,8 +58,8 @@ pub fn acquire(root: &Path, timeout: Duration) -> Result<RunLock> {
                     .and_then(|_| lock.rewind())
                     .and_then(|_| writeln!(lock, "{}", std::process::id()))
                     .with_context(|| format!("writing pid to {}", path.display()))?;
-                HELD.with(|h| h.borrow_mut().push(path.clone()));
-                return Ok(RunLock { _lock: Some(lock), path });
+                held().push(owner.clone());
+                return Ok(RunLock { _lock: Some(lock), owner });
             }
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                 let holder = holder(&path);
@@ -111,5 +116,9 @@ mod tests {
         // Free again on this thread: a real lock, not a nested guard.
         let again = acquire(root.path(), Duration::ZERO).unwrap();
         assert!(again._lock.is_some());
+        // Moved to another thread and dropped there: this thread holds nothing any more.
+        std::thread::spawn(move || drop(again)).join().unwrap();
+        let last = acquire(root.path(), Duration::ZERO).unwrap();
+        assert!(last._lock.is_some(), "a stale entry made a nested guard that holds nothing");
     }
 }
