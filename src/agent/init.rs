@@ -32,7 +32,11 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
         return converge_once(cx, o, show);
     };
     loop {
-        let result = converge_once(cx, o, &mut *show);
+        // The report is shown once, when it is final: after the action was completed (it says
+        // how, `lifecycle`), or before a reboot that leaves the action pending. A failed
+        // attempt that is tried again is logged (its reason below), not shown.
+        let mut before_reboot = |r: &Report| if r.reboot_now() { show(r) } else { Ok(()) };
+        let result = converge_once(cx, o, &mut before_reboot);
         if result.as_ref().is_ok_and(|r| r.reboot_now()) {
             // Rebooting (a slot is held for it): the action stays pending; after the boot the
             // firstboot unit runs init again, which holds it again and completes it.
@@ -50,6 +54,7 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
         let outcome = match failure {
             None => launch.complete(crate::asg::launch::CONTINUE, "converged and healthy".into()),
             Some(why) => {
+                tracing::warn!("first boot attempt failed: {why}");
                 if launch.wait_retry() {
                     continue;
                 }
@@ -68,6 +73,7 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
             }
             report.lifecycle = Some(outcome);
             crate::engine::write_report(&cx.root, &report)?;
+            show(&report)?;
             Ok(report)
         });
     }

@@ -88,8 +88,10 @@ fn init_continues_the_launch_only_after_convergence_with_heartbeats_meanwhile() 
         "{}enabled = true\n[[asg.health]]\ncommand = [\"test\", \"-e\", \"/var/tmp/slow.done\"]\n",
         std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
     ));
-    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
     assert_eq!(r.code, 0, "{}", r.all());
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("init --json printed no single report ({e}):\n{}", r.stdout));
+    assert_eq!(shown["lifecycle"]["result"], "CONTINUE", "the report shown says how the launch ended: {shown}");
     let (start, done) = (stamp(&f.node, "/var/tmp/slow.start"), stamp(&f.node, "/var/tmp/slow.done"));
     let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
     assert_eq!(complete.params["LifecycleActionResult"], "CONTINUE");
@@ -144,8 +146,12 @@ fn init_that_keeps_failing_abandons_the_launch_at_the_deadline() {
         std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
     ));
     let t0 = now_unix();
-    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
     assert_eq!(r.code, 1, "{}", r.all());
+    // One report on stdout, the final one: it says how the launch action ended.
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("init --json printed no single report ({e}):\n{}", r.stdout));
+    assert_eq!(shown["lifecycle"]["result"], "ABANDON", "{shown}");
+    assert_eq!(shown["status"], "failed", "{shown}");
     let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
     assert_eq!(complete.params["LifecycleActionResult"], "ABANDON");
     assert!(
