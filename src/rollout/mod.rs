@@ -13,6 +13,7 @@
 
 pub mod etcd;
 pub mod fleet;
+pub mod fleet_s3;
 
 use crate::config::{OnFailure, RolloutStrategy};
 use crate::error::ConfigError;
