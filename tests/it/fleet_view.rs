@@ -258,7 +258,8 @@ fn fleet_status_from_s3_records() {
     let r = run("apply");
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
-        r.stderr.contains(&format!("putting the node record in S3 (fleet view): s3://fleet/{key}: no answer within 10s")),
+        r.stderr
+            .contains(&format!("putting the node record in S3 (fleet view): s3://fleet/{key}: no answer within 10s")),
         "{}",
         r.stderr
     );
@@ -268,5 +269,9 @@ fn fleet_status_from_s3_records() {
     node.write_config(&config.replace("${instance_id}.json", "${instance_id}-${zone}.json"));
     let r = run("apply");
     assert_eq!(r.code, 78, "{}", r.all());
-    assert!(r.stderr.contains("[report] s3") && r.stderr.contains("unknown substitution ${zone}"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("[report] s3") && r.stderr.contains("unknown substitution ${zone}"),
+        "{}",
+        r.stderr
+    );
 }
