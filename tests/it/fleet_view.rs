@@ -228,6 +228,40 @@ fn fleet_status_from_s3_records() {
     let j: serde_json::Value = serde_json::from_str(&status(&["--json", "--group", "staging-web"])).unwrap();
     assert_eq!(j["groups"].as_array().unwrap().len(), 0, "{j:#}");
 
+    // More records than one page of a listing (1000): all read.
+    let at = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    let t0 = Instant::now();
+    let client = reqwest::blocking::Client::new();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (client, at, url) = (&client, &at, &moto.url);
+            s.spawn(move || {
+                for i in (t..1005).step_by(8) {
+                    let r = serde_json::json!({ "name": "production-db", "status": "ok", "at": at, "group": "production-db" });
+                    let resp = client
+                        .put(format!("{url}/fleet/many/i-{i:05}.json"))
+                        .header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request")
+                        .body(r.to_string())
+                        .send()
+                        .unwrap();
+                    assert!(resp.status().is_success(), "{}", resp.status());
+                }
+            });
+        }
+    });
+    let t1 = Instant::now();
+    let r = node.agent_env(&["fleet", "status", "--source", "s3://fleet/many/", "--json"], &AWS_ENV);
+    eprintln!("1005 PUTs by the test: {:?}; fleet status --source over them: {:?}", t1 - t0, t1.elapsed());
+    assert_eq!(r.code, 0, "{}", r.all());
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["groups"][0]["nodes"].as_object().unwrap().len(), 1005);
+    assert_eq!(j["groups"][0]["nodes"]["i-01004"]["status"], "ok");
+    assert!(
+        moto.requests("GET /fleet?list-type=2").len() + moto.requests("GET /fleet/?list-type=2").len() >= 2,
+        "{:?}",
+        moto.requests("list-type")
+    );
+
     // An image build under --root never publishes (its config is still checked).
     let root = tempfile::tempdir().unwrap();
     crate::harness::support::write_config(root.path(), &config);
