@@ -309,8 +309,8 @@ fn health(cx: &Context, checks: &[crate::reboot::settings::Health]) -> Vec<Strin
     }
 }
 
-/// Put this node's status record for the fleet view (when etcd is configured). Best effort:
-/// a failure is a warning, never a failed run.
+/// Put this node's status record for the fleet view (in etcd when it is configured, at
+/// `[report] s3` when that is set). Best effort: a failure is a warning, never a failed run.
 pub(super) fn publish(cx: &Context, rl: &Settings, report: &Report) {
     let value = match serde_json::to_value(report) {
         Ok(v) => v,
@@ -324,15 +324,29 @@ fn node_name(cx: &Context) -> String {
     cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone())
 }
 
-/// Put `rec` (when etcd is configured and this is the live system). Best effort.
+/// Put `rec` (only from the live system: never from an image build under --root), with the
+/// node's rollout group, to etcd and to S3 as configured. Best effort.
 fn publish_record(cx: &Context, rl: &Settings, rec: &crate::rollout::fleet::Record) {
+    if cx.root != std::path::Path::new("/") {
+        return;
+    }
+    let rec = crate::rollout::fleet::Record {
+        group: rl.group.clone(),
+        ..rec.clone()
+    };
+    if let Some(t) = &rl.report_s3 {
+        match crate::rollout::fleet_s3::put(t, &rec) {
+            Ok(()) => tracing::debug!("node record put at {}", t.url()),
+            Err(e) => tracing::warn!("putting the node record in S3 (fleet view): {e}"),
+        }
+    }
     let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else { return };
-    if rl.holder.is_empty() || cx.root != std::path::Path::new("/") {
+    if rl.holder.is_empty() {
         return;
     }
     let r = Rollouts::new(svc, group)
         .map_err(anyhow::Error::from)
-        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, rec, rl.report_ttl)?));
+        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, &rec, rl.report_ttl)?));
     if let Err(e) = r {
         tracing::warn!("publishing the node record to etcd (fleet view): {e:#}");
     }

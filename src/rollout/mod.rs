@@ -13,6 +13,7 @@
 
 pub mod etcd;
 pub mod fleet;
+pub mod fleet_s3;
 
 use crate::config::{OnFailure, RolloutStrategy};
 use crate::error::ConfigError;
@@ -70,6 +71,9 @@ pub struct Settings {
     pub holder: String,
     /// The node record's lease.
     pub report_ttl: Duration,
+    /// `[report] s3`: where the record also goes (set by `Context::rollout_settings`, which
+    /// knows the facts to substitute).
+    pub report_s3: Option<fleet_s3::Target>,
     /// The running system (`--root /`): only it is gated; an image build never is.
     pub live: bool,
 }
@@ -145,6 +149,7 @@ impl Settings {
             etcd,
             holder,
             report_ttl: dur("[report] ttl", &cfg.report.ttl, DEFAULT_REPORT_TTL)?,
+            report_s3: None,
             live,
         })
     }
