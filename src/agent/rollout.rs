@@ -3,8 +3,9 @@
 //! the bundle under it (its `restart:` handlers too), health checks, then release it or halt
 //! the bundle for the group. Also the node's status record for the fleet view.
 
-use super::converge::{apply_bundle, Applied, Bundle, Hooks, RunOptions};
+use super::converge::{apply_bundle, apply_loaded, load, Applied, Bundle, Hooks, RunOptions};
 use super::Context;
+use crate::config::OnFailure;
 use crate::engine::report::{Report, RunStatus};
 use crate::engine::{self, Mode};
 use crate::rollout::etcd::{Halt, Rollouts};
@@ -135,19 +136,7 @@ pub(super) fn gated(
         }
         Gate::Hold => {
             // Still alive and still on the bad bundle: say so in the fleet view.
-            let rec = crate::rollout::fleet::Record {
-                name: node_name(cx),
-                instance_id: cx.facts.instance_id.clone(),
-                bundle: crate::rollout::fleet::BundleRef {
-                    sha256: new.clone(),
-                    origin: "held".into(),
-                },
-                status: "held".into(),
-                at: now(),
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                ..Default::default()
-            };
-            publish_record(cx, rl, &rec);
+            publish_record(cx, rl, &held_record(cx, &sha));
             return Err(crate::rollout::KeptForInspection { sha }.into());
         }
         Gate::Refuse(why) => {
@@ -216,9 +205,34 @@ fn under_slot(
     }
     note["applied_at"] = now().into();
     // `current` back on the new bundle (the fallback pointed it at last-good), checked again
-    // against the pin and key.
-    let fetched = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, fetched.origin)?;
-    let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, false)?;
+    // against the pin and key, and its role loaded: a bundle that does not load (a role file
+    // that does not parse, a missing role, a signature that no longer verifies) is a failed
+    // run under the slot like any other.
+    let loaded = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, fetched.origin).and_then(|f| Ok((load(cx, b, &f)?, f)));
+    let (steps, fetched) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let h = Halt {
+                node: me.to_string(),
+                step: None,
+                check: None,
+                reason: format!("did not load: {e:#}"),
+                at: now(),
+            };
+            let msg = record_halt(rollouts, &sha, &h, note)?;
+            if rl.on_failure == OnFailure::Rollback {
+                let mut r = fallback(cx, o, b, Fallback::LastGood, hooks)?;
+                note["rolled_back"] = true.into();
+                fail(&mut r.report, format!("{msg}; rolled back to the last-good bundle"));
+                return Ok(r);
+            }
+            // Nothing of it ran; the node keeps the slot (and the bundle, in its cache) for
+            // inspection, as a node that failed its run under the slot does.
+            publish_record(cx, rl, &held_record(cx, &sha));
+            return Err(anyhow::Error::new(crate::rollout::KeptForInspection { sha }).context(msg));
+        }
+    };
+    let mut a = apply_loaded(cx, o, Mode::Apply, b, &fetched, &steps, hooks, false)?;
     let failures = if a.report.failed() { Vec::new() } else { health(cx, &rl.health) };
     let run_ok = !a.report.failed();
     match settle(run_ok, failures.is_empty(), rl.on_failure) {
@@ -240,15 +254,9 @@ fn under_slot(
             Ok(a)
         }
         Settle::Halt { rollback } => {
-            let failed_step = a
-                .report
-                .steps
-                .iter()
-                .find(|s| s.status == engine::report::StepStatus::Failed)
-                .map(|s| s.id.clone());
             let h = Halt {
                 node: me.to_string(),
-                step: failed_step,
+                step: failed_step(&a.report),
                 check: (!failures.is_empty()).then(|| failures.join("; ")),
                 reason: if run_ok {
                     format!("health check failed: {}", failures.join("; "))
@@ -257,22 +265,7 @@ fn under_slot(
                 },
                 at: now(),
             };
-            tracing::error!("bundle {sha} halted for the group: {}", h.reason);
-            note["state"] = "halted_here".into();
-            note["halt"] = serde_json::to_value(&h)?;
-            let recorded = rollouts.halt(&sha, &h);
-            if let Err(e) = &recorded {
-                tracing::error!("recording the halt of bundle {sha} in etcd: {e}");
-            }
-            let msg = format!(
-                "bundle {sha} {}; halted for the group{}",
-                h.reason,
-                if recorded.is_ok() {
-                    ""
-                } else {
-                    " (NOT recorded in etcd: it was unreachable)"
-                }
-            );
+            let msg = record_halt(rollouts, &sha, &h, note)?;
             if rollback {
                 drop(a);
                 let mut r = fallback(cx, o, b, Fallback::LastGood, hooks)?;
@@ -284,6 +277,48 @@ fn under_slot(
                 Ok(a)
             }
         }
+    }
+}
+
+/// The first failed step of a run.
+fn failed_step(r: &Report) -> Option<String> {
+    r.steps.iter().find(|s| s.status == engine::report::StepStatus::Failed).map(|s| s.id.clone())
+}
+
+/// Halt `sha` for the group (`h`: who, why), noted in the run's rollout note; the message the
+/// run fails with.
+fn record_halt(rollouts: &Rollouts, sha: &str, h: &Halt, note: &mut serde_json::Value) -> anyhow::Result<String> {
+    tracing::error!("bundle {sha} halted for the group: {}", h.reason);
+    note["state"] = "halted_here".into();
+    note["halt"] = serde_json::to_value(h)?;
+    let recorded = rollouts.halt(sha, h);
+    if let Err(e) = &recorded {
+        tracing::error!("recording the halt of bundle {sha} in etcd: {e}");
+    }
+    Ok(format!(
+        "bundle {sha} {}; halted for the group{}",
+        h.reason,
+        if recorded.is_ok() {
+            ""
+        } else {
+            " (NOT recorded in etcd: it was unreachable)"
+        }
+    ))
+}
+
+/// The fleet view's record of a node that keeps a halted bundle for inspection.
+fn held_record(cx: &Context, sha: &str) -> crate::rollout::fleet::Record {
+    crate::rollout::fleet::Record {
+        name: node_name(cx),
+        instance_id: cx.facts.instance_id.clone(),
+        bundle: crate::rollout::fleet::BundleRef {
+            sha256: Some(sha.to_string()),
+            origin: "held".into(),
+        },
+        status: "held".into(),
+        at: now(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
     }
 }
 

@@ -463,3 +463,114 @@ fn a_secret_in_the_halt_reason_never_reaches_etcd() {
     assert!(raw.contains("run failed: step exec:deploy"), "the halt is in etcd: {raw}");
     assert!(!raw.contains(secret), "{raw}");
 }
+
+/// The `web` role with `extra` appended (more steps, or broken TOML).
+fn web_role(dir: &Path, version: &str, extra: &str) {
+    web_bundle(dir, version);
+    let role = dir.join("roles/web/role.toml");
+    let text = std::fs::read_to_string(&role).unwrap();
+    std::fs::write(role, format!("{text}{extra}")).unwrap();
+}
+
+/// `src/roles` packed into `<out>/web.tar.gz` as is, without `bundle build`'s checks: how a
+/// role file that does not parse gets into a bundle (another builder, a hand-made tarball).
+fn publish_unchecked(src: &Path, out: &Path) -> String {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
+    tar.mode(tar::HeaderMode::Deterministic);
+    tar.append_dir_all("roles", src.join("roles")).unwrap();
+    let bytes = tar.into_inner().unwrap().finish().unwrap();
+    let tmp = out.join(".web.tar.gz.new");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, out.join("web.tar.gz")).unwrap();
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+fn canary_config(etcd: &Etcd, extra: &str) -> String {
+    format!(
+        "[rollout]\nstrategy = \"canary\"\ncanary = 1\nbatch = 1\nwait = \"20s\"\n\
+         [[rollout.health]]\ncommand = [\"true\"]\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoints()[0]
+    )
+}
+
+fn status_of(etcd: &Etcd, group: &str, sha: &str) -> bootstrap::rollout::etcd::Status {
+    let st = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock(group)).status().unwrap();
+    st.into_iter()
+        .find(|s| s.sha256 == sha)
+        .unwrap_or_else(|| panic!("no rollout of {sha} in etcd"))
+}
+
+/// A bundle that does not even load under the slot (its role file does not parse) is a failed
+/// run like any other: the canary records the halt naming the file and the slot stays named
+/// for inspection; the others leave the queue and keep converging their last-good bundle;
+/// `rollout abort` puts the canary back.
+#[test]
+fn a_bundle_that_fails_to_load_under_the_slot_halts_the_rollout() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..3).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&canary_config(&etcd, ""));
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    let ids: Vec<String> = nodes.iter().map(|n| n.machine_id()).collect();
+    web_role(src.path(), "v2", "[[step]]\nkind = \"file\"\npath = \n");
+    let bad = publish_unchecked(src.path(), out.path());
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes.iter().map(|n| s.spawn(move || apply_web(n))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let failed: Vec<usize> = (0..3).filter(|&i| runs[i].code != 0).collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "exactly one node took the bundle: {:#?}",
+        runs.iter().map(Run::all).collect::<Vec<_>>()
+    );
+    let c = failed[0];
+    let out_c = runs[c].all();
+    assert!(out_c.contains("roles/web/role.toml") && out_c.contains("halted for the group"), "{out_c}");
+    let st = status_of(&etcd, "production-web", &bad);
+    assert_eq!(st.state, "halted", "{st:#?}");
+    let h = st.halt.clone().unwrap();
+    assert_eq!(h.node, ids[c]);
+    assert!(h.reason.contains("roles/web/role.toml"), "the reason names the file: {h:#?}");
+    assert_eq!(
+        (st.applied.clone(), st.failed.clone(), st.holders.clone()),
+        (vec![ids[c].clone()], vec![ids[c].clone()], vec![ids[c].clone()])
+    );
+    let shown = nodes[(c + 1) % 3].agent(&["rollout", "status", "--group", "production-web"]).stdout;
+    assert!(
+        shown.contains(&format!("{bad}  halted  applied 1  healthy 0  failed 1")) && shown.contains("role.toml"),
+        "{shown}"
+    );
+    for i in (0..3).filter(|&i| i != c) {
+        let rep = nodes[i].report();
+        assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+        assert_eq!(rep["rollout"]["state"], "halted", "{rep:#}");
+        std::fs::write(nodes[i].merged.join("etc/web.conf"), "drifted\n").unwrap();
+        let r = apply_web(&nodes[i]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(nodes[i].report()["bundle"]["sha256"], v1.as_str());
+        assert_eq!(
+            std::fs::read_to_string(nodes[i].merged.join("etc/web.conf")).unwrap(),
+            "v1\n",
+            "still converging"
+        );
+    }
+    // The canary keeps it for inspection (on_failure = "halt"), until the operator aborts it.
+    let r = apply_web(&nodes[c]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("kept for inspection"), "{}", r.all());
+    let r = nodes[c].agent(&["rollout", "abort", &bad, "--group", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = apply_web(&nodes[c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[c].report()["bundle"]["sha256"], v1.as_str());
+    assert_eq!(std::fs::read_to_string(nodes[c].merged.join("etc/web.conf")).unwrap(), "v1\n");
+}
