@@ -89,8 +89,8 @@ pub(super) fn gated(
             let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, true)?;
             note["state"] = "applied".into();
             // Applied and marked good, but the release did not reach etcd (or was killed):
-            // give the slot back now.
-            if view.as_ref().is_some_and(|v| v.held) && !a.report.failed() {
+            // give the slot back now (after the reboot, if this run reboots the node).
+            if view.as_ref().is_some_and(|v| v.held) && !a.report.failed() && !a.report.reboot_now() {
                 match rollouts.healthy(&sha, me, rl.canary, rl.batch) {
                     Ok(()) => note["released_at"] = now().into(),
                     Err(e) => fail(&mut a.report, format!("releasing the rollout slot of bundle {sha}: {e}")),
@@ -233,6 +233,14 @@ fn under_slot(
         }
     };
     let mut a = apply_loaded(cx, o, Mode::Apply, b, &fetched, &steps, hooks, false)?;
+    if a.report.reboot_now() {
+        // The apply reboots the node (it holds a reboot slot): the node is not in service
+        // until it is back, so it keeps its rollout slot across the reboot (the next node
+        // must not start meanwhile) and the bundle is not good yet. The run of the next boot
+        // (slot held: `Gate::Held`) checks health, then releases or halts.
+        note["state"] = "rebooting".into();
+        return Ok(a);
+    }
     let failures = if a.report.failed() { Vec::new() } else { health(cx, &rl.health) };
     let run_ok = !a.report.failed();
     match settle(run_ok, failures.is_empty(), rl.on_failure) {

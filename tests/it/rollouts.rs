@@ -574,3 +574,83 @@ fn a_bundle_that_fails_to_load_under_the_slot_halts_the_rollout() {
     assert_eq!(nodes[c].report()["bundle"]["sha256"], v1.as_str());
     assert_eq!(std::fs::read_to_string(nodes[c].merged.join("etc/web.conf")).unwrap(), "v1\n");
 }
+
+/// A new bundle whose apply reboots the node (a `reboot_required` step, reboot slot taken):
+/// the rollout slot is kept across the reboot and the bundle is not marked good before it, so
+/// the next node does not start while this one is down; the run after the reboot checks
+/// health and releases the slot.
+#[test]
+fn a_bundle_that_reboots_the_node_keeps_its_slot_across_the_reboot() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let mut nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        // Reboots coordinated by etcd too, with room for both nodes: only the rollout slot
+        // keeps them apart.
+        n.write_config(
+            &canary_config(&etcd, "[reboot]\nstrategy = \"etcd\"\n")
+                .replace("wait = \"20s\"", "wait = \"3s\"")
+                .replace("[reboot.etcd]\nendpoints", "[reboot.etcd]\nslots = 2\nendpoints"),
+        );
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    let ids: Vec<String> = nodes.iter().map(|n| n.machine_id()).collect();
+    web_role(src.path(), "v2", "");
+    let role = src.path().join("roles/web/role.toml");
+    let text = std::fs::read_to_string(&role).unwrap();
+    std::fs::write(&role, format!("{text}reboot_required = true\n")).unwrap();
+    let v2 = publish_web(src.path(), out.path());
+    let last_good = |n: &Node| {
+        std::fs::read_link(n.merged.join("var/lib/bootstrap/bundles/last-good"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+
+    // The canary applies it and reboots, its rollout slot held, the bundle not yet good.
+    let _ = apply_web(&nodes[0]);
+    assert_eq!(nodes[0].wait_exit(std::time::Duration::from_secs(60)), 133, "the canary did not reboot");
+    let st = status_of(&etcd, "production-web", &v2);
+    assert_eq!(st.holders, [ids[0].clone()], "the slot is kept across the reboot: {st:#?}");
+    assert!(st.healthy.is_empty(), "not healthy before the reboot: {st:#?}");
+    assert_eq!(last_good(&nodes[0]), v1, "not marked good before the reboot");
+
+    // Meanwhile the other node gets no slot: it stays on the old bundle.
+    let r = apply_web(&nodes[1]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = nodes[1].report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["rollout"]["state"], "waiting", "{rep:#}");
+
+    // Back: the run of the new boot checks health, marks it good and releases the slot.
+    nodes[0].boot_again();
+    let rep = nodes[0].report();
+    assert_eq!(rep["rollout"]["state"], "rebooting", "the run before the reboot: {rep:#}");
+    let r = apply_web(&nodes[0]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = nodes[0].report();
+    assert_eq!(
+        (rep["rollout"]["gate"].as_str(), rep["rollout"]["state"].as_str()),
+        (Some("Held"), Some("healthy")),
+        "{rep:#}"
+    );
+    assert_eq!(rep["bundle"]["sha256"], v2.as_str());
+    assert_eq!(last_good(&nodes[0]), v2);
+    let st = status_of(&etcd, "production-web", &v2);
+    assert!(st.holders.is_empty() && st.healthy == [ids[0].clone()], "{st:#?}");
+
+    // Now the other node takes the slot, and it too keeps it across its reboot.
+    let _ = apply_web(&nodes[1]);
+    assert_eq!(nodes[1].wait_exit(std::time::Duration::from_secs(60)), 133, "the second node did not reboot");
+    assert_eq!(status_of(&etcd, "production-web", &v2).holders, [ids[1].clone()]);
+    nodes[1].boot_again();
+    let r = apply_web(&nodes[1]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[1].report()["rollout"]["state"], "healthy");
+    let st = status_of(&etcd, "production-web", &v2);
+    assert_eq!((st.holders.len(), st.healthy.len()), (0, 2), "{st:#?}");
+}
