@@ -85,6 +85,7 @@ pub(super) fn gated(
     let mut note = json!({ "group": group, "sha256": new, "last_good": last_good });
     let sha = new.clone().unwrap_or_default();
     let mut applied = match gate {
+        Gate::Fetched if last_good.is_none() && view.is_some() => first_bundle(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
         Gate::Fetched => {
             let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, true)?;
             note["state"] = "applied".into();
@@ -168,6 +169,67 @@ fn fallback(cx: &Context, o: &RunOptions, b: &Bundle<'_>, fb: Fallback, hooks: &
     };
     let f = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, origin)?;
     apply_bundle(cx, o, Mode::Apply, b, &f, hooks, true)
+}
+
+/// A node's first bundle (no last-good: a new instance), applied without a slot: it is not in
+/// service until its launch lifecycle action completes, and making scale-out wait for etcd
+/// would be worse. But when the run fails (or the bundle does not load) while the bundle is
+/// in flight in the group, the failure halts it as a slot holder's would: the fleet stops a
+/// bad bundle whoever fails it first, and `rollout status` says who and why.
+#[allow(clippy::too_many_arguments)]
+fn first_bundle(
+    cx: &Context,
+    o: &RunOptions,
+    b: &Bundle<'_>,
+    rl: &Settings,
+    rollouts: &Rollouts,
+    fetched: &crate::source::Fetched,
+    hooks: &mut Hooks<'_>,
+    note: &mut serde_json::Value,
+) -> anyhow::Result<Applied> {
+    let me = rl.holder.as_str();
+    let sha = fetched.sha256.clone().unwrap_or_default();
+    let halt_if_in_flight = |note: &mut serde_json::Value, h: Halt| -> anyhow::Result<Option<String>> {
+        match rollouts.in_flight(&sha, me) {
+            Ok(true) => record_halt(rollouts, &sha, &h, note).map(Some),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                tracing::warn!("bundle {sha} failed on this node; whether it is in flight in the group is unknown ({e}): not halted");
+                Ok(None)
+            }
+        }
+    };
+    let steps = match load(cx, b, fetched) {
+        Ok(s) => s,
+        Err(e) => {
+            let h = Halt {
+                node: me.to_string(),
+                step: None,
+                check: None,
+                reason: format!("did not load: {e:#}"),
+                at: now(),
+            };
+            return Err(match halt_if_in_flight(note, h)? {
+                Some(msg) => anyhow::Error::new(e).context(msg),
+                None => e.into(),
+            });
+        }
+    };
+    let mut a = apply_loaded(cx, o, Mode::Apply, b, fetched, &steps, hooks, true)?;
+    note["state"] = "applied".into();
+    if a.report.failed() {
+        let h = Halt {
+            node: me.to_string(),
+            step: failed_step(&a.report),
+            check: None,
+            reason: format!("run failed: {}", a.report.error.clone().unwrap_or_default()),
+            at: now(),
+        };
+        if let Some(msg) = halt_if_in_flight(note, h)? {
+            a.report.error = Some(msg);
+        }
+    }
+    Ok(a)
 }
 
 /// Apply the new bundle under this node's slot, check health, then release or halt.

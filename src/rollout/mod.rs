@@ -290,6 +290,15 @@ pub fn settle(run_ok: bool, healthy: bool, on_failure: OnFailure) -> Settle {
     }
 }
 
+/// Whether bundle `sha` is still going out in its group, by the nodes' records (the fleet
+/// view: `(holder, bundle sha256)` of every node reporting): some node other than `me` runs
+/// another bundle. A node that fails its first bundle (no last-good: it applied it without a
+/// slot) halts it only then; once every other node runs it, the bundle is out and proven, and
+/// the failure is the new node's own (a halt then would refuse every later new instance).
+pub fn in_flight<'a>(sha: &str, me: &str, records: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> bool {
+    records.into_iter().any(|(holder, bundle)| holder != me && bundle.is_some_and(|b| b != sha))
+}
+
 /// The slots a rollout semaphore should have: closed (0) once halted or aborted, the canaries'
 /// until `canary` nodes are healthy, then `batch`.
 pub fn slots_for(halted_or_aborted: bool, healthy: u64, canary: u64, batch: u64) -> u64 {
@@ -415,6 +424,15 @@ mod tests {
         assert_eq!(slots_for(false, 2, 3, 50), 3);
         assert_eq!(slots_for(true, 10, 1, 50), 0);
         assert_eq!(slots_for(false, 0, 0, 5), 5);
+    }
+
+    #[test]
+    fn a_bundle_is_in_flight_while_another_node_runs_another_one() {
+        assert!(in_flight("new", "me", [("a", Some("old")), ("b", Some("new"))]));
+        assert!(!in_flight("new", "me", [("a", Some("new")), ("b", Some("new"))]), "out everywhere: done");
+        assert!(!in_flight("new", "me", [("me", Some("old"))]), "only this node's own record");
+        assert!(!in_flight("new", "me", []), "the group's only node");
+        assert!(!in_flight("new", "me", [("a", None)]), "a directory source says nothing");
     }
 
     fn parse(text: &str, live: bool) -> Result<Settings, ConfigError> {

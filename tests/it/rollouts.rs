@@ -654,3 +654,52 @@ fn a_bundle_that_reboots_the_node_keeps_its_slot_across_the_reboot() {
     let st = status_of(&etcd, "production-web", &v2);
     assert_eq!((st.holders.len(), st.healthy.len()), (0, 2), "{st:#?}");
 }
+
+/// A new instance (no last-good bundle) applies the fetched bundle without a slot; when that
+/// bundle is in flight in its group (the other nodes still run another one) and the run
+/// fails, it halts the bundle like a slot holder would: the fleet stops it, and `rollout
+/// status` names the new instance and its step.
+#[test]
+fn a_new_instance_that_fails_a_bundle_in_flight_halts_it() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&canary_config(&etcd, ""));
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    // A bad bundle is published; before the old node's timer fires, the group scales out.
+    web_role(
+        src.path(),
+        "v2",
+        "[[step]]\nid = \"migrate\"\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n",
+    );
+    let bad = publish_web(src.path(), out.path());
+    let new = Node::boot_host_net(out.path());
+    new.write_config(&canary_config(&etcd, ""));
+    let r = apply_web(&new);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = new.report();
+    assert_eq!(rep["rollout"]["gate"], "Fetched", "{rep:#}");
+    assert_eq!(rep["rollout"]["state"], "halted_here", "{rep:#}");
+    assert!(rep["error"].as_str().unwrap().contains("halted for the group"), "{rep:#}");
+    let st = status_of(&etcd, "production-web", &bad);
+    assert_eq!(st.state, "halted", "{st:#?}");
+    let h = st.halt.clone().unwrap();
+    assert_eq!((h.node.as_str(), h.step.as_deref()), (new.machine_id().as_str(), Some("migrate")), "{h:#?}");
+    let shown = nodes[0].agent(&["rollout", "status", "--group", "production-web"]).stdout;
+    assert!(shown.contains(&format!("{bad}  halted")) && shown.contains("migrate"), "{shown}");
+    // The old nodes never apply it.
+    for n in &nodes {
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let rep = n.report();
+        assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+        assert_eq!(rep["rollout"]["state"], "halted", "{rep:#}");
+    }
+    assert!(status_of(&etcd, "production-web", &bad).applied.is_empty());
+}
