@@ -108,7 +108,7 @@ pub(super) fn gated(
                 a
             } else {
                 drop(a._lock);
-                let deadline = Instant::now() + rl.wait;
+                let deadline = rl.wait_deadline(o.started);
                 note["queued_at"] = now().into();
                 match rollouts.wait_slot(&sha, me, rl.first_slots(), deadline) {
                     Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
