@@ -307,6 +307,11 @@ fn under_slot(
     let run_ok = !a.report.failed();
     match settle(run_ok, failures.is_empty(), rl.on_failure) {
         Settle::Release => {
+            if old_good.as_deref() != Some(sha.as_str()) {
+                // Pinned in the cache before last-good moves on (marking prunes), so that
+                // `rollout abort` of this bundle finds it to go back to.
+                crate::source::pin_previous(&cx.root, old_good.as_deref())?;
+            }
             crate::source::mark_good(&cx.root, &sha)?;
             if old_good.as_deref() != Some(sha.as_str()) {
                 let local = Local { previous: old_good.clone() };

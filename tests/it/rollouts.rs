@@ -703,3 +703,44 @@ fn a_new_instance_that_fails_a_bundle_in_flight_halts_it() {
     }
     assert!(status_of(&etcd, "production-web", &bad).applied.is_empty());
 }
+
+/// `rollout abort` of a node's last-good bundle sends it back to the good bundle before it
+/// (rollout.json `previous`): that bundle stays in the cache however many newer bundles were
+/// fetched (and halted or aborted) since, so the fallback can load it.
+#[test]
+fn the_previous_good_bundle_survives_cache_pruning() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let node = Node::boot_host_net(out.path());
+    node.write_config(&canary_config(&etcd, ""));
+    let rollouts = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock("production-web"));
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    assert_eq!(apply_web(&node).code, 0);
+    web_bundle(src.path(), "v2");
+    let v2 = publish_web(src.path(), out.path());
+    let r = apply_web(&node);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.report()["rollout"]["state"], "healthy", "{:#}", node.report());
+    // More bundles than the cache keeps besides current and last-good, each aborted before
+    // the node got to it (fetched and cached, never applied).
+    let mut bad = String::new();
+    for i in 3..(3 + bootstrap::source::KEEP_OLDER + 1) {
+        web_bundle(src.path(), &format!("v{i}"));
+        bad = publish_web(src.path(), out.path());
+        rollouts.abort(&bad, "test").unwrap();
+        let r = apply_web(&node);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(node.report()["bundle"]["sha256"], v2.as_str(), "{:#}", node.report());
+    }
+    // v2 turns out bad too: the node goes back to v1.
+    rollouts.abort(&v2, "test").unwrap();
+    let r = apply_web(&node);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = node.report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["bundle"]["origin"], "previous-good", "{rep:#}");
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/web.conf")).unwrap(), "v1\n");
+    assert!(!bad.is_empty());
+}
