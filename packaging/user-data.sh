@@ -12,10 +12,12 @@ URL_DEFAULT='@BOOTSTRAP_URL@'            # https://…/bootstrap or s3://bucket/
 SHA_DEFAULT='@BOOTSTRAP_SHA256@'         # sha256 of that binary
 BUNDLE_DEFAULT='@BOOTSTRAP_BUNDLE@'      # e.g. s3://my-roles/roles-${env}.tar.gz (agent substitutes)
 ASG_DEFAULT='@BOOTSTRAP_ASG@'            # "true": complete the group's lifecycle hooks ([asg] enabled)
+REPORT_DEFAULT='@BOOTSTRAP_REPORT_S3@'   # optional: [report] s3, the node's record for the fleet view
 BOOTSTRAP_URL=${BOOTSTRAP_URL:-$URL_DEFAULT}
 BOOTSTRAP_SHA256=${BOOTSTRAP_SHA256:-$SHA_DEFAULT}
 BOOTSTRAP_BUNDLE=${BOOTSTRAP_BUNDLE:-$BUNDLE_DEFAULT}
 BOOTSTRAP_ASG=${BOOTSTRAP_ASG:-$ASG_DEFAULT}
+BOOTSTRAP_REPORT_S3=${BOOTSTRAP_REPORT_S3:-$REPORT_DEFAULT}
 # More agent config (TOML), written to its own fragment; optional.
 BOOTSTRAP_CONFIG=${BOOTSTRAP_CONFIG:-}
 BOOTSTRAP_BIN=${BOOTSTRAP_BIN:-/usr/local/bin/bootstrap}
@@ -67,6 +69,11 @@ printf '# written by the user_data script\n[bundle]\nsource = "%s"\n' "$BOOTSTRA
 if [ "$BOOTSTRAP_ASG" = true ]; then
   printf '[asg]\nenabled = true\n' >> /etc/bootstrap/config.d/10-user-data.toml
 fi
+# The node's status record in S3 after every run (docs/rollouts.md, the fleet view).
+case $BOOTSTRAP_REPORT_S3 in
+  ''|@*@) ;;
+  *) printf '[report]\ns3 = "%s"\n' "$BOOTSTRAP_REPORT_S3" >> /etc/bootstrap/config.d/10-user-data.toml;;
+esac
 if [ -n "$BOOTSTRAP_CONFIG" ]; then
   printf '# written by the user_data script\n%s\n' "$BOOTSTRAP_CONFIG" > /etc/bootstrap/config.d/11-user-data-extra.toml
 fi

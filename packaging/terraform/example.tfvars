@@ -5,6 +5,7 @@ account_id       = "123456789012"
 bootstrap_url    = "https://releases.example.com/bootstrap/0.1.0/bootstrap-x86_64-unknown-linux-musl"
 bootstrap_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 bundle_bucket    = "example-roles"
+report_bucket    = "example-fleet-reports"
 ssm_kms_key_arn  = "arn:aws:kms:eu-west-1:123456789012:key/00000000-0000-0000-0000-000000000000"
 ami_id           = "ami-0123456789abcdef0"
 subnet_ids       = ["subnet-0123456789abcdef0"]

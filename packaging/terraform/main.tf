@@ -21,11 +21,14 @@ terraform {
 locals {
   name = "${var.env}-${var.service}"
   # replace(), not templatefile(): the script stays a plain POSIX shell script.
-  user_data = replace(replace(replace(replace(file("${path.module}/../user-data.sh"),
+  # The node's status record for the fleet view without etcd ([report] s3), when a bucket is given.
+  report_s3 = var.report_bucket == "" ? "" : "s3://${var.report_bucket}/${var.report_prefix}/$${env}/$${service}/$${instance_id}.json"
+  user_data = replace(replace(replace(replace(replace(file("${path.module}/../user-data.sh"),
     "@BOOTSTRAP_URL@", var.bootstrap_url),
     "@BOOTSTRAP_SHA256@", var.bootstrap_sha256),
-  "@BOOTSTRAP_BUNDLE@", "s3://${var.bundle_bucket}/roles-$${env}.tar.gz"),
-  "@BOOTSTRAP_ASG@", "true")
+    "@BOOTSTRAP_BUNDLE@", "s3://${var.bundle_bucket}/roles-$${env}.tar.gz"),
+    "@BOOTSTRAP_ASG@", "true"),
+  "@BOOTSTRAP_REPORT_S3@", local.report_s3)
 }
 
 data "aws_iam_policy_document" "assume" {
@@ -82,6 +85,47 @@ data "aws_iam_policy_document" "agent" {
     actions   = ["kms:Decrypt"]
     resources = [var.ssm_kms_key_arn]
   }
+  # The node's status record ([report] s3): written under this group's env/service only.
+  dynamic "statement" {
+    for_each = var.report_bucket == "" ? [] : [var.report_bucket]
+    content {
+      sid       = "PutNodeRecord"
+      actions   = ["s3:PutObject"]
+      resources = ["arn:aws:s3:::${var.report_bucket}/${var.report_prefix}/${var.env}/${var.service}/*"]
+    }
+  }
+}
+
+# For operators (attach to their role or group): `bootstrap fleet status --source
+# s3://REPORT_BUCKET/REPORT_PREFIX/` lists and reads the node records.
+data "aws_iam_policy_document" "fleet_view" {
+  statement {
+    sid       = "ListNodeRecords"
+    actions   = ["s3:ListBucket"]
+    resources = ["arn:aws:s3:::${var.report_bucket}"]
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.report_prefix}/*"]
+    }
+  }
+  statement {
+    sid       = "ReadNodeRecords"
+    actions   = ["s3:GetObject"]
+    resources = ["arn:aws:s3:::${var.report_bucket}/${var.report_prefix}/*"]
+  }
+}
+
+resource "aws_iam_policy" "fleet_view" {
+  count       = var.report_bucket == "" ? 0 : 1
+  name        = "${local.name}-fleet-view"
+  description = "bootstrap fleet status --source s3://${var.report_bucket}/${var.report_prefix}/"
+  policy      = data.aws_iam_policy_document.fleet_view.json
+}
+
+output "fleet_view_policy_arn" {
+  description = "The operators' policy for the fleet view in S3 (null without report_bucket)."
+  value       = one(aws_iam_policy.fleet_view[*].arn)
 }
 
 resource "aws_iam_role_policy" "agent" {

@@ -35,6 +35,18 @@ variable "bundle_bucket" {
   type        = string
 }
 
+variable "report_bucket" {
+  description = "Bucket for the nodes' status records ([report] s3, the fleet view without etcd); empty: none."
+  type        = string
+  default     = ""
+}
+
+variable "report_prefix" {
+  description = "Key prefix of the status records in report_bucket (no slash at either end)."
+  type        = string
+  default     = "nodes"
+}
+
 variable "ssm_kms_key_arn" {
   description = "KMS key of the SecureString parameters the roles read."
   type        = string

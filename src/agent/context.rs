@@ -129,13 +129,37 @@ impl Context {
     /// `[rollout]` and `[report]` validated, with the group and this node's holder id; every
     /// mistake is a `ConfigError` (exit 78), found before any step runs.
     pub fn rollout_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
-        crate::rollout::Settings::new(
+        let mut s = crate::rollout::Settings::new(
             &self.config,
             self.rollout_group()?,
             self.holder_id(),
             self.root == std::path::Path::new("/"),
             true,
-        )
+        )?;
+        s.report_s3 = self.report_s3()?;
+        Ok(s)
+    }
+
+    /// `[report] s3` substituted and checked (None: not set). An image build (`--root`) never
+    /// publishes, but its config is checked too, with stand-ins for the facts it may not have.
+    pub fn report_s3(&self) -> Result<Option<crate::rollout::fleet_s3::Target>, crate::error::ConfigError> {
+        let Some(template) = &self.config.report.s3 else {
+            return Ok(None);
+        };
+        let region = self.facts.region.as_deref();
+        let t = if self.root == std::path::Path::new("/") {
+            crate::rollout::fleet_s3::target(template, |s| self.substitute(s), &self.config, region)?
+        } else {
+            let stand_ins = [
+                ("env", Some("env")),
+                ("service", Some("service")),
+                ("region", Some("region")),
+                ("instance_id", Some("i-0")),
+            ];
+            let check = |s: &str| crate::config::substitute(s, &stand_ins);
+            crate::rollout::fleet_s3::target(template, check, &self.config, region)?
+        };
+        Ok(Some(t))
     }
 
     /// `[rollout]` for the operator commands (`rollout`, `fleet`): no group or holder id needed.

@@ -137,12 +137,32 @@ pub(super) fn apply_bundle(
     hooks: &mut Hooks<'_>,
     mark_good: bool,
 ) -> anyhow::Result<Applied> {
-    let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
-    let bundle = fetched.root.clone();
+    let steps = load(cx, b, fetched)?;
+    apply_loaded(cx, o, mode, b, fetched, &steps, hooks, mark_good)
+}
+
+/// Load the role from `fetched` and prepare its steps: reads only. An error here is the
+/// bundle's (a role that does not parse, a missing role, a template that does not render).
+pub(super) fn load(cx: &Context, b: &Bundle<'_>, fetched: &crate::source::Fetched) -> Result<Vec<crate::role::Prepared>, ConfigError> {
     let env = crate::template::environment();
-    let roles = crate::role::resolve(&bundle, b.role, &env)?;
-    let vars = crate::role::merged_vars(&roles, facts.env.as_deref())?;
-    let steps = crate::role::prepare(&roles, &vars, &facts, &root, &env)?;
+    let roles = crate::role::resolve(&fetched.root, b.role, &env)?;
+    let vars = crate::role::merged_vars(&roles, cx.facts.env.as_deref())?;
+    crate::role::prepare(&roles, &vars, &cx.facts, &cx.root, &env)
+}
+
+/// [`apply_bundle`] with the steps [`load`]ed: from the run lock on.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn apply_loaded(
+    cx: &Context,
+    o: &RunOptions,
+    mode: Mode,
+    b: &Bundle<'_>,
+    fetched: &crate::source::Fetched,
+    steps: &[crate::role::Prepared],
+    hooks: &mut Hooks<'_>,
+    mark_good: bool,
+) -> anyhow::Result<Applied> {
+    let (root, facts, config) = (cx.root.clone(), cx.facts.clone(), &cx.config);
 
     // Everything above only reads; the host is touched from here on.
     let lock = match mode {
@@ -156,7 +176,7 @@ pub(super) fn apply_bundle(
         refresh_lists: Default::default(),
     };
     let mut report = engine::run(
-        &steps,
+        steps,
         &host,
         mode,
         RunInfo {

@@ -1,6 +1,10 @@
 //! First boot: converge (with the first-boot IMDS deadline, see `Context::gather`), install
 //! and enable the agent's own units, and write `firstboot.done` only after all of that
-//! succeeded. A reboot the converge asked for comes last: the node must come back with its
+//! succeeded. An instance launched into a warm pool of its Auto Scaling group
+//! (`autoscaling/target-lifecycle-state` is `Warmed:*`) is converged and its launch action
+//! completed, but gets no `firstboot.done`: its launch into service later is a lifecycle action
+//! of its own, which `init` completes again (the firstboot unit at its next boot, or
+//! `bootstrap watch` starting that unit when a running warm instance goes into service). A reboot the converge asked for comes last: the node must come back with its
 //! timer and its marker, or nothing would run `apply` to release its reboot slot.
 
 use super::{converge, Context, Hooks, RunOptions};
@@ -28,11 +32,26 @@ pub const UNITS: [(&str, &str); 4] = [
 /// (`lifecycle`) and the metrics say which. Without a launch hook: one converge.
 pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
     let group = cx.config.asg.group.as_deref().map(|g| cx.substitute(g)).transpose()?;
-    let Some(launch) = crate::asg::Launch::start(&cx.root, &cx.facts, &cx.config, group)? else {
-        return converge_once(cx, o, show);
+    let target = crate::asg::watches(&cx.config, &cx.facts)
+        .then(|| crate::asg::target_state(&cx.config))
+        .flatten();
+    // Warm pool: everything but the marker.
+    let marker = !target.as_deref().is_some_and(crate::asg::launch::is_warm);
+    if !marker {
+        tracing::warn!(
+            "launched into a warm pool ({}): converging without firstboot.done; init runs again when the instance goes into service",
+            target.as_deref().unwrap_or_default()
+        );
+    }
+    let Some(launch) = crate::asg::Launch::start(&cx.root, &cx.facts, &cx.config, group, target)? else {
+        return converge_once(cx, o, show, marker);
     };
     loop {
-        let result = converge_once(cx, o, &mut *show);
+        // The report is shown once, when it is final: after the action was completed (it says
+        // how, `lifecycle`), or before a reboot that leaves the action pending. A failed
+        // attempt that is tried again is logged (its reason below), not shown.
+        let mut before_reboot = |r: &Report| if r.reboot_now() { show(r) } else { Ok(()) };
+        let result = converge_once(cx, o, &mut before_reboot, marker);
         if result.as_ref().is_ok_and(|r| r.reboot_now()) {
             // Rebooting (a slot is held for it): the action stays pending; after the boot the
             // firstboot unit runs init again, which holds it again and completes it.
@@ -50,6 +69,7 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
         let outcome = match failure {
             None => launch.complete(crate::asg::launch::CONTINUE, "converged and healthy".into()),
             Some(why) => {
+                tracing::warn!("first boot attempt failed: {why}");
                 if launch.wait_retry() {
                     continue;
                 }
@@ -68,6 +88,7 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
             }
             report.lifecycle = Some(outcome);
             crate::engine::write_report(&cx.root, &report)?;
+            show(&report)?;
             Ok(report)
         });
     }
@@ -77,9 +98,12 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
 /// drain the node, install the units and write the marker (a failure there fails the run: no
 /// slot is taken, no reboot); then the report is shown and a reboot the run holds a slot for
 /// happens.
-fn converge_once(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
+fn converge_once(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result<()>, marker: bool) -> Result<Report> {
     let mut after_steps = || -> Result<()> {
         install_units(cx)?;
+        if !marker {
+            return Ok(());
+        }
         let now = format!("{}\n", crate::clock::now_rfc3339());
         StateDir::new(&cx.root).write_mode(state::FIRSTBOOT_DONE, now.as_bytes(), 0o644)
     };

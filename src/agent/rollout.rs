@@ -3,8 +3,9 @@
 //! the bundle under it (its `restart:` handlers too), health checks, then release it or halt
 //! the bundle for the group. Also the node's status record for the fleet view.
 
-use super::converge::{apply_bundle, Applied, Bundle, Hooks, RunOptions};
+use super::converge::{apply_bundle, apply_loaded, load, Applied, Bundle, Hooks, RunOptions};
 use super::Context;
+use crate::config::OnFailure;
 use crate::engine::report::{Report, RunStatus};
 use crate::engine::{self, Mode};
 use crate::rollout::etcd::{Halt, Rollouts};
@@ -84,12 +85,13 @@ pub(super) fn gated(
     let mut note = json!({ "group": group, "sha256": new, "last_good": last_good });
     let sha = new.clone().unwrap_or_default();
     let mut applied = match gate {
+        Gate::Fetched if last_good.is_none() && view.is_some() => first_bundle(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
         Gate::Fetched => {
             let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, true)?;
             note["state"] = "applied".into();
             // Applied and marked good, but the release did not reach etcd (or was killed):
-            // give the slot back now.
-            if view.as_ref().is_some_and(|v| v.held) && !a.report.failed() {
+            // give the slot back now (after the reboot, if this run reboots the node).
+            if view.as_ref().is_some_and(|v| v.held) && !a.report.failed() && !a.report.reboot_now() {
                 match rollouts.healthy(&sha, me, rl.canary, rl.batch) {
                     Ok(()) => note["released_at"] = now().into(),
                     Err(e) => fail(&mut a.report, format!("releasing the rollout slot of bundle {sha}: {e}")),
@@ -106,7 +108,7 @@ pub(super) fn gated(
                 a
             } else {
                 drop(a._lock);
-                let deadline = Instant::now() + rl.wait;
+                let deadline = rl.wait_deadline(o.started);
                 note["queued_at"] = now().into();
                 match rollouts.wait_slot(&sha, me, rl.first_slots(), deadline) {
                     Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
@@ -146,19 +148,7 @@ pub(super) fn gated(
         }
         Gate::Hold => {
             // Still alive and still on the bad bundle: say so in the fleet view.
-            let rec = crate::rollout::fleet::Record {
-                name: node_name(cx),
-                instance_id: cx.facts.instance_id.clone(),
-                bundle: crate::rollout::fleet::BundleRef {
-                    sha256: new.clone(),
-                    origin: "held".into(),
-                },
-                status: "held".into(),
-                at: now(),
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                ..Default::default()
-            };
-            publish_record(cx, rl, &rec);
+            publish_record(cx, rl, &held_record(cx, &sha));
             return Err(crate::rollout::KeptForInspection { sha }.into());
         }
         Gate::Refuse(why) => {
@@ -211,6 +201,67 @@ fn fallback(cx: &Context, o: &RunOptions, b: &Bundle<'_>, fb: Fallback, hooks: &
     apply_bundle(cx, o, Mode::Apply, b, &f, hooks, true)
 }
 
+/// A node's first bundle (no last-good: a new instance), applied without a slot: it is not in
+/// service until its launch lifecycle action completes, and making scale-out wait for etcd
+/// would be worse. But when the run fails (or the bundle does not load) while the bundle is
+/// in flight in the group, the failure halts it as a slot holder's would: the fleet stops a
+/// bad bundle whoever fails it first, and `rollout status` says who and why.
+#[allow(clippy::too_many_arguments)]
+fn first_bundle(
+    cx: &Context,
+    o: &RunOptions,
+    b: &Bundle<'_>,
+    rl: &Settings,
+    rollouts: &Rollouts,
+    fetched: &crate::source::Fetched,
+    hooks: &mut Hooks<'_>,
+    note: &mut serde_json::Value,
+) -> anyhow::Result<Applied> {
+    let me = rl.holder.as_str();
+    let sha = fetched.sha256.clone().unwrap_or_default();
+    let halt_if_in_flight = |note: &mut serde_json::Value, h: Halt| -> anyhow::Result<Option<String>> {
+        match rollouts.in_flight(&sha, me) {
+            Ok(true) => record_halt(rollouts, &sha, &h, note).map(Some),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                tracing::warn!("bundle {sha} failed on this node; whether it is in flight in the group is unknown ({e}): not halted");
+                Ok(None)
+            }
+        }
+    };
+    let steps = match load(cx, b, fetched) {
+        Ok(s) => s,
+        Err(e) => {
+            let h = Halt {
+                node: me.to_string(),
+                step: None,
+                check: None,
+                reason: format!("did not load: {e:#}"),
+                at: now(),
+            };
+            return Err(match halt_if_in_flight(note, h)? {
+                Some(msg) => anyhow::Error::new(e).context(msg),
+                None => e.into(),
+            });
+        }
+    };
+    let mut a = apply_loaded(cx, o, Mode::Apply, b, fetched, &steps, hooks, true)?;
+    note["state"] = "applied".into();
+    if a.report.failed() {
+        let h = Halt {
+            node: me.to_string(),
+            step: failed_step(&a.report),
+            check: None,
+            reason: format!("run failed: {}", a.report.error.clone().unwrap_or_default()),
+            at: now(),
+        };
+        if let Some(msg) = halt_if_in_flight(note, h)? {
+            a.report.error = Some(msg);
+        }
+    }
+    Ok(a)
+}
+
 /// Apply the new bundle under this node's slot, check health, then release or halt.
 #[allow(clippy::too_many_arguments)]
 fn under_slot(
@@ -246,13 +297,51 @@ fn under_slot(
     }
     note["applied_at"] = now().into();
     // `current` back on the new bundle (the fallback pointed it at last-good), checked again
-    // against the pin and key.
-    let fetched = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, fetched.origin)?;
-    let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, false)?;
+    // against the pin and key, and its role loaded: a bundle that does not load (a role file
+    // that does not parse, a missing role, a signature that no longer verifies) is a failed
+    // run under the slot like any other.
+    let loaded = crate::source::from_cache(&cx.root, &sha, b.source, b.verify, fetched.origin).and_then(|f| Ok((load(cx, b, &f)?, f)));
+    let (steps, fetched) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let h = Halt {
+                node: me.to_string(),
+                step: None,
+                check: None,
+                reason: format!("did not load: {e:#}"),
+                at: now(),
+            };
+            let msg = record_halt(rollouts, &sha, &h, note)?;
+            if rl.on_failure == OnFailure::Rollback {
+                let mut r = fallback(cx, o, b, Fallback::LastGood, hooks)?;
+                note["rolled_back"] = true.into();
+                fail(&mut r.report, format!("{msg}; rolled back to the last-good bundle"));
+                return Ok(r);
+            }
+            // Nothing of it ran; the node keeps the slot (and the bundle, in its cache) for
+            // inspection, as a node that failed its run under the slot does.
+            publish_record(cx, rl, &held_record(cx, &sha));
+            return Err(anyhow::Error::new(crate::rollout::KeptForInspection { sha }).context(msg));
+        }
+    };
+    let mut a = apply_loaded(cx, o, Mode::Apply, b, &fetched, &steps, hooks, false)?;
+    if a.report.reboot_now() {
+        // The apply reboots the node (it holds a reboot slot): the node is not in service
+        // until it is back, so it keeps its rollout slot across the reboot (the next node
+        // must not start meanwhile) and the bundle is not good yet. The run of the next boot
+        // (slot held: `Gate::Held`) checks health, then releases or halts.
+        note["state"] = "rebooting".into();
+        return Ok(a);
+    }
     let failures = if a.report.failed() { Vec::new() } else { health(cx, &rl.health) };
     let run_ok = !a.report.failed();
     match settle(run_ok, failures.is_empty(), rl.on_failure) {
         Settle::Release => {
+            if old_good.as_deref() != Some(sha.as_str()) {
+                // Pinned in the cache before last-good moves on (marking prunes), so that
+                // `rollout abort` of this bundle finds it to go back to.
+                crate::source::pin_previous(&cx.root, old_good.as_deref())?;
+            }
             crate::source::mark_good(&cx.root, &sha)?;
             if old_good.as_deref() != Some(sha.as_str()) {
                 let local = Local { previous: old_good.clone() };
@@ -270,15 +359,9 @@ fn under_slot(
             Ok(a)
         }
         Settle::Halt { rollback } => {
-            let failed_step = a
-                .report
-                .steps
-                .iter()
-                .find(|s| s.status == engine::report::StepStatus::Failed)
-                .map(|s| s.id.clone());
             let h = Halt {
                 node: me.to_string(),
-                step: failed_step,
+                step: failed_step(&a.report),
                 check: (!failures.is_empty()).then(|| failures.join("; ")),
                 reason: if run_ok {
                     format!("health check failed: {}", failures.join("; "))
@@ -287,22 +370,7 @@ fn under_slot(
                 },
                 at: now(),
             };
-            tracing::error!("bundle {sha} halted for the group: {}", h.reason);
-            note["state"] = "halted_here".into();
-            note["halt"] = serde_json::to_value(&h)?;
-            let recorded = rollouts.halt(&sha, &h);
-            if let Err(e) = &recorded {
-                tracing::error!("recording the halt of bundle {sha} in etcd: {e}");
-            }
-            let msg = format!(
-                "bundle {sha} {}; halted for the group{}",
-                h.reason,
-                if recorded.is_ok() {
-                    ""
-                } else {
-                    " (NOT recorded in etcd: it was unreachable)"
-                }
-            );
+            let msg = record_halt(rollouts, &sha, &h, note)?;
             if rollback {
                 drop(a);
                 let mut r = fallback(cx, o, b, Fallback::LastGood, hooks)?;
@@ -314,6 +382,48 @@ fn under_slot(
                 Ok(a)
             }
         }
+    }
+}
+
+/// The first failed step of a run.
+fn failed_step(r: &Report) -> Option<String> {
+    r.steps.iter().find(|s| s.status == engine::report::StepStatus::Failed).map(|s| s.id.clone())
+}
+
+/// Halt `sha` for the group (`h`: who, why), noted in the run's rollout note; the message the
+/// run fails with.
+fn record_halt(rollouts: &Rollouts, sha: &str, h: &Halt, note: &mut serde_json::Value) -> anyhow::Result<String> {
+    tracing::error!("bundle {sha} halted for the group: {}", h.reason);
+    note["state"] = "halted_here".into();
+    note["halt"] = serde_json::to_value(h)?;
+    let recorded = rollouts.halt(sha, h);
+    if let Err(e) = &recorded {
+        tracing::error!("recording the halt of bundle {sha} in etcd: {e}");
+    }
+    Ok(format!(
+        "bundle {sha} {}; halted for the group{}",
+        h.reason,
+        if recorded.is_ok() {
+            ""
+        } else {
+            " (NOT recorded in etcd: it was unreachable)"
+        }
+    ))
+}
+
+/// The fleet view's record of a node that keeps a halted bundle for inspection.
+fn held_record(cx: &Context, sha: &str) -> crate::rollout::fleet::Record {
+    crate::rollout::fleet::Record {
+        name: node_name(cx),
+        instance_id: cx.facts.instance_id.clone(),
+        bundle: crate::rollout::fleet::BundleRef {
+            sha256: Some(sha.to_string()),
+            origin: "held".into(),
+        },
+        status: "held".into(),
+        at: now(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
     }
 }
 
@@ -339,8 +449,8 @@ fn health(cx: &Context, checks: &[crate::reboot::settings::Health]) -> Vec<Strin
     }
 }
 
-/// Put this node's status record for the fleet view (when etcd is configured). Best effort:
-/// a failure is a warning, never a failed run.
+/// Put this node's status record for the fleet view (in etcd when it is configured, at
+/// `[report] s3` when that is set). Best effort: a failure is a warning, never a failed run.
 pub(super) fn publish(cx: &Context, rl: &Settings, report: &Report) {
     let value = match serde_json::to_value(report) {
         Ok(v) => v,
@@ -354,15 +464,29 @@ fn node_name(cx: &Context) -> String {
     cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone())
 }
 
-/// Put `rec` (when etcd is configured and this is the live system). Best effort.
+/// Put `rec` (only from the live system: never from an image build under --root), with the
+/// node's rollout group, to etcd and to S3 as configured. Best effort.
 fn publish_record(cx: &Context, rl: &Settings, rec: &crate::rollout::fleet::Record) {
+    if cx.root != std::path::Path::new("/") {
+        return;
+    }
+    let rec = crate::rollout::fleet::Record {
+        group: rl.group.clone(),
+        ..rec.clone()
+    };
+    if let Some(t) = &rl.report_s3 {
+        match crate::rollout::fleet_s3::put(t, &rec) {
+            Ok(()) => tracing::debug!("node record put at {}", t.url()),
+            Err(e) => tracing::warn!("putting the node record in S3 (fleet view): {e}"),
+        }
+    }
     let (Some(svc), Some(group)) = (&rl.etcd, &rl.group) else { return };
-    if rl.holder.is_empty() || cx.root != std::path::Path::new("/") {
+    if rl.holder.is_empty() {
         return;
     }
     let r = Rollouts::new(svc, group)
         .map_err(anyhow::Error::from)
-        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, rec, rl.report_ttl)?));
+        .and_then(|r| Ok(crate::rollout::fleet::publish(&r, &rl.holder, &rec, rl.report_ttl)?));
     if let Err(e) = r {
         tracing::warn!("publishing the node record to etcd (fleet view): {e:#}");
     }

@@ -38,6 +38,25 @@ pub struct LaunchOutcome {
     pub completed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The instance's `autoscaling/target-lifecycle-state` while the action was held
+    /// (`InService`, or `Warmed:Stopped` etc. for a launch into a warm pool). None: IMDS did
+    /// not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_state: Option<String>,
+}
+
+impl LaunchOutcome {
+    /// Completed for a launch into a warm pool: the instance's launch into service, later, is
+    /// another lifecycle action.
+    pub fn warm(&self) -> bool {
+        self.target_state.as_deref().is_some_and(is_warm)
+    }
+}
+
+/// A target lifecycle state of a warm pool (`Warmed:Stopped`, `Warmed:Running`,
+/// `Warmed:Hibernated`): the instance is being prepared, not put in service.
+pub fn is_warm(target_state: &str) -> bool {
+    target_state.starts_with("Warmed:") && target_state != "Warmed:Terminated"
 }
 
 /// The launch action being held (asg-launch-pending.json).
@@ -56,6 +75,8 @@ fn now_unix() -> i64 {
 
 #[derive(Default)]
 struct Shared {
+    /// See [`LaunchOutcome::target_state`].
+    target_state: Option<String>,
     heartbeats: u32,
     last_heartbeat_at: Option<String>,
     outcome: Option<LaunchOutcome>,
@@ -126,6 +147,11 @@ impl Heartbeats {
         }
     }
 
+    /// The instance's target lifecycle state, recorded with the outcome.
+    pub fn set_target_state(&self, state: Option<String>) {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).target_state = state;
+    }
+
     /// Already completed (by the deadline)?
     pub fn outcome(&self) -> Option<LaunchOutcome> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).outcome.clone()
@@ -180,6 +206,7 @@ fn complete_once(
         last_heartbeat_at: s.last_heartbeat_at.clone(),
         completed: sent.is_ok(),
         error: sent.as_ref().err().map(|e| format!("{e:#}")),
+        target_state: s.target_state.clone(),
     };
     match &sent {
         Ok(()) => tracing::warn!("lifecycle action of {hook} completed with {result}: {}", outcome.reason),
@@ -211,13 +238,25 @@ impl Launch {
     /// no launching hook. A config mistake is an error (exit 78) before anything ran; an API
     /// failure is logged and `init` runs without the lifecycle (the hook's timeout then
     /// decides).
-    pub fn start(root: &Path, facts: &crate::facts::Facts, config: &crate::config::Config, group: Option<String>) -> Result<Option<Launch>> {
+    /// `target`: the instance's target lifecycle state ([`super::target_state`]).
+    pub fn start(
+        root: &Path,
+        facts: &crate::facts::Facts,
+        config: &crate::config::Config,
+        group: Option<String>,
+        target: Option<String>,
+    ) -> Result<Option<Launch>> {
         let settings = Settings::new(&config.asg)?;
         let Some((group, id)) = super::membership(&settings, facts, group) else {
             return Ok(None);
         };
-        // Completed once already on this instance (an `init` run again by hand): nothing to hold.
-        if let Some(done) = super::read_record::<LaunchOutcome>(root, super::LAUNCH_STATE).filter(|o| o.instance_id == id && o.completed) {
+        // Completed once already on this instance (an `init` run again by hand): nothing to
+        // hold, unless it was completed in a warm pool and the instance now goes into service
+        // (a new launch action, the same hook).
+        let into_service = target.as_deref().is_some_and(|t| !is_warm(t));
+        if let Some(done) =
+            super::read_record::<LaunchOutcome>(root, super::LAUNCH_STATE).filter(|o| o.instance_id == id && o.completed && !(o.warm() && into_service))
+        {
             tracing::info!("launch lifecycle action {} already completed with {} at {}", done.hook, done.result, done.at);
             return Ok(None);
         }
@@ -256,8 +295,10 @@ impl Launch {
             left.as_secs()
         );
         let record = Some((root.to_path_buf(), config.metrics.textfile.clone()));
+        let beats = Heartbeats::start(client, &hook.name, interval, Some(deadline), record, Some(pending.started_at));
+        beats.set_target_state(target);
         Ok(Some(Launch {
-            beats: Heartbeats::start(client, &hook.name, interval, Some(deadline), record, Some(pending.started_at)),
+            beats,
             host: super::host(root, facts),
             settings,
             deadline,
@@ -287,5 +328,36 @@ impl Launch {
 
     pub fn complete(self, result: &str, reason: String) -> LaunchOutcome {
         self.beats.complete(result, reason)
+    }
+}
+
+/// A warm pool's running instance going into service (`bootstrap watch` read `InService`):
+/// its launch into service is a lifecycle action of its own, held and completed by `init`.
+/// Starts the firstboot unit (without waiting: the watcher keeps watching) when this
+/// instance's launch action was completed in the warm pool and it has no `firstboot.done`.
+/// True when it was started (or there is nothing to start): the watcher asks once.
+pub fn start_init_into_service(root: &Path, instance_id: Option<&str>) -> bool {
+    let warm_done =
+        super::read_record::<LaunchOutcome>(root, super::LAUNCH_STATE).is_some_and(|o| o.warm() && o.completed && Some(o.instance_id.as_str()) == instance_id);
+    let marker = crate::state::StateDir::new(root).read(crate::state::FIRSTBOOT_DONE).ok().flatten().is_some();
+    if !warm_done || marker {
+        return true;
+    }
+    tracing::warn!("this warm pool instance is going into service: starting bootstrap-firstboot.service (init)");
+    let out = crate::runner::run(&crate::runner::Cmd {
+        argv: ["systemctl", "start", "--no-block", "bootstrap-firstboot.service"].map(String::from).to_vec(),
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    match out {
+        Ok(o) if o.success() => true,
+        Ok(o) => {
+            tracing::error!("starting bootstrap-firstboot.service: {}", o.describe());
+            false
+        }
+        Err(e) => {
+            tracing::error!("starting bootstrap-firstboot.service: {e:#}");
+            false
+        }
     }
 }

@@ -53,6 +53,20 @@ pub fn watches(config: &crate::config::Config, facts: &crate::facts::Facts) -> b
     config.asg.enabled != Some(false) && (config.asg.group.is_some() || facts.tags.contains_key(GROUP_TAG))
 }
 
+/// The instance's `autoscaling/target-lifecycle-state` (one IMDS read with the timer's short
+/// deadline). None: IMDS does not say (not in a group, off EC2, unreachable).
+pub fn target_state(config: &crate::config::Config) -> Option<String> {
+    let base = config.imds.base_url.clone().unwrap_or_else(|| crate::facts::imds::DEFAULT_BASE_URL.to_string());
+    let r = crate::facts::imds::Imds::new(&base, crate::facts::imds::TIMER_DEADLINE).and_then(|i| i.meta(watch::TARGET_STATE));
+    match r {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("reading {}: {e:#}", watch::TARGET_STATE);
+            None
+        }
+    }
+}
+
 /// The API client for this instance.
 pub fn client(s: &Settings, facts: &crate::facts::Facts, group: &str, instance_id: &str) -> api::Client {
     api::Client::new(facts.region.as_deref(), s.endpoint.as_deref(), group, instance_id)

@@ -73,12 +73,17 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
         .clone()
         .unwrap_or_else(|| crate::facts::imds::DEFAULT_BASE_URL.to_string());
     let mut warned: Option<Instant> = None;
+    // A warm pool's instance going into service: `init` started once (see launch.rs).
+    let mut into_service = false;
     let mut imds = crate::facts::imds::Imds::new(&base, crate::facts::imds::TIMER_DEADLINE)?;
     tracing::info!("watching {TARGET_STATE} every {}s", w.settings.watch_interval.as_secs());
     loop {
         match imds.meta(TARGET_STATE) {
             // `Warmed:Terminated`: an instance of a warm pool being terminated.
             Ok(Some(s)) if s == "Terminated" || s == "Warmed:Terminated" => return drain(w).map(Some),
+            Ok(Some(s)) if s == "InService" && !into_service => {
+                into_service = super::launch::start_init_into_service(w.root, w.facts.instance_id.as_deref());
+            }
             Ok(_) => {}
             Err(e) => {
                 if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {

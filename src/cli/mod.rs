@@ -176,6 +176,13 @@ pub enum FleetCmd {
     Status {
         #[arg(long)]
         json: bool,
+        /// Read the records nodes put in S3 (`[report] s3`) under this prefix instead of etcd.
+        #[arg(long, value_name = "s3://BUCKET/PREFIX/")]
+        source: Option<String>,
+        /// With --source: a record older than this is a node not reporting (default:
+        /// `[report] ttl`, 90m).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "source")]
+        stale: Option<std::time::Duration>,
     },
 }
 

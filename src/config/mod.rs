@@ -78,8 +78,16 @@ pub struct RolloutConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportConfig {
-    /// The record's lease in etcd (default 90m: three timer periods).
+    /// The record's lease in etcd (default 90m: three timer periods); in S3, the age after
+    /// which `fleet status --source s3://…` lists a node as not reporting.
     pub ttl: Option<String>,
+    /// Also put the record at this S3 key after every run (fleets without etcd):
+    /// `s3://BUCKET/…/${instance_id}.json`, `${…}` substituted.
+    pub s3: Option<String>,
+    /// S3 endpoint override for the record (default: `[bundle] s3_endpoint`).
+    pub s3_endpoint: Option<String>,
+    /// The record bucket's region (default: `[bundle] s3_region`, else the instance's).
+    pub s3_region: Option<String>,
 }
 
 /// `[asg]`: the EC2 Auto Scaling lifecycle (docs/asg.md). Checked into `asg::Settings`.
@@ -294,7 +302,7 @@ macro_rules! merge_fields {
 merge_fields! {
     Config { bundle, naming, imds, aws, reboot, metrics, rollout, report, asg }
     RolloutConfig { strategy, canary, batch, group, on_failure, wait, health, etcd }
-    ReportConfig { ttl }
+    ReportConfig { ttl, s3, s3_endpoint, s3_region }
     AsgConfig { enabled, launch_hook, group, heartbeat_interval, first_boot_deadline, retry_interval, unhealthy_after, max_unhealthy, watch_interval, terminate_lifecycle_hook, endpoint, health, terminate_hook }
     BundleConfig { source, sha256, public_key, max_bytes, max_entries, s3_endpoint, s3_region }
     NamingConfig { name }
@@ -322,6 +330,7 @@ impl Config {
             ("[aws] ec2_endpoint", &self.aws.ec2_endpoint),
             ("[aws] ssm_endpoint", &self.aws.ssm_endpoint),
             ("[bundle] s3_endpoint", &self.bundle.s3_endpoint),
+            ("[report] s3_endpoint", &self.report.s3_endpoint),
             ("[asg] endpoint", &self.asg.endpoint),
         ];
         for (what, url) in urls {
@@ -481,6 +490,9 @@ cert_file = "/cert"
 key_file = "/key"
 [report]
 ttl = "1m"
+s3 = "s3://fleet/${env}/${service}/${instance_id}.json"
+s3_endpoint = "http://s3r"
+s3_region = "eu-west-2"
 [asg]
 enabled = true
 launch_hook = "launch"

@@ -121,3 +121,116 @@ pub fn parse_url(s: &str) -> Result<(String, String)> {
         _ => Err(anyhow!("{s}: expected s3://BUCKET/KEY")),
     }
 }
+
+/// PUT `body` at s3://bucket/key (`content_type`), within `timeout` overall (credentials,
+/// connect, retries): a best-effort writer never waits longer.
+pub fn put(o: &S3Options, bucket: &str, key: &str, body: Vec<u8>, content_type: &str, timeout: std::time::Duration) -> Result<(), FetchError> {
+    let url = format!("s3://{bucket}/{key}");
+    let c = client(o);
+    runtime().block_on(async {
+        let req = c
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .send();
+        match tokio::time::timeout(timeout, req).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(classify(&url, e)),
+            Err(_) => Err(FetchError::Unavailable(format!(
+                "{url}: no answer within {}",
+                humantime::format_duration(timeout)
+            ))),
+        }
+    })
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+}
+
+/// The objects under `prefix` (ListObjectsV2, page by page), at most `limit`; the bool says
+/// whether more were left out.
+pub fn list(o: &S3Options, bucket: &str, prefix: &str, limit: usize) -> Result<(Vec<Listed>, bool), FetchError> {
+    let url = format!("s3://{bucket}/{prefix}");
+    let c = client(o);
+    runtime().block_on(async {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let resp = c
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify(&url, e))?;
+            for obj in resp.contents() {
+                if out.len() >= limit {
+                    return Ok((out, true));
+                }
+                if let Some(k) = obj.key() {
+                    out.push(Listed {
+                        key: k.to_string(),
+                        size: obj.size().unwrap_or(0).max(0) as u64,
+                    });
+                }
+            }
+            match resp.next_continuation_token() {
+                Some(t) if resp.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok((out, false)),
+            }
+        }
+    })
+}
+
+/// GET each of `keys` in `bucket`, `parallel` at a time, each at most `o.max_bytes` (larger is
+/// an error, the body is not read further): the answers in the order of `keys`.
+pub fn get_many(o: &S3Options, bucket: &str, keys: &[String], parallel: usize) -> Vec<Result<Vec<u8>, FetchError>> {
+    let c = client(o);
+    let max = o.max_bytes;
+    runtime().block_on(async {
+        let mut results: Vec<Option<Result<Vec<u8>, FetchError>>> = keys.iter().map(|_| None).collect();
+        let mut set = tokio::task::JoinSet::new();
+        let mut next = 0;
+        loop {
+            while next < keys.len() && set.len() < parallel.max(1) {
+                let (c, bucket, key, i) = (c.clone(), bucket.to_string(), keys[next].clone(), next);
+                set.spawn(async move { (i, get_capped(&c, &bucket, &key, max).await) });
+                next += 1;
+            }
+            match set.join_next().await {
+                Some(Ok((i, r))) => results[i] = Some(r),
+                Some(Err(e)) => tracing::warn!("s3://{bucket}: a read task ended: {e}"),
+                None => break,
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(FetchError::Unavailable("not read".into()))))
+            .collect()
+    })
+}
+
+async fn get_capped(c: &aws_sdk_s3::Client, bucket: &str, key: &str, max: u64) -> Result<Vec<u8>, FetchError> {
+    let url = format!("s3://{bucket}/{key}");
+    let resp = c.get_object().bucket(bucket).key(key).send().await.map_err(|e| classify(&url, e))?;
+    let mut body = resp.body;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .map_err(|e| FetchError::Unavailable(format!("{url}: reading body: {e}")))?
+    {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() as u64 > max {
+            return Err(FetchError::Refused(format!("{url}: larger than {max} bytes")));
+        }
+    }
+    Ok(bytes)
+}

@@ -315,6 +315,34 @@ impl Rollouts {
         Ok(want)
     }
 
+    /// Whether `sha` is still going out in the group (see [`super::in_flight`]): one read of
+    /// the abort record and the node records. A run that failed a first bundle asks it, to
+    /// know whether its failure halts the bundle.
+    pub fn in_flight(&self, sha: &str, me: &str) -> Result<bool, LockError> {
+        let nodes = format!("{}/nodes/", self.lock.base());
+        let r = self.lock.gateway(
+            "/v3/kv/txn",
+            json!({ "success": [
+                { "request_range": { "key": b64(&format!("{}/abort", self.dir(sha))), "count_only": true } },
+                { "request_range": { "key": b64(&nodes), "range_end": prefix_end(&nodes), "limit": STATUS_LIMIT.to_string() } },
+            ] }),
+        )?;
+        if count(&r["responses"][0]["response_range"]) > 0 {
+            return Ok(false);
+        }
+        let records: Vec<(String, Option<String>)> = kvs(&r["responses"][1]["response_range"])
+            .into_iter()
+            .map(|(k, v)| {
+                let holder = k.strip_prefix(&nodes).unwrap_or(&k).to_string();
+                let bundle = serde_json::from_slice::<Value>(&v)
+                    .ok()
+                    .and_then(|rec| rec["bundle"]["sha256"].as_str().map(str::to_string));
+                (holder, bundle)
+            })
+            .collect();
+        Ok(super::in_flight(sha, me, records.iter().map(|(h, b)| (h.as_str(), b.as_deref()))))
+    }
+
     /// Give `me`'s slot of `sha` back directly (a holder that found the bundle stopped).
     pub fn give_back(&self, sha: &str, me: &str) -> Result<bool, LockError> {
         self.semaphore(sha).release_now(me, 1)

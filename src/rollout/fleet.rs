@@ -45,6 +45,18 @@ pub struct Record {
     /// The reboot part's action (`none`, `pending`, `released`, `halted`, …).
     #[serde(default)]
     pub reboot: Option<String>,
+    /// The node's rollout group (`[rollout] group`, else ENV-SERVICE): how the S3 form of the
+    /// view groups records (in etcd the key says it too). Absent when the node has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl Record {
+    /// The record as it leaves the node (etcd, S3): JSON with every string redacted, so a
+    /// secret that made it into a step id or a name never reaches what the fleet reads.
+    pub fn to_json(&self) -> String {
+        crate::secrets::redact_json(&serde_json::to_string(self).unwrap_or_default())
+    }
 }
 
 /// What `seen/<holder>` keeps: enough to list a node that stopped reporting.
@@ -61,13 +73,13 @@ pub fn publish(r: &Rollouts, holder: &str, record: &Record, ttl: std::time::Dura
     let long = c.grant(FORGET_AFTER.as_secs())?;
     let base = c.base();
     let seen = Seen {
-        name: record.name.clone(),
+        name: crate::secrets::redact(&record.name),
         at: record.at.clone(),
     };
     c.gateway(
         "/v3/kv/txn",
         json!({ "success": [
-            { "request_put": { "key": b64(&format!("{base}/nodes/{holder}")), "value": b64(&serde_json::to_string(record).unwrap_or_default()), "lease": lease } },
+            { "request_put": { "key": b64(&format!("{base}/nodes/{holder}")), "value": b64(&record.to_json()), "lease": lease } },
             { "request_put": { "key": b64(&format!("{base}/seen/{holder}")), "value": b64(&serde_json::to_string(&seen).unwrap_or_default()), "lease": long } },
         ] }),
     )?;
@@ -232,6 +244,7 @@ pub fn record_of(report: &Value, name: &str, instance_id: Option<&str>) -> Recor
         at: crate::clock::now_rfc3339(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         reboot: report["reboot"]["action"].as_str().map(str::to_string),
+        group: None,
     }
 }
 
@@ -260,5 +273,27 @@ mod tests {
         let text = human(&[g]);
         assert!(text.contains("aaaaaaaaaaaé "), "{text}");
         assert!(text.contains("rollout aaaaaaaaaaaé: canary"), "{text}");
+    }
+
+    /// The record leaves the node for etcd or S3, where every node and operator reads it: a
+    /// secret that made it into a step id (a path rendered from `secret()`) or the name goes
+    /// out redacted.
+    #[test]
+    fn the_record_leaves_the_node_redacted() {
+        let secret = "fleet-record-s3cr3t-7Hq";
+        crate::secrets::register(secret);
+        let report = json!({
+            "status": "failed",
+            "steps": [{ "id": format!("file:/etc/{secret}.conf"), "status": "failed" }],
+            "summary": { "changed": 0, "failed": 1 },
+        });
+        let mut r = record_of(&report, &format!("production-{secret}"), Some("i-1"));
+        r.group = Some("production-web".into());
+        let out = r.to_json();
+        assert!(!out.contains(secret), "{out}");
+        let back: Record = serde_json::from_str(&out).unwrap();
+        assert_eq!(back.failed_step.as_deref(), Some("file:/etc/<redacted>.conf"));
+        assert_eq!(back.name, "production-<redacted>");
+        assert_eq!(back.group.as_deref(), Some("production-web"));
     }
 }

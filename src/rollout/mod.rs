@@ -13,14 +13,22 @@
 
 pub mod etcd;
 pub mod fleet;
+pub mod fleet_s3;
 
 use crate::config::{OnFailure, RolloutStrategy};
 use crate::error::ConfigError;
 use crate::reboot::settings::{EtcdService, Health};
 use std::time::Duration;
 
-/// How long a run waits for a rollout slot by default: within a timer period (30 min).
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(25 * 60);
+/// How long a run waits for a rollout slot by default: well within the unit's timeout, which
+/// must also hold the apply and the health checks (a node that got no slot queues again on its
+/// next run, 30 minutes later).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10 * 60);
+/// `TimeoutStartSec` of units/bootstrap.service: a run (wait included) must end within it.
+pub const UNIT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// What a run keeps of [`UNIT_TIMEOUT`] for applying the new bundle (packages, handlers) once
+/// it has its slot, besides the health checks' own time.
+pub const APPLY_RESERVE: Duration = Duration::from_secs(10 * 60);
 /// The node record's lease by default: three timer periods.
 pub const DEFAULT_REPORT_TTL: Duration = Duration::from_secs(90 * 60);
 /// The node's own rollout record in the state directory: the good bundle before the current
@@ -88,6 +96,9 @@ pub struct Settings {
     pub holder: String,
     /// The node record's lease.
     pub report_ttl: Duration,
+    /// `[report] s3`: where the record also goes (set by `Context::rollout_settings`, which
+    /// knows the facts to substitute).
+    pub report_s3: Option<fleet_s3::Target>,
     /// The running system (`--root /`): only it is gated; an image build never is.
     pub live: bool,
 }
@@ -152,19 +163,31 @@ impl Settings {
         if gated && run && group.is_none() {
             return Err(ConfigError::msg("no rollout group: set [rollout] group or name the node (ENV-SERVICE)"));
         }
+        let health = crate::reboot::settings::health_checks("[[rollout.health]]", &r.health)?;
+        let wait = dur("[rollout] wait", &r.wait, DEFAULT_WAIT)?;
+        let wait = if gated { fitted_wait(r.wait.as_deref(), wait, &health)? } else { wait };
         Ok(Settings {
             strategy,
             canary: r.canary.unwrap_or(1),
             batch,
             group,
             on_failure: r.on_failure.unwrap_or_default(),
-            wait: dur("[rollout] wait", &r.wait, DEFAULT_WAIT)?,
-            health: crate::reboot::settings::health_checks("[[rollout.health]]", &r.health)?,
+            wait,
+            health,
             etcd,
             holder,
             report_ttl: dur("[report] ttl", &cfg.report.ttl, DEFAULT_REPORT_TTL)?,
+            report_s3: None,
             live,
         })
+    }
+
+    /// When a run that started at `started` stops waiting for a slot: after `wait`, and never
+    /// so late that the apply and the health checks no longer fit in the unit's timeout (an
+    /// earlier part of the run, the fallback apply, took some of it).
+    pub fn wait_deadline(&self, started: std::time::Instant) -> std::time::Instant {
+        let latest = started + UNIT_TIMEOUT.saturating_sub(APPLY_RESERVE + health_budget(&self.health));
+        (std::time::Instant::now() + self.wait).min(latest)
     }
 
     /// Whether new bundles go through rollout slots.
@@ -179,6 +202,41 @@ impl Settings {
         } else {
             self.canary
         }
+    }
+}
+
+/// The most the health checks of a rollout take: they are retried for up to the longest
+/// timeout, and the last round takes up to every check's timeout.
+fn health_budget(health: &[Health]) -> Duration {
+    health.iter().map(|h| h.timeout).max().unwrap_or_default() + health.iter().map(|h| h.timeout).sum::<Duration>()
+}
+
+/// `[rollout] wait` (`configured`: as written; None: the default), checked to leave room in
+/// `bootstrap.service`'s timeout for the apply ([`APPLY_RESERVE`]) and the health checks: a
+/// run systemd kills mid-apply is the worst way for a rollout to fail. A configured wait that
+/// does not fit is refused (naming the key); the default is shortened to what fits.
+fn fitted_wait(configured: Option<&str>, wait: Duration, health: &[Health]) -> Result<Duration, ConfigError> {
+    let budget = health_budget(health);
+    let fits = UNIT_TIMEOUT.saturating_sub(APPLY_RESERVE + budget);
+    let h = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+    let why = format!(
+        "a run under bootstrap.service (TimeoutStartSec={}) must hold the wait, the apply of the new bundle ({} kept for it) \
+         and the [[rollout.health]] checks (up to {}: retried for the longest timeout, then one more round)",
+        h(UNIT_TIMEOUT),
+        h(APPLY_RESERVE),
+        h(budget)
+    );
+    if fits.is_zero() {
+        return Err(ConfigError::msg(format!(
+            "[[rollout.health]]: the checks' timeouts leave no time to wait for a rollout slot: {why}"
+        )));
+    }
+    match configured {
+        Some(text) if wait > fits => Err(ConfigError::msg(format!(
+            "[rollout] wait = {text:?} is too long: {why}; the longest wait that fits is {}",
+            h(fits)
+        ))),
+        _ => Ok(wait.min(fits)),
     }
 }
 
@@ -306,6 +364,15 @@ pub fn settle(run_ok: bool, healthy: bool, on_failure: OnFailure) -> Settle {
             rollback: on_failure == OnFailure::Rollback,
         }
     }
+}
+
+/// Whether bundle `sha` is still going out in its group, by the nodes' records (the fleet
+/// view: `(holder, bundle sha256)` of every node reporting): some node other than `me` runs
+/// another bundle. A node that fails its first bundle (no last-good: it applied it without a
+/// slot) halts it only then; once every other node runs it, the bundle is out and proven, and
+/// the failure is the new node's own (a halt then would refuse every later new instance).
+pub fn in_flight<'a>(sha: &str, me: &str, records: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> bool {
+    records.into_iter().any(|(holder, bundle)| holder != me && bundle.is_some_and(|b| b != sha))
 }
 
 /// The slots a rollout semaphore should have: closed (0) once halted or aborted, the canaries'
@@ -457,9 +524,50 @@ mod tests {
         assert_eq!(slots_for(false, 0, 0, 5), 5);
     }
 
+    #[test]
+    fn a_bundle_is_in_flight_while_another_node_runs_another_one() {
+        assert!(in_flight("new", "me", [("a", Some("old")), ("b", Some("new"))]));
+        assert!(!in_flight("new", "me", [("a", Some("new")), ("b", Some("new"))]), "out everywhere: done");
+        assert!(!in_flight("new", "me", [("me", Some("old"))]), "only this node's own record");
+        assert!(!in_flight("new", "me", []), "the group's only node");
+        assert!(!in_flight("new", "me", [("a", None)]), "a directory source says nothing");
+    }
+
     fn parse(text: &str, live: bool) -> Result<Settings, ConfigError> {
         let c = crate::config::Config::parse(std::path::Path::new("config.toml"), text).unwrap();
         Settings::new(&c, Some("production-web".into()), Ok("i-1".into()), live, true)
+    }
+
+    /// The slot wait, the apply of the new bundle and its health checks all run inside one
+    /// `bootstrap.service` run: a wait that leaves no room for them is refused at config load
+    /// (systemd would kill the run mid-apply), and the default leaves room.
+    #[test]
+    fn the_wait_fits_in_the_unit_timeout() {
+        let unit = include_str!("../../units/bootstrap.service");
+        assert!(
+            unit.contains("\nTimeoutStartSec=30min\n"),
+            "units/bootstrap.service changed its timeout: {unit}"
+        );
+        assert_eq!(UNIT_TIMEOUT, Duration::from_secs(30 * 60));
+        let etcd = "[reboot.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n";
+        let canary = |keys: &str, tables: &str| parse(&format!("[rollout]\nstrategy = \"canary\"\n{keys}{tables}{etcd}"), true);
+        let d = canary("", "").unwrap();
+        assert!(d.wait + APPLY_RESERVE <= UNIT_TIMEOUT, "the default wait leaves room: {:?}", d.wait);
+        for wait in ["25m", "30m", "2h"] {
+            let e = canary(&format!("wait = \"{wait}\"\n"), "").map(|_| ()).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("[rollout] wait = \"{wait}\"")) && e.contains("TimeoutStartSec"),
+                "{wait}: {e}"
+            );
+        }
+        assert_eq!(canary("wait = \"15m\"\n", "").unwrap().wait, Duration::from_secs(15 * 60));
+        // The health checks' time counts too.
+        let slow = "[[rollout.health]]\nurl = \"http://127.0.0.1/\"\ntimeout = \"5m\"\n";
+        let e = canary("wait = \"15m\"\n", slow).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("[rollout] wait") && e.contains("[[rollout.health]]"), "{e}");
+        assert!(canary("wait = \"5m\"\n", slow).is_ok());
+        // Not gated (immediate, or an image build): the wait is never used, never refused.
+        assert!(parse("[rollout]\nwait = \"2h\"\n", true).is_ok());
     }
 
     #[test]

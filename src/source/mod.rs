@@ -342,15 +342,20 @@ fn make_current(cache: &Path, sha: &str, name: &str, signed: Option<&Signed>) ->
     Ok(())
 }
 
-/// Bundles kept in the cache besides `current` and `last-good` (the most recently used).
+/// Bundles kept in the cache besides `current`, `last-good` and `previous-good` (the most
+/// recently used).
 pub const KEEP_OLDER: usize = 3;
 
-/// Remove cached bundles other than `current`, `last-good` and the `keep` most recently used
+/// The cache's links whose bundles pruning never removes. `previous-good`: the good bundle
+/// before last-good, which a rollout falls back to when last-good is aborted.
+const PINNED: [&str; 3] = ["current", "last-good", "previous-good"];
+
+/// Remove cached bundles other than the [`PINNED`] ones and the `keep` most recently used
 /// others (with their kept tarballs and signatures), and staging directories and temp links
 /// whose process is gone. Best effort: a failure here never fails a run.
 pub fn prune(cache: &Path, keep: usize) {
     let Ok(entries) = std::fs::read_dir(cache) else { return };
-    let pinned: Vec<String> = ["current", "last-good"]
+    let pinned: Vec<String> = PINNED
         .iter()
         .filter_map(|l| std::fs::read_link(cache.join(l)).ok())
         .map(|p| p.to_string_lossy().into_owned())
@@ -362,6 +367,7 @@ pub fn prune(cache: &Path, keep: usize) {
             .strip_prefix(".staging-")
             .or_else(|| name.strip_prefix(".current."))
             .or_else(|| name.strip_prefix(".last-good."))
+            .or_else(|| name.strip_prefix(".previous-good."))
         {
             // `.staging-<sha>-<pid>`, `.current.<pid>`: a live writer keeps its own.
             let pid = rest.rsplit(['-', '.']).next().and_then(|p| p.parse::<u32>().ok());
@@ -511,6 +517,21 @@ pub fn mark_good(host_root: &Path, sha: &str) -> Result<()> {
     point(&cache, "last-good", sha)?;
     prune(&cache, KEEP_OLDER);
     Ok(())
+}
+
+/// `previous-good` → `sha` (the good bundle before last-good, kept in the cache for a rollout
+/// to fall back to), or no such link (None).
+pub fn pin_previous(host_root: &Path, sha: Option<&str>) -> Result<()> {
+    let cache = crate::state::StateDir::new(host_root).bundles();
+    match sha {
+        Some(sha) => point(&cache, "previous-good", sha),
+        None => match std::fs::remove_file(cache.join("previous-good")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(anyhow::Error::new(e).context(format!("removing {}", cache.join("previous-good").display())))
+            }
+            _ => Ok(()),
+        },
+    }
 }
 
 /// What `current` points at.

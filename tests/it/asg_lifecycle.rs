@@ -92,8 +92,10 @@ fn init_continues_the_launch_only_after_convergence_with_heartbeats_meanwhile() 
         "{}enabled = true\n[[asg.health]]\ncommand = [\"test\", \"-e\", \"/var/tmp/slow.done\"]\n",
         std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
     ));
-    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
     assert_eq!(r.code, 0, "{}", r.all());
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("init --json printed no single report ({e}):\n{}", r.stdout));
+    assert_eq!(shown["lifecycle"]["result"], "CONTINUE", "the report shown says how the launch ended: {shown}");
     let (start, done) = (stamp(&f.node, "/var/tmp/slow.start"), stamp(&f.node, "/var/tmp/slow.done"));
     let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
     assert_eq!(complete.params["LifecycleActionResult"], "CONTINUE");
@@ -148,8 +150,12 @@ fn init_that_keeps_failing_abandons_the_launch_at_the_deadline() {
         std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
     ));
     let t0 = now_unix();
-    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
     assert_eq!(r.code, 1, "{}", r.all());
+    // One report on stdout, the final one: it says how the launch action ended.
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("init --json printed no single report ({e}):\n{}", r.stdout));
+    assert_eq!(shown["lifecycle"]["result"], "ABANDON", "{shown}");
+    assert_eq!(shown["status"], "failed", "{shown}");
     let complete = only(f.proxy.ok_calls("CompleteLifecycleAction"));
     assert_eq!(complete.params["LifecycleActionResult"], "ABANDON");
     assert!(
@@ -626,4 +632,64 @@ fn unhealthy_after_never_marks_a_node_holding_a_rollout_slot() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert_eq!(f.moto.asg_health(&f.id), "Unhealthy", "{}\n{}", r.all(), health());
     assert_eq!(only(f.proxy.ok_calls("SetInstanceHealth")).params["InstanceId"], f.id);
+}
+
+/// An instance launched into a warm pool (`autoscaling/target-lifecycle-state` is
+/// `Warmed:Running`): `init` converges it and completes that launch action with CONTINUE but
+/// writes no `firstboot.done`; when the running warm instance goes into service (IMDS says
+/// `InService`), the watcher `init` started starts the firstboot unit, whose `init` holds and
+/// completes the new launch action and only then writes the marker. A third `init` completes
+/// nothing.
+#[test]
+fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
+    let f = fleet("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/warm\"\ncontent = \"ready\\n\"\n", "");
+    f.node.write_config(&format!(
+        "{}enabled = true\nwatch_interval = \"1s\"\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    // The units init installs get this test's instance-role credentials.
+    let env: String = AWS_ENV.iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
+    for unit in ["bootstrap-watch.service", "bootstrap-firstboot.service"] {
+        let dropin = f.node.merged.join(format!("etc/systemd/system/{unit}.d"));
+        std::fs::create_dir_all(&dropin).unwrap();
+        std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
+    }
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Warmed:Running"));
+    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(shown["lifecycle"]["result"], "CONTINUE", "{shown}");
+    assert_eq!(shown["lifecycle"]["target_state"], "Warmed:Running", "{shown}");
+    assert_eq!(only(f.proxy.ok_calls("CompleteLifecycleAction")).params["LifecycleActionResult"], "CONTINUE");
+    let marker = f.node.merged.join("var/lib/bootstrap/firstboot.done");
+    assert!(!marker.exists(), "a warm pool instance is not done: its launch into service is still to come");
+    assert_eq!(f.node.sh("systemctl is-active bootstrap-watch.service").stdout.trim(), "active");
+
+    // Scale-out takes the instance from the pool: AWS starts a new launch action for it.
+    f.proxy.start_action(&f.id, "launch");
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("InService"));
+    let start = Instant::now();
+    while f.proxy.ok_calls("CompleteLifecycleAction").len() < 2 || !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the launch into service was not completed: {:?}\n{}",
+            f.proxy.ok_calls("CompleteLifecycleAction"),
+            f.node
+                .sh("journalctl -u bootstrap-watch.service -u bootstrap-firstboot.service -o cat --no-pager")
+                .stdout
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let calls = f.proxy.ok_calls("CompleteLifecycleAction");
+    assert_eq!(calls[1].params["LifecycleActionResult"], "CONTINUE");
+    assert_eq!(calls[1].params["LifecycleHookName"], "launch");
+    let rep = f.node.report();
+    assert_eq!(rep["command"], "init", "{rep}");
+    assert_eq!(rep["lifecycle"]["target_state"], "InService", "{rep}");
+    assert_eq!(rep["summary"]["changed"], 0, "converged in the warm pool already: {rep}");
+
+    // Once in service, init again completes nothing.
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 2);
 }

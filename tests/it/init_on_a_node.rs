@@ -129,6 +129,7 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
     moto.put_in_netns(node.leader, "roles", None);
     moto.put_in_netns(node.leader, "roles/roles-production.tar.gz", Some(&tarball));
     moto.put_in_netns(node.leader, "dist", None);
+    moto.put_in_netns(node.leader, "fleet", None);
     // A public object, as a release bucket (or a presigned URL) would serve it.
     moto.put_in_netns_with(node.leader, "dist/bootstrap", Some(std::path::Path::new(bin())), &["x-amz-acl: public-read"]);
     let sha = {
@@ -139,6 +140,7 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
         format!(
             "BOOTSTRAP_URL=http://127.0.0.1:5000/dist/bootstrap BOOTSTRAP_SHA256={sha} BOOTSTRAP_BIN=/usr/local/sbin/bootstrap \
              BOOTSTRAP_BUNDLE='s3://roles/roles-${{env}}.tar.gz' \
+             BOOTSTRAP_REPORT_S3='s3://fleet/nodes/${{env}}/${{service}}/${{instance_id}}.json' \
              BOOTSTRAP_CONFIG='[imds]\nenabled = true' "
         )
     };
@@ -162,6 +164,18 @@ fn user_data_script_installs_the_agent_and_converges_the_node() {
         "units name the installed binary: {unit}"
     );
     assert_eq!(node.report()["name"], "production-haproxy");
+    // init put the node's record in S3 ([report] s3 from the script), with the instance
+    // role's credentials (IMDS); `fleet status --source` reads it back.
+    let id = "i-0123456789abcdef0";
+    let key = format!("/fleet/nodes/production/haproxy/{id}.json");
+    assert_eq!(moto.requests(&format!("PUT {key}")).len(), 1, "{:?}", moto.requests("PUT /fleet"));
+    let r = node.agent(&["fleet", "status", "--source", "s3://fleet/nodes/", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    let g = &j["groups"][0];
+    assert_eq!(g["group"], "production-haproxy", "{j:#}");
+    assert_eq!(g["nodes"][id]["status"], "ok", "{j:#}");
+    assert_eq!(g["nodes"][id]["instance_id"], id, "{j:#}");
 }
 
 /// Issue 14, finding 6: a reboot is needed at first boot (and allowed). `init` installs the

@@ -223,8 +223,14 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
         "autoscaling:RecordLifecycleActionHeartbeat",
         "autoscaling:SetInstanceHealth",
         "autoscaling:DescribeLifecycleHooks",
+        "s3:PutObject",
     ] {
         assert!(text.contains(action), "the instance role lacks {action}");
+    }
+    // The operators' policy for the fleet view in S3.
+    for action in ["s3:ListBucket", "s3:GetObject"] {
+        let reader = main["data"].to_string();
+        assert!(reader.contains("fleet_view") && reader.contains(action), "the fleet view policy lacks {action}");
     }
     assert!(
         text.contains(r#""http_tokens":"required""#) && text.contains(r#""instance_metadata_tags":"enabled""#),
@@ -251,7 +257,13 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
     }
     // The placeholders main.tf fills are the script's, and the rendered user_data fits EC2's 16 KB.
     let script = std::fs::read_to_string(repo().join("packaging/user-data.sh")).unwrap();
-    for p in ["@BOOTSTRAP_URL@", "@BOOTSTRAP_SHA256@", "@BOOTSTRAP_BUNDLE@", "@BOOTSTRAP_ASG@"] {
+    for p in [
+        "@BOOTSTRAP_URL@",
+        "@BOOTSTRAP_SHA256@",
+        "@BOOTSTRAP_BUNDLE@",
+        "@BOOTSTRAP_ASG@",
+        "@BOOTSTRAP_REPORT_S3@",
+    ] {
         assert!(src.contains(p) && script.contains(p), "{p}");
     }
     let rendered = script
@@ -261,7 +273,11 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
         )
         .replace("@BOOTSTRAP_SHA256@", &"0".repeat(64))
         .replace("@BOOTSTRAP_BUNDLE@", "s3://example-roles/roles-${env}.tar.gz")
-        .replace("@BOOTSTRAP_ASG@", "true");
+        .replace("@BOOTSTRAP_ASG@", "true")
+        .replace(
+            "@BOOTSTRAP_REPORT_S3@",
+            "s3://example-fleet-reports/nodes/${env}/${service}/${instance_id}.json",
+        );
     assert!(rendered.len() < 16 * 1024);
 }
 

@@ -542,3 +542,284 @@ fn finished_rollouts_older_than_a_week_are_deleted_and_nothing_else() {
     let (s, _) = r.semaphore(&a).get().unwrap().unwrap();
     assert_eq!((s.total_slots, s.holders), (1, vec!["n5".to_string()]));
 }
+
+/// The `web` role with `extra` appended (more steps, or broken TOML).
+fn web_role(dir: &Path, version: &str, extra: &str) {
+    web_bundle(dir, version);
+    let role = dir.join("roles/web/role.toml");
+    let text = std::fs::read_to_string(&role).unwrap();
+    std::fs::write(role, format!("{text}{extra}")).unwrap();
+}
+
+/// `src/roles` packed into `<out>/web.tar.gz` as is, without `bundle build`'s checks: how a
+/// role file that does not parse gets into a bundle (another builder, a hand-made tarball).
+fn publish_unchecked(src: &Path, out: &Path) -> String {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
+    tar.mode(tar::HeaderMode::Deterministic);
+    tar.append_dir_all("roles", src.join("roles")).unwrap();
+    let bytes = tar.into_inner().unwrap().finish().unwrap();
+    let tmp = out.join(".web.tar.gz.new");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, out.join("web.tar.gz")).unwrap();
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+fn canary_config(etcd: &Etcd, extra: &str) -> String {
+    format!(
+        "[rollout]\nstrategy = \"canary\"\ncanary = 1\nbatch = 1\nwait = \"20s\"\n\
+         [[rollout.health]]\ncommand = [\"true\"]\n{extra}[reboot.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoints()[0]
+    )
+}
+
+fn status_of(etcd: &Etcd, group: &str, sha: &str) -> bootstrap::rollout::etcd::Status {
+    let st = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock(group)).status().unwrap();
+    st.into_iter()
+        .find(|s| s.sha256 == sha)
+        .unwrap_or_else(|| panic!("no rollout of {sha} in etcd"))
+}
+
+/// A bundle that does not even load under the slot (its role file does not parse) is a failed
+/// run like any other: the canary records the halt naming the file and the slot stays named
+/// for inspection; the others leave the queue and keep converging their last-good bundle;
+/// `rollout abort` puts the canary back.
+#[test]
+fn a_bundle_that_fails_to_load_under_the_slot_halts_the_rollout() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..3).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&canary_config(&etcd, ""));
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    let ids: Vec<String> = nodes.iter().map(|n| n.machine_id()).collect();
+    web_role(src.path(), "v2", "[[step]]\nkind = \"file\"\npath = \n");
+    let bad = publish_unchecked(src.path(), out.path());
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes.iter().map(|n| s.spawn(move || apply_web(n))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let failed: Vec<usize> = (0..3).filter(|&i| runs[i].code != 0).collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "exactly one node took the bundle: {:#?}",
+        runs.iter().map(Run::all).collect::<Vec<_>>()
+    );
+    let c = failed[0];
+    let out_c = runs[c].all();
+    assert!(out_c.contains("roles/web/role.toml") && out_c.contains("halted for the group"), "{out_c}");
+    let st = status_of(&etcd, "production-web", &bad);
+    assert_eq!(st.state, "halted", "{st:#?}");
+    let h = st.halt.clone().unwrap();
+    assert_eq!(h.node, ids[c]);
+    assert!(h.reason.contains("roles/web/role.toml"), "the reason names the file: {h:#?}");
+    assert_eq!(
+        (st.applied.clone(), st.failed.clone(), st.holders.clone()),
+        (vec![ids[c].clone()], vec![ids[c].clone()], vec![ids[c].clone()])
+    );
+    let shown = nodes[(c + 1) % 3].agent(&["rollout", "status", "--group", "production-web"]).stdout;
+    assert!(
+        shown.contains(&format!("{bad}  halted  applied 1  healthy 0  failed 1")) && shown.contains("role.toml"),
+        "{shown}"
+    );
+    for i in (0..3).filter(|&i| i != c) {
+        let rep = nodes[i].report();
+        assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+        assert_eq!(rep["rollout"]["state"], "halted", "{rep:#}");
+        std::fs::write(nodes[i].merged.join("etc/web.conf"), "drifted\n").unwrap();
+        let r = apply_web(&nodes[i]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(nodes[i].report()["bundle"]["sha256"], v1.as_str());
+        assert_eq!(
+            std::fs::read_to_string(nodes[i].merged.join("etc/web.conf")).unwrap(),
+            "v1\n",
+            "still converging"
+        );
+    }
+    // The canary keeps it for inspection (on_failure = "halt"), until the operator aborts it.
+    let r = apply_web(&nodes[c]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("kept for inspection"), "{}", r.all());
+    let r = nodes[c].agent(&["rollout", "abort", &bad, "--group", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = apply_web(&nodes[c]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[c].report()["bundle"]["sha256"], v1.as_str());
+    assert_eq!(std::fs::read_to_string(nodes[c].merged.join("etc/web.conf")).unwrap(), "v1\n");
+}
+
+/// A new bundle whose apply reboots the node (a `reboot_required` step, reboot slot taken):
+/// the rollout slot is kept across the reboot and the bundle is not marked good before it, so
+/// the next node does not start while this one is down; the run after the reboot checks
+/// health and releases the slot.
+#[test]
+fn a_bundle_that_reboots_the_node_keeps_its_slot_across_the_reboot() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let mut nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        // Reboots coordinated by etcd too, with room for both nodes: only the rollout slot
+        // keeps them apart.
+        n.write_config(
+            &canary_config(&etcd, "[reboot]\nstrategy = \"etcd\"\n")
+                .replace("wait = \"20s\"", "wait = \"3s\"")
+                .replace("[reboot.etcd]\nendpoints", "[reboot.etcd]\nslots = 2\nendpoints"),
+        );
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    let ids: Vec<String> = nodes.iter().map(|n| n.machine_id()).collect();
+    web_role(src.path(), "v2", "");
+    let role = src.path().join("roles/web/role.toml");
+    let text = std::fs::read_to_string(&role).unwrap();
+    std::fs::write(&role, format!("{text}reboot_required = true\n")).unwrap();
+    let v2 = publish_web(src.path(), out.path());
+    let last_good = |n: &Node| {
+        std::fs::read_link(n.merged.join("var/lib/bootstrap/bundles/last-good"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+
+    // The canary applies it and reboots, its rollout slot held, the bundle not yet good.
+    let _ = apply_web(&nodes[0]);
+    assert_eq!(nodes[0].wait_exit(std::time::Duration::from_secs(60)), 133, "the canary did not reboot");
+    let st = status_of(&etcd, "production-web", &v2);
+    assert_eq!(st.holders, [ids[0].clone()], "the slot is kept across the reboot: {st:#?}");
+    assert!(st.healthy.is_empty(), "not healthy before the reboot: {st:#?}");
+    assert_eq!(last_good(&nodes[0]), v1, "not marked good before the reboot");
+
+    // Meanwhile the other node gets no slot: it stays on the old bundle.
+    let r = apply_web(&nodes[1]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = nodes[1].report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["rollout"]["state"], "waiting", "{rep:#}");
+
+    // Back: the run of the new boot checks health, marks it good and releases the slot.
+    nodes[0].boot_again();
+    let rep = nodes[0].report();
+    assert_eq!(rep["rollout"]["state"], "rebooting", "the run before the reboot: {rep:#}");
+    let r = apply_web(&nodes[0]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = nodes[0].report();
+    assert_eq!(
+        (rep["rollout"]["gate"].as_str(), rep["rollout"]["state"].as_str()),
+        (Some("Held"), Some("healthy")),
+        "{rep:#}"
+    );
+    assert_eq!(rep["bundle"]["sha256"], v2.as_str());
+    assert_eq!(last_good(&nodes[0]), v2);
+    let st = status_of(&etcd, "production-web", &v2);
+    assert!(st.holders.is_empty() && st.healthy == [ids[0].clone()], "{st:#?}");
+
+    // Now the other node takes the slot, and it too keeps it across its reboot.
+    let _ = apply_web(&nodes[1]);
+    assert_eq!(nodes[1].wait_exit(std::time::Duration::from_secs(60)), 133, "the second node did not reboot");
+    assert_eq!(status_of(&etcd, "production-web", &v2).holders, [ids[1].clone()]);
+    nodes[1].boot_again();
+    let r = apply_web(&nodes[1]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(nodes[1].report()["rollout"]["state"], "healthy");
+    let st = status_of(&etcd, "production-web", &v2);
+    assert_eq!((st.holders.len(), st.healthy.len()), (0, 2), "{st:#?}");
+}
+
+/// A new instance (no last-good bundle) applies the fetched bundle without a slot; when that
+/// bundle is in flight in its group (the other nodes still run another one) and the run
+/// fails, it halts the bundle like a slot holder would: the fleet stops it, and `rollout
+/// status` names the new instance and its step.
+#[test]
+fn a_new_instance_that_fails_a_bundle_in_flight_halts_it() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    let nodes: Vec<Node> = (0..2).map(|_| Node::boot_host_net(out.path())).collect();
+    for n in &nodes {
+        n.write_config(&canary_config(&etcd, ""));
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+    }
+    // A bad bundle is published; before the old node's timer fires, the group scales out.
+    web_role(
+        src.path(),
+        "v2",
+        "[[step]]\nid = \"migrate\"\nkind = \"exec\"\ncommand = [\"false\"]\ncreates = \"/nonexistent\"\n",
+    );
+    let bad = publish_web(src.path(), out.path());
+    let new = Node::boot_host_net(out.path());
+    new.write_config(&canary_config(&etcd, ""));
+    let r = apply_web(&new);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let rep = new.report();
+    assert_eq!(rep["rollout"]["gate"], "Fetched", "{rep:#}");
+    assert_eq!(rep["rollout"]["state"], "halted_here", "{rep:#}");
+    assert!(rep["error"].as_str().unwrap().contains("halted for the group"), "{rep:#}");
+    let st = status_of(&etcd, "production-web", &bad);
+    assert_eq!(st.state, "halted", "{st:#?}");
+    let h = st.halt.clone().unwrap();
+    assert_eq!((h.node.as_str(), h.step.as_deref()), (new.machine_id().as_str(), Some("migrate")), "{h:#?}");
+    let shown = nodes[0].agent(&["rollout", "status", "--group", "production-web"]).stdout;
+    assert!(shown.contains(&format!("{bad}  halted")) && shown.contains("migrate"), "{shown}");
+    // The old nodes never apply it.
+    for n in &nodes {
+        let r = apply_web(n);
+        assert_eq!(r.code, 0, "{}", r.all());
+        let rep = n.report();
+        assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+        assert_eq!(rep["rollout"]["state"], "halted", "{rep:#}");
+    }
+    assert!(status_of(&etcd, "production-web", &bad).applied.is_empty());
+}
+
+/// `rollout abort` of a node's last-good bundle sends it back to the good bundle before it
+/// (rollout.json `previous`): that bundle stays in the cache however many newer bundles were
+/// fetched (and halted or aborted) since, so the fallback can load it.
+#[test]
+fn the_previous_good_bundle_survives_cache_pruning() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let node = Node::boot_host_net(out.path());
+    node.write_config(&canary_config(&etcd, ""));
+    let rollouts = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock("production-web"));
+    web_bundle(src.path(), "v1");
+    let v1 = publish_web(src.path(), out.path());
+    assert_eq!(apply_web(&node).code, 0);
+    web_bundle(src.path(), "v2");
+    let v2 = publish_web(src.path(), out.path());
+    let r = apply_web(&node);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.report()["rollout"]["state"], "healthy", "{:#}", node.report());
+    // More bundles than the cache keeps besides current and last-good, each aborted before
+    // the node got to it (fetched and cached, never applied).
+    let mut bad = String::new();
+    for i in 3..(3 + bootstrap::source::KEEP_OLDER + 1) {
+        web_bundle(src.path(), &format!("v{i}"));
+        bad = publish_web(src.path(), out.path());
+        rollouts.abort(&bad, "test").unwrap();
+        let r = apply_web(&node);
+        assert_eq!(r.code, 0, "{}", r.all());
+        assert_eq!(node.report()["bundle"]["sha256"], v2.as_str(), "{:#}", node.report());
+    }
+    // v2 turns out bad too: the node goes back to v1.
+    rollouts.abort(&v2, "test").unwrap();
+    let r = apply_web(&node);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = node.report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["bundle"]["origin"], "previous-good", "{rep:#}");
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/web.conf")).unwrap(), "v1\n");
+    assert!(!bad.is_empty());
+}

@@ -281,6 +281,8 @@ pub struct AsgProxy {
     /// Fault: refuse this many CompleteLifecycleAction calls (a ValidationError, which the
     /// SDKs do not retry).
     pub refuse_completions: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// (instance id, hook) of the lifecycle actions completed: none active any more.
+    completed: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
     _http: super::http::HttpServer,
 }
 
@@ -412,6 +414,7 @@ impl Moto {
         let calls: std::sync::Arc<std::sync::Mutex<Vec<AsgCall>>> = Default::default();
         let (moto, rec) = (self.url.clone(), calls.clone());
         let completed: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>> = Default::default();
+        let actions = completed.clone();
         let refuse: std::sync::Arc<std::sync::atomic::AtomicU32> = Default::default();
         let refusing = refuse.clone();
         let http = super::http::HttpServer::start(move |req| {
@@ -490,12 +493,19 @@ impl Moto {
             url: http.url.clone(),
             calls,
             refuse_completions: refuse,
+            completed: actions,
             _http: http,
         }
     }
 }
 
 impl AsgProxy {
+    /// A new lifecycle action of `hook` for instance `id`, as AWS starts one when a warm
+    /// pool's instance is moved into service (the launch hook fires again).
+    pub fn start_action(&self, id: &str, hook: &str) {
+        self.completed.lock().unwrap().remove(&(id.to_string(), hook.to_string()));
+    }
+
     /// The calls of `action` that were answered 200.
     pub fn ok_calls(&self, action: &str) -> Vec<AsgCall> {
         self.calls
