@@ -99,7 +99,20 @@ pub(super) fn gated(
             }
             a
         }
-        Gate::Held => under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
+        // A slot this node holds, on a node drained for a scale-in meanwhile (the drain could
+        // not give it back): nothing new either. Kept on a lock timeout (it may be the slot of
+        // a bundle whose reboot is not health-checked yet).
+        Gate::Held => match relock_undrained(cx, o, &rollouts, &sha, me)? {
+            Some(lock) => {
+                let mut applied = under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?;
+                applied._lock = Some(lock);
+                applied
+            }
+            None => {
+                note["state"] = "drained".into();
+                fallback(cx, o, b, Fallback::LastGood, hooks)?
+            }
+        },
         Gate::Queue(fb) => {
             let a = fallback(cx, o, b, fb, hooks)?;
             if a.report.failed() || a.report.reboot_now() {
@@ -113,7 +126,9 @@ pub(super) fn gated(
                 match rollouts.wait_slot(&sha, me, rl.first_slots(), deadline) {
                     Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
                         note["slot_at"] = now().into();
-                        match relock_undrained(cx, o, &rollouts, &sha, me)? {
+                        // No lock (another run holds it): the slot goes back, for the next node.
+                        let relocked = relock_undrained(cx, o, &rollouts, &sha, me).inspect_err(|_| give_back(&rollouts, &sha, me));
+                        match relocked? {
                             Some(lock) => {
                                 let mut applied = under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?;
                                 // The lock taken here outlives the nested one of the apply.
@@ -168,19 +183,20 @@ pub(super) fn gated(
 /// check that `bootstrap watch` did not drain the node meanwhile (a scale-in). Drained: give
 /// the slot back, apply nothing new (None). The lock is held from here to the end of the run.
 fn relock_undrained(cx: &Context, o: &RunOptions, rollouts: &Rollouts, sha: &str, me: &str) -> anyhow::Result<Option<crate::runlock::RunLock>> {
-    let lock = crate::runlock::acquire(&cx.root, o.lock_timeout).inspect_err(|_| {
-        if let Err(e) = rollouts.give_back(sha, me) {
-            tracing::warn!("giving back the rollout slot of bundle {sha}: {e}");
-        }
-    })?;
+    let lock = crate::runlock::acquire(&cx.root, o.lock_timeout)?;
     let Some(at) = crate::asg::watch::drained_at(&cx.root, cx.facts.instance_id.as_deref()) else {
         return Ok(Some(lock));
     };
     tracing::warn!("this instance was drained for a scale-in at {at}: bundle {sha} is not applied, its rollout slot is given back");
+    give_back(rollouts, sha, me);
+    Ok(None)
+}
+
+/// Give `me`'s slot of `sha` back; a failure is a warning (the drain or a later run tries again).
+fn give_back(rollouts: &Rollouts, sha: &str, me: &str) {
     if let Err(e) = rollouts.give_back(sha, me) {
         tracing::warn!("giving back the rollout slot of bundle {sha}: {e}");
     }
-    Ok(None)
 }
 
 fn fail(r: &mut Report, msg: String) {

@@ -693,3 +693,35 @@ fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 2);
 }
+
+/// A node drained while etcd did not answer still holds its rollout slot (the drain could not
+/// give it back). A timer run before the instance goes away finds the slot held
+/// (`Gate::Held`): it applies nothing new either, and gives the slot back now that etcd
+/// answers.
+#[test]
+fn a_drained_node_that_still_holds_a_rollout_slot_applies_nothing_new() {
+    let mut etcd = Etcd::start(1);
+    let (f, src, v1) = rollout_fleet(&etcd, "reboot.etcd", "");
+    let v2 = publish_version(&f, src.path(), "v2");
+    let r = bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock("production-web"));
+    assert_eq!(
+        r.wait_slot(&v2, &f.id, 1, Instant::now() + Duration::from_secs(30)).unwrap(),
+        bootstrap::reboot::etcd::Waited::Acquired
+    );
+    etcd.kill(0);
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
+    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(w.code, 0, "{}", w.all());
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(f.node.merged.join("var/lib/bootstrap/asg-terminate.json")).unwrap()).unwrap();
+    assert!(rec.get("released_rollout_slots").is_none(), "{rec}");
+    etcd.restart(0);
+    assert_eq!(rollout_status(&f, &v2)["holders"], serde_json::json!([f.id]));
+    let run = f.node.agent_env(&["apply"], &AWS_ENV);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(web_conf(&f), "v1\n", "the drained node applied the new bundle");
+    let rep = f.node.report();
+    assert_eq!(rep["bundle"]["sha256"], v1.as_str(), "{rep:#}");
+    assert_eq!(rep["rollout"]["state"], "drained", "{rep:#}");
+    let st = rollout_status(&f, &v2);
+    assert_eq!((&st["holders"], &st["applied"]), (&serde_json::json!([]), &serde_json::json!([])), "{st:#}");
+}
