@@ -159,6 +159,15 @@ pub(super) fn gated(
         }
         Gate::Fallback(fb, why) => {
             note["state"] = why_str(why).into();
+            // A slot of a bundle halted elsewhere or aborted (granted while this node waited)
+            // is given back: this node will not apply it, and a kept slot would read as in
+            // use. On `rollout resume` the node queues again.
+            if view.as_ref().is_some_and(|v| v.held) && matches!(why, Why::Halted | Why::Aborted) {
+                match rollouts.give_back(&sha, me) {
+                    Ok(_) => note["slot_given_back"] = true.into(),
+                    Err(e) => tracing::warn!("giving back the slot of bundle {sha} ({}): {e}", why_str(why)),
+                }
+            }
             fallback(cx, o, b, fb, hooks)?
         }
         Gate::Hold => {

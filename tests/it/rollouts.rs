@@ -823,3 +823,52 @@ fn the_previous_good_bundle_survives_cache_pruning() {
     assert_eq!(std::fs::read_to_string(node.merged.join("etc/web.conf")).unwrap(), "v1\n");
     assert!(!bad.is_empty());
 }
+
+/// A node granted a slot of a bundle that another node then halted (or an operator aborted)
+/// gives the slot back when its run falls back to last-good: a slot kept by a node that will
+/// not apply the bundle would be listed as in use by `rollout status`, hold back
+/// `[asg] unhealthy_after` on that node for good, and take a place of the batch on resume.
+#[test]
+fn a_slot_of_a_bundle_halted_elsewhere_is_given_back_by_the_fallback() {
+    use bootstrap::rollout::etcd::{Halt, Rollouts};
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    publish_web(src.path(), out.path());
+    let n = Node::boot_host_net(out.path());
+    n.write_config(&canary_config(&etcd, ""));
+    let r = apply_web(&n);
+    assert_eq!(r.code, 0, "{}", r.all());
+    web_bundle(src.path(), "v2");
+    let v2 = publish_web(src.path(), out.path());
+    // Granted while it waited (its run was killed then), and halted by another node since.
+    let me = n.machine_id();
+    let rollouts = Rollouts::from_lock(etcd.lock("production-web"));
+    assert_eq!(
+        rollouts.wait_slot(&v2, &me, 1, Instant::now() + Duration::from_secs(30)).unwrap(),
+        bootstrap::reboot::etcd::Waited::Acquired
+    );
+    let h = Halt {
+        node: "another-node".into(),
+        step: None,
+        check: Some("GET http://127.0.0.1/: HTTP 503".into()),
+        reason: "health check failed".into(),
+        at: "t".into(),
+    };
+    rollouts.halt(&v2, &h).unwrap();
+    assert_eq!(status_of(&etcd, "production-web", &v2).holders, [me.clone()]);
+
+    let r = apply_web(&n);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(n.report()["rollout"]["state"], "halted", "{:#}", n.report());
+    assert_eq!(std::fs::read_to_string(n.merged.join("etc/web.conf")).unwrap(), "v1\n");
+    let st = status_of(&etcd, "production-web", &v2);
+    assert!(st.holders.is_empty(), "the fallback kept the slot of the halted bundle: {st:#?}");
+    assert!(rollouts.held_by(&me).unwrap().is_empty());
+    // Again: nothing changes.
+    let r = apply_web(&n);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(n.report()["summary"]["changed"], 0);
+}
