@@ -39,6 +39,7 @@ pub fn converge(cx: &Context, o: &RunOptions, mode: Mode, hooks: Hooks<'_>) -> a
     let result = run(cx, o, mode, hooks);
     if let (Err(e), Mode::Apply) = (&result, mode) {
         failed_metrics(cx, e, o.started);
+        super::rollout::publish_error(cx, e);
     }
     result
 }

@@ -485,6 +485,39 @@ pub(super) fn publish(cx: &Context, rl: &Settings, report: &Report) {
     publish_record(cx, rl, &rec);
 }
 
+/// A run that failed before it had a report (no bundle to apply, a role that does not load, a
+/// config error) puts a `failed` record with its error, so the fleet view shows the node
+/// failing rather than, one TTL later, not reporting. Not for a run that only waited for the
+/// run lock (another run is in progress and will report), nor for a node kept for inspection
+/// (it put its `held` record), nor when the config itself cannot say where records go.
+pub(super) fn publish_error(cx: &Context, e: &anyhow::Error) {
+    if e.downcast_ref::<crate::error::LockTimeout>().is_some() || e.downcast_ref::<crate::rollout::KeptForInspection>().is_some() {
+        return;
+    }
+    let Ok(rl) = cx.rollout_settings() else { return };
+    let mut msg: String = format!("{e:#}").chars().take(ERROR_CHARS).collect();
+    if msg.len() < format!("{e:#}").len() {
+        msg.push('…');
+    }
+    let rec = crate::rollout::fleet::Record {
+        name: node_name(cx),
+        instance_id: cx.facts.instance_id.clone(),
+        bundle: crate::rollout::fleet::BundleRef {
+            sha256: None,
+            origin: "none".into(),
+        },
+        status: "failed".into(),
+        at: now(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        error: Some(msg),
+        ..Default::default()
+    };
+    publish_record(cx, &rl, &rec);
+}
+
+/// How much of an error a node record carries.
+const ERROR_CHARS: usize = 300;
+
 fn node_name(cx: &Context) -> String {
     cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone())
 }

@@ -49,6 +49,10 @@ pub struct Record {
     /// view groups records (in etcd the key says it too). Absent when the node has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A run that failed before it had a report (no bundle, a role that does not load): the
+    /// error, shortened. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Record {
@@ -188,6 +192,8 @@ pub fn human(groups: &[Group]) -> String {
         for (id, r) in &g.nodes {
             if let Some(step) = &r.failed_step {
                 s.push_str(&format!("  failed: {id} ({}) at step {step}, {}\n", r.name, r.at));
+            } else if let Some(e) = &r.error {
+                s.push_str(&format!("  failed: {id} ({}): {e}, {}\n", r.name, r.at));
             }
         }
         for (id, seen) in &g.not_reporting {
@@ -245,6 +251,7 @@ pub fn record_of(report: &Value, name: &str, instance_id: Option<&str>) -> Recor
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         reboot: report["reboot"]["action"].as_str().map(str::to_string),
         group: None,
+        error: None,
     }
 }
 

@@ -309,3 +309,41 @@ fn fleet_status_from_s3_records() {
         r.stderr
     );
 }
+
+/// A run that fails before it has a report (the bundle's role file does not parse, or the
+/// bundle cannot be fetched and there is no last-good) still puts a `failed` record with the
+/// error, so the fleet view shows the node failing instead of, one TTL later, not reporting.
+/// (The record is redacted as it leaves the node, `Record::to_json`, as every record is.)
+#[test]
+fn a_run_that_fails_before_its_report_is_listed_failed_with_its_error() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let n = Node::boot_host_net(out.path());
+    n.write_config(&format!("[reboot.etcd]\nendpoints = [\"{}\"]\n[report]\nttl = \"10m\"\n", etcd.endpoints()[0]));
+    let id = n.machine_id();
+    // No bundle at the source and none cached.
+    let r = apply_web(&n);
+    assert_ne!(r.code, 0, "{}", r.all());
+    let j = fleet(&n);
+    let rec = &j["groups"][0]["nodes"][&id];
+    assert_eq!(rec["status"], "failed", "{j:#}");
+    assert!(rec["error"].as_str().unwrap_or_default().contains("/srv/bundle/web.tar.gz"), "{j:#}");
+    let table = n.agent(&["fleet", "status"]).stdout;
+    assert!(table.contains(&format!("  failed: {id} (production-web): ")), "{table}");
+
+    // A role file that does not parse.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("roles/web")).unwrap();
+    std::fs::write(
+        src.path().join("roles/web/role.toml"),
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/x\"\ncontent = unquoted\n",
+    )
+    .unwrap();
+    crate::rollouts::publish_unchecked(src.path(), out.path());
+    let r = apply_web(&n);
+    assert_ne!(r.code, 0, "{}", r.all());
+    let j = fleet(&n);
+    let rec = &j["groups"][0]["nodes"][&id];
+    assert_eq!(rec["status"], "failed", "{j:#}");
+    assert!(rec["error"].as_str().unwrap_or_default().contains("role.toml"), "{j:#}");
+}

@@ -553,7 +553,7 @@ fn web_role(dir: &Path, version: &str, extra: &str) {
 
 /// `src/roles` packed into `<out>/web.tar.gz` as is, without `bundle build`'s checks: how a
 /// role file that does not parse gets into a bundle (another builder, a hand-made tarball).
-fn publish_unchecked(src: &Path, out: &Path) -> String {
+pub fn publish_unchecked(src: &Path, out: &Path) -> String {
     let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
     tar.mode(tar::HeaderMode::Deterministic);
     tar.append_dir_all("roles", src.join("roles")).unwrap();
