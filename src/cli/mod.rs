@@ -168,6 +168,11 @@ pub enum RolloutCmd {
     /// Mark the bundle bad: no node applies it, nodes that applied it go back to their good
     /// bundle before it.
     Abort { sha256: String },
+    /// Give back the rollout slots of holders whose EC2 instance is terminated or unknown
+    /// (ec2:DescribeInstances); ids that are not instance ids are kept. For cron, like `lock reap`.
+    Reap,
+    /// Give back every rollout slot HOLDER holds in the group (a node that will not come back).
+    Release { holder: String },
 }
 
 #[derive(Debug, Subcommand)]

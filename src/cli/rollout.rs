@@ -1,5 +1,6 @@
-//! `bootstrap rollout status|resume SHA|abort SHA [--group G]`: operator tools for the
-//! rollouts of new bundles (etcd), using this node's agent config for the endpoints.
+//! `bootstrap rollout status|resume SHA|abort SHA|reap|release HOLDER [--group G]`: operator
+//! tools for the rollouts of new bundles (etcd), using this node's agent config for the
+//! endpoints.
 
 use super::{NamingArgs, RolloutCmd};
 use crate::agent::Context;
@@ -85,6 +86,40 @@ pub fn run(cmd: &RolloutCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow
             let by = if s.holder.is_empty() { cx.facts.hostname.clone() } else { s.holder.clone() };
             r.abort(sha(sha256)?, &by)?;
             println!("group {group}: bundle {sha256} aborted; nodes that applied it go back to their good bundle on their next run");
+        }
+        RolloutCmd::Reap => {
+            let mut gone: std::collections::BTreeMap<String, bool> = Default::default();
+            for st in r.status()? {
+                for h in &st.holders {
+                    if !h.starts_with("i-") {
+                        println!("kept {h}: not an EC2 instance id");
+                        continue;
+                    }
+                    let dead = match gone.get(h) {
+                        Some(d) => *d,
+                        None => {
+                            let d = crate::facts::ec2::instance_gone(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref(), h)?;
+                            gone.insert(h.clone(), d);
+                            d
+                        }
+                    };
+                    if dead {
+                        r.give_back(&st.sha256, h)?;
+                        println!("removed {h} from bundle {}: instance terminated or unknown", st.sha256);
+                    } else {
+                        println!("kept {h}: instance exists");
+                    }
+                }
+            }
+        }
+        RolloutCmd::Release { holder } => {
+            let given = r.give_back_all(holder)?;
+            if given.is_empty() {
+                println!("group {group}: {holder} holds no rollout slot");
+            }
+            for sha in given {
+                println!("group {group}: {holder}: slot of bundle {sha} given back");
+            }
         }
     }
     Ok(0)

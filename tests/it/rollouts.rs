@@ -872,3 +872,55 @@ fn a_slot_of_a_bundle_halted_elsewhere_is_given_back_by_the_fallback() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(n.report()["summary"]["changed"], 0);
 }
+
+/// Slots of nodes that will never give them back: `rollout reap` gives back the slots of
+/// holders whose EC2 instance is terminated or unknown (as `lock reap` does for reboot slots;
+/// other ids are kept), and `rollout release HOLDER` gives back one holder's slots by hand.
+#[test]
+fn rollout_reap_and_release_give_back_the_slots_of_dead_holders() {
+    use bootstrap::rollout::etcd::Rollouts;
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let moto = crate::harness::moto::Moto::start();
+    let live = moto.run_instance(&[("Name", "production-web")]);
+    let dead = moto.run_instance(&[("Name", "production-web")]);
+    moto.terminate(&dead);
+    let r = Rollouts::from_lock(etcd.lock("production-web"));
+    let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+    let soon = || Instant::now() + Duration::from_secs(30);
+    for (sha, holder) in [(&a, dead.as_str()), (&a, live.as_str()), (&b, "i-0000000000000dead"), (&b, "machine-abc")] {
+        assert_eq!(r.wait_slot(sha, holder, 4, soon()).unwrap(), bootstrap::reboot::etcd::Waited::Acquired);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let node = Node::boot_host_net(out.path());
+    node.write_config(&format!(
+        "[reboot.etcd]\nendpoints = [\"{}\"]\n[aws]\nec2_endpoint = \"{}\"\n",
+        etcd.endpoints()[0],
+        moto.url
+    ));
+    let env = "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true";
+    let run = node.sh(&format!("{env} bootstrap rollout reap --group production-web"));
+    assert_eq!(run.code, 0, "{}", run.all());
+    for line in [
+        format!("removed {dead} from bundle {a}: instance terminated or unknown"),
+        format!("removed i-0000000000000dead from bundle {b}: instance terminated or unknown"),
+        format!("kept {live}: instance exists"),
+        "kept machine-abc: not an EC2 instance id".to_string(),
+    ] {
+        assert!(run.stdout.contains(&line), "no {line:?} in:\n{}", run.all());
+    }
+    let holders = |sha: &str| status_of(&etcd, "production-web", sha).holders;
+    assert_eq!(holders(&a), [live.clone()]);
+    assert_eq!(holders(&b), ["machine-abc"]);
+    // Again: nothing left to reap.
+    let again = node.sh(&format!("{env} bootstrap rollout reap --group production-web"));
+    assert!(!again.stdout.contains("removed"), "{}", again.all());
+
+    let run = node.sh("bootstrap rollout release machine-abc --group production-web");
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(run.stdout.contains(&format!("machine-abc: slot of bundle {b} given back")), "{}", run.all());
+    assert!(holders(&b).is_empty());
+    let run = node.sh("bootstrap rollout release machine-abc --group production-web");
+    assert!(run.stdout.contains("machine-abc holds no rollout slot"), "{}", run.all());
+    assert_eq!(holders(&a), [live]);
+}
