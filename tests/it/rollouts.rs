@@ -858,7 +858,7 @@ fn a_slot_of_a_bundle_halted_elsewhere_is_given_back_by_the_fallback() {
         at: "t".into(),
     };
     rollouts.halt(&v2, &h).unwrap();
-    assert_eq!(status_of(&etcd, "production-web", &v2).holders, [me.clone()]);
+    assert_eq!(status_of(&etcd, "production-web", &v2).holders, std::slice::from_ref(&me));
 
     let r = apply_web(&n);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -910,7 +910,7 @@ fn rollout_reap_and_release_give_back_the_slots_of_dead_holders() {
         assert!(run.stdout.contains(&line), "no {line:?} in:\n{}", run.all());
     }
     let holders = |sha: &str| status_of(&etcd, "production-web", sha).holders;
-    assert_eq!(holders(&a), [live.clone()]);
+    assert_eq!(holders(&a), std::slice::from_ref(&live));
     assert_eq!(holders(&b), ["machine-abc"]);
     // Again: nothing left to reap.
     let again = node.sh(&format!("{env} bootstrap rollout reap --group production-web"));
