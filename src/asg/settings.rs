@@ -52,9 +52,19 @@ pub struct Settings {
     pub terminate_hooks: Option<Vec<Hook>>,
 }
 
+/// The longest `[asg]` interval or deadline.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 fn duration(what: &str, s: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match s {
-        Some(t) => humantime::parse_duration(t).map_err(|e| ConfigError::msg(format!("[asg] {what} {t:?}: {e}"))),
+        Some(t) => {
+            let d = humantime::parse_duration(t).map_err(|e| ConfigError::msg(format!("[asg] {what} {t:?}: {e}")))?;
+            // Longer is a mistake (and would overflow the deadlines computed from it).
+            if d > MAX_DURATION {
+                return Err(ConfigError::msg(format!("[asg] {what} {t:?}: at most 7 days")));
+            }
+            Ok(d)
+        }
         None => Ok(default),
     }
 }
@@ -199,6 +209,19 @@ mod tests {
             ("[asg]\nlaunch_hook = \" \"\n", "launch_hook: empty"),
             ("[[asg.health]]\n", "[[asg.health]] #1: give exactly one"),
             ("[[asg.terminate_hook]]\ncommand = []\n", "[[asg.terminate_hook]] #1: command"),
+            // Too long to compute a deadline from: refused by name, not an overflow.
+            (
+                "[asg]\nfirst_boot_deadline = \"500000000000y\"\n",
+                "[asg] first_boot_deadline \"500000000000y\": at most 7 days",
+            ),
+            (
+                "[[asg.terminate_hook]]\ncommand = [\"true\"]\ntimeout = \"500000000000y\"\n",
+                "[[asg.terminate_hook]] #1 timeout \"500000000000y\": at most 24h",
+            ),
+            (
+                "[[asg.health]]\ncommand = [\"true\"]\ntimeout = \"300000000000y\"\n",
+                "timeout \"300000000000y\": at most 24h",
+            ),
         ] {
             let e = parse(text).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");

@@ -102,9 +102,19 @@ pub struct Settings {
     pub health: Vec<Health>,
 }
 
+/// The longest timeout a hook or health check may have: longer is a mistake in the config
+/// (and would overflow the deadlines computed from it), refused by name.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 fn duration(what: &str, s: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match s {
-        Some(t) => humantime::parse_duration(t).map_err(|e| ConfigError::msg(format!("{what} timeout {t:?}: {e}"))),
+        Some(t) => {
+            let d = humantime::parse_duration(t).map_err(|e| ConfigError::msg(format!("{what} timeout {t:?}: {e}")))?;
+            if d > MAX_TIMEOUT {
+                return Err(ConfigError::msg(format!("{what} timeout {t:?}: at most 24h")));
+            }
+            Ok(d)
+        }
         None => Ok(default),
     }
 }

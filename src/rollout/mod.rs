@@ -186,7 +186,7 @@ impl Settings {
     /// so late that the apply and the health checks no longer fit in the unit's timeout (an
     /// earlier part of the run, the fallback apply, took some of it).
     pub fn wait_deadline(&self, started: std::time::Instant) -> std::time::Instant {
-        let latest = started + UNIT_TIMEOUT.saturating_sub(APPLY_RESERVE + health_budget(&self.health));
+        let latest = started + UNIT_TIMEOUT.saturating_sub(APPLY_RESERVE.saturating_add(health_budget(&self.health)));
         (std::time::Instant::now() + self.wait).min(latest)
     }
 
@@ -208,7 +208,9 @@ impl Settings {
 /// The most the health checks of a rollout take: they are retried for up to the longest
 /// timeout, and the last round takes up to every check's timeout.
 fn health_budget(health: &[Health]) -> Duration {
-    health.iter().map(|h| h.timeout).max().unwrap_or_default() + health.iter().map(|h| h.timeout).sum::<Duration>()
+    // Saturating: a timeout from the config may be anything humantime parses.
+    let longest = health.iter().map(|h| h.timeout).max().unwrap_or_default();
+    health.iter().fold(longest, |sum, h| sum.saturating_add(h.timeout))
 }
 
 /// `[rollout] wait` (`configured`: as written; None: the default), checked to leave room in
@@ -217,7 +219,7 @@ fn health_budget(health: &[Health]) -> Duration {
 /// does not fit is refused (naming the key); the default is shortened to what fits.
 fn fitted_wait(configured: Option<&str>, wait: Duration, health: &[Health]) -> Result<Duration, ConfigError> {
     let budget = health_budget(health);
-    let fits = UNIT_TIMEOUT.saturating_sub(APPLY_RESERVE + budget);
+    let fits = UNIT_TIMEOUT.saturating_sub(APPLY_RESERVE.saturating_add(budget));
     let h = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
     let why = format!(
         "a run under bootstrap.service (TimeoutStartSec={}) must hold the wait, the apply of the new bundle ({} kept for it) \
@@ -568,6 +570,13 @@ mod tests {
         assert!(canary("wait = \"5m\"\n", slow).is_ok());
         // Not gated (immediate, or an image build): the wait is never used, never refused.
         assert!(parse("[rollout]\nwait = \"2h\"\n", true).is_ok());
+        // A health check timeout too large to add up is refused like any other that does not
+        // fit, not a panic.
+        for t in ["500000000000y", "300000000000y"] {
+            let huge = format!("[[rollout.health]]\nurl = \"http://127.0.0.1/\"\ntimeout = \"{t}\"\n");
+            let e = canary("", &format!("{huge}{huge}")).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("[[rollout.health]]"), "{t}: {e}");
+        }
     }
 
     #[test]
