@@ -495,10 +495,7 @@ pub(super) fn publish_error(cx: &Context, e: &anyhow::Error) {
         return;
     }
     let Ok(rl) = cx.rollout_settings() else { return };
-    let mut msg: String = format!("{e:#}").chars().take(ERROR_CHARS).collect();
-    if msg.len() < format!("{e:#}").len() {
-        msg.push('…');
-    }
+    let msg = crate::rollout::fleet::error_text(&format!("{e:#}"));
     let rec = crate::rollout::fleet::Record {
         name: node_name(cx),
         instance_id: cx.facts.instance_id.clone(),
@@ -514,9 +511,6 @@ pub(super) fn publish_error(cx: &Context, e: &anyhow::Error) {
     };
     publish_record(cx, &rl, &rec);
 }
-
-/// How much of an error a node record carries.
-const ERROR_CHARS: usize = 300;
 
 fn node_name(cx: &Context) -> String {
     cx.facts.name.clone().unwrap_or_else(|| cx.facts.hostname.clone())
