@@ -162,7 +162,10 @@ pub(super) fn gated(
             // A slot of a bundle halted elsewhere or aborted (granted while this node waited)
             // is given back: this node will not apply it, and a kept slot would read as in
             // use. On `rollout resume` the node queues again.
-            if view.as_ref().is_some_and(|v| v.held) && matches!(why, Why::Halted | Why::Aborted) {
+            // A node that halted the bundle itself (`on_failure = "rollback"`) keeps its slot:
+            // `rollout status` names it, and on resume it tries again first.
+            let mine = view.as_ref().and_then(|v| v.halted_by.as_deref()) == Some(me) && why == Why::Halted;
+            if view.as_ref().is_some_and(|v| v.held) && matches!(why, Why::Halted | Why::Aborted) && !mine {
                 match rollouts.give_back(&sha, me) {
                     Ok(_) => note["slot_given_back"] = true.into(),
                     Err(e) => tracing::warn!("giving back the slot of bundle {sha} ({}): {e}", why_str(why)),

@@ -274,6 +274,13 @@ fn on_failure_rollback_puts_the_canary_back_in_the_same_run() {
         assert_eq!(n.report()["bundle"]["sha256"], v1.as_str());
         assert_eq!(n.report()["summary"]["changed"], 0);
     }
+    // The canary that halted the bundle keeps its slot (rollout status names it; on resume it
+    // tries again first), also after its later runs.
+    assert_eq!(
+        status_of(&etcd, "production-web", &bad).holders,
+        std::slice::from_ref(&nodes[0].machine_id()),
+        "the canary gave back the slot of the bundle it halted"
+    );
 }
 
 /// The `web` role: one file, whose content names the bundle.
