@@ -253,7 +253,9 @@ impl Launch {
         // Completed once already on this instance (an `init` run again by hand): nothing to
         // hold, unless it was completed in a warm pool and the instance now goes into service
         // (a new launch action, the same hook).
-        let into_service = target.as_deref().is_some_and(|t| !is_warm(t));
+        // Unknown (IMDS did not say): held as if going into service; holding an action that
+        // is not there only costs a logged error, missing one costs the instance.
+        let into_service = !target.as_deref().is_some_and(is_warm);
         if let Some(done) =
             super::read_record::<LaunchOutcome>(root, super::LAUNCH_STATE).filter(|o| o.instance_id == id && o.completed && !(o.warm() && into_service))
         {

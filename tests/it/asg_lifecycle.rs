@@ -725,3 +725,32 @@ fn a_drained_node_that_still_holds_a_rollout_slot_applies_nothing_new() {
     let st = rollout_status(&f, &v2);
     assert_eq!((&st["holders"], &st["applied"]), (&serde_json::json!([]), &serde_json::json!([])), "{st:#}");
 }
+
+/// A warm pool instance whose `init` into service cannot read its target lifecycle state
+/// (IMDS does not answer the item) still holds and completes the new launch action: a
+/// completion recorded in the warm pool never stands for the launch into service, and an
+/// action that is not there only costs a logged error.
+#[test]
+fn a_warm_instance_that_cannot_read_its_state_still_completes_its_launch_into_service() {
+    let f = fleet("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/warm\"\ncontent = \"ready\\n\"\n", "");
+    f.node.write_config(&format!(
+        "{}enabled = true\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Warmed:Stopped"));
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 1);
+    let marker = f.node.merged.join("var/lib/bootstrap/firstboot.done");
+    assert!(!marker.exists());
+
+    // Into service; the item is not answered this time.
+    f.proxy.start_action(&f.id, "launch");
+    f.imds.set_meta("autoscaling/target-lifecycle-state", None);
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let calls = f.proxy.ok_calls("CompleteLifecycleAction");
+    assert_eq!(calls.len(), 2, "the launch into service was not completed: {}", r.all());
+    assert_eq!(calls[1].params["LifecycleActionResult"], "CONTINUE");
+    assert!(marker.exists());
+}
