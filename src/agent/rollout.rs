@@ -68,14 +68,34 @@ pub(super) fn gated(
         },
         None => None,
     };
-    let gate = decide(Inputs {
+    // Not in service yet: `init` before its marker (a warm pool instance going into service, a
+    // first boot that rebooted). Its launch action holds it out of the load balancer, so it
+    // takes the fetched bundle like a new instance (no slot, halted if it fails while in
+    // flight) instead of queueing with the action held; a halted or aborted bundle falls back
+    // to last-good.
+    let out_of_service = o.command == "init"
+        && last_good.is_some()
+        && !view.as_ref().is_some_and(|v| v.held)
+        && !crate::state::StateDir::new(&cx.root).exists(crate::state::FIRSTBOOT_DONE);
+    let inputs = Inputs {
         gated: true,
         fetched: new.as_deref(),
-        last_good: last_good.as_deref(),
+        last_good: if out_of_service { None } else { last_good.as_deref() },
         view: view.as_ref(),
         me,
         on_failure: rl.on_failure,
-    });
+    };
+    let gate = match decide(inputs) {
+        Gate::Refuse(why) if out_of_service => {
+            let fb = if view.as_ref().is_some_and(|v| v.last_good_aborted) {
+                Fallback::Previous
+            } else {
+                Fallback::LastGood
+            };
+            Gate::Fallback(fb, why)
+        }
+        g => g,
+    };
     tracing::info!(
         ?gate,
         bundle = new.as_deref().unwrap_or("-"),
@@ -85,7 +105,7 @@ pub(super) fn gated(
     let mut note = json!({ "group": group, "sha256": new, "last_good": last_good });
     let sha = new.clone().unwrap_or_default();
     let mut applied = match gate {
-        Gate::Fetched if last_good.is_none() && view.is_some() => first_bundle(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
+        Gate::Fetched if (last_good.is_none() || out_of_service) && view.is_some() => first_bundle(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
         Gate::Fetched => {
             let mut a = apply_bundle(cx, o, Mode::Apply, b, &fetched, hooks, true)?;
             note["state"] = "applied".into();
@@ -273,8 +293,18 @@ fn first_bundle(
             });
         }
     };
+    // An instance not in service yet that had a good bundle (a warm pool's): that one stays
+    // pinned as the good bundle before this one, for `rollout abort` of this one.
+    let old_good = crate::source::last_good(&cx.root).filter(|g| *g != sha);
+    if old_good.is_some() {
+        crate::source::pin_previous(&cx.root, old_good.as_deref())?;
+    }
     let mut a = apply_loaded(cx, o, Mode::Apply, b, fetched, &steps, hooks, true)?;
     note["state"] = "applied".into();
+    if !a.report.failed() && old_good.is_some() {
+        let local = Local { previous: old_good };
+        crate::state::StateDir::new(&cx.root).write(crate::rollout::STATE_FILE, &serde_json::to_vec(&local)?)?;
+    }
     if a.report.failed() {
         let h = Halt {
             node: me.to_string(),

@@ -754,3 +754,55 @@ fn a_warm_instance_that_cannot_read_its_state_still_completes_its_launch_into_se
     assert_eq!(calls[1].params["LifecycleActionResult"], "CONTINUE");
     assert!(marker.exists());
 }
+
+/// A warm pool instance going into service while a rollout is under way is not in service
+/// yet (its launch action holds it out of the load balancer): like a new instance it takes the
+/// group's current bundle without queueing for a rollout slot, rather than waiting for a slot
+/// while holding the launch action and going into service on the bundle it had in the pool.
+#[test]
+fn a_warm_instance_going_into_service_takes_the_current_bundle_without_queueing() {
+    use bootstrap::rollout::etcd::Rollouts;
+    let etcd = Etcd::start(1);
+    let f = fleet("schema = 1\n", "");
+    let src = tempfile::tempdir().unwrap();
+    crate::rollouts::web_bundle(src.path(), "v1");
+    let v1 = crate::rollouts::publish_web(src.path(), f._bundle.path());
+    let cfg = std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml"))
+        .unwrap()
+        .replace("source = \"/srv/bundle\"", "source = \"/srv/bundle/web.tar.gz\"");
+    f.node.write_config(&format!(
+        "{cfg}enabled = true\n[rollout]\nstrategy = \"canary\"\nwait = \"20s\"\n[reboot.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoints()[0]
+    ));
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Warmed:Stopped"));
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(std::fs::read_to_string(f.node.merged.join("etc/web.conf")).unwrap(), "v1\n");
+
+    // v2 is rolling out; its one slot is taken by another node.
+    crate::rollouts::web_bundle(src.path(), "v2");
+    let v2 = crate::rollouts::publish_web(src.path(), f._bundle.path());
+    let rollouts = Rollouts::from_lock(etcd.lock("production-web"));
+    let soon = Instant::now() + Duration::from_secs(30);
+    assert_eq!(rollouts.wait_slot(&v2, "other", 1, soon).unwrap(), bootstrap::reboot::etcd::Waited::Acquired);
+
+    f.proxy.start_action(&f.id, "launch");
+    f.imds.set_meta("autoscaling/target-lifecycle-state", Some("InService"));
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rep = f.node.report();
+    assert_eq!(rep["bundle"]["sha256"], v2.as_str(), "went into service on the pool's bundle: {rep:#}");
+    assert_eq!(std::fs::read_to_string(f.node.merged.join("etc/web.conf")).unwrap(), "v2\n");
+    let calls = f.proxy.ok_calls("CompleteLifecycleAction");
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].params["LifecycleActionResult"], "CONTINUE");
+    assert!(f.node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+    // The pool's bundle is kept as the good one before v2 (`rollout abort` of v2 goes back to it).
+    let local = std::fs::read_to_string(f.node.merged.join("var/lib/bootstrap/rollout.json")).unwrap();
+    assert!(local.contains(&v1), "{local}");
+    assert!(f.node.merged.join("var/lib/bootstrap/bundles/previous-good").exists());
+    // In service now: a later run is gated as any node's (nothing new here: no change).
+    let r = f.node.agent(&["apply"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(f.node.report()["summary"]["changed"], 0);
+}
