@@ -19,6 +19,14 @@ use std::time::{Duration, Instant};
 struct Local {
     /// The good bundle before the current last-good one.
     previous: Option<String>,
+    /// The bundle the last gated run fetched: when the group moves on to another, a slot this
+    /// node still holds of that one is given back (one request per new bundle, not a scan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fetched: Option<String>,
+}
+
+fn write_local(cx: &Context, local: &Local) -> anyhow::Result<()> {
+    crate::state::StateDir::new(&cx.root).write(crate::rollout::STATE_FILE, &serde_json::to_vec(local)?)
 }
 
 fn read_local(cx: &Context) -> Local {
@@ -103,6 +111,9 @@ pub(super) fn gated(
         "rollout gate"
     );
     let mut note = json!({ "group": group, "sha256": new, "last_good": last_good });
+    if let (Some(sha), Some(_)) = (&new, &view) {
+        leave_previous_bundle(cx, &rollouts, sha, me, &mut note);
+    }
     let sha = new.clone().unwrap_or_default();
     let mut applied = match gate {
         Gate::Fetched if (last_good.is_none() || out_of_service) && view.is_some() => first_bundle(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?,
@@ -171,6 +182,11 @@ pub(super) fn gated(
                     }
                     Err(e) => {
                         tracing::warn!("waiting for a rollout slot of bundle {sha}: {e}");
+                        // The queue may have granted the slot just before the error: not
+                        // kept for a run that is not going to use it (best effort).
+                        if let Err(e) = rollouts.give_back(&sha, me) {
+                            tracing::warn!("giving back a slot of bundle {sha} granted meanwhile: {e}");
+                        }
                         note["state"] = "unavailable".into();
                         Applied { report: a.report, _lock: None }
                     }
@@ -234,6 +250,33 @@ fn give_back(rollouts: &Rollouts, sha: &str, me: &str) {
 fn fail(r: &mut Report, msg: String) {
     r.status = RunStatus::Failed;
     r.error.get_or_insert(msg);
+}
+
+/// The group moved on from the bundle the last gated run fetched: give back a slot this node
+/// still holds of it (kept for inspection, kept across a reboot, granted while it waited),
+/// then remember the new one. Best effort: a failure is a warning, tried again next run.
+fn leave_previous_bundle(cx: &Context, rollouts: &Rollouts, sha: &str, me: &str, note: &mut serde_json::Value) {
+    let local = read_local(cx);
+    if local.fetched.as_deref() == Some(sha) {
+        return;
+    }
+    if let Some(prev) = &local.fetched {
+        match rollouts.give_back(prev, me) {
+            Ok(true) => {
+                tracing::info!("gave back the rollout slot of bundle {prev}: the group moved on to {sha}");
+                note["gave_back"] = prev.clone().into();
+            }
+            Ok(false) => {}
+            Err(e) => return tracing::warn!("giving back the rollout slot of bundle {prev}: {e}"),
+        }
+    }
+    let local = Local {
+        fetched: Some(sha.to_string()),
+        ..local
+    };
+    if let Err(e) = write_local(cx, &local) {
+        tracing::warn!("writing /var/lib/bootstrap/{}: {e:#}", crate::rollout::STATE_FILE);
+    }
 }
 
 /// Apply the fallback bundle (last-good, or the good one before it) from the cache.
@@ -302,8 +345,13 @@ fn first_bundle(
     let mut a = apply_loaded(cx, o, Mode::Apply, b, fetched, &steps, hooks, true)?;
     note["state"] = "applied".into();
     if !a.report.failed() && old_good.is_some() {
-        let local = Local { previous: old_good };
-        crate::state::StateDir::new(&cx.root).write(crate::rollout::STATE_FILE, &serde_json::to_vec(&local)?)?;
+        write_local(
+            cx,
+            &Local {
+                previous: old_good,
+                ..read_local(cx)
+            },
+        )?;
     }
     if a.report.failed() {
         let h = Halt {
@@ -402,8 +450,13 @@ fn under_slot(
             }
             crate::source::mark_good(&cx.root, &sha)?;
             if old_good.as_deref() != Some(sha.as_str()) {
-                let local = Local { previous: old_good.clone() };
-                crate::state::StateDir::new(&cx.root).write(crate::rollout::STATE_FILE, &serde_json::to_vec(&local)?)?;
+                write_local(
+                    cx,
+                    &Local {
+                        previous: old_good.clone(),
+                        ..read_local(cx)
+                    },
+                )?;
             }
             note["healthy_at"] = now().into();
             match rollouts.healthy(&sha, me, rl.canary, rl.batch) {

@@ -931,3 +931,45 @@ fn rollout_reap_and_release_give_back_the_slots_of_dead_holders() {
     assert!(run.stdout.contains("machine-abc holds no rollout slot"), "{}", run.all());
     assert_eq!(holders(&a), [live]);
 }
+
+/// A node that kept a slot of a bundle (here: it halted it with `on_failure = "halt"`, kept
+/// for inspection) gives that slot back once the group moves on to another bundle without an
+/// abort: the node leaves the old bundle, and a slot kept for good would hold back
+/// `[asg] unhealthy_after` on it and read as in use in `rollout status`.
+#[test]
+fn a_slot_of_a_bundle_the_group_moved_on_from_is_given_back() {
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    publish_web(src.path(), out.path());
+    let n = Node::boot_host_net(out.path());
+    n.write_config(&canary_config(&etcd, "").replace(
+        "[[rollout.health]]\ncommand = [\"true\"]\n",
+        "[[rollout.health]]\ncommand = [\"grep\", \"-qxv\", \"bad\", \"/etc/web.conf\"]\n",
+    ));
+    assert_eq!(apply_web(&n).code, 0);
+    web_bundle(src.path(), "bad");
+    let bad = publish_web(src.path(), out.path());
+    let r = apply_web(&n);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let me = n.machine_id();
+    assert_eq!(
+        status_of(&etcd, "production-web", &bad).holders,
+        std::slice::from_ref(&me),
+        "kept for inspection"
+    );
+
+    // A fixed bundle, no abort: the node leaves the bad one (and takes the new one's slot).
+    web_bundle(src.path(), "v3");
+    let v3 = publish_web(src.path(), out.path());
+    let r = apply_web(&n);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(n.report()["bundle"]["sha256"], v3.as_str(), "{:#}", n.report());
+    let st = status_of(&etcd, "production-web", &bad);
+    assert!(st.holders.is_empty(), "the slot of the bundle left behind is still held: {st:#?}");
+    assert!(bootstrap::rollout::etcd::Rollouts::from_lock(etcd.lock("production-web"))
+        .held_by(&me)
+        .unwrap()
+        .is_empty());
+}
