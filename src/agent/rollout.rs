@@ -133,7 +133,7 @@ pub(super) fn gated(
         // A slot this node holds, on a node drained for a scale-in meanwhile (the drain could
         // not give it back): nothing new either. Kept on a lock timeout (it may be the slot of
         // a bundle whose reboot is not health-checked yet).
-        Gate::Held => match relock_undrained(cx, o, &rollouts, &sha, me)? {
+        Gate::Held => match relock_undrained(cx, o.lock_timeout, &rollouts, &sha, me)? {
             Some(lock) => {
                 let mut applied = under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?;
                 applied._lock = Some(lock);
@@ -158,7 +158,10 @@ pub(super) fn gated(
                     Ok(crate::reboot::etcd::Waited::Acquired | crate::reboot::etcd::Waited::AlreadyHeld) => {
                         note["slot_at"] = now().into();
                         // No lock (another run holds it): the slot goes back, for the next node.
-                        let relocked = relock_undrained(cx, o, &rollouts, &sha, me).inspect_err(|_| give_back(&rollouts, &sha, me));
+                        // Within what the unit's timeout leaves for waiting: the apply and the
+                        // health checks after it must still fit.
+                        let left = rl.wait_deadline(o.started).saturating_duration_since(Instant::now());
+                        let relocked = relock_undrained(cx, o.lock_timeout.min(left), &rollouts, &sha, me).inspect_err(|_| give_back(&rollouts, &sha, me));
                         match relocked? {
                             Some(lock) => {
                                 let mut applied = under_slot(cx, o, b, rl, &rollouts, &fetched, hooks, &mut note)?;
@@ -230,8 +233,8 @@ pub(super) fn gated(
 /// A slot came to a run that waited for it without the run lock: take the lock again, and
 /// check that `bootstrap watch` did not drain the node meanwhile (a scale-in). Drained: give
 /// the slot back, apply nothing new (None). The lock is held from here to the end of the run.
-fn relock_undrained(cx: &Context, o: &RunOptions, rollouts: &Rollouts, sha: &str, me: &str) -> anyhow::Result<Option<crate::runlock::RunLock>> {
-    let lock = crate::runlock::acquire(&cx.root, o.lock_timeout)?;
+fn relock_undrained(cx: &Context, timeout: Duration, rollouts: &Rollouts, sha: &str, me: &str) -> anyhow::Result<Option<crate::runlock::RunLock>> {
+    let lock = crate::runlock::acquire(&cx.root, timeout)?;
     let Some(at) = crate::asg::watch::drained_at(&cx.root, cx.facts.instance_id.as_deref()) else {
         return Ok(Some(lock));
     };
