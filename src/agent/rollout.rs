@@ -447,12 +447,10 @@ fn under_slot(
     match settle(run_ok, failures.is_empty(), rl.on_failure) {
         Settle::Release => {
             if old_good.as_deref() != Some(sha.as_str()) {
-                // Pinned in the cache before last-good moves on (marking prunes), so that
-                // `rollout abort` of this bundle finds it to go back to.
+                // Pinned in the cache and recorded before last-good moves on (marking prunes),
+                // so that `rollout abort` of this bundle finds it to go back to, also after a
+                // crash between the two.
                 crate::source::pin_previous(&cx.root, old_good.as_deref())?;
-            }
-            crate::source::mark_good(&cx.root, &sha)?;
-            if old_good.as_deref() != Some(sha.as_str()) {
                 write_local(
                     cx,
                     &Local {
@@ -461,6 +459,7 @@ fn under_slot(
                     },
                 )?;
             }
+            crate::source::mark_good(&cx.root, &sha)?;
             note["healthy_at"] = now().into();
             match rollouts.healthy(&sha, me, rl.canary, rl.batch) {
                 Ok(()) => {

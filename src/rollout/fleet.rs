@@ -176,28 +176,34 @@ pub fn human(groups: &[Group]) -> String {
     for g in groups {
         s.push_str(&format!(
             "group {}: {} reporting, {} not reporting\n",
-            g.group,
+            shown(&g.group),
             g.nodes.len(),
             g.not_reporting.len()
         ));
-        let mut by: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
+        let mut by: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
         for (id, r) in &g.nodes {
             let sha = r.bundle.sha256.as_deref().map(short_sha).unwrap_or_else(|| "-".into());
-            by.entry((sha, r.status.clone())).or_default().push(id);
+            by.entry((shown(&sha), shown(&r.status))).or_default().push(shown(id));
         }
         s.push_str(&format!("  {:<14} {:<8} {:>5}  nodes\n", "BUNDLE", "STATUS", "COUNT"));
         for ((sha, status), ids) in &by {
             s.push_str(&format!("  {sha:<14} {status:<8} {:>5}  {}\n", ids.len(), ids.join(" ")));
         }
         for (id, r) in &g.nodes {
+            let (id, name, at) = (shown(id), shown(&r.name), shown(&r.at));
             if let Some(step) = &r.failed_step {
-                s.push_str(&format!("  failed: {id} ({}) at step {step}, {}\n", r.name, r.at));
+                s.push_str(&format!("  failed: {id} ({name}) at step {}, {at}\n", shown(step)));
             } else if let Some(e) = &r.error {
-                s.push_str(&format!("  failed: {id} ({}): {e}, {}\n", r.name, r.at));
+                s.push_str(&format!("  failed: {id} ({name}): {}, {at}\n", shown(e)));
             }
         }
         for (id, seen) in &g.not_reporting {
-            s.push_str(&format!("  not reporting: {id} ({}), last report {}\n", seen.name, seen.at));
+            s.push_str(&format!(
+                "  not reporting: {} ({}), last report {}\n",
+                shown(id),
+                shown(&seen.name),
+                shown(&seen.at)
+            ));
         }
         for r in &g.rollouts {
             let halt = r
@@ -206,16 +212,16 @@ pub fn human(groups: &[Group]) -> String {
                 .map(|h| {
                     format!(
                         ", halted by {} at {}: {}",
-                        h.node,
-                        h.check.as_deref().or(h.step.as_deref()).unwrap_or("run"),
-                        h.reason
+                        shown(&h.node),
+                        shown(h.check.as_deref().or(h.step.as_deref()).unwrap_or("run")),
+                        shown(&h.reason)
                     )
                 })
                 .unwrap_or_default();
             s.push_str(&format!(
                 "  rollout {}: {} (applied {}, healthy {}, failed {}, slots {}){halt}\n",
-                short_sha(&r.sha256),
-                r.state,
+                shown(&short_sha(&r.sha256)),
+                shown(&r.state),
                 r.applied.len(),
                 r.healthy.len(),
                 r.failed.len(),
@@ -223,10 +229,17 @@ pub fn human(groups: &[Group]) -> String {
             ));
         }
         if !g.reboot_holders.is_empty() {
-            s.push_str(&format!("  reboots in flight: {}\n", g.reboot_holders.join(" ")));
+            let holders: Vec<String> = g.reboot_holders.iter().map(|h| shown(h)).collect();
+            s.push_str(&format!("  reboots in flight: {}\n", holders.join(" ")));
         }
     }
     s
+}
+
+/// Text from a record, for a terminal: control characters (escape sequences, line breaks)
+/// shown as `?`.
+pub fn shown(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// How much of an error a node record carries.
@@ -308,6 +321,42 @@ mod tests {
         let text = human(&[g]);
         assert!(text.contains("aaaaaaaaaaaé "), "{text}");
         assert!(text.contains("rollout aaaaaaaaaaaé: canary"), "{text}");
+    }
+
+    /// Records are written by any node (etcd) or anyone with the bucket (S3): what they say is
+    /// printed with control characters made visible, so no escape sequence reaches the
+    /// operator's terminal.
+    #[test]
+    fn control_characters_in_records_never_reach_the_terminal() {
+        let mut g = Group {
+            group: "g\x1b[2J".into(),
+            ..Default::default()
+        };
+        let r = Record {
+            name: "web\x1b]0;owned\x07".into(),
+            status: "failed\r".into(),
+            error: Some("boom\x1b[31m red".into()),
+            ..Default::default()
+        };
+        g.nodes.insert("i-1\x1b[A".into(), r.clone());
+        g.nodes.insert(
+            "i-2".into(),
+            Record {
+                failed_step: Some("file:/etc/\x1b[1mx".into()),
+                ..r
+            },
+        );
+        g.not_reporting.insert(
+            "i-3".into(),
+            Seen {
+                name: "n\x1b[K".into(),
+                at: "t\x07".into(),
+            },
+        );
+        g.reboot_holders.push("h\x1b[H".into());
+        let text = human(&[g]);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(text.contains("boom\\x1b[31m red") || text.contains("boom?[31m red"), "{text:?}");
     }
 
     /// The record leaves the node for etcd or S3, where every node and operator reads it: a

@@ -254,7 +254,8 @@ pub fn assemble(bucket: &str, prefix: &str, objects: Vec<(String, Result<Vec<u8>
 pub fn human(v: &View) -> String {
     let mut s = super::fleet::human(&v.groups);
     for u in &v.unreadable {
-        s.push_str(&format!("unreadable: {}: {}\n", u.key, u.error));
+        // The key is anyone's with the bucket, the error may quote the object.
+        s.push_str(&format!("unreadable: {}: {}\n", super::fleet::shown(&u.key), super::fleet::shown(&u.error)));
     }
     if v.forgotten > 0 {
         s.push_str(&format!(
