@@ -219,16 +219,6 @@ impl Rollouts {
             .into_iter()
             .next()
             .and_then(|(_, v)| crate::reboot::lock::decode(&v).ok());
-        // The canaries of this rollout just became healthy (one node sees this count): once
-        // per rollout, old finished rollouts of the group are deleted. Never fails the release.
-        if healthy == canary.max(1) {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            match self.prune(sha, now, PRUNE_AFTER) {
-                Ok(gone) if !gone.is_empty() => tracing::info!("deleted the records of {} finished rollouts: {}", gone.len(), gone.join(" ")),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("deleting old rollouts of the group: {e}"),
-            }
-        }
         let want = super::slots_for(false, healthy, canary, batch);
         if sem.is_some_and(|s| s.total_slots != 0 && s.total_slots != want) {
             sema.update_with(want, |s: &mut Semaphore| {
@@ -238,6 +228,17 @@ impl Rollouts {
                 }
                 grow
             })?;
+        }
+        // The canaries of this rollout just became healthy (one node sees this count): once
+        // per rollout, old finished rollouts of the group are deleted, after the semaphore grew
+        // (the batch is not kept waiting for the clean-up). Never fails the release.
+        if healthy == canary.max(1) {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            match self.prune(sha, now, PRUNE_AFTER) {
+                Ok(gone) if !gone.is_empty() => tracing::info!("deleted the records of {} finished rollouts: {}", gone.len(), gone.join(" ")),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("deleting old rollouts of the group: {e}"),
+            }
         }
         Ok(())
     }
