@@ -101,7 +101,7 @@ fn run(cx: &Context, o: &RunOptions, mode: Mode, mut hooks: Hooks<'_>) -> anyhow
     } else {
         apply_bundle(cx, o, mode, &b, &fetched, &mut hooks, true)?
     };
-    if mode == Mode::Apply {
+    if mode == Mode::Apply && !super::rollout::superseded(cx, &applied.report) {
         super::rollout::publish(cx, &rollout, &applied.report);
     }
     (hooks.show)(&applied.report)?;

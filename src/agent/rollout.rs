@@ -226,8 +226,31 @@ pub(super) fn gated(
     };
     note["gate"] = format!("{gate:?}").into();
     applied.report.rollout = Some(note);
-    engine::write_report(&cx.root, &applied.report)?;
+    // A run that waited for a slot without the run lock does not overwrite the report of a
+    // run that started after it and finished meanwhile (that one says what the node is now).
+    if applied._lock.is_none() && superseded(cx, &applied.report) {
+        tracing::info!("a newer run reported while this one waited for a rollout slot: its report stands");
+    } else {
+        engine::write_report(&cx.root, &applied.report)?;
+    }
     Ok(applied)
+}
+
+/// `last-run.json` is the report of a run that started after `report`'s.
+pub(super) fn superseded(cx: &Context, report: &Report) -> bool {
+    let on_disk = crate::state::StateDir::new(&cx.root)
+        .read(crate::state::REPORT)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let started = |s: &str| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok();
+    match (
+        on_disk.as_ref().and_then(|v| v["started_at"].as_str()).and_then(started),
+        started(&report.started_at),
+    ) {
+        (Some(theirs), Some(ours)) => theirs > ours,
+        _ => false,
+    }
 }
 
 /// A slot came to a run that waited for it without the run lock: take the lock again, and

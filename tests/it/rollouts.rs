@@ -973,3 +973,49 @@ fn a_slot_of_a_bundle_the_group_moved_on_from_is_given_back() {
         .unwrap()
         .is_empty());
 }
+
+/// A run that waited for a rollout slot without the run lock and gave up does not overwrite
+/// what a run that started and finished during its wait reported (`last-run.json`, the fleet
+/// record): the newer run's report stands.
+#[test]
+fn a_run_that_waited_for_a_slot_does_not_overwrite_a_newer_report() {
+    use bootstrap::rollout::etcd::Rollouts;
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let out = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    web_bundle(src.path(), "v1");
+    publish_web(src.path(), out.path());
+    let n = Node::boot_host_net(out.path());
+    n.write_config(&canary_config(&etcd, "").replace("wait = \"20s\"", "wait = \"8s\""));
+    assert_eq!(apply_web(&n).code, 0);
+    web_bundle(src.path(), "v2");
+    let v2 = publish_web(src.path(), out.path());
+    let rollouts = Rollouts::from_lock(etcd.lock("production-web"));
+    let soon = Instant::now() + Duration::from_secs(30);
+    assert_eq!(rollouts.wait_slot(&v2, "other", 1, soon).unwrap(), bootstrap::reboot::etcd::Waited::Acquired);
+    // The timer's run applies last-good (its report is written), then waits for the slot (8 s) ...
+    let before = n.report()["started_at"].clone();
+    let waiting = n.sh("systemd-run --unit=waiter bootstrap apply --source /srv/bundle/web.tar.gz --name production-web");
+    assert_eq!(waiting.code, 0, "{}", waiting.all());
+    let start = Instant::now();
+    while n.report()["started_at"] == before {
+        assert!(start.elapsed() < Duration::from_secs(30), "the waiting run never applied last-good");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // ... while an operator applies a directory by hand.
+    std::fs::create_dir_all(n.merged.join("srv/hand/roles/web")).unwrap();
+    std::fs::write(n.merged.join("srv/hand/roles/web/role.toml"), "schema = 1\n").unwrap();
+    let r = n.agent(&["apply", "--source", "/srv/hand", "--name", "production-web"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(n.report()["source"], "/srv/hand");
+    let start = Instant::now();
+    while n.sh("systemctl is-active waiter").stdout.trim() == "active" {
+        assert!(start.elapsed() < Duration::from_secs(60), "the waiting run never ended");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = n.sh("journalctl -u waiter -o cat --no-pager").stdout;
+    assert!(log.contains("web:"), "the waiting run did not finish its run: {log}");
+    assert_eq!(n.report()["source"], "/srv/hand", "the older run's report overwrote the newer one: {log}");
+}
