@@ -133,6 +133,25 @@ impl Output {
 /// Run a command to completion, killing everything it started at the timeout (see the module
 /// doc). Stdin is /dev/null.
 pub fn run(cmd: &Cmd) -> Result<Output> {
+    run_with(cmd, false)
+}
+
+/// [`run`], with every fsync-family system call of the command and of everything it starts
+/// answered with success and not done: a seccomp filter that `sync`, `syncfs`, `fsync`,
+/// `fdatasync`, `sync_file_range` and `msync` return 0 from, as `systemd-nspawn
+/// --suppress-sync` and eatmydata do. The caller makes the command's writes durable afterwards
+/// with one `sync()`, and must be able to redo the command after a crash before that (see
+/// `step::package`). Where the filter cannot be installed (no CAP_SYS_ADMIN, another
+/// architecture), the command runs with its syncs.
+///
+/// The filter is written out here rather than built with a crate: the seccomp crates set
+/// `no_new_privs` to install it, which would also change what the command's setuid helpers
+/// may do; as root the agent needs no such flag.
+pub fn run_without_fsync(cmd: &Cmd) -> Result<Output> {
+    run_with(cmd, true)
+}
+
+fn run_with(cmd: &Cmd, no_sync: bool) -> Result<Output> {
     let (prog, args) = cmd.argv.split_first().context("empty command")?;
     let timeout = cmd.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
     let (status_r, status_w) = pipe().context("creating a pipe")?;
@@ -158,7 +177,7 @@ pub fn run(cmd: &Cmd) -> Result<Output> {
     // calls (prctl, fork, chroot, chdir, close, write, waitpid, _exit); it allocates nothing
     // (the paths were made above).
     unsafe {
-        c.pre_exec(move || keeper_then_command(w, chroot.as_ref()));
+        c.pre_exec(move || keeper_then_command(w, chroot.as_ref(), no_sync));
     }
     let spawned = c.spawn();
     // The keeper holds the only write end now: end of file on it means the keeper is gone.
@@ -267,7 +286,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// In the forked child: become the keeper (a subreaper), fork the command, and return in the
 /// command (which then execs); the keeper never returns.
-fn keeper_then_command(status_w: RawFd, chroot: Option<&(CString, CString)>) -> io::Result<()> {
+fn keeper_then_command(status_w: RawFd, chroot: Option<&(CString, CString)>, no_sync: bool) -> io::Result<()> {
     // SAFETY: async-signal-safe system calls only (see `run`).
     unsafe {
         if libc::prctl(
@@ -284,6 +303,11 @@ fn keeper_then_command(status_w: RawFd, chroot: Option<&(CString, CString)>) -> 
             -1 => Err(io::Error::last_os_error()),
             0 => {
                 // The command. A failure here reaches `spawn` as its error, like a failed exec.
+                if no_sync {
+                    // A filter that cannot be installed leaves the syncs in (see
+                    // `run_without_fsync`): slower, never less safe.
+                    let _ = suppress_sync();
+                }
                 if let Some((root, cwd)) = chroot {
                     if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 || libc::chdir(cwd.as_ptr()) != 0 {
                         return Err(io::Error::last_os_error());
@@ -294,6 +318,85 @@ fn keeper_then_command(status_w: RawFd, chroot: Option<&(CString, CString)>) -> 
             main => keep(main, status_w),
         }
     }
+}
+
+/// The architecture a seccomp filter sees (`seccomp_data.arch`), for the syscall numbers below.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: Option<u32> = Some(0xC000_003E);
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: Option<u32> = Some(0xC000_00B7);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const AUDIT_ARCH: Option<u32> = None;
+
+const fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+/// Jump `jt` instructions ahead when the accumulator equals `k`, else fall through.
+const fn bpf_jeq(k: u32, jt: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf: 0,
+        k,
+    }
+}
+
+/// The system calls that make data durable, answered 0 by [`NO_SYNC_FILTER`].
+const SYNC_CALLS: [libc::c_long; 6] = [
+    libc::SYS_sync,
+    libc::SYS_syncfs,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_sync_file_range,
+    libc::SYS_msync,
+];
+
+const fn no_sync_filter() -> [libc::sock_filter; 12] {
+    let ld_w_abs = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    let mut f = [bpf_stmt(ret, libc::SECCOMP_RET_ALLOW); 12];
+    // 0: load seccomp_data.arch; 1: another architecture (x32, i386 on x86_64) is let through.
+    f[0] = bpf_stmt(ld_w_abs, 4);
+    f[1] = bpf_jeq(
+        match AUDIT_ARCH {
+            Some(a) => a,
+            None => 0,
+        },
+        1,
+    );
+    // 2: allow. 3: load seccomp_data.nr; 4..=9: a sync call jumps to 11; 10: allow.
+    f[3] = bpf_stmt(ld_w_abs, 0);
+    let mut i = 0;
+    while i < SYNC_CALLS.len() {
+        f[4 + i] = bpf_jeq(SYNC_CALLS[i] as u32, (11 - (4 + i) - 1) as u8);
+        i += 1;
+    }
+    // 11: return 0 without running the call (SECCOMP_RET_ERRNO with errno 0).
+    f[11] = bpf_stmt(ret, libc::SECCOMP_RET_ERRNO);
+    f
+}
+
+static NO_SYNC_FILTER: [libc::sock_filter; 12] = no_sync_filter();
+
+/// Install [`NO_SYNC_FILTER`] on the calling thread (inherited by every process it starts);
+/// false when it could not be.
+///
+/// SAFETY: async-signal-safe (one system call on static data).
+unsafe fn suppress_sync() -> bool {
+    if AUDIT_ARCH.is_none() {
+        return false;
+    }
+    let prog = libc::sock_fprog {
+        len: NO_SYNC_FILTER.len() as u16,
+        filter: NO_SYNC_FILTER.as_ptr() as *mut libc::sock_filter,
+    };
+    unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog) == 0 }
 }
 
 /// The keeper: hold nothing but the status pipe, report the command's pid and status, reap
@@ -699,5 +802,26 @@ mod tests {
         // Background work the command waits for is not cut short, and its output is kept.
         let (o, _) = sh("(sleep 0.2; echo late) & wait; echo done", Duration::from_secs(30));
         assert_eq!((o.code, o.stdout.as_str()), (Some(0), "late\ndone\n"));
+    }
+
+    /// `sync FIFO` fails (fsync of a FIFO is EINVAL) unless the call never reaches the kernel:
+    /// under `run_without_fsync` it succeeds, in the command and in what it starts, and the
+    /// command has one seccomp filter more than under `run` (which is untouched).
+    #[test]
+    fn run_without_fsync_answers_sync_calls_without_making_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let script = format!(
+            "sed -n 's/^Seccomp_filters:[[:space:]]*//p' /proc/self/status; sync {f} && sh -c 'sync {f}'",
+            f = fifo.display()
+        );
+        let c = cmd(&["sh", "-c", &script]);
+        let plain = run(&c).unwrap();
+        assert!(!plain.success() && plain.stderr.contains("Invalid argument"), "{plain:?}");
+        let o = run_without_fsync(&c).unwrap();
+        assert!(o.success(), "{o:?}");
+        let filters = |o: &Output| o.stdout.trim().parse::<u32>().unwrap();
+        assert_eq!(filters(&o), filters(&plain) + 1, "{plain:?} {o:?}");
     }
 }

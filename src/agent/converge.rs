@@ -170,12 +170,21 @@ pub(super) fn apply_loaded(
         Mode::Apply => Some(crate::runlock::acquire(&root, o.lock_timeout)?),
         Mode::Plan => None,
     };
+    let first_boot = mode == Mode::Apply
+        && o.command == "init"
+        && root == std::path::Path::new("/")
+        && !crate::state::StateDir::new(&root).exists(crate::state::FIRSTBOOT_DONE);
     let host = Host {
         root: root.clone(),
         facts,
         systemd: Box::new(crate::systemd::Dbus::default()),
         refresh_lists: Default::default(),
+        first_boot,
     };
+    if mode == Mode::Apply {
+        // A first boot that crashed while its packages were not synced yet: redo them first.
+        crate::step::package::recover_unsynced(&host)?;
+    }
     let mut report = engine::run(
         steps,
         &host,

@@ -128,6 +128,7 @@ fn install_units(cx: &Context) -> Result<()> {
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
         refresh_lists: Default::default(),
+        first_boot: false,
     };
     for (name, text) in UNITS {
         let content = text.replace("/usr/local/bin/bootstrap", &exe).into_bytes();

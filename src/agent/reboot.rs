@@ -72,6 +72,7 @@ pub fn coordinate(cx: &Context, wait: bool, lock_timeout: Duration) -> anyhow::R
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
         refresh_lists: Default::default(),
+        first_boot: false,
     };
     let ok = run_ok()?;
     let waiting = wait.then_some(crate::reboot::Waiting {

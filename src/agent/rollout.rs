@@ -574,6 +574,7 @@ fn health(cx: &Context, checks: &[crate::reboot::settings::Health]) -> Vec<Strin
         facts: cx.facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
         refresh_lists: Default::default(),
+        first_boot: false,
     };
     let deadline = Instant::now() + checks.iter().map(|c| c.timeout).max().unwrap_or_default();
     loop {

@@ -151,5 +151,6 @@ pub fn host(root: &Path, facts: &crate::facts::Facts) -> crate::step::Host {
         facts: facts.clone(),
         systemd: Box::new(crate::systemd::Dbus::default()),
         refresh_lists: Default::default(),
+        first_boot: false,
     }
 }

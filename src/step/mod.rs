@@ -238,6 +238,9 @@ pub struct Host {
     /// Set by a `repository` step that changed a source: the next package step that installs
     /// refreshes its lists first (once; it clears the flag).
     pub refresh_lists: std::cell::Cell<bool>,
+    /// The node's first boot (`init` before `firstboot.done`, on the running system): package
+    /// transactions run without fsyncs and are synced once after (`step::package`).
+    pub first_boot: bool,
 }
 
 impl Host {

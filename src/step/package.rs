@@ -5,7 +5,7 @@
 use super::{Change, Host, Kind, LoadCtx, PrepCtx};
 use crate::error::ConfigError;
 use crate::runner::{self, Cmd};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -138,14 +138,18 @@ pub struct Observed {
     pub candidates: BTreeMap<String, String>,
 }
 
-fn run(argv: &[&str], env: &[(&str, &str)], timeout: Duration) -> Result<runner::Output> {
-    runner::run(&Cmd {
+fn command(argv: &[&str], env: &[(&str, &str)], timeout: Duration) -> Cmd {
+    Cmd {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cwd: None,
         timeout: Some(timeout),
         root: None,
-    })
+    }
+}
+
+fn run(argv: &[&str], env: &[(&str, &str)], timeout: Duration) -> Result<runner::Output> {
+    runner::run(&command(argv, env, timeout))
 }
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -263,6 +267,12 @@ fn apt_update_if_stale(force: bool) -> Result<()> {
 }
 
 fn apt(args: &[&str]) -> Result<runner::Output> {
+    apt_tx(args, false)
+}
+
+/// `apt-get ARGS`; with `no_sync`, apt, dpkg and the maintainer scripts run without fsyncs
+/// ([`runner::run_without_fsync`]).
+fn apt_tx(args: &[&str], no_sync: bool) -> Result<runner::Output> {
     let lock_wait = DPKG_LOCK_WAIT.as_secs().to_string();
     let lock_opt = format!("DPkg::Lock::Timeout={lock_wait}");
     let mut argv = vec![
@@ -277,11 +287,120 @@ fn apt(args: &[&str]) -> Result<runner::Output> {
         "Dpkg::Options::=--force-confold",
     ];
     argv.extend(args);
-    run(
+    let cmd = command(
         &argv,
         &[("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")],
         TRANSACTION_TIMEOUT,
-    )
+    );
+    if no_sync {
+        runner::run_without_fsync(&cmd)
+    } else {
+        runner::run(&cmd)
+    }
+}
+
+/// The state file that says a first-boot package transaction ran without fsyncs and was not
+/// synced yet; it holds the package database's list from before that transaction.
+pub const UNSYNCED: &str = "packages-unsynced";
+
+/// dpkg's database of a live system.
+const DPKG_STATUS: &str = "/var/lib/dpkg/status";
+
+/// The installed packages of a dpkg status file, as `NAME:ARCH=VERSION` (paragraphs whose
+/// `Status` ends in `installed`).
+fn installed_of(status: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for para in status.split("\n\n") {
+        let (mut name, mut arch, mut version, mut installed) = (None, None, None, false);
+        for line in para.lines() {
+            if let Some(v) = line.strip_prefix("Package: ") {
+                name = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Architecture: ") {
+                arch = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Version: ") {
+                version = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Status: ") {
+                installed = v.split_whitespace().nth(2) == Some("installed");
+            }
+        }
+        if let (true, Some(n), Some(a), Some(v)) = (installed, name, arch, version) {
+            out.insert(format!("{n}:{a}={v}"));
+        }
+    }
+    out
+}
+
+/// The installed packages, one `NAME:ARCH=VERSION` line each.
+fn installed_list() -> Result<String> {
+    let status = std::fs::read_to_string(DPKG_STATUS).with_context(|| format!("reading {DPKG_STATUS}"))?;
+    Ok(installed_of(&status).into_iter().map(|p| p + "\n").collect())
+}
+
+/// A first-boot apt transaction: apt, dpkg and the maintainer scripts run without fsyncs
+/// (cloud-init runs apt under eatmydata for the same reason: the syncs are most of what a
+/// first install waits for), then one `sync()` makes it all durable. Until that sync, a crash
+/// of the machine could leave files that dpkg's database says are installed empty, and a
+/// re-run trusts that database: so the database's list from before is written (synced) to
+/// [`UNSYNCED`] first and removed after the sync, and a run that finds it redoes what the
+/// transaction installed ([`recover_unsynced`]). Not used for removals, nor outside the first
+/// boot: on a node in service every transaction keeps its syncs.
+fn apt_first_boot(host: &Host, args: &[&str]) -> Result<runner::Output> {
+    let state = crate::state::StateDir::new(&host.root);
+    state.write(UNSYNCED, installed_list()?.as_bytes())?;
+    tracing::info!("first boot: apt-get without fsyncs, one sync after it");
+    let out = apt_tx(args, true);
+    // Failed or not, what it wrote is made durable before the marker goes.
+    nix::unistd::sync();
+    state.remove(UNSYNCED)?;
+    out
+}
+
+/// A run on the running system that finds [`UNSYNCED`] (the machine went down during a
+/// first-boot package transaction, before its sync): finish what dpkg left half done
+/// (`dpkg --configure -a`) and reinstall every package installed or changed since the list in
+/// it, whose files may be empty; then sync and remove the marker. A failure fails the run
+/// (the marker stays): a node whose package database cannot be trusted is not converged.
+pub fn recover_unsynced(host: &Host) -> Result<()> {
+    if !host.is_live() {
+        return Ok(());
+    }
+    let state = crate::state::StateDir::new(&host.root);
+    let Some(before) = state.read(UNSYNCED)? else {
+        return Ok(());
+    };
+    let marker = state.path(UNSYNCED);
+    redo_unsynced(&before, &marker)
+        .with_context(|| format!("{}: repairing a first boot cut short before its packages were synced", marker.display()))?;
+    state.remove(UNSYNCED)
+}
+
+fn redo_unsynced(before: &[u8], marker: &std::path::Path) -> Result<()> {
+    tracing::warn!(
+        "{}: a first-boot package transaction was cut short before it was synced; reinstalling what it installed",
+        marker.display()
+    );
+    let env = [("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")];
+    let o = run(&["dpkg", "--force-confdef", "--force-confold", "--configure", "-a"], &env, TRANSACTION_TIMEOUT)?;
+    if !o.success() {
+        bail!("dpkg --configure -a {}:\n{}", o.describe(), o.tail(15));
+    }
+    let before = String::from_utf8_lossy(before);
+    let before: std::collections::BTreeSet<&str> = before.lines().collect();
+    let now = installed_list()?;
+    if now.is_empty() && !before.is_empty() {
+        bail!("{DPKG_STATUS} lists no installed package (it listed {} before the transaction): dpkg's database was lost; this node cannot be repaired in place", before.len());
+    }
+    let redo: Vec<&str> = now.lines().filter(|p| !before.contains(p)).collect();
+    if !redo.is_empty() {
+        tracing::warn!("reinstalling {}", redo.join(" "));
+        let args = [&["install", "--reinstall", "--"][..], &redo].concat();
+        let o = apt(&args)?;
+        if !o.success() {
+            bail!("apt-get install --reinstall {} {}:\n{}", redo.join(" "), o.describe(), o.tail(15));
+        }
+    }
+    nix::unistd::sync();
+    Ok(())
 }
 
 impl Kind for PackageStep {
@@ -360,14 +479,21 @@ impl Kind for PackageStep {
                     apt_update_if_stale(refresh)?;
                 }
                 let args = |verb| [&[verb, "--"][..], &targets].concat();
-                let mut out = apt(&args(verb))?;
+                let tx = |args: &[&str]| {
+                    if host.first_boot && verb == "install" && host.is_live() {
+                        apt_first_boot(host, args)
+                    } else {
+                        apt(args)
+                    }
+                };
+                let mut out = tx(&args(verb))?;
                 // A package unknown to old lists: refresh once and retry.
                 if !out.success()
                     && verb == "install"
                     && (out.stderr.contains("Unable to locate package") || out.stderr.contains("has no installation candidate"))
                 {
                     apt_update_if_stale(true)?;
-                    out = apt(&args(verb))?;
+                    out = tx(&args(verb))?;
                 }
                 if !out.success() {
                     bail!("apt-get {verb} {} {}:\n{}", targets.join(" "), out.describe(), out.tail(15));
@@ -412,6 +538,16 @@ mod tests {
             installed: m(installed),
             candidates: m(cand),
         }
+    }
+
+    #[test]
+    fn installed_packages_from_the_dpkg_status_file() {
+        let status = "Package: hello\nStatus: install ok installed\nPriority: optional\nArchitecture: amd64\nVersion: 2.10-3\nDescription: x\n y\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nArchitecture: amd64\nVersion: 1\n\n\
+                      Package: half\nStatus: install ok unpacked\nArchitecture: all\nVersion: 2\n\n\
+                      Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2.36-9+deb12u14\n";
+        let got: Vec<String> = installed_of(status).into_iter().collect();
+        assert_eq!(got, ["hello:amd64=2.10-3", "libc6:amd64=2.36-9+deb12u14"]);
     }
 
     #[test]

@@ -267,3 +267,73 @@ fn init_report_says_init() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(node.report()["command"], "apply");
 }
+
+/// Issue 18: at first boot, apt, dpkg and the maintainer scripts run without fsyncs (one
+/// seccomp filter more, seen by dpkg's own hook), synced once after; runs after the first boot
+/// keep their syncs. A machine that went down before that sync (the marker left with the list
+/// from before, the package's files empty) is repaired by the next run: what the transaction
+/// installed is reinstalled, and the run after that changes nothing.
+#[test]
+fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_redone() {
+    let b = bundle(&[("roles/web/role.toml", "schema = 1\n[[step]]\nkind = \"package\"\nnames = [\"hello\"]\n")]);
+    let node = Node::boot(b.path());
+    node.write_config("[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n");
+    let r = node.sh(
+        "echo 'DPkg::Pre-Invoke {\"sed -n s/^Seccomp_filters:[[:space:]]*//p /proc/self/status >> /filters.log\";};' > /etc/apt/apt.conf.d/99filters && echo ok",
+    );
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let filters = || -> Vec<u32> {
+        std::fs::read_to_string(node.merged.join("filters.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect()
+    };
+    let marker = node.merged.join("var/lib/bootstrap/packages-unsynced");
+
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.sh("hello").stdout, "Hello, world!\n");
+    assert!(!marker.exists());
+    let first = filters();
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // After the first boot: the same install keeps its syncs.
+    let r = node.sh("apt-get remove -y -q hello >/dev/null 2>&1 && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    std::fs::remove_file(node.merged.join("filters.log")).unwrap();
+    let r = node.agent(&["apply"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let later = filters();
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert_eq!(later[0] + 1, first[0], "the first boot's dpkg had one filter more: {first:?} {later:?}");
+
+    // The machine went down during a first boot before the sync: the marker holds the packages
+    // from before (all but hello), and hello's program is empty.
+    let r = node.sh("dpkg-query -W -f '${db:Status-Status} ${Package}:${Architecture}=${Version}\\n' \
+         | awk '$1 == \"installed\" && $2 !~ /^hello:/ {print $2}' > /var/lib/bootstrap/packages-unsynced \
+         && : > /usr/bin/hello && rm /var/lib/bootstrap/firstboot.done && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    assert_ne!(node.sh("hello").stdout, "Hello, world!\n");
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("reinstalling hello:amd64=2.10-3"), "{}", r.all());
+    assert_eq!(node.sh("hello").stdout, "Hello, world!\n");
+    assert!(!marker.exists());
+    assert_eq!(node.report()["summary"]["changed"], 0, "{}", node.report());
+    let r = node.agent(&["apply", "--detailed-exitcodes"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+
+    // A crash that lost dpkg's database (its status file empty): the run fails, naming the
+    // marker, which stays for the operator.
+    let r = node.sh(
+        "dpkg-query -W -f '${Package}:${Architecture}=${Version}\\n' > /var/lib/bootstrap/packages-unsynced \
+         && : > /var/lib/dpkg/status && echo ok",
+    );
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let r = node.agent(&["apply"]);
+    assert_ne!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("packages-unsynced"), "the error names the marker\n{}", r.all());
+    assert!(r.all().contains("dpkg's database was lost"), "{}", r.all());
+    assert!(marker.exists(), "{}", r.all());
+}
