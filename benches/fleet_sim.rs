@@ -7,7 +7,7 @@
 //!
 //! Fault mode: one etcd member is killed a third of the way through, and 5% of the nodes die
 //! while holding their slot; a reaper (what `bootstrap lock reap` does from cron once
-//! DescribeInstances says the instance is terminated) releases a dead holder 2 s after it died.
+//! DescribeInstanceStatus says the instance is terminated) releases a dead holder 2 s after it died.
 //!
 //! Run: `benches/fleet-sim` (the six scenarios, then 1000/50 with arrivals over 5 s)
 //! or `benches/fleet-sim NODES SLOTS [faults] [--arrivals SECONDS]`.

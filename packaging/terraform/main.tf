@@ -56,7 +56,7 @@ data "aws_iam_policy_document" "agent" {
   # Naming from the Name tag when instance-metadata tags are off; lock reap.
   statement {
     sid       = "DescribeForNamingAndReap"
-    actions   = ["ec2:DescribeTags", "ec2:DescribeInstances"]
+    actions   = ["ec2:DescribeTags", "ec2:DescribeInstanceStatus"]
     resources = ["*"]
   }
   # secret("ssm:/…") in templates, with decryption.

@@ -152,7 +152,7 @@ pub enum LockCmd {
     Release { id: String },
     /// Set the number of slots.
     SetSlots { n: u64 },
-    /// Remove holders whose EC2 instance is terminated or unknown (ec2:DescribeInstances).
+    /// Remove holders whose EC2 instance is terminated or unknown (ec2:DescribeInstanceStatus).
     Reap,
 }
 
@@ -169,7 +169,7 @@ pub enum RolloutCmd {
     /// bundle before it.
     Abort { sha256: String },
     /// Give back the rollout slots of holders whose EC2 instance is terminated or unknown
-    /// (ec2:DescribeInstances); ids that are not instance ids are kept. For cron, like `lock reap`.
+    /// (ec2:DescribeInstanceStatus); ids that are not instance ids are kept. For cron, like `lock reap`.
     Reap,
     /// Give back every rollout slot HOLDER holds in the group (a node that will not come back).
     Release { holder: String },

@@ -15,9 +15,18 @@ fn client(region: Option<&str>, endpoint: Option<&str>) -> aws_sdk_ec2::Client {
 
 /// Is this instance gone (terminated, shutting down, or unknown to EC2)? Errors other than
 /// "not found" are returned: an API failure must not look like a dead instance.
+///
+/// Asked with `ec2:DescribeInstanceStatus` (all instances, not only running ones): it answers
+/// the state as `DescribeInstances` does, and its small output shape keeps the SDK's parser of
+/// the full instance description (hundreds of fields) out of the binary.
 pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<bool> {
     let c = client(region, endpoint);
-    let resp = crate::aws::runtime().block_on(c.describe_instances().instance_ids(instance_id).send());
+    let resp = crate::aws::runtime().block_on(
+        c.describe_instance_status()
+            .instance_ids(instance_id)
+            .include_all_instances(true)
+            .send(),
+    );
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
@@ -28,16 +37,15 @@ pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: 
                 return Ok(true);
             }
             return Err(anyhow::anyhow!(
-                "ec2:DescribeInstances {instance_id}: {}",
+                "ec2:DescribeInstanceStatus {instance_id}: {}",
                 aws_sdk_ec2::error::DisplayErrorContext(&e)
             ));
         }
     };
     let states: Vec<String> = resp
-        .reservations()
+        .instance_statuses()
         .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()))
+        .filter_map(|i| i.instance_state().and_then(|s| s.name()).map(|n| n.as_str().to_string()))
         .collect();
     Ok(states.is_empty() || states.iter().all(|s| s == "terminated" || s == "shutting-down"))
 }

@@ -216,7 +216,7 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
     for action in [
         "s3:GetObject",
         "ec2:DescribeTags",
-        "ec2:DescribeInstances",
+        "ec2:DescribeInstanceStatus",
         "ssm:GetParameter",
         "kms:Decrypt",
         "autoscaling:CompleteLifecycleAction",
