@@ -194,6 +194,11 @@ pub(super) fn apply_loaded(
             source: b.source.to_string(),
         },
     );
+    if host.first_boot {
+        // What the first boot wrote without fsyncs (`Host::owned_fs`), durable before
+        // `firstboot.done` and before anything else is recorded.
+        nix::unistd::sync();
+    }
     report.command = o.command.into();
     report.bundle = Some(engine::report::BundleInfo {
         sha256: fetched.sha256.clone(),

@@ -21,12 +21,7 @@ fn client(region: Option<&str>, endpoint: Option<&str>) -> aws_sdk_ec2::Client {
 /// the full instance description (hundreds of fields) out of the binary.
 pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<bool> {
     let c = client(region, endpoint);
-    let resp = crate::aws::runtime().block_on(
-        c.describe_instance_status()
-            .instance_ids(instance_id)
-            .include_all_instances(true)
-            .send(),
-    );
+    let resp = crate::aws::runtime().block_on(c.describe_instance_status().instance_ids(instance_id).include_all_instances(true).send());
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {

@@ -87,6 +87,9 @@ impl From<&rustix::fs::Stat> for Stat {
 pub struct Root {
     fd: OwnedFd,
     path: PathBuf,
+    /// Writes under it make themselves durable (fsync of the file and its directory). Off
+    /// only for [`Root::deferring_syncs`].
+    sync: bool,
 }
 
 /// The directory that holds a path's last component, opened, and that component's name.
@@ -97,6 +100,8 @@ pub struct Parent {
     pub name: OsString,
     /// The path as the role names it, for messages.
     pub shown: String,
+    /// Writes fsync (see [`Root::deferring_syncs`]).
+    sync: bool,
 }
 
 fn dir_flags() -> OFlags {
@@ -123,7 +128,20 @@ fn components(path: &str) -> Result<Vec<OsString>> {
 impl Root {
     pub fn open(path: &Path) -> Result<Root> {
         let fd = rustix::fs::open(path, dir_flags(), Mode::empty()).with_context(|| format!("opening the root directory {}", path.display()))?;
-        Ok(Root { fd, path: path.to_path_buf() })
+        Ok(Root {
+            fd,
+            path: path.to_path_buf(),
+            sync: true,
+        })
+    }
+
+    /// With `defer`, writes, links, directories and removals through this root skip their
+    /// fsyncs (still atomic: temp file and rename); whoever asks for it makes them durable
+    /// later with one `sync()` and must redo them after a crash before it. For the first boot's
+    /// steps that own a path's whole content (`Host::owned_fs`).
+    pub fn deferring_syncs(mut self, defer: bool) -> Root {
+        self.sync = !defer;
+        self
     }
 
     /// The root as a host path (for messages, `useradd --root` and chroot).
@@ -145,6 +163,7 @@ impl Root {
             dir_stat,
             name,
             shown: path.to_string(),
+            sync: self.sync,
         }))
     }
 
@@ -184,7 +203,9 @@ impl Root {
                     }
                     let fd = rustix::fs::openat(top, c.as_os_str(), dir_flags(), Mode::empty())
                         .with_context(|| format!("opening directory {} for {shown}", lossy(&c)))?;
-                    rustix::fs::fsync(top).with_context(|| format!("fsync of the directory holding {}", lossy(&c)))?;
+                    if self.sync {
+                        rustix::fs::fsync(top).with_context(|| format!("fsync of the directory holding {}", lossy(&c)))?;
+                    }
                     let st = Stat::from(&rustix::fs::fstat(&fd).context("fstat")?);
                     stack.push((fd, st));
                     continue;
@@ -413,7 +434,9 @@ impl Parent {
             }
             rustix::fs::fchmod(&f, Mode::from_raw_mode(mode)).with_context(|| format!("chmod of the temporary file for {}", self.shown))?;
             f.write_all(content).with_context(|| format!("writing {}", self.shown))?;
-            f.sync_all().with_context(|| format!("fsync {}", self.shown))?;
+            if self.sync {
+                f.sync_all().with_context(|| format!("fsync {}", self.shown))?;
+            }
             rustix::fs::renameat(&self.dir, tmp.as_os_str(), &self.dir, self.name.as_os_str()).with_context(|| format!("renaming into {}", self.shown))?;
             Ok(())
         })();
@@ -463,6 +486,9 @@ impl Parent {
     }
 
     pub fn sync_dir(&self) -> Result<()> {
+        if !self.sync {
+            return Ok(());
+        }
         rustix::fs::fsync(&self.dir).with_context(|| format!("fsync of the directory holding {}", self.shown))
     }
 

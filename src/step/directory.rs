@@ -84,7 +84,7 @@ impl Kind for DirStep {
 
     fn apply(&self, host: &Host, observed: &Option<Meta>, changes: &[Change]) -> Result<()> {
         let at = host
-            .fs()?
+            .owned_fs()?
             .parent(&self.display, self.state == State::Present)?
             .with_context(|| format!("{} vanished", self.display))?;
         match (self.state, observed) {

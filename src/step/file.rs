@@ -163,7 +163,7 @@ impl Kind for FileStep {
     }
 
     fn apply(&self, host: &Host, observed: &Observed, changes: &[Change]) -> Result<()> {
-        let fs = host.fs()?;
+        let fs = host.owned_fs()?;
         if self.state == State::Absent {
             return fs
                 .parent(&self.display, false)?

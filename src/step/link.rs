@@ -74,7 +74,7 @@ impl Kind for LinkStep {
 
     fn apply(&self, host: &Host, _observed: &Option<String>, _changes: &[Change]) -> Result<()> {
         let at = host
-            .fs()?
+            .owned_fs()?
             .parent(&self.display, self.state == State::Present)?
             .with_context(|| format!("{} vanished", self.display))?;
         match (&self.target, self.state) {

@@ -250,6 +250,16 @@ impl Host {
         crate::fsutil::Root::open(&self.root)
     }
 
+    /// [`Host::fs`] for the steps that own a path's whole content (`file`, `unit`, `directory`,
+    /// `link`): at first boot their writes skip the fsyncs, and the run syncs once after the
+    /// steps, before `firstboot.done`. A machine that goes down before that sync may leave such
+    /// a file empty or old: the next `init` (no marker yet) checks its content and writes it
+    /// again. Steps that edit a file they do not own (`line`, `sysctl`, `authorized_keys`, ...)
+    /// always sync: a lost edit would take the rest of the file with it.
+    pub fn owned_fs(&self) -> Result<crate::fsutil::Root> {
+        Ok(self.fs()?.deferring_syncs(self.first_boot))
+    }
+
     /// True when changes go to the running system (not an image root).
     pub fn is_live(&self) -> bool {
         self.root == Path::new("/")

@@ -210,7 +210,7 @@ impl Kind for UnitStep {
 
     fn apply(&self, host: &Host, _o: &Observed, changes: &[Change]) -> Result<()> {
         let has = |f: &str| changes.iter().any(|c| c.field == f);
-        let fs = host.fs()?;
+        let fs = host.owned_fs()?;
         let mut files_changed = false;
         for f in &self.files {
             if has(&f.field) {

@@ -337,3 +337,62 @@ fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_re
     assert!(r.all().contains("dpkg's database was lost"), "{}", r.all());
     assert!(marker.exists(), "{}", r.all());
 }
+
+/// Whether the temp file of `name` (`.NAME.bootstrap-tmp…`, created with O_CREAT) was fsynced
+/// before its descriptor was used for another open; None when the trace has no such temp file.
+fn temp_fsynced(trace: &str, name: &str) -> Option<bool> {
+    let lines: Vec<&str> = trace.lines().collect();
+    let tmp = format!(".{name}.bootstrap-tmp");
+    let at = lines.iter().position(|l| l.contains("openat(") && l.contains(&tmp) && l.contains("O_CREAT"))?;
+    let (pid, fd) = (lines[at].split_whitespace().next()?, lines[at].rsplit("= ").next()?.trim());
+    let mine = lines[at + 1..].iter().filter(|l| l.split_whitespace().next() == Some(pid));
+    for l in mine {
+        if l.contains(&format!("fsync({fd})")) {
+            return Some(true);
+        }
+        if l.contains("openat(") && l.rsplit("= ").next().map(str::trim) == Some(fd) {
+            break;
+        }
+    }
+    Some(false)
+}
+
+/// Issue 18: at first boot, a file the role owns is written without fsyncs and the run makes
+/// it durable with one `sync()` before `firstboot.done`; a file the role only edits (`line`)
+/// keeps its fsync; after the first boot every write fsyncs again.
+#[test]
+fn first_boot_writes_owned_files_without_fsyncs_and_syncs_once() {
+    let b = bundle(&[(
+        "roles/web/role.toml",
+        "schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/web/app.conf\"\ncontent = \"one\\n\"\n\
+         [[step]]\nkind = \"line\"\npath = \"/etc/web/edited.conf\"\nline = \"x = 1\"\n",
+    )]);
+    let node = Node::boot(b.path());
+    node.write_config("[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n");
+    let r = node.sh("mkdir -p /etc/web && echo 'keep = 1' > /etc/web/edited.conf && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("strace.log");
+    let trace = &["openat", "fsync", "fdatasync", "sync"];
+
+    let r = node.agent_traced(&["init"], &[], trace, &log);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(temp_fsynced(&t, "app.conf"), Some(false), "{t}");
+    assert_eq!(temp_fsynced(&t, "edited.conf"), Some(true), "{t}");
+    assert_eq!(t.lines().filter(|l| l.contains(" sync()")).count(), 1, "one sync() in the run\n{t}");
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/web/app.conf")).unwrap(), "one\n");
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/web/edited.conf")).unwrap(), "keep = 1\nx = 1\n");
+    assert!(node.merged.join("var/lib/bootstrap/firstboot.done").exists());
+
+    // After the first boot: the same writes fsync, and no sync() is needed.
+    let r = node.sh("echo drift > /etc/web/app.conf && echo 'keep = 1' > /etc/web/edited.conf && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let r = node.agent_traced(&["apply"], &[], trace, &log);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(temp_fsynced(&t, "app.conf"), Some(true), "{t}");
+    assert_eq!(temp_fsynced(&t, "edited.conf"), Some(true), "{t}");
+    assert_eq!(t.lines().filter(|l| l.contains(" sync()")).count(), 0, "{t}");
+    assert_eq!(std::fs::read_to_string(node.merged.join("etc/web/app.conf")).unwrap(), "one\n");
+}
