@@ -361,7 +361,9 @@ const fn no_sync_filter() -> [libc::sock_filter; 12] {
     let ld_w_abs = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
     let ret = libc::BPF_RET | libc::BPF_K;
     let mut f = [bpf_stmt(ret, libc::SECCOMP_RET_ALLOW); 12];
-    // 0: load seccomp_data.arch; 1: another architecture (x32, i386 on x86_64) is let through.
+    // 0: load seccomp_data.arch; 1: another architecture (i386 on x86_64, arm32 on aarch64)
+    // is let through. x32 calls carry x86_64's arch with bit 30 set in the number, so they
+    // match no number below and are let through too.
     f[0] = bpf_stmt(ld_w_abs, 4);
     f[1] = bpf_jeq(
         match AUDIT_ARCH {

@@ -53,10 +53,11 @@ data "aws_iam_policy_document" "agent" {
     actions   = ["s3:GetObject"]
     resources = ["arn:aws:s3:::${var.bundle_bucket}/roles-${var.env}.tar.gz*"]
   }
-  # Naming from the Name tag when instance-metadata tags are off; lock reap.
+  # Naming from the Name tag when instance-metadata tags are off; lock reap and rollout reap
+  # (DescribeInstanceStatus; DescribeInstances for agents older than that, for one release).
   statement {
     sid       = "DescribeForNamingAndReap"
-    actions   = ["ec2:DescribeTags", "ec2:DescribeInstanceStatus"]
+    actions   = ["ec2:DescribeTags", "ec2:DescribeInstanceStatus", "ec2:DescribeInstances"]
     resources = ["*"]
   }
   # secret("ssm:/…") in templates, with decryption.

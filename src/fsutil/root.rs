@@ -136,8 +136,10 @@ impl Root {
     }
 
     /// With `defer`, writes, links, directories and removals through this root skip their
-    /// fsyncs (still atomic: temp file and rename); whoever asks for it makes them durable
-    /// later with one `sync()` and must redo them after a crash before it. For the first boot's
+    /// fsyncs (still a temp file renamed over the target, so no reader sees a partial file, but
+    /// a crash of the machine before the data reaches the disk can leave the file empty or
+    /// old); whoever asks for it makes them durable later with one `sync()` and must redo them
+    /// after a crash before it. For the first boot's
     /// steps that own a path's whole content (`Host::owned_fs`).
     pub fn deferring_syncs(mut self, defer: bool) -> Root {
         self.sync = !defer;
@@ -414,7 +416,8 @@ impl Parent {
     /// Write `content` atomically: a temp file beside the target, created 0600 with
     /// `O_EXCL|O_NOFOLLOW`, given its owner and mode before any byte lands, filled, fsynced,
     /// renamed over the target, and the directory fsynced. A crash leaves the old file or the
-    /// new one, never a partial one.
+    /// new one, never a partial one. Under [`Root::deferring_syncs`] the fsyncs are left out and
+    /// a crash of the machine may leave the file empty or old (its caller redoes it).
     pub fn write(&self, content: &[u8], mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
         self.remove_stale_temps();
         let tmp = self.tmp_name();

@@ -347,7 +347,7 @@ fn installed_list() -> Result<String> {
 fn apt_first_boot(host: &Host, args: &[&str]) -> Result<runner::Output> {
     let state = crate::state::StateDir::new(&host.root);
     state.write(UNSYNCED, installed_list()?.as_bytes())?;
-    tracing::info!("first boot: apt-get without fsyncs, one sync after it");
+    tracing::info!("first boot: apt-get with its fsyncs suppressed (where the kernel takes the filter), one sync after it");
     let out = apt_tx(args, true);
     // Failed or not, what it wrote is made durable before the marker goes.
     nix::unistd::sync();
@@ -379,28 +379,99 @@ fn redo_unsynced(before: &[u8], marker: &std::path::Path) -> Result<()> {
         "{}: a first-boot package transaction was cut short before it was synced; reinstalling what it installed",
         marker.display()
     );
-    let env = [("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")];
-    let o = run(&["dpkg", "--force-confdef", "--force-confold", "--configure", "-a"], &env, TRANSACTION_TIMEOUT)?;
-    if !o.success() {
-        bail!("dpkg --configure -a {}:\n{}", o.describe(), o.tail(15));
-    }
+    dpkg_waiting_for_lock(&["dpkg", "--force-confdef", "--force-confold", "--configure", "-a"])?;
     let before = String::from_utf8_lossy(before);
     let before: std::collections::BTreeSet<&str> = before.lines().collect();
     let now = installed_list()?;
     if now.is_empty() && !before.is_empty() {
-        bail!("{DPKG_STATUS} lists no installed package (it listed {} before the transaction): dpkg's database was lost; this node cannot be repaired in place", before.len());
+        bail!(
+            "{DPKG_STATUS} lists no installed package (it listed {} before the transaction): dpkg's database was lost; this node cannot be repaired in place",
+            before.len()
+        );
     }
     let redo: Vec<&str> = now.lines().filter(|p| !before.contains(p)).collect();
-    if !redo.is_empty() {
-        tracing::warn!("reinstalling {}", redo.join(" "));
-        let args = [&["install", "--reinstall", "--"][..], &redo].concat();
-        let o = apt(&args)?;
-        if !o.success() {
-            bail!("apt-get install --reinstall {} {}:\n{}", redo.join(" "), o.describe(), o.tail(15));
+    if redo.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = redo.iter().map(|p| p.split_once('=').map_or(*p, |(n, _)| n)).collect();
+    // A reinstall of the same version keeps a conffile that differs from the package's (dpkg
+    // takes it for the admin's): remove the ones the crash may have emptied, and the reinstall
+    // puts the package's back (--force-confmiss). A role's own content for them is written
+    // again by its steps, which run after this.
+    for bad in verify(&names)?.into_iter().filter(|b| b.conffile && !b.missing) {
+        let p = std::path::Path::new(&bad.path);
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(p).with_context(|| format!("removing {} (a conffile that differs from its package's)", bad.path))?;
         }
+    }
+    tracing::warn!("reinstalling {}", redo.join(" "));
+    let args = [&["-o", "Dpkg::Options::=--force-confmiss", "install", "--reinstall", "--"][..], &redo].concat();
+    let o = apt(&args)?;
+    // apt says so and exits 0 when a version cannot be downloaded any more.
+    if !o.success() || o.stdout.contains("is not possible, it cannot be downloaded") || o.stderr.contains("is not possible, it cannot be downloaded") {
+        bail!("apt-get install --reinstall {} {}:\n{}", redo.join(" "), o.describe(), o.tail(15));
+    }
+    // What a crash leaves is an empty file; a file a maintainer script changed is not one.
+    let left: Vec<String> = verify(&names)?
+        .into_iter()
+        .filter(|b| !b.conffile && !b.missing && std::fs::symlink_metadata(&b.path).is_ok_and(|m| m.is_file() && m.len() == 0))
+        .map(|b| b.path)
+        .collect();
+    if !left.is_empty() {
+        bail!("after the reinstall these files are still empty and differ from their packages: {}", left.join(", "));
     }
     nix::unistd::sync();
     Ok(())
+}
+
+/// A file `dpkg --verify` reports.
+struct Mismatch {
+    path: String,
+    conffile: bool,
+    missing: bool,
+}
+
+/// `dpkg --verify PACKAGES`: the files that differ from the package database's hashes (its
+/// lines are `FLAGS(9) ATTR PATH`, `missing   c PATH`).
+fn verify(names: &[&str]) -> Result<Vec<Mismatch>> {
+    let argv = [&["dpkg", "--verify", "--"][..], names].concat();
+    let o = query(&argv)?;
+    if !matches!(o.code, Some(0 | 1)) || o.timed_out {
+        bail!("dpkg --verify {}:\n{}", o.describe(), o.tail(15));
+    }
+    Ok(o.stdout.lines().filter_map(parse_verify_line).collect())
+}
+
+fn parse_verify_line(line: &str) -> Option<Mismatch> {
+    let (flags, rest) = (line.get(..9)?, line.get(9..)?);
+    let rest = rest.strip_prefix(' ')?;
+    let (attr, path) = (rest.get(..1)?, rest.get(1..)?.strip_prefix(' ')?);
+    let missing = flags.starts_with("missing");
+    // A missing file's line ends with the error in parentheses.
+    let path = if missing { path.rsplit_once(" (").map_or(path, |(p, _)| p) } else { path };
+    Some(Mismatch {
+        path: path.to_string(),
+        conffile: attr == "c",
+        missing,
+    })
+}
+
+/// Run a dpkg command, waiting up to [`DPKG_LOCK_WAIT`] for a lock another process holds
+/// (dpkg itself does not wait: it exits 2 at once).
+fn dpkg_waiting_for_lock(argv: &[&str]) -> Result<()> {
+    let env = [("DEBIAN_FRONTEND", "noninteractive"), ("APT_LISTCHANGES_FRONTEND", "none")];
+    let deadline = std::time::Instant::now() + DPKG_LOCK_WAIT;
+    loop {
+        let o = run(argv, &env, TRANSACTION_TIMEOUT)?;
+        if o.success() {
+            return Ok(());
+        }
+        if o.code == Some(2) && o.stderr.contains("lock") && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        bail!("{} {}:\n{}", argv.join(" "), o.describe(), o.tail(15));
+    }
 }
 
 impl Kind for PackageStep {
@@ -538,6 +609,17 @@ mod tests {
             installed: m(installed),
             candidates: m(cand),
         }
+    }
+
+    #[test]
+    fn dpkg_verify_lines() {
+        let m = parse_verify_line("??5?????? c /etc/default/haproxy").unwrap();
+        assert_eq!((m.path.as_str(), m.conffile, m.missing), ("/etc/default/haproxy", true, false));
+        let m = parse_verify_line("missing   c /etc/logrotate.d/haproxy (No such file or directory)").unwrap();
+        assert_eq!((m.path.as_str(), m.conffile, m.missing), ("/etc/logrotate.d/haproxy", true, true));
+        let m = parse_verify_line("??5??????   /usr/bin/with space").unwrap();
+        assert_eq!((m.path.as_str(), m.conffile, m.missing), ("/usr/bin/with space", false, false));
+        assert!(parse_verify_line("short").is_none());
     }
 
     #[test]

@@ -271,11 +271,15 @@ fn init_report_says_init() {
 /// Issue 18: at first boot, apt, dpkg and the maintainer scripts run without fsyncs (one
 /// seccomp filter more, seen by dpkg's own hook), synced once after; runs after the first boot
 /// keep their syncs. A machine that went down before that sync (the marker left with the list
-/// from before, the package's files empty) is repaired by the next run: what the transaction
-/// installed is reinstalled, and the run after that changes nothing.
+/// from before, a program and a conffile of the packages empty, another conffile gone) is
+/// repaired by the next run: what the transaction installed is reinstalled, its conffiles put
+/// back, and the run after that changes nothing. A lost package database fails the run.
 #[test]
 fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_redone() {
-    let b = bundle(&[("roles/web/role.toml", "schema = 1\n[[step]]\nkind = \"package\"\nnames = [\"hello\"]\n")]);
+    let b = bundle(&[(
+        "roles/web/role.toml",
+        "schema = 1\n[[step]]\nkind = \"package\"\nnames = [\"hello\", \"haproxy\"]\n",
+    )]);
     let node = Node::boot(b.path());
     node.write_config("[bundle]\nsource = \"/srv/bundle\"\n[naming]\nname = \"production-web\"\n");
     let r = node.sh(
@@ -290,6 +294,9 @@ fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_re
             .collect()
     };
     let marker = node.merged.join("var/lib/bootstrap/packages-unsynced");
+    let installed = "dpkg-query -W -f '${db:Status-Status} ${Package}:${Architecture}=${Version}\\n' | awk '$1 == \"installed\" {print $2}'";
+    let before = node.sh(installed).stdout;
+    assert!(before.contains("libc6:"), "{before}");
 
     let r = node.agent(&["init"]);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -309,16 +316,20 @@ fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_re
     assert_eq!(later[0] + 1, first[0], "the first boot's dpkg had one filter more: {first:?} {later:?}");
 
     // The machine went down during a first boot before the sync: the marker holds the packages
-    // from before (all but hello), and hello's program is empty.
-    let r = node.sh("dpkg-query -W -f '${db:Status-Status} ${Package}:${Architecture}=${Version}\\n' \
-         | awk '$1 == \"installed\" && $2 !~ /^hello:/ {print $2}' > /var/lib/bootstrap/packages-unsynced \
-         && : > /usr/bin/hello && rm /var/lib/bootstrap/firstboot.done && echo ok");
+    // from before, hello's program and one of haproxy's conffiles are empty, another is gone.
+    let default = node.merged.join("etc/default/haproxy");
+    let want_default = std::fs::read(&default).unwrap();
+    std::fs::write(&marker, &before).unwrap();
+    let r = node.sh(": > /usr/bin/hello && : > /etc/default/haproxy && rm /etc/logrotate.d/haproxy && rm /var/lib/bootstrap/firstboot.done && echo ok");
     assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
     assert_ne!(node.sh("hello").stdout, "Hello, world!\n");
     let r = node.agent(&["init"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.all().contains("reinstalling hello:amd64=2.10-3"), "{}", r.all());
+    assert!(r.all().contains("reinstalling") && r.all().contains("hello:amd64=2.10-3"), "{}", r.all());
     assert_eq!(node.sh("hello").stdout, "Hello, world!\n");
+    assert_eq!(std::fs::read(&default).unwrap(), want_default, "the emptied conffile is the package's again");
+    assert!(node.merged.join("etc/logrotate.d/haproxy").exists());
+    assert_eq!(node.sh("dpkg --verify hello haproxy").stdout, "");
     assert!(!marker.exists());
     assert_eq!(node.report()["summary"]["changed"], 0, "{}", node.report());
     let r = node.agent(&["apply", "--detailed-exitcodes"]);
@@ -326,11 +337,8 @@ fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_re
 
     // A crash that lost dpkg's database (its status file empty): the run fails, naming the
     // marker, which stays for the operator.
-    let r = node.sh(
-        "dpkg-query -W -f '${Package}:${Architecture}=${Version}\\n' > /var/lib/bootstrap/packages-unsynced \
-         && : > /var/lib/dpkg/status && echo ok",
-    );
-    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    std::fs::write(&marker, &before).unwrap();
+    std::fs::write(node.merged.join("var/lib/dpkg/status"), "").unwrap();
     let r = node.agent(&["apply"]);
     assert_ne!(r.code, 0, "{}", r.all());
     assert!(r.all().contains("packages-unsynced"), "the error names the marker\n{}", r.all());
