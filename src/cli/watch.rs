@@ -19,7 +19,7 @@ pub fn run(once: bool, root: Option<&Path>) -> Result<u8> {
     let mut settings = settings;
     settings.enabled = true;
     let reboot = cx.reboot_settings()?;
-    let rollout = match cx.rollout_settings() {
+    let rollout = match cx.rollout_gate_settings() {
         Ok(r) => Some(r).filter(|r| r.gated() && !r.holder.is_empty()),
         Err(e) => {
             tracing::warn!("[rollout]: {e}; no rollout slot is given back in a drain");

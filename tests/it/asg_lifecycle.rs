@@ -526,6 +526,12 @@ fn the_drain_gives_back_a_rollout_slot_the_node_holds() {
     assert_eq!(r.wait_slot(&v2, &f.id, 1, soon()).unwrap(), Waited::Acquired);
     assert_eq!(r.wait_slot(&v3, "i-other", 1, soon()).unwrap(), Waited::Acquired);
     assert_eq!(rollout_status(&f, &v2)["holders"], serde_json::json!([f.id]));
+    // A `[report] s3` the node refuses (no `${instance_id}`: every node would write one
+    // object) fails its runs, but the watcher needs only `[rollout]` to give the slot back.
+    let config = f.node.merged.join("etc/bootstrap/config.toml");
+    let mut c = std::fs::read_to_string(&config).unwrap();
+    c.push_str("\n[report]\ns3 = \"s3://fleet/nodes/one.json\"\n");
+    std::fs::write(&config, c).unwrap();
 
     f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
     let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
