@@ -43,6 +43,11 @@ pub fn run(cx: &Context, o: &RunOptions, show: &mut dyn FnMut(&Report) -> Result
             target.as_deref().unwrap_or_default()
         );
     }
+    if marker {
+        // Going into service (again, after a scale-in back into the warm pool): that drain is
+        // over, and runs apply again.
+        crate::asg::watch::forget_drain_into_pool(&cx.root, cx.facts.instance_id.as_deref());
+    }
     let Some(launch) = crate::asg::Launch::start(&cx.root, &cx.facts, &cx.config, group, target)? else {
         return converge_once(cx, o, show, marker);
     };

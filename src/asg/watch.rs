@@ -40,6 +40,9 @@ pub struct Drained {
     pub completed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Drained for a return into the warm pool (this target state), not a termination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub into_warm_pool: Option<String>,
 }
 
 pub struct Watch<'a> {
@@ -54,6 +57,36 @@ pub struct Watch<'a> {
     /// sha256); None when the node takes part in no rollout (`[rollout] strategy` not
     /// `canary`). A closure: the rollout protocol lives above this module.
     pub release_rollout_slots: Option<&'a dyn Fn() -> anyhow::Result<Vec<String>>>,
+}
+
+/// An instance in service scaled in back into its warm pool (`target`): drained as for a
+/// termination; then, before the action is completed (the group stops the instance soon
+/// after), the instance is made a warm one again: no `firstboot.done`, its launch record that
+/// of a launch into the pool, so that its next launch into service (a new action of the launch
+/// hook) is held and completed by `init` again, at the next boot or started by the watcher.
+/// The drain record stays until that `init` (no run applies anything new before it).
+fn drain_into_pool(w: &Watch<'_>, target: &str) -> anyhow::Result<Drained> {
+    tracing::warn!("this instance is going back into its warm pool ({target}): draining");
+    let make_warm = || -> anyhow::Result<()> {
+        if let Some(mut o) = super::read_record::<super::launch::LaunchOutcome>(w.root, super::LAUNCH_STATE) {
+            o.target_state = Some(target.to_string());
+            super::write_record(w.root, super::LAUNCH_STATE, &o);
+        }
+        StateDir::new(w.root).remove(state::FIRSTBOOT_DONE)
+    };
+    drain_with(w, Some(target), &make_warm)
+}
+
+/// A launch into service after a return into the warm pool: the drain of that return is over.
+pub fn forget_drain_into_pool(root: &Path, instance_id: Option<&str>) {
+    let Some(d) = super::read_record::<Drained>(root, super::TERMINATE_STATE) else {
+        return;
+    };
+    if d.into_warm_pool.is_some() && instance_id.is_some() && d.instance_id.as_deref() == instance_id {
+        if let Err(e) = StateDir::new(root).remove(super::TERMINATE_STATE) {
+            tracing::warn!("removing the drain record of the return into the warm pool: {e:#}");
+        }
+    }
 }
 
 /// When `bootstrap watch` drained this instance (`instance_id`) for a scale-in: the drain
@@ -81,6 +114,11 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
         match imds.meta(TARGET_STATE) {
             // `Warmed:Terminated`: an instance of a warm pool being terminated.
             Ok(Some(s)) if s == "Terminated" || s == "Warmed:Terminated" => return drain(w).map(Some),
+            // An instance in service going back into its warm pool (a scale-in with
+            // ReuseOnScaleIn; AWS holds the terminating hook's action at Warmed:Pending:Wait):
+            // drained the same way, and made ready to launch into service again. A warm pool
+            // instance not yet in service (no `firstboot.done`) is being prepared, not scaled in.
+            Ok(Some(s)) if super::launch::is_warm(&s) && StateDir::new(w.root).exists(state::FIRSTBOOT_DONE) => return drain_into_pool(w, &s).map(Some),
             Ok(Some(s)) if s == "InService" && !into_service => {
                 into_service = super::launch::start_init_into_service(w.root, w.facts.instance_id.as_deref());
             }
@@ -103,12 +141,23 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
 
 /// The instance is being terminated: hold the action, drain, release, complete.
 pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
+    drain_with(w, None, &|| Ok(()))
+}
+
+/// [`drain`]; `before_complete` runs after the drain, before the action is completed (and
+/// again when a completion is retried).
+fn drain_with(w: &Watch<'_>, into_pool: Option<&str>, before_complete: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<Drained> {
     // Drained once already (the watcher started again): nothing is done twice, only a
     // completion the API did not take is tried again.
-    let earlier = super::read_record::<Drained>(w.root, super::TERMINATE_STATE).filter(|d| d.instance_id.is_some() && d.instance_id == w.facts.instance_id);
+    // (A termination after a drain into the warm pool is a drain of its own.)
+    let earlier = super::read_record::<Drained>(w.root, super::TERMINATE_STATE)
+        .filter(|d| d.instance_id.is_some() && d.instance_id == w.facts.instance_id && d.into_warm_pool.as_deref() == into_pool);
     if let Some(mut done) = earlier {
         tracing::info!("this instance was drained at {}", done.at);
         let member = super::membership(w.settings, w.facts, w.group.clone());
+        if let Err(e) = before_complete() {
+            tracing::error!("{e:#}");
+        }
         if let (Some(hook), false, Some((group, id))) = (done.lifecycle_hook.clone(), done.completed, member) {
             match super::client(w.settings, w.facts, &group, &id).complete(&hook, super::launch::CONTINUE) {
                 Ok(()) => {
@@ -121,9 +170,12 @@ pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
         }
         return Ok(done);
     }
-    tracing::warn!("this instance is being terminated by its Auto Scaling group: draining");
+    if into_pool.is_none() {
+        tracing::warn!("this instance is being terminated by its Auto Scaling group: draining");
+    }
     let mut out = Drained {
         instance_id: w.facts.instance_id.clone(),
+        into_warm_pool: into_pool.map(str::to_string),
         ..Default::default()
     };
     let member = super::membership(w.settings, w.facts, w.group.clone());
@@ -175,11 +227,15 @@ pub fn drain(w: &Watch<'_>) -> anyhow::Result<Drained> {
     if let Err(e) = release_unhealthy_place(w) {
         tracing::warn!("giving back the unhealthy_after place: {e:#}");
     }
+    if let Err(e) = before_complete() {
+        out.error = Some(format!("{e:#}"));
+        tracing::error!("{e:#}");
+    }
     if let Some(b) = beats {
         let o = b.complete(super::launch::CONTINUE, "drained".into());
         out.result = Some(o.result);
         out.completed = o.completed;
-        out.error = o.error;
+        out.error = o.error.or(out.error.take());
     }
     out.at = crate::clock::now_rfc3339();
     super::write_record(w.root, super::TERMINATE_STATE, &out);

@@ -700,6 +700,75 @@ fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
     assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 2);
 }
 
+/// A warm pool with ReuseOnScaleIn: an instance in service that the group scales in back into
+/// its pool (its target state goes from `InService` to `Warmed:*`; AWS holds the terminating
+/// hook's action at Warmed:Pending:Wait) is drained as for a termination, and made a warm
+/// instance again: no `firstboot.done`. An instance still being prepared in the pool is not
+/// drained. When it goes into service again, `init` holds and completes the new launch action
+/// and the drain is over: a later termination is drained again.
+#[test]
+fn an_instance_scaled_in_back_into_its_warm_pool_is_drained_and_launches_again() {
+    let f = fleet("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/warm\"\ncontent = \"ready\\n\"\n", "");
+    let target = "autoscaling/target-lifecycle-state";
+    let marker = f.node.merged.join("var/lib/bootstrap/firstboot.done");
+    let record = f.node.merged.join("var/lib/bootstrap/asg-terminate.json");
+    let completions = || -> Vec<(String, String)> {
+        f.proxy
+            .ok_calls("CompleteLifecycleAction")
+            .iter()
+            .map(|c| (c.params["LifecycleHookName"].clone(), c.params["LifecycleActionResult"].clone()))
+            .collect()
+    };
+    let pair = |h: &str, r: &str| (h.to_string(), r.to_string());
+    f.node.write_config(&format!(
+        "{}enabled = true\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    f.imds.set_meta(target, Some("InService"));
+    let r = f.node.agent_env(&["init"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(marker.exists());
+    assert_eq!(completions(), [pair("launch", "CONTINUE")]);
+    // This test drives the watcher itself (`watch --once`): the one init started is stopped.
+    let stop_watcher = || assert_eq!(f.node.sh("systemctl stop bootstrap-watch.service && echo ok").stdout.trim(), "ok");
+    stop_watcher();
+
+    // Scaled in back into the pool.
+    f.proxy.start_action(&f.id, "drain");
+    f.imds.set_meta(target, Some("Warmed:Stopped"));
+    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(w.code, 0, "{}", w.all());
+    assert!(w.all().contains("going back into its warm pool"), "{}", w.all());
+    assert_eq!(completions(), [pair("launch", "CONTINUE"), pair("drain", "CONTINUE")]);
+    assert!(!marker.exists(), "a warm instance again: its launch into service is still to come");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(rec["into_warm_pool"], "Warmed:Stopped", "{rec}");
+    // In the pool (no firstboot.done): nothing more is drained.
+    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(w.code, 0, "{}", w.all());
+    assert_eq!(completions().len(), 2, "{}", w.all());
+
+    // Into service again (the firstboot unit runs init at the boot out of the pool).
+    f.proxy.start_action(&f.id, "launch");
+    f.imds.set_meta(target, Some("InService"));
+    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(shown["lifecycle"]["result"], "CONTINUE", "{shown}");
+    assert_eq!(completions()[2], pair("launch", "CONTINUE"));
+    assert!(marker.exists());
+    assert!(!record.exists(), "the drain of the return into the pool is over");
+    stop_watcher();
+
+    // Terminated later: drained again.
+    f.proxy.start_action(&f.id, "drain");
+    f.imds.set_meta(target, Some("Terminated"));
+    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(w.code, 0, "{}", w.all());
+    assert_eq!(completions().len(), 4, "{:?}\n{}", completions(), w.all());
+    assert_eq!(completions()[3], pair("drain", "CONTINUE"));
+}
+
 /// A node drained while etcd did not answer still holds its rollout slot (the drain could not
 /// give it back). A timer run before the instance goes away finds the slot held
 /// (`Gate::Held`): it applies nothing new either, and gives the slot back now that etcd
