@@ -221,8 +221,13 @@ pub(super) fn apply_loaded(
             ok: !report.failed(),
             changed: changed.as_deref(),
         };
-        match crate::reboot::coordinate(&host, b.reboot, run, None) {
-            Ok(o) => {
+        let drained = crate::asg::watch::drained_at(&root, host.facts.instance_id.as_deref());
+        if let Some(at) = &drained {
+            tracing::warn!("this instance was drained at {at} (scale-in): no reboot coordination, no reboot slot is taken");
+        }
+        match drained.map_or_else(|| crate::reboot::coordinate(&host, b.reboot, run, None).map(Some), |_| Ok(None)) {
+            Ok(None) => {}
+            Ok(Some(o)) => {
                 report.reboot_pending = o.action == crate::reboot::Action::Pending;
                 if o.action.is_failure() {
                     report.status = RunStatus::Failed;

@@ -342,7 +342,10 @@ pub fn start_init_into_service(root: &Path, instance_id: Option<&str>) -> bool {
     let warm_done =
         super::read_record::<LaunchOutcome>(root, super::LAUNCH_STATE).is_some_and(|o| o.warm() && o.completed && Some(o.instance_id.as_str()) == instance_id);
     let marker = crate::state::StateDir::new(root).read(crate::state::FIRSTBOOT_DONE).ok().flatten().is_some();
-    if !warm_done || marker {
+    // Also an instance drained back into the pool whose launch record could not be marked
+    // warm (none was kept: no launch hook held at its first launch).
+    let returned = super::watch::returned_to_pool(root, instance_id);
+    if !(warm_done || returned) || marker {
         return true;
     }
     tracing::warn!("this warm pool instance is going into service: starting bootstrap-firstboot.service (init)");

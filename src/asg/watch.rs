@@ -64,7 +64,8 @@ pub struct Watch<'a> {
 /// after), the instance is made a warm one again: no `firstboot.done`, its launch record that
 /// of a launch into the pool, so that its next launch into service (a new action of the launch
 /// hook) is held and completed by `init` again, at the next boot or started by the watcher.
-/// The drain record stays until that `init` (no run applies anything new before it).
+/// The drain record stays until that `init`: until then runs take no reboot slot and no
+/// `unhealthy_after` count, and a rollout slot that comes is given back.
 fn drain_into_pool(w: &Watch<'_>, target: &str) -> anyhow::Result<Drained> {
     tracing::warn!("this instance is going back into its warm pool ({target}): draining");
     let make_warm = || -> anyhow::Result<()> {
@@ -72,9 +73,25 @@ fn drain_into_pool(w: &Watch<'_>, target: &str) -> anyhow::Result<Drained> {
             o.target_state = Some(target.to_string());
             super::write_record(w.root, super::LAUNCH_STATE, &o);
         }
+        // Failed runs counted in service do not follow it into the pool and back.
+        StateDir::new(w.root).remove(super::HEALTH_STATE)?;
         StateDir::new(w.root).remove(state::FIRSTBOOT_DONE)
     };
     drain_with(w, Some(target), &make_warm)
+}
+
+/// A drain into the warm pool whose completion the API did not take (it is retried).
+fn into_pool_unfinished(w: &Watch<'_>) -> bool {
+    super::read_record::<Drained>(w.root, super::TERMINATE_STATE).is_some_and(|d| {
+        d.into_warm_pool.is_some() && d.instance_id.is_some() && d.instance_id == w.facts.instance_id && d.lifecycle_hook.is_some() && !d.completed
+    })
+}
+
+/// This instance (`instance_id`) was drained back into its warm pool and has not launched into
+/// service since.
+pub fn returned_to_pool(root: &Path, instance_id: Option<&str>) -> bool {
+    super::read_record::<Drained>(root, super::TERMINATE_STATE)
+        .is_some_and(|d| d.into_warm_pool.is_some() && instance_id.is_some() && d.instance_id.as_deref() == instance_id)
 }
 
 /// A launch into service after a return into the warm pool: the drain of that return is over.
@@ -118,7 +135,17 @@ pub fn run(w: &Watch<'_>, once: bool) -> anyhow::Result<Option<Drained>> {
             // ReuseOnScaleIn; AWS holds the terminating hook's action at Warmed:Pending:Wait):
             // drained the same way, and made ready to launch into service again. A warm pool
             // instance not yet in service (no `firstboot.done`) is being prepared, not scaled in.
-            Ok(Some(s)) if super::launch::is_warm(&s) && StateDir::new(w.root).exists(state::FIRSTBOOT_DONE) => return drain_into_pool(w, &s).map(Some),
+            // (Or its drain did that already and the completion is to be retried.)
+            Ok(Some(s)) if super::launch::is_warm(&s) && (StateDir::new(w.root).exists(state::FIRSTBOOT_DONE) || into_pool_unfinished(w)) => {
+                let d = drain_into_pool(w, &s)?;
+                if once || (d.lifecycle_hook.is_some() && !d.completed) {
+                    return Ok(Some(d));
+                }
+                // Back in the pool, the watcher goes on: a running or hibernated instance does
+                // not boot, so the watcher is what starts `init` when it goes into service
+                // again, and what drains a termination in the pool.
+                into_service = false;
+            }
             Ok(Some(s)) if s == "InService" && !into_service => {
                 into_service = super::launch::start_init_into_service(w.root, w.facts.instance_id.as_deref());
             }

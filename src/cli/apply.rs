@@ -32,6 +32,10 @@ fn after_apply(cx: &Context, asg: &crate::asg::Settings, result: &anyhow::Result
         Err(e) if e.downcast_ref::<crate::error::LockTimeout>().is_some() => return Ok(()),
         Err(e) => (false, Some(format!("{e:#}"))),
     };
+    // Drained (going away, or back into the warm pool): not counted, never marked.
+    if crate::asg::watch::drained_at(&cx.root, cx.facts.instance_id.as_deref()).is_some() {
+        return Ok(());
+    }
     crate::asg::unhealthy::after_apply(crate::asg::unhealthy::RunInputs {
         root: &cx.root,
         facts: &cx.facts,

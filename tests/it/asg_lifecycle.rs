@@ -700,15 +700,28 @@ fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
     assert_eq!(f.proxy.ok_calls("CompleteLifecycleAction").len(), 2);
 }
 
-/// A warm pool with ReuseOnScaleIn: an instance in service that the group scales in back into
-/// its pool (its target state goes from `InService` to `Warmed:*`; AWS holds the terminating
-/// hook's action at Warmed:Pending:Wait) is drained as for a termination, and made a warm
-/// instance again: no `firstboot.done`. An instance still being prepared in the pool is not
-/// drained. When it goes into service again, `init` holds and completes the new launch action
-/// and the drain is over: a later termination is drained again.
+/// A warm pool with ReuseOnScaleIn (pool state Running): an instance in service that the group
+/// scales in back into its pool (its target state goes from `InService` to `Warmed:Running`;
+/// AWS holds the terminating hook's action at Warmed:Pending:Wait) is drained by the running
+/// watcher as for a termination, and made a warm instance again (no `firstboot.done`). The
+/// watcher goes on: when the instance goes into service again it starts `init`, which holds and
+/// completes the new launch action and ends the drain; a later termination is drained again.
+/// A drain into the pool whose completion the API did not take is completed by the next
+/// watcher, and an instance still being prepared in the pool is never drained.
 #[test]
 fn an_instance_scaled_in_back_into_its_warm_pool_is_drained_and_launches_again() {
     let f = fleet("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/warm\"\ncontent = \"ready\\n\"\n", "");
+    f.node.write_config(&format!(
+        "{}enabled = true\nwatch_interval = \"1s\"\n",
+        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
+    ));
+    // The units init installs get this test's instance-role credentials.
+    let env: String = AWS_ENV.iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
+    for unit in ["bootstrap-watch.service", "bootstrap-firstboot.service"] {
+        let dropin = f.node.merged.join(format!("etc/systemd/system/{unit}.d"));
+        std::fs::create_dir_all(&dropin).unwrap();
+        std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
+    }
     let target = "autoscaling/target-lifecycle-state";
     let marker = f.node.merged.join("var/lib/bootstrap/firstboot.done");
     let record = f.node.merged.join("var/lib/bootstrap/asg-terminate.json");
@@ -720,53 +733,79 @@ fn an_instance_scaled_in_back_into_its_warm_pool_is_drained_and_launches_again()
             .collect()
     };
     let pair = |h: &str, r: &str| (h.to_string(), r.to_string());
-    f.node.write_config(&format!(
-        "{}enabled = true\n",
-        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
-    ));
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{what}: {:?}\n{}",
+                completions(),
+                f.node
+                    .sh("journalctl -u bootstrap-watch.service -u bootstrap-firstboot.service -o cat --no-pager")
+                    .stdout
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
     f.imds.set_meta(target, Some("InService"));
     let r = f.node.agent_env(&["init"], &AWS_ENV);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(marker.exists());
     assert_eq!(completions(), [pair("launch", "CONTINUE")]);
-    // This test drives the watcher itself (`watch --once`): the one init started is stopped.
-    let stop_watcher = || assert_eq!(f.node.sh("systemctl stop bootstrap-watch.service && echo ok").stdout.trim(), "ok");
-    stop_watcher();
+    assert_eq!(f.node.sh("systemctl is-active bootstrap-watch.service").stdout.trim(), "active");
 
-    // Scaled in back into the pool.
+    // Scaled in back into the pool: the watcher drains and keeps watching.
     f.proxy.start_action(&f.id, "drain");
-    f.imds.set_meta(target, Some("Warmed:Stopped"));
-    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
-    assert_eq!(w.code, 0, "{}", w.all());
-    assert!(w.all().contains("going back into its warm pool"), "{}", w.all());
-    assert_eq!(completions(), [pair("launch", "CONTINUE"), pair("drain", "CONTINUE")]);
-    assert!(!marker.exists(), "a warm instance again: its launch into service is still to come");
+    f.imds.set_meta(target, Some("Warmed:Running"));
+    wait_for("the drain into the pool", &|| completions().len() == 2 && !marker.exists());
+    assert_eq!(completions()[1], pair("drain", "CONTINUE"));
     let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-    assert_eq!(rec["into_warm_pool"], "Warmed:Stopped", "{rec}");
-    // In the pool (no firstboot.done): nothing more is drained.
-    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
-    assert_eq!(w.code, 0, "{}", w.all());
-    assert_eq!(completions().len(), 2, "{}", w.all());
+    assert_eq!(rec["into_warm_pool"], "Warmed:Running", "{rec}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(f.node.sh("systemctl is-active bootstrap-watch.service").stdout.trim(), "active");
+    assert_eq!(completions().len(), 2, "a warm instance in the pool is not drained again");
 
-    // Into service again (the firstboot unit runs init at the boot out of the pool).
+    // Into service again: the watcher starts init, which completes the new launch action.
     f.proxy.start_action(&f.id, "launch");
     f.imds.set_meta(target, Some("InService"));
-    let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
-    assert_eq!(r.code, 0, "{}", r.all());
-    let shown: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(shown["lifecycle"]["result"], "CONTINUE", "{shown}");
+    // (init writes its report with the launch outcome last.)
+    let reported = || {
+        std::fs::read(f.node.merged.join("var/lib/bootstrap/last-run.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|r| r["command"] == "init" && r["lifecycle"]["target_state"] == "InService" && r["lifecycle"]["hook"] == "launch")
+    };
+    wait_for("the launch into service", &|| completions().len() == 3 && marker.exists() && reported());
     assert_eq!(completions()[2], pair("launch", "CONTINUE"));
-    assert!(marker.exists());
     assert!(!record.exists(), "the drain of the return into the pool is over");
-    stop_watcher();
 
     // Terminated later: drained again.
     f.proxy.start_action(&f.id, "drain");
     f.imds.set_meta(target, Some("Terminated"));
+    wait_for("the termination's drain", &|| completions().len() == 4);
+    assert_eq!(completions()[3], pair("drain", "CONTINUE"));
+
+    // A drain into the pool whose completion the API did not take (the watcher exited 1): the
+    // next watcher completes it, though firstboot.done is gone already.
+    assert_eq!(f.node.sh("systemctl stop bootstrap-watch.service && echo ok").stdout.trim(), "ok");
+    f.proxy.start_action(&f.id, "drain");
+    std::fs::write(
+        &record,
+        serde_json::json!({"at": "2026-12-01T00:00:00Z", "instance_id": f.id, "released_reboot_slot": false,
+            "lifecycle_hook": "drain", "completed": false, "into_warm_pool": "Warmed:Running"})
+        .to_string(),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(&marker);
+    f.imds.set_meta(target, Some("Warmed:Running"));
     let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
     assert_eq!(w.code, 0, "{}", w.all());
-    assert_eq!(completions().len(), 4, "{:?}\n{}", completions(), w.all());
-    assert_eq!(completions()[3], pair("drain", "CONTINUE"));
+    assert_eq!(completions().len(), 5, "{:?}\n{}", completions(), w.all());
+    assert_eq!(completions()[4], pair("drain", "CONTINUE"));
+    // Done: looking again does nothing.
+    let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
+    assert_eq!(w.code, 0, "{}", w.all());
+    assert_eq!(completions().len(), 5, "{}", w.all());
 }
 
 /// A node drained while etcd did not answer still holds its rollout slot (the drain could not
