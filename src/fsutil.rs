@@ -217,3 +217,117 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("f")]);
     }
 }
+
+/// Filesystem types that `sync_local_filesystems` leaves alone: network and FUSE filesystems
+/// (a server that does not answer would hold the call; their clients write back on close
+/// anyway), automount points (opening one mounts it) and kernel pseudo-filesystems.
+const NOT_SYNCED: &[&str] = &[
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ceph",
+    "glusterfs",
+    "9p",
+    "lustre",
+    "afs",
+    "autofs",
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "devpts",
+    "mqueue",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "pstore",
+    "bpf",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+    "hugetlbfs",
+    "efivarfs",
+    "rpc_pipefs",
+    "nsfs",
+];
+
+/// The mount points of `/proc/self/mountinfo` to sync: one per device, in mount order, without
+/// the types in [`NOT_SYNCED`] and FUSE (`fuse`, `fuse.*`).
+fn local_mounts(mountinfo: &str) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let f: Vec<&str> = left.split(' ').collect();
+        let (Some(dev), Some(point)) = (f.get(2), f.get(4)) else { continue };
+        let Some(fstype) = right.split(' ').next() else { continue };
+        if NOT_SYNCED.contains(&fstype) || fstype == "fuse" || fstype.starts_with("fuse.") || fstype.starts_with("fuseblk") {
+            continue;
+        }
+        if seen.insert(dev.to_string()) {
+            out.push(unescape_mount(point));
+        }
+    }
+    out
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Make what was written without fsyncs durable: `syncfs` on every local filesystem (one per
+/// device), not `sync()`, which would also wait for network filesystems (an NFS or EFS server
+/// that does not answer would hold a first boot for good). Failures are logged: the data is
+/// written back by the kernel anyway, and this only shortens the window.
+pub fn sync_local_filesystems() {
+    let mountinfo = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("reading /proc/self/mountinfo: {e}; syncing everything");
+            nix::unistd::sync();
+            return;
+        }
+    };
+    for point in local_mounts(&mountinfo) {
+        let synced = rustix::fs::open(
+            point.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NONBLOCK,
+            rustix::fs::Mode::empty(),
+        )
+        .and_then(|fd| rustix::fs::syncfs(&fd));
+        if let Err(e) = synced {
+            tracing::warn!("syncfs {point}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    #[test]
+    fn local_mounts_skip_network_fuse_and_pseudo_filesystems_and_repeated_devices() {
+        let info = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                    27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    30 27 254:1 / /boot rw - vfat /dev/vda1 rw\n\
+                    31 27 0:50 / /mnt/efs rw - nfs4 fs-1.efs:/ rw\n\
+                    32 27 0:51 / /mnt/s3 rw - fuse.s3fs s3fs rw\n\
+                    33 27 254:0 /srv /srv rw - ext4 /dev/vda rw\n\
+                    34 27 0:52 / /var/lib/with\\040space rw - xfs /dev/vdb rw\n\
+                    35 27 0:53 / /run rw - tmpfs tmpfs rw\n";
+        assert_eq!(super::local_mounts(info), ["/", "/boot", "/var/lib/with space", "/run"]);
+    }
+}

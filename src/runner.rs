@@ -140,7 +140,7 @@ pub fn run(cmd: &Cmd) -> Result<Output> {
 /// answered with success and not done: a seccomp filter that `sync`, `syncfs`, `fsync`,
 /// `fdatasync`, `sync_file_range` and `msync` return 0 from, as `systemd-nspawn
 /// --suppress-sync` and eatmydata do. The caller makes the command's writes durable afterwards
-/// with one `sync()`, and must be able to redo the command after a crash before that (see
+/// with one sync (`fsutil::sync_local_filesystems`), and must be able to redo the command after a crash before that (see
 /// `step::package`). Where the filter cannot be installed (no CAP_SYS_ADMIN, another
 /// architecture), the command runs with its syncs.
 ///

@@ -197,7 +197,7 @@ pub(super) fn apply_loaded(
     if host.first_boot {
         // What the first boot wrote without fsyncs (`Host::owned_fs`), durable before
         // `firstboot.done` and before anything else is recorded.
-        nix::unistd::sync();
+        crate::fsutil::sync_local_filesystems();
     }
     report.command = o.command.into();
     report.bundle = Some(engine::report::BundleInfo {

@@ -138,7 +138,7 @@ impl Root {
     /// With `defer`, writes, links, directories and removals through this root skip their
     /// fsyncs (still a temp file renamed over the target, so no reader sees a partial file, but
     /// a crash of the machine before the data reaches the disk can leave the file empty or
-    /// old); whoever asks for it makes them durable later with one `sync()` and must redo them
+    /// old); whoever asks for it makes them durable later with one sync of the filesystems and must redo them
     /// after a crash before it. For the first boot's
     /// steps that own a path's whole content (`Host::owned_fs`).
     pub fn deferring_syncs(mut self, defer: bool) -> Root {

@@ -338,7 +338,7 @@ fn installed_list() -> Result<String> {
 
 /// A first-boot apt transaction: apt, dpkg and the maintainer scripts run without fsyncs
 /// (cloud-init runs apt under eatmydata for the same reason: the syncs are most of what a
-/// first install waits for), then one `sync()` makes it all durable. Until that sync, a crash
+/// first install waits for), then one sync of the local filesystems (`fsutil::sync_local_filesystems`) makes it all durable. Until that sync, a crash
 /// of the machine could leave files that dpkg's database says are installed empty, and a
 /// re-run trusts that database: so the database's list from before is written (synced) to
 /// [`UNSYNCED`] first and removed after the sync, and a run that finds it redoes what the
@@ -350,7 +350,7 @@ fn apt_first_boot(host: &Host, args: &[&str]) -> Result<runner::Output> {
     tracing::info!("first boot: apt-get with its fsyncs suppressed (where the kernel takes the filter), one sync after it");
     let out = apt_tx(args, true);
     // Failed or not, what it wrote is made durable before the marker goes.
-    nix::unistd::sync();
+    crate::fsutil::sync_local_filesystems();
     state.remove(UNSYNCED)?;
     out
 }
@@ -420,7 +420,7 @@ fn redo_unsynced(before: &[u8], marker: &std::path::Path) -> Result<()> {
     if !left.is_empty() {
         bail!("after the reinstall these files are still empty and differ from their packages: {}", left.join(", "));
     }
-    nix::unistd::sync();
+    crate::fsutil::sync_local_filesystems();
     Ok(())
 }
 
