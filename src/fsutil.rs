@@ -253,22 +253,18 @@ const NOT_SYNCED: &[&str] = &[
     "nsfs",
 ];
 
-/// The mount points of `/proc/self/mountinfo` to sync: one per device, in mount order, without
-/// the types in [`NOT_SYNCED`] and FUSE (`fuse`, `fuse.*`).
+/// The mount points of `/proc/self/mountinfo` to sync, in mount order, without the types in
+/// [`NOT_SYNCED`] and FUSE (`fuse`, `fuse.*`). Several may be one filesystem (bind mounts).
 fn local_mounts(mountinfo: &str) -> Vec<String> {
-    let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else { continue };
-        let f: Vec<&str> = left.split(' ').collect();
-        let (Some(dev), Some(point)) = (f.get(2), f.get(4)) else { continue };
+        let Some(point) = left.split(' ').nth(4) else { continue };
         let Some(fstype) = right.split(' ').next() else { continue };
         if NOT_SYNCED.contains(&fstype) || fstype == "fuse" || fstype.starts_with("fuse.") || fstype.starts_with("fuseblk") {
             continue;
         }
-        if seen.insert(dev.to_string()) {
-            out.push(unescape_mount(point));
-        }
+        out.push(unescape_mount(point));
     }
     out
 }
@@ -303,14 +299,26 @@ pub fn sync_local_filesystems() {
             return;
         }
     };
+    let mut synced = std::collections::BTreeSet::new();
     for point in local_mounts(&mountinfo) {
-        let synced = rustix::fs::open(
+        // Directories only (a file bind-mounted over another is not opened: it could be a
+        // device), each filesystem once.
+        let fd = match rustix::fs::open(
             point.as_str(),
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NONBLOCK,
             rustix::fs::Mode::empty(),
-        )
-        .and_then(|fd| rustix::fs::syncfs(&fd));
-        if let Err(e) = synced {
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::NOENT | rustix::io::Errno::ACCESS) => continue,
+            Err(e) => {
+                tracing::warn!("syncfs {point}: {e}");
+                continue;
+            }
+        };
+        if !rustix::fs::fstat(&fd).is_ok_and(|st| synced.insert(st.st_dev)) {
+            continue;
+        }
+        if let Err(e) = rustix::fs::syncfs(&fd) {
             tracing::warn!("syncfs {point}: {e}");
         }
     }
@@ -319,7 +327,7 @@ pub fn sync_local_filesystems() {
 #[cfg(test)]
 mod sync_tests {
     #[test]
-    fn local_mounts_skip_network_fuse_and_pseudo_filesystems_and_repeated_devices() {
+    fn local_mounts_skip_network_fuse_and_pseudo_filesystems() {
         let info = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
                     27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
                     30 27 254:1 / /boot rw - vfat /dev/vda1 rw\n\
@@ -328,6 +336,6 @@ mod sync_tests {
                     33 27 254:0 /srv /srv rw - ext4 /dev/vda rw\n\
                     34 27 0:52 / /var/lib/with\\040space rw - xfs /dev/vdb rw\n\
                     35 27 0:53 / /run rw - tmpfs tmpfs rw\n";
-        assert_eq!(super::local_mounts(info), ["/", "/boot", "/var/lib/with space", "/run"]);
+        assert_eq!(super::local_mounts(info), ["/", "/boot", "/srv", "/var/lib/with space", "/run"]);
     }
 }

@@ -389,7 +389,23 @@ fn redo_unsynced(before: &[u8], marker: &std::path::Path) -> Result<()> {
             before.len()
         );
     }
-    let redo: Vec<&str> = now.lines().filter(|p| !before.contains(p)).collect();
+    let mut redo: Vec<&str> = now.lines().filter(|p| !before.contains(p)).collect();
+    // The crash may also have lost the database's record of the transaction and kept its
+    // renames: a package the list does not show as changed, with files left empty. Every
+    // package's files are checked against their hashes for that signature (an empty regular
+    // file that differs from its package's; a file an image build changed is not empty).
+    let emptied: Vec<String> = verify(&[])?.into_iter().filter(|b| !b.conffile && !b.missing && is_empty_file(&b.path)).map(|b| b.path).collect();
+    if !emptied.is_empty() {
+        tracing::warn!("files left empty: {}", emptied.join(", "));
+        for owner in owners(&emptied)? {
+            let known = now.lines().find(|p| p.starts_with(&format!("{owner}=")) || p.starts_with(&format!("{owner}:")));
+            match known {
+                Some(p) if !redo.contains(&p) => redo.push(p),
+                Some(_) => {}
+                None => bail!("{owner} owns a file left empty but is not installed"),
+            }
+        }
+    }
     if redo.is_empty() {
         return Ok(());
     }
@@ -412,16 +428,37 @@ fn redo_unsynced(before: &[u8], marker: &std::path::Path) -> Result<()> {
         bail!("apt-get install --reinstall {} {}:\n{}", redo.join(" "), o.describe(), o.tail(15));
     }
     // What a crash leaves is an empty file; a file a maintainer script changed is not one.
-    let left: Vec<String> = verify(&names)?
-        .into_iter()
-        .filter(|b| !b.conffile && !b.missing && std::fs::symlink_metadata(&b.path).is_ok_and(|m| m.is_file() && m.len() == 0))
-        .map(|b| b.path)
-        .collect();
+    let left: Vec<String> = verify(&names)?.into_iter().filter(|b| !b.conffile && !b.missing && is_empty_file(&b.path)).map(|b| b.path).collect();
     if !left.is_empty() {
         bail!("after the reinstall these files are still empty and differ from their packages: {}", left.join(", "));
     }
     crate::fsutil::sync_local_filesystems();
     Ok(())
+}
+
+fn is_empty_file(path: &str) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0)
+}
+
+/// The packages that own `paths` (`dpkg -S`), as dpkg names them (`name` or `name:arch`).
+fn owners(paths: &[String]) -> Result<Vec<String>> {
+    let argv: Vec<&str> = ["dpkg", "-S", "--"].into_iter().chain(paths.iter().map(String::as_str)).collect();
+    let o = query(&argv)?;
+    if !o.success() {
+        bail!("dpkg -S {} {}:\n{}", paths.join(" "), o.describe(), o.tail(15));
+    }
+    Ok(parse_owners(&o.stdout))
+}
+
+/// `dpkg -S` lines: `pkg[, pkg...]: /path`; diversion lines are not ownership.
+fn parse_owners(out: &str) -> Vec<String> {
+    let mut owners = std::collections::BTreeSet::new();
+    for line in out.lines().filter(|l| !l.starts_with("diversion by ")) {
+        if let Some((pkgs, _path)) = line.split_once(": /") {
+            owners.extend(pkgs.split(", ").map(|p| p.trim().to_string()).filter(|p| !p.is_empty()));
+        }
+    }
+    owners.into_iter().collect()
 }
 
 /// A file `dpkg --verify` reports.
@@ -609,6 +646,13 @@ mod tests {
             installed: m(installed),
             candidates: m(cand),
         }
+    }
+
+    #[test]
+    fn dpkg_search_owners() {
+        let out = "hello: /usr/bin/hello\nlibc6:amd64: /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                   diversion by dash from: /bin/sh\nbase-files, dpkg: /etc\n";
+        assert_eq!(parse_owners(out), ["base-files", "dpkg", "hello", "libc6:amd64"]);
     }
 
     #[test]

@@ -335,6 +335,18 @@ fn first_boot_installs_packages_without_fsyncs_and_a_crash_before_the_sync_is_re
     let r = node.agent(&["apply", "--detailed-exitcodes"]);
     assert_eq!(r.code, 0, "{}", r.all());
 
+    // A crash that lost the database's record of the transaction but not its renames: the
+    // list from before is the list now, and hello's program is empty. The repair finds the
+    // emptied file in every package's hashes and reinstalls its package.
+    let now = node.sh(installed).stdout;
+    std::fs::write(&marker, &now).unwrap();
+    let r = node.sh(": > /usr/bin/hello && rm /var/lib/bootstrap/firstboot.done && echo ok");
+    assert_eq!(r.stdout.trim(), "ok", "{}", r.all());
+    let r = node.agent(&["init"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(node.sh("hello").stdout, "Hello, world!\n", "{}", r.all());
+    assert!(!marker.exists());
+
     // A crash that lost dpkg's database (its status file empty): the run fails, naming the
     // marker, which stays for the operator.
     std::fs::write(&marker, &before).unwrap();
