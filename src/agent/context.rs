@@ -129,21 +129,26 @@ impl Context {
     /// `[rollout]` and `[report]` validated, with the group and this node's holder id; every
     /// mistake is a `ConfigError` (exit 78), found before any step runs.
     pub fn rollout_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
-        let mut s = self.rollout_gate_settings()?;
-        s.report_s3 = self.report_s3()?;
-        Ok(s)
-    }
-
-    /// `[rollout]` alone (no `[report] s3`): for what only needs the rollout's slots, like the
-    /// watcher giving them back in a drain, which a mistake in `[report]` must not stop.
-    pub fn rollout_gate_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
-        crate::rollout::Settings::new(
+        let mut s = crate::rollout::Settings::new(
             &self.config,
             self.rollout_group()?,
             self.holder_id(),
             self.root == std::path::Path::new("/"),
             true,
-        )
+        )?;
+        s.report_s3 = self.report_s3()?;
+        Ok(s)
+    }
+
+    /// The rollout's etcd, group and holder, without `[report] s3` and without checking what
+    /// only a run uses (`[[rollout.health]]`, `wait`, `batch`): for the watcher giving the
+    /// node's slots back in a drain, which a mistake there must not stop.
+    pub fn rollout_gate_settings(&self) -> Result<crate::rollout::Settings, crate::error::ConfigError> {
+        let mut cfg = self.config.clone();
+        cfg.rollout.health.clear();
+        cfg.rollout.wait = None;
+        cfg.rollout.batch = None;
+        crate::rollout::Settings::new(&cfg, self.rollout_group()?, self.holder_id(), self.root == std::path::Path::new("/"), true)
     }
 
     /// `[report] s3` substituted and checked (None: not set). An image build (`--root`) never

@@ -527,15 +527,18 @@ fn the_drain_gives_back_a_rollout_slot_the_node_holds() {
     assert_eq!(r.wait_slot(&v3, "i-other", 1, soon()).unwrap(), Waited::Acquired);
     assert_eq!(rollout_status(&f, &v2)["holders"], serde_json::json!([f.id]));
     // A `[report] s3` the node refuses (no `${instance_id}`: every node would write one
-    // object) fails its runs, but the watcher needs only `[rollout]` to give the slot back.
+    // object) and a rollout health check it refuses (two checks in one) fail its runs, but the
+    // watcher needs only the rollout's etcd, group and holder to give the slot back.
     let config = f.node.merged.join("etc/bootstrap/config.toml");
-    let mut c = std::fs::read_to_string(&config).unwrap();
-    c.push_str("\n[report]\ns3 = \"s3://fleet/nodes/one.json\"\n");
-    std::fs::write(&config, c).unwrap();
+    let good = std::fs::read_to_string(&config).unwrap();
+    let bad = format!("{good}\n[report]\ns3 = \"s3://fleet/nodes/one.json\"\n[[rollout.health]]\nunit = \"web.service\"\nurl = \"http://127.0.0.1/\"\n");
+    std::fs::write(&config, bad).unwrap();
 
     f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Terminated"));
     let w = f.node.agent_env(&["watch", "--once"], &AWS_ENV);
     assert_eq!(w.code, 0, "{}", w.all());
+    // (`rollout status` reads the whole config.)
+    std::fs::write(&config, good).unwrap();
     let st = rollout_status(&f, &v2);
     assert_eq!(
         st["holders"],
