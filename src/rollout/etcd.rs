@@ -24,6 +24,8 @@ use std::time::Instant;
 
 /// The most keys `rollout status` and `fleet status` read in one range.
 const STATUS_LIMIT: u64 = 100_000;
+/// The keys one range of [`Rollouts::keys_under`] returns (a page, not a limit).
+const KEYS_PAGE: u64 = 10_000;
 
 /// A finished rollout's records are deleted once its newest record is this old (and no
 /// reporting node runs the bundle): see [`Rollouts::prune`].
@@ -355,13 +357,9 @@ impl Rollouts {
     /// anything: the semaphore is closed).
     pub fn held_by(&self, me: &str) -> Result<Vec<HeldSlot>, LockError> {
         let dir = format!("{}/rollout/", self.lock.base());
-        let r = self.lock.gateway(
-            "/v3/kv/range",
-            json!({ "key": b64(&dir), "range_end": prefix_end(&dir), "keys_only": true, "limit": STATUS_LIMIT.to_string() }),
-        )?;
         let mut sems = Vec::new();
         let mut aborted = std::collections::BTreeSet::new();
-        for (k, _) in kvs(&r) {
+        for k in self.keys_under(&dir)? {
             let Some(rest) = k.strip_prefix(&dir) else { continue };
             match rest.split_once('/') {
                 Some((sha, "semaphore")) => sems.push(sha.to_string()),
@@ -391,6 +389,30 @@ impl Rollouts {
             }
         }
         Ok(held)
+    }
+
+    /// Every key under `dir`, in ranges of [`KEYS_PAGE`] keys (keys only): a slot must be
+    /// found however many records the group's rollouts have, and no one request may take long
+    /// enough to meet the client's timeout.
+    fn keys_under(&self, dir: &str) -> Result<Vec<String>, LockError> {
+        let mut out = Vec::new();
+        let mut from = dir.to_string();
+        loop {
+            let r = self.lock.gateway(
+                "/v3/kv/range",
+                json!({ "key": b64(&from), "range_end": prefix_end(dir), "keys_only": true, "limit": KEYS_PAGE.to_string() }),
+            )?;
+            let page: Vec<String> = kvs(&r).into_iter().map(|(k, _)| k).collect();
+            let more = r["more"].as_bool() == Some(true);
+            match (more, page.last()) {
+                (true, Some(last)) => from = format!("{last}\0"),
+                _ => {
+                    out.extend(page);
+                    return Ok(out);
+                }
+            }
+            out.extend(page);
+        }
     }
 
     /// Give back every rollout slot `me` holds in the group (a node going away: `bootstrap

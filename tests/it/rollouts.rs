@@ -1019,3 +1019,40 @@ fn a_run_that_waited_for_a_slot_does_not_overwrite_a_newer_report() {
     assert!(log.contains("web:"), "the waiting run did not finish its run: {log}");
     assert_eq!(n.report()["source"], "/srv/hand", "the older run's report overwrote the newer one: {log}");
 }
+
+/// The drain's give-back finds a node's rollout slot however many rollout records the group has:
+/// past the 100,000 keys one etcd range returns (a large fleet's week of rollouts), the slot
+/// of a bundle whose keys sort last is still found and given back.
+#[test]
+fn held_slots_are_found_past_one_range_of_rollout_keys() {
+    use bootstrap::reboot::etcd::Waited;
+    use bootstrap::rollout::etcd::Rollouts;
+    use std::time::{Duration, Instant};
+    let etcd = Etcd::start(1);
+    let lock = etcd.lock("production-web");
+    let dir = format!("{}/rollout/", lock.base());
+    let r = Rollouts::from_lock(lock);
+    // 100,100 records of an old bundle whose sha256 sorts first, in transactions of 128 puts.
+    let old = "0".repeat(64);
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    let http = reqwest::blocking::Client::new();
+    let url = format!("{}/v3/kv/txn", etcd.endpoints()[0]);
+    let keys: Vec<String> = (0..100_100).map(|i| format!("{dir}{old}/applied/i-{i:08}")).collect();
+    for chunk in keys.chunks(128) {
+        let ops: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|k| serde_json::json!({ "request_put": { "key": b64(k), "value": b64("{}") } }))
+            .collect();
+        let resp = http.post(&url).json(&serde_json::json!({ "success": ops })).send().unwrap();
+        assert!(resp.status().is_success(), "{:?}", resp.text());
+    }
+    let new = "f".repeat(64);
+    assert_eq!(
+        r.wait_slot(&new, "i-me", 1, Instant::now() + Duration::from_secs(30)).unwrap(),
+        Waited::Acquired
+    );
+    let held: Vec<String> = r.held_by("i-me").unwrap().into_iter().map(|h| h.sha256).collect();
+    assert_eq!(held, [new.clone()]);
+    assert_eq!(r.give_back_all("i-me").unwrap_or_else(|e| panic!("{e}")), [new]);
+    assert!(r.held_by("i-me").unwrap().is_empty());
+}
