@@ -1052,7 +1052,7 @@ fn held_slots_are_found_past_one_range_of_rollout_keys() {
         Waited::Acquired
     );
     let held: Vec<String> = r.held_by("i-me").unwrap().into_iter().map(|h| h.sha256).collect();
-    assert_eq!(held, [new.clone()]);
+    assert_eq!(held, std::slice::from_ref(&new));
     assert_eq!(r.give_back_all("i-me").unwrap_or_else(|e| panic!("{e}")), [new]);
     assert!(r.held_by("i-me").unwrap().is_empty());
 }
