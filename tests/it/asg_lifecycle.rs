@@ -643,14 +643,9 @@ fn unhealthy_after_never_marks_a_node_holding_a_rollout_slot() {
     assert_eq!(only(f.proxy.ok_calls("SetInstanceHealth")).params["InstanceId"], f.id);
 }
 
-/// An instance launched into a warm pool (`autoscaling/target-lifecycle-state` is
-/// `Warmed:Running`): `init` converges it and completes that launch action with CONTINUE but
-/// writes no `firstboot.done`; when the running warm instance goes into service (IMDS says
-/// `InService`), the watcher `init` started starts the firstboot unit, whose `init` holds and
-/// completes the new launch action and only then writes the marker. A third `init` completes
-/// nothing.
-#[test]
-fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
+/// A fleet of one node whose units (the watcher and the firstboot unit that `init` installs)
+/// run with `[asg] enabled`, a 1 s watch interval and this test's instance-role credentials.
+fn warm_fleet() -> Fleet {
     let f = fleet("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/warm\"\ncontent = \"ready\\n\"\n", "");
     f.node.write_config(&format!(
         "{}enabled = true\nwatch_interval = \"1s\"\n",
@@ -663,6 +658,18 @@ fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
         std::fs::create_dir_all(&dropin).unwrap();
         std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
     }
+    f
+}
+
+/// An instance launched into a warm pool (`autoscaling/target-lifecycle-state` is
+/// `Warmed:Running`): `init` converges it and completes that launch action with CONTINUE but
+/// writes no `firstboot.done`; when the running warm instance goes into service (IMDS says
+/// `InService`), the watcher `init` started starts the firstboot unit, whose `init` holds and
+/// completes the new launch action and only then writes the marker. A third `init` completes
+/// nothing.
+#[test]
+fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
+    let f = warm_fleet();
     f.imds.set_meta("autoscaling/target-lifecycle-state", Some("Warmed:Running"));
     let r = f.node.agent_env(&["init", "--json"], &AWS_ENV);
     assert_eq!(r.code, 0, "{}", r.all());
@@ -713,18 +720,7 @@ fn a_warm_pool_instance_completes_its_launch_again_when_it_goes_into_service() {
 /// watcher, and an instance still being prepared in the pool is never drained.
 #[test]
 fn an_instance_scaled_in_back_into_its_warm_pool_is_drained_and_launches_again() {
-    let f = fleet("schema = 1\n[[step]]\nkind = \"file\"\npath = \"/etc/warm\"\ncontent = \"ready\\n\"\n", "");
-    f.node.write_config(&format!(
-        "{}enabled = true\nwatch_interval = \"1s\"\n",
-        std::fs::read_to_string(f.node.merged.join("etc/bootstrap/config.toml")).unwrap()
-    ));
-    // The units init installs get this test's instance-role credentials.
-    let env: String = AWS_ENV.iter().map(|(k, v)| format!("Environment={k}={v}\n")).collect();
-    for unit in ["bootstrap-watch.service", "bootstrap-firstboot.service"] {
-        let dropin = f.node.merged.join(format!("etc/systemd/system/{unit}.d"));
-        std::fs::create_dir_all(&dropin).unwrap();
-        std::fs::write(dropin.join("aws.conf"), format!("[Service]\n{env}")).unwrap();
-    }
+    let f = warm_fleet();
     let target = "autoscaling/target-lifecycle-state";
     let marker = f.node.merged.join("var/lib/bootstrap/firstboot.done");
     let record = f.node.merged.join("var/lib/bootstrap/asg-terminate.json");
