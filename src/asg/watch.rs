@@ -5,7 +5,10 @@
 //! starts a change or takes a reboot slot behind the drain), runs the drain hooks
 //! (`[[asg.terminate_hook]]`, else the `[[reboot.pre_hook]]` commands) with their timeouts,
 //! gives back a reboot slot, every rollout slot and an `unhealthy_after` place the node holds,
-//! and completes the action with CONTINUE. Then it exits.
+//! and completes the action with CONTINUE. Then it exits. When an instance in service reads
+//! `Warmed:*` (a scale-in back into the warm pool, ReuseOnScaleIn) it drains the same way,
+//! makes the instance a warm one again and goes on watching (see `drain_into_pool`); reading
+//! `InService` on a warm instance, it starts `init` (see `launch::start_init_into_service`).
 
 use super::api;
 use crate::reboot::settings::Service;
