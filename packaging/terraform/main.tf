@@ -54,10 +54,11 @@ data "aws_iam_policy_document" "agent" {
     resources = ["arn:aws:s3:::${var.bundle_bucket}/roles-${var.env}.tar.gz*"]
   }
   # Naming from the Name tag when instance-metadata tags are off; lock reap and rollout reap
-  # (DescribeInstanceStatus; DescribeInstances for agents older than that, for one release).
+  # (DescribeInstanceStatus, and DescribeRegions to look for an id this region does not know;
+  # DescribeInstances for agents older than that, for one release).
   statement {
     sid       = "DescribeForNamingAndReap"
-    actions   = ["ec2:DescribeTags", "ec2:DescribeInstanceStatus", "ec2:DescribeInstances"]
+    actions   = ["ec2:DescribeTags", "ec2:DescribeInstanceStatus", "ec2:DescribeRegions", "ec2:DescribeInstances"]
     resources = ["*"]
   }
   # secret("ssm:/…") in templates, with decryption.

@@ -59,16 +59,20 @@ pub fn run(cmd: &LockCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow::R
                 println!("{}: no semaphore", l.key());
                 return Ok(0);
             };
+            use crate::facts::ec2::{Instance, InstanceLookup};
+            let mut lookup = InstanceLookup::new(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref());
             for h in &sem.holders {
                 if !h.starts_with("i-") {
                     println!("kept {h}: not an EC2 instance id");
                     continue;
                 }
-                if crate::facts::ec2::instance_gone(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref(), h)? {
-                    l.release_now(h, cx.config.reboot.etcd.slots.unwrap_or(1))?;
-                    println!("removed {h}: instance terminated or unknown");
-                } else {
-                    println!("kept {h}: instance exists");
+                match lookup.find(h)? {
+                    Instance::Gone => {
+                        l.release_now(h, cx.config.reboot.etcd.slots.unwrap_or(1))?;
+                        println!("removed {h}: instance terminated or unknown");
+                    }
+                    Instance::Here => println!("kept {h}: instance exists"),
+                    Instance::In(region) => println!("kept {h}: instance exists in {region}"),
                 }
             }
         }

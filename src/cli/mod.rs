@@ -152,7 +152,8 @@ pub enum LockCmd {
     Release { id: String },
     /// Set the number of slots.
     SetSlots { n: u64 },
-    /// Remove holders whose EC2 instance is terminated or unknown (ec2:DescribeInstanceStatus).
+    /// Remove holders whose EC2 instance is terminated or unknown (ec2:DescribeInstanceStatus;
+    /// an id unknown to this region is looked for in the other regions first).
     Reap,
 }
 
@@ -169,7 +170,8 @@ pub enum RolloutCmd {
     /// bundle before it.
     Abort { sha256: String },
     /// Give back the rollout slots of holders whose EC2 instance is terminated or unknown
-    /// (ec2:DescribeInstanceStatus); ids that are not instance ids are kept. For cron, like `lock reap`.
+    /// (ec2:DescribeInstanceStatus; an id unknown to this region is looked for in the other
+    /// regions first); ids that are not instance ids are kept. For cron, like `lock reap`.
     Reap,
     /// Give back every rollout slot HOLDER holds in the group (a node that will not come back).
     Release { holder: String },

@@ -88,26 +88,25 @@ pub fn run(cmd: &RolloutCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow
             println!("group {group}: bundle {sha256} aborted; nodes that applied it go back to their good bundle on their next run");
         }
         RolloutCmd::Reap => {
-            let mut gone: std::collections::BTreeMap<String, bool> = Default::default();
+            use crate::facts::ec2::{Instance, InstanceLookup};
+            let mut lookup = InstanceLookup::new(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref());
+            let mut seen: std::collections::BTreeMap<String, Instance> = Default::default();
             for st in r.status()? {
                 for h in &st.holders {
                     if !h.starts_with("i-") {
                         println!("kept {h}: not an EC2 instance id");
                         continue;
                     }
-                    let dead = match gone.get(h) {
-                        Some(d) => *d,
-                        None => {
-                            let d = crate::facts::ec2::instance_gone(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref(), h)?;
-                            gone.insert(h.clone(), d);
-                            d
+                    if !seen.contains_key(h) {
+                        seen.insert(h.clone(), lookup.find(h)?);
+                    }
+                    match &seen[h] {
+                        Instance::Gone => {
+                            r.give_back(&st.sha256, h)?;
+                            println!("removed {h} from bundle {}: instance terminated or unknown", st.sha256);
                         }
-                    };
-                    if dead {
-                        r.give_back(&st.sha256, h)?;
-                        println!("removed {h} from bundle {}: instance terminated or unknown", st.sha256);
-                    } else {
-                        println!("kept {h}: instance exists");
+                        Instance::Here => println!("kept {h}: instance exists"),
+                        Instance::In(region) => println!("kept {h}: instance exists in {region}"),
                     }
                 }
             }

@@ -13,28 +13,108 @@ fn client(region: Option<&str>, endpoint: Option<&str>) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::from_conf(b.build())
 }
 
-/// Is this instance gone (terminated, shutting down, or unknown to EC2)? Errors other than
-/// "not found" are returned: an API failure must not look like a dead instance.
+/// What EC2 says of an instance a reap finds holding a slot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Instance {
+    /// Running, stopped, pending... in the region asked.
+    Here,
+    /// Alive, but in this other region (the region asked did not know it).
+    In(String),
+    /// Terminated or shutting down, or unknown to every region of the account.
+    Gone,
+}
+
+/// Looks up instances for `lock reap` and `rollout reap`, asked with
+/// `ec2:DescribeInstanceStatus` (all instances, not only running ones: it answers the state as
+/// `DescribeInstances` does, and its small output shape keeps the SDK's parser of the full
+/// instance description out of the binary).
 ///
-/// Asked with `ec2:DescribeInstanceStatus` (all instances, not only running ones): it answers
-/// the state as `DescribeInstances` does, and its small output shape keeps the SDK's parser of
-/// the full instance description (hundreds of fields) out of the binary.
-pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<bool> {
-    let c = client(region, endpoint);
-    let resp = crate::aws::runtime().block_on(c.describe_instance_status().instance_ids(instance_id).include_all_instances(true).send());
-    let resp = match resp {
+/// An instance id the region asked does not know is looked for in the account's other enabled
+/// regions (`ec2:DescribeRegions`) before it counts as gone: an operator whose AWS_REGION is not
+/// the fleet's would otherwise see every live holder as unknown and take every slot. Errors are
+/// returned, never read as a dead instance.
+pub struct InstanceLookup {
+    client: aws_sdk_ec2::Client,
+    endpoint: Option<String>,
+    others: Option<Vec<String>>,
+}
+
+impl InstanceLookup {
+    pub fn new(region: Option<&str>, endpoint: Option<&str>) -> InstanceLookup {
+        InstanceLookup {
+            client: client(region, endpoint),
+            endpoint: endpoint.map(str::to_string),
+            others: None,
+        }
+    }
+
+    pub fn find(&mut self, instance_id: &str) -> Result<Instance> {
+        let rt = crate::aws::runtime();
+        let asked = self.client.config().region().map(|r| r.to_string());
+        match rt.block_on(state_in(self.client.clone(), instance_id.to_string())) {
+            Ok(Some(true)) => return Ok(Instance::Gone),
+            Ok(Some(false)) => return Ok(Instance::Here),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(e.context(format!(
+                    "ec2:DescribeInstanceStatus {instance_id} in {}",
+                    asked.as_deref().unwrap_or("the default region")
+                )))
+            }
+        }
+        if self.others.is_none() {
+            let resp = rt
+                .block_on(self.client.describe_regions().send())
+                .map_err(|e| anyhow::anyhow!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e)))
+                .with_context(|| {
+                    format!(
+                        "ec2:DescribeRegions (to look for {instance_id}, unknown to {}, in the other regions)",
+                        asked.as_deref().unwrap_or("the default region")
+                    )
+                })?;
+            let mut names: Vec<String> = resp.regions().iter().filter_map(|r| r.region_name().map(str::to_string)).collect();
+            names.retain(|n| Some(n) != asked.as_ref());
+            names.sort();
+            self.others = Some(names);
+        }
+        // Every other region at once: a few dozen small requests.
+        let handles: Vec<_> = self
+            .others
+            .iter()
+            .flatten()
+            .map(|r| {
+                let c = client(Some(r), self.endpoint.as_deref());
+                (r.clone(), rt.spawn(state_in(c, instance_id.to_string())))
+            })
+            .collect();
+        let mut found = Instance::Gone;
+        for (region, h) in handles {
+            let state = rt
+                .block_on(h)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|r| r)
+                .with_context(|| format!("ec2:DescribeInstanceStatus {instance_id} in {region}"))?;
+            if state == Some(false) && found == Instance::Gone {
+                found = Instance::In(region);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// One region's answer: None when it does not know the id, Some(true) when the instance is
+/// terminated or shutting down, Some(false) when it is alive.
+async fn state_in(c: aws_sdk_ec2::Client, instance_id: String) -> Result<Option<bool>> {
+    let resp = match c.describe_instance_status().instance_ids(&instance_id).include_all_instances(true).send().await {
         Ok(r) => r,
         Err(e) => {
             if e.as_service_error()
                 .and_then(|se| aws_sdk_ec2::error::ProvideErrorMetadata::code(se))
                 .is_some_and(|c| c.starts_with("InvalidInstanceID"))
             {
-                return Ok(true);
+                return Ok(None);
             }
-            return Err(anyhow::anyhow!(
-                "ec2:DescribeInstanceStatus {instance_id}: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(&e)
-            ));
+            return Err(anyhow::anyhow!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e)));
         }
     };
     let states: Vec<String> = resp
@@ -42,7 +122,10 @@ pub fn instance_gone(region: Option<&str>, endpoint: Option<&str>, instance_id: 
         .iter()
         .filter_map(|i| i.instance_state().and_then(|s| s.name()).map(|n| n.as_str().to_string()))
         .collect();
-    Ok(states.is_empty() || states.iter().all(|s| s == "terminated" || s == "shutting-down"))
+    if states.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(states.iter().all(|s| s == "terminated" || s == "shutting-down")))
 }
 
 pub fn describe_tags(region: Option<&str>, endpoint: Option<&str>, instance_id: &str) -> Result<BTreeMap<String, String>> {

@@ -217,6 +217,7 @@ fn terraform_example_parses_and_grants_what_the_agent_needs() {
         "s3:GetObject",
         "ec2:DescribeTags",
         "ec2:DescribeInstanceStatus",
+        "ec2:DescribeRegions",
         "ssm:GetParameter",
         "kms:Decrypt",
         "autoscaling:CompleteLifecycleAction",

@@ -215,6 +215,8 @@ fn outside_the_window_no_slot_is_taken() {
 }
 
 /// `lock reap` drops holders whose instance is terminated or unknown (moto) and keeps the rest.
+/// An instance the operator's region does not know may live in another region (the operator's
+/// AWS_REGION is not the fleet's): it is looked for in every region before its slot is taken.
 #[test]
 fn lock_reap_removes_dead_holders_only() {
     let etcd = Etcd::start(1);
@@ -222,9 +224,10 @@ fn lock_reap_removes_dead_holders_only() {
     let live = moto.run_instance(&[("Name", "production-web")]);
     let dead = moto.run_instance(&[("Name", "production-web")]);
     moto.terminate(&dead);
+    let elsewhere = moto.run_instance_in("eu-west-1", &[("Name", "production-web")]);
     let lock = etcd.lock("production-web");
-    for h in [live.as_str(), dead.as_str(), "i-0000000000000dead", "machine-abc"] {
-        assert_eq!(lock.acquire(h, 4).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
+    for h in [live.as_str(), dead.as_str(), "i-0000000000000dead", "machine-abc", elsewhere.as_str()] {
+        assert_eq!(lock.acquire(h, 5).unwrap(), bootstrap::reboot::etcd::Acquire::Acquired);
     }
     let b = bundle(&[("roles/web/role.toml", "schema = 1\n")]);
     let node = Node::boot_host_net(b.path());
@@ -244,7 +247,8 @@ fn lock_reap_removes_dead_holders_only() {
         "{}",
         r.all()
     );
-    assert_eq!(holders(&etcd), [live, "machine-abc".to_string()]);
+    assert!(r.stdout.contains(&format!("kept {elsewhere}: instance exists in eu-west-1")), "{}", r.all());
+    assert_eq!(holders(&etcd), [live, "machine-abc".to_string(), elsewhere]);
 }
 
 /// etcd loses quorum (2 of 3 members down): no reboot, the run reports the lock service as

@@ -186,6 +186,11 @@ pub const AWS_ENV: [(&str, &str); 4] = [
 impl Moto {
     /// Start an EC2 instance in moto with these tags; returns its id.
     pub fn run_instance(&self, tags: &[(&str, &str)]) -> String {
+        self.run_instance_in("us-east-1", tags)
+    }
+
+    /// Start an EC2 instance in moto in this region (the one its request is signed for).
+    pub fn run_instance_in(&self, region: &str, tags: &[(&str, &str)]) -> String {
         let mut form = vec![
             ("Action".to_string(), "RunInstances".to_string()),
             ("Version".into(), "2016-11-15".into()),
@@ -202,7 +207,10 @@ impl Moto {
         let r = self
             .http()
             .post(&self.url)
-            .header("Authorization", "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request")
+            .header(
+                "Authorization",
+                format!("AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/ec2/aws4_request"),
+            )
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(body)
             .send()
