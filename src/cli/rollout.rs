@@ -90,17 +90,13 @@ pub fn run(cmd: &RolloutCmd, group: Option<&str>, naming: &NamingArgs) -> anyhow
         RolloutCmd::Reap => {
             use crate::facts::ec2::{Instance, InstanceLookup};
             let mut lookup = InstanceLookup::new(cx.facts.region.as_deref(), cx.config.aws.ec2_endpoint.as_deref());
-            let mut seen: std::collections::BTreeMap<String, Instance> = Default::default();
             for st in r.status()? {
                 for h in &st.holders {
                     if !h.starts_with("i-") {
                         println!("kept {h}: not an EC2 instance id");
                         continue;
                     }
-                    if !seen.contains_key(h) {
-                        seen.insert(h.clone(), lookup.find(h)?);
-                    }
-                    match &seen[h] {
+                    match lookup.find(h)? {
                         Instance::Gone => {
                             r.give_back(&st.sha256, h)?;
                             println!("removed {h} from bundle {}: instance terminated or unknown", st.sha256);

@@ -14,7 +14,7 @@ fn client(region: Option<&str>, endpoint: Option<&str>) -> aws_sdk_ec2::Client {
 }
 
 /// What EC2 says of an instance a reap finds holding a slot.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Instance {
     /// Running, stopped, pending... in the region asked.
     Here,
@@ -37,6 +37,8 @@ pub struct InstanceLookup {
     client: aws_sdk_ec2::Client,
     endpoint: Option<String>,
     others: Option<Vec<String>>,
+    /// Answers already had (a holder of several rollout slots is asked about once).
+    seen: BTreeMap<String, Instance>,
 }
 
 impl InstanceLookup {
@@ -45,10 +47,20 @@ impl InstanceLookup {
             client: client(region, endpoint),
             endpoint: endpoint.map(str::to_string),
             others: None,
+            seen: BTreeMap::new(),
         }
     }
 
     pub fn find(&mut self, instance_id: &str) -> Result<Instance> {
+        if let Some(i) = self.seen.get(instance_id) {
+            return Ok(i.clone());
+        }
+        let found = self.ask(instance_id)?;
+        self.seen.insert(instance_id.to_string(), found.clone());
+        Ok(found)
+    }
+
+    fn ask(&mut self, instance_id: &str) -> Result<Instance> {
         let rt = crate::aws::runtime();
         let asked = self.client.config().region().map(|r| r.to_string());
         match rt.block_on(state_in(self.client.clone(), instance_id.to_string())) {
