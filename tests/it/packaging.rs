@@ -317,3 +317,92 @@ fn rpm_carries_the_agent_units_config_and_docs() {
     let unit = std::fs::read_to_string(x.path().join("usr/lib/systemd/system/bootstrap.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/bootstrap apply"), "{unit}");
 }
+
+/// `readelf -SW` of `bin`: section name → (address, size).
+fn sections(bin: &std::path::Path) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let o = Command::new("readelf").arg("-SW").arg(bin).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut out = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        // "  [10] .text.hot  PROGBITS  0000000000003040 003040 18f067 00  AX  0   0 64"
+        let Some((_, rest)) = line.split_once("] ") else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() >= 5 {
+            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+            if let (Some(addr), Some(size)) = (hex(f[2]), hex(f[4])) {
+                out.insert(f[0].to_string(), (addr, size));
+            }
+        }
+    }
+    out
+}
+
+/// The release binary's linker scripts (build.rs links them into the static musl build, which
+/// CI does not make: here GNU ld links them into a small C program): functions in sections that
+/// packaging/text-order.ld names come before the rest of the code, in `.text.hot`, and the
+/// unwind tables are gone but the C runtime's (packaging/no-unwind-tables.ld).
+#[test]
+fn release_link_scripts_put_listed_code_first_and_drop_unwind_tables() {
+    let order = std::fs::read_to_string(repo().join("packaging/text-order.ld")).unwrap();
+    // Section names the script lists (its wildcards filled in), that the assembler takes as is.
+    let listed: Vec<String> = order
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("*(")?.strip_suffix(')'))
+        .filter(|p| p.chars().all(|c| c.is_ascii_alphanumeric() || "_.*".contains(c)))
+        .map(|p| p.replace('*', "x"))
+        .collect();
+    assert!(listed.len() > 100, "{} plain names in text-order.ld", listed.len());
+    let (first, last) = (&listed[0], &listed[listed.len() - 1]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("p.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n\
+             __attribute__((noinline, section(\".text.not_listed\"))) int cold(int x) {{ return x * 3; }}\n\
+             __attribute__((noinline, section(\"{first}\"))) int hot1(int x) {{ return x + 1; }}\n\
+             __attribute__((noinline, section(\"{last}\"))) int hot2(int x) {{ return x + 2; }}\n\
+             int main(int argc, char **argv) {{ printf(\"%d\\n\", hot1(argc) + hot2(argc) + cold(argc)); return 0; }}\n"
+        ),
+    )
+    .unwrap();
+    let link = |out: &str, scripts: bool| {
+        let mut c = Command::new("gcc");
+        c.args(["-O1", "-static-pie", "-o"]).arg(dir.path().join(out)).arg(&src);
+        if scripts {
+            for s in ["no-unwind-tables.ld", "text-order.ld"] {
+                c.arg(format!("-Wl,-T,{}", repo().join("packaging").join(s).display()));
+            }
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "gcc {out}: {}", String::from_utf8_lossy(&o.stderr));
+        dir.path().join(out)
+    };
+    let plain = link("plain", false);
+    let linked = link("linked", true);
+
+    let o = Command::new(&linked).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "8\n", "{o:?}");
+    let secs = sections(&linked);
+    let hot = secs.get(".text.hot").unwrap_or_else(|| panic!("no .text.hot in {secs:?}"));
+    let text = secs[".text"];
+    assert!(hot.0 < text.0, "{secs:?}");
+    let nm = Command::new("nm").arg(&linked).output().unwrap();
+    let addr = |name: &str| {
+        String::from_utf8_lossy(&nm.stdout)
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in nm"))
+    };
+    for f in ["hot1", "hot2"] {
+        assert!((hot.0..hot.0 + hot.1).contains(&addr(f)), "{f} at {:#x}, {secs:?}", addr(f));
+    }
+    assert!((text.0..text.0 + text.1).contains(&addr("cold")), "cold at {:#x}, {secs:?}", addr("cold"));
+    // The program's own unwind tables are dropped; the C runtime's stay.
+    let eh = |s: &std::collections::BTreeMap<String, (u64, u64)>| s.get(".eh_frame").map_or(0, |e| e.1);
+    let (before, after) = (eh(&sections(&plain)), eh(&secs));
+    assert!(after < before / 2, ".eh_frame {before} bytes without the script, {after} with it");
+}
