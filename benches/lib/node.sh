@@ -5,6 +5,7 @@
 
 NSPAWN=
 LEADER=
+declare -p NODE_BINDS >/dev/null 2>&1 || NODE_BINDS=()
 
 # stop_node: stop the node (if booted) and drop its overlay.
 stop_node() {
